@@ -1,0 +1,160 @@
+"""Multihead attention whose weights are a softmax or a Sinkhorn normalization."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from pointsink.sinkhorn import sinkhorn
+
+AttentionKind = Literal["sinkhorn", "softmax"]
+ATTENTION_KINDS: tuple[str, ...] = ("sinkhorn", "softmax")
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "AttentionKind",
+    "MultiheadAttention",
+    "attention_weights",
+    "scaled_dot_product_attention",
+]
+
+
+def check_attention_kind(attention: str, n_iter: int) -> None:
+    """Raises a ValueError naming the accepted values when the arguments are invalid."""
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS}; got {attention!r}.")
+    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
+        raise ValueError(f"n_iter must be a positive integer; got {n_iter!r}.")
+
+
+def attention_weights(
+    logits: Tensor, attention: AttentionKind = "sinkhorn", n_iter: int = 1
+) -> Tensor:
+    """Normalizes attention logits of shape ``(..., n, m)`` into weights of the same shape.
+
+    ``softmax`` normalizes rows; ``sinkhorn`` runs ``n_iter`` alternating row and column
+    normalizations (see :func:`pointsink.sinkhorn.sinkhorn`), so that ``n_iter=1`` equals
+    softmax.
+    """
+    if attention == "softmax":
+        return torch.softmax(logits, dim=-1)
+    return sinkhorn(logits, n_iter)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention: AttentionKind = "sinkhorn",
+    n_iter: int = 1,
+) -> Tensor:
+    r"""Computes :math:`\mathrm{normalize}(QK^\top/\sqrt{d})\,V`.
+
+    Args:
+        query: ``(B, H, n, d)``.
+        key: ``(B, H, m, d)``.
+        value: ``(B, H, m, d_v)``.
+        attention: ``"softmax"`` or ``"sinkhorn"``.
+        n_iter: Sinkhorn iterations (ignored for softmax).
+
+    Returns:
+        ``(B, H, n, d_v)``.
+    """
+    if attention == "softmax":
+        # PyTorch's fused kernel: same mathematics, less memory.
+        return F.scaled_dot_product_attention(query, key, value)
+    logits = query @ key.transpose(-2, -1) * (1.0 / math.sqrt(query.shape[-1]))
+    return attention_weights(logits, attention, n_iter) @ value
+
+
+class MultiheadAttention(nn.Module):
+    r"""Multihead attention with softmax or Sinkhorn weights.
+
+    .. math::
+        \mathrm{head}_h = \mathrm{normalize}\!\left(
+            \frac{(X W^Q_h)(Y W^K_h)^\top}{\sqrt{d_h}}\right) Y W^V_h,
+        \qquad \mathrm{out} = [\mathrm{head}_1, \dots, \mathrm{head}_H]\, W^O
+
+    The output projection :math:`W^O` belongs to the enclosing block (as in the Set
+    Transformer), so this module returns the concatenated heads.
+
+    Args:
+        query_channels: Feature size of the queries ``X``.
+        key_channels: Feature size of the keys/values ``Y``.
+        channels: Total width ``H * d_h`` of the projections.
+        num_heads: Number of heads ``H``; must divide ``channels``.
+        attention: ``"sinkhorn"`` or ``"softmax"``.
+        n_iter: Sinkhorn iterations (1 reproduces softmax exactly).
+    """
+
+    def __init__(
+        self,
+        query_channels: int,
+        key_channels: int,
+        channels: int,
+        num_heads: int,
+        attention: AttentionKind = "sinkhorn",
+        n_iter: int = 1,
+    ) -> None:
+        super().__init__()
+        if channels % num_heads != 0:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads}).")
+        check_attention_kind(attention, n_iter)
+        self.channels = channels
+        self.num_heads = num_heads
+        self.attention = attention
+        self.n_iter = n_iter
+        self.lin_query = nn.Linear(query_channels, channels)
+        self.lin_key = nn.Linear(key_channels, channels)
+        self.lin_value = nn.Linear(key_channels, channels)
+        # Set by monitoring callbacks; when True, forward keeps a detached copy of the
+        # weights (B, H, n, m) in `last_weights` (costs one extra n x m matrix).
+        self.record_weights = False
+        self.last_weights: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initializes the projections."""
+        self.lin_query.reset_parameters()
+        self.lin_key.reset_parameters()
+        self.lin_value.reset_parameters()
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        # (B, L, H * d) -> (B, H, L, d)
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, -1).transpose(1, 2)
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Attends from ``x`` to ``y``.
+
+        Args:
+            x: Queries ``(B, n, query_channels)``.
+            y: Keys and values ``(B, m, key_channels)``.
+
+        Returns:
+            ``(projected_queries, heads)``, both ``(B, n, channels)``: the projected
+            queries feed the block's residual connection.
+        """
+        query = self.lin_query(x)
+        q, k, v = (
+            self._split_heads(query),
+            self._split_heads(self.lin_key(y)),
+            self._split_heads(self.lin_value(y)),
+        )
+        if self.record_weights:
+            logits = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))
+            weights = attention_weights(logits, self.attention, self.n_iter)
+            self.last_weights = weights.detach()
+            heads = weights @ v
+        else:
+            heads = scaled_dot_product_attention(q, k, v, self.attention, self.n_iter)
+        batch, _, n, _ = heads.shape
+        return query, heads.transpose(1, 2).reshape(batch, n, self.channels)
+
+    def extra_repr(self) -> str:
+        """Summary shown by ``print(module)``."""
+        return f"heads={self.num_heads}, attention={self.attention}, n_iter={self.n_iter}"

@@ -1,0 +1,162 @@
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from pointsink.attention import MultiheadAttention, attention_weights, scaled_dot_product_attention
+from pointsink.blocks import (
+    InducedSetAttentionBlock,
+    MultiheadAttentionBlock,
+    PoolingByMultiheadAttention,
+    SetAttentionBlock,
+)
+from pointsink.model import SetSinkformer
+
+ATTENTIONS = [("softmax", 1), ("sinkhorn", 1), ("sinkhorn", 4), ("sinkhorn", 5)]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def test_sinkhorn_one_iteration_equals_softmax_attention() -> None:
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 3)
+    torch.testing.assert_close(
+        scaled_dot_product_attention(q, k, v, "sinkhorn", 1),
+        F.scaled_dot_product_attention(q, k, v),
+    )
+
+
+def test_logits_scaled_by_inverse_sqrt_head_dim() -> None:
+    q, k, v = torch.randn(1, 1, 4, 16), torch.randn(1, 1, 6, 16), torch.randn(1, 1, 6, 2)
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 4.0, -1) @ v
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, "sinkhorn", 1), expected)
+
+
+def test_multihead_blocks_identical_for_one_iteration() -> None:
+    """Sinkhorn with n_iter=1 and softmax give the same block output with the same weights."""
+    softmax_block = MultiheadAttentionBlock(3, 3, 16, 4, "softmax")
+    sinkhorn_block = MultiheadAttentionBlock(3, 3, 16, 4, "sinkhorn", 1)
+    sinkhorn_block.load_state_dict(softmax_block.state_dict())
+    x, y = torch.randn(2, 7, 3), torch.randn(2, 5, 3)
+    torch.testing.assert_close(softmax_block(x, y), sinkhorn_block(x, y))
+
+
+def test_sinkhorn_attention_columns_are_balanced() -> None:
+    attn = MultiheadAttention(3, 3, 16, 2, "sinkhorn", 8)
+    attn.record_weights = True
+    attn(torch.randn(2, 6, 3), torch.randn(2, 4, 3))
+    weights = attn.last_weights
+    assert weights is not None and weights.shape == (2, 2, 6, 4)
+    torch.testing.assert_close(weights.sum(-2), torch.full((2, 2, 4), 6 / 4))
+
+
+@pytest.mark.parametrize(("attention", "n_iter"), ATTENTIONS)
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_set_blocks_are_permutation_equivariant(
+    attention: str, n_iter: int, layer_norm: bool
+) -> None:
+    x = torch.randn(3, 11, 3)
+    perm = torch.randperm(11)
+    for block in (
+        SetAttentionBlock(3, 16, 4, attention, n_iter, layer_norm),
+        InducedSetAttentionBlock(3, 16, 4, 5, attention, n_iter, layer_norm),
+    ):
+        out = block(x)
+        torch.testing.assert_close(block(x[:, perm]), out[:, perm], atol=1e-5, rtol=1e-4)
+        # Not trivially equivariant: the output depends on the other points.
+        x_changed = x.clone()
+        x_changed[:, 0] += 1.0
+        assert not torch.allclose(block(x_changed)[:, 1:], out[:, 1:])
+
+
+@pytest.mark.parametrize(("attention", "n_iter"), ATTENTIONS)
+def test_pooling_is_permutation_invariant(attention: str, n_iter: int) -> None:
+    pool = PoolingByMultiheadAttention(16, 4, 2, attention, n_iter)
+    x = torch.randn(3, 11, 16)
+    out = pool(x)
+    assert out.shape == (3, 2, 16)
+    torch.testing.assert_close(pool(x[:, torch.randperm(11)]), out, atol=1e-5, rtol=1e-4)
+
+
+def test_single_seed_sinkhorn_pooling_is_mean_pooling() -> None:
+    """Documented degenerate case: one seed and >= 2 iterations give uniform weights."""
+    attn = MultiheadAttention(8, 8, 8, 2, "sinkhorn", 3)
+    attn.record_weights = True
+    attn(torch.randn(2, 1, 8), torch.randn(2, 9, 8))
+    torch.testing.assert_close(attn.last_weights, torch.full((2, 2, 1, 9), 1 / 9))
+
+
+@pytest.mark.parametrize("encoder", ["isab", "sab"])
+@pytest.mark.parametrize(("attention", "n_iter"), ATTENTIONS)
+def test_classifier_is_permutation_invariant(encoder: str, attention: str, n_iter: int) -> None:
+    model = SetSinkformer(
+        5,
+        channels=16,
+        num_heads=2,
+        encoder=encoder,
+        num_inducing_points=4,
+        attention=attention,
+        n_iter=n_iter,
+    ).eval()
+    x = torch.randn(4, 20, 3)
+    logits = model(x)
+    assert logits.shape == (4, 5)
+    torch.testing.assert_close(model(x[:, torch.randperm(20)]), logits, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_size_one() -> None:
+    model = SetSinkformer(4, channels=16, num_heads=2, num_inducing_points=4).eval()
+    x = torch.randn(3, 12, 3)
+    single = model(x[:1])
+    assert single.shape == (1, 4)
+    torch.testing.assert_close(single, model(x)[:1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("attention", "n_iter"), [("softmax", 1), ("sinkhorn", 5)])
+def test_training_step_lowers_loss(attention: str, n_iter: int) -> None:
+    model = SetSinkformer(
+        3,
+        channels=32,
+        num_heads=4,
+        num_inducing_points=4,
+        attention=attention,
+        n_iter=n_iter,
+        dropout=0.0,
+    )
+    x, y = torch.randn(6, 16, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = F.cross_entropy(model(x), y)
+    for _ in range(25):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert F.cross_entropy(model(x), y) < 0.5 * first
+
+
+def test_reset_parameters_reinitializes() -> None:
+    model = SetSinkformer(3, channels=16, num_heads=2, num_inducing_points=4)
+    before = [p.clone() for p in model.parameters()]
+    model.reset_parameters()
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)]
+    assert sum(changed) > len(changed) // 2
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        MultiheadAttention(3, 3, 10, 4)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        SetSinkformer(3, attention="sparsemax")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_iter"):
+        SetSinkformer(3, n_iter=0)
+    with pytest.raises(ValueError, match="encoder"):
+        SetSinkformer(3, encoder="pointnet")  # type: ignore[arg-type]
+    model = SetSinkformer(3, channels=16, num_heads=2)
+    with pytest.raises(ValueError, match=r"\(batch, num_points, 3\)"):
+        model(torch.randn(10, 3))
+
+
+def test_attention_weights_softmax() -> None:
+    logits = torch.randn(4, 6)
+    torch.testing.assert_close(attention_weights(logits, "softmax"), logits.softmax(-1))

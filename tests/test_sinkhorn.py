@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+
+from pointsink import log_sinkhorn, sinkhorn, sinkhorn_potentials
+
+
+@pytest.fixture
+def logits() -> torch.Tensor:
+    return torch.randn(3, 2, 7, 5, generator=torch.Generator().manual_seed(0)) * 3
+
+
+def test_one_iteration_is_softmax(logits: torch.Tensor) -> None:
+    torch.testing.assert_close(sinkhorn(logits, 1), logits.softmax(-1), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_iter", [1, 3, 5, 9])
+def test_odd_iterations_rows_sum_to_one(logits: torch.Tensor, n_iter: int) -> None:
+    rows = sinkhorn(logits, n_iter).sum(-1)
+    torch.testing.assert_close(rows, torch.ones_like(rows))
+
+
+@pytest.mark.parametrize("n_iter", [2, 4, 8])
+def test_even_iterations_columns_sum_to_n_over_m(logits: torch.Tensor, n_iter: int) -> None:
+    n, m = logits.shape[-2:]
+    cols = sinkhorn(logits, n_iter).sum(-2)
+    torch.testing.assert_close(cols, torch.full_like(cols, n / m))
+
+
+def test_converges_to_doubly_stochastic(logits: torch.Tensor) -> None:
+    n, m = logits.shape[-2:]
+    weights = sinkhorn(logits, 201)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 2, n), atol=1e-5, rtol=0)
+    torch.testing.assert_close(weights.sum(-2), torch.full((3, 2, m), n / m), atol=1e-5, rtol=0)
+    # Few iterations are far from doubly stochastic for such peaked logits.
+    assert (sinkhorn(logits, 1).sum(-2) - n / m).abs().max() > 0.1
+
+
+def test_matches_naive_matrix_scaling() -> None:
+    """The log-domain iterations equal plain alternating row/column rescaling of exp(S)."""
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    kernel = logits.exp()
+    for _ in range(3):
+        kernel = kernel / kernel.sum(-1, keepdim=True)
+        kernel = kernel / kernel.sum(-2, keepdim=True) * (6 / 4)
+    torch.testing.assert_close(sinkhorn(logits, 6), kernel)
+    u, v = sinkhorn_potentials(logits, 6)
+    torch.testing.assert_close(log_sinkhorn(logits, 6), logits + u + v)
+
+
+def test_gradcheck_float64() -> None:
+    logits = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    for n_iter in (1, 2, 5):
+        assert torch.autograd.gradcheck(lambda x, k=n_iter: sinkhorn(x, k), (logits,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_extreme_logits_in_half_precision(dtype: torch.dtype) -> None:
+    logits = (torch.randn(2, 8, 6) * 1e4).clamp(-1e4, 1e4).to(dtype)
+    logits[0, 0] = 1e4
+    logits[0, 1] = -1e4
+    weights = sinkhorn(logits, 7)
+    assert weights.dtype == dtype
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(weights.float().sum(-1), torch.ones(2, 8), atol=1e-2, rtol=0)
+
+
+def test_finite_under_autocast() -> None:
+    logits = torch.randn(2, 16, 8) * 1e4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights = sinkhorn(logits.bfloat16(), 5)
+    assert torch.isfinite(weights).all()
+
+
+def test_rectangular_column_mass() -> None:
+    """ISAB shapes: 16 inducing points over 1024 points and the transpose."""
+    for n, m in ((16, 1024), (1024, 16)):
+        weights = sinkhorn(torch.randn(n, m), 50)
+        torch.testing.assert_close(weights.sum(-2), torch.full((m,), n / m), rtol=1e-3, atol=0)
+        assert math.isclose(weights.sum().item(), n, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("n_iter", [0, -1, 1.5, True])
+def test_rejects_bad_n_iter(n_iter: object) -> None:
+    with pytest.raises(ValueError, match="n_iter"):
+        sinkhorn(torch.randn(3, 3), n_iter)  # type: ignore[arg-type]
+
+
+def test_rejects_vector() -> None:
+    with pytest.raises(ValueError, match=r"\(\.\.\., n, m\)"):
+        sinkhorn(torch.randn(3), 1)
