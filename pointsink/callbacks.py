@@ -1,0 +1,302 @@
+"""Training callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+from pointsink.attention import MultiheadAttention
+from pointsink.inference import Prediction, format_predictions, make_prediction
+
+__all__ = ["DoublyStochasticMonitor", "PredictionWriter", "doubly_stochastic_deviation"]
+
+
+def doubly_stochastic_deviation(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far attention matrices are from doubly stochastic.
+
+    Args:
+        weights: Attention weights ``(..., n, m)``.
+
+    Returns:
+        ``(column_deviation, row_deviation)``, scalars: the mean absolute deviation of the
+        column sums from ``n / m``, relative to ``n / m``, and of the row sums from 1. Both are
+        0 for a doubly stochastic matrix (with these marginals).
+    """
+    n, m = weights.shape[-2:]
+    target = n / m
+    columns = weights.sum(dim=-2)
+    rows = weights.sum(dim=-1)
+    return (columns - target).abs().mean() / target, (rows - 1.0).abs().mean()
+
+
+class DoublyStochasticMonitor(pl.Callback):
+    """Logs, per attention layer, the distance of its weights to doubly stochastic.
+
+    On the first ``num_batches`` validation batches of every validation epoch the
+    attention layers keep their weights, and the callback logs
+    ``ds/<layer>/col_dev`` (relative mean absolute deviation of column sums from
+    ``n / m``) and ``ds/<layer>/row_dev``. At the end of training it draws
+    ``doubly_stochastic.png`` (column deviation per layer against epochs) in the logger's
+    directory. The Sinkformers paper reports that softmax attention drifts towards doubly
+    stochastic during training; this callback measures whether it does.
+
+    Args:
+        num_batches: Validation batches measured per epoch.
+        plot: Whether to write the plot at the end of training.
+    """
+
+    def __init__(self, num_batches: int = 1, plot: bool = True) -> None:
+        super().__init__()
+        self.num_batches = num_batches
+        self.plot = plot
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self._sums: dict[str, list[torch.Tensor]] = {}
+
+    @staticmethod
+    def _layers(pl_module: pl.LightningModule) -> dict[str, MultiheadAttention]:
+        return {
+            name.removeprefix("model.").replace(".attn", ""): module
+            for name, module in pl_module.named_modules()
+            if isinstance(module, MultiheadAttention)
+        }
+
+    def _set_recording(self, pl_module: pl.LightningModule, enabled: bool) -> None:
+        for layer in self._layers(pl_module).values():
+            layer.record_weights = enabled
+            if not enabled:
+                layer.last_weights = None
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Starts recording attention weights."""
+        self._sums = {}
+        self._set_recording(pl_module, True)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Measures the recorded weights of the first batches."""
+        if batch_idx >= self.num_batches:
+            return
+        for name, layer in self._layers(pl_module).items():
+            if layer.last_weights is None:
+                continue
+            col_dev, row_dev = doubly_stochastic_deviation(layer.last_weights.float())
+            self._sums.setdefault(name, []).append(torch.stack([col_dev, row_dev]))
+        if batch_idx == self.num_batches - 1:
+            self._set_recording(pl_module, False)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Logs the deviations and stops recording."""
+        self._set_recording(pl_module, False)
+        for name, values in self._sums.items():
+            col_dev, row_dev = torch.stack(values).mean(dim=0)
+            pl_module.log(f"ds/{name}/col_dev", col_dev, sync_dist=True)
+            pl_module.log(f"ds/{name}/row_dev", row_dev, sync_dist=True)
+            if not trainer.sanity_checking:
+                self.history.setdefault(name, []).append(
+                    (trainer.current_epoch, float(col_dev))  # once per epoch, off the hot path
+                )
+        self._sums = {}
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Writes the plot."""
+        if not self.plot or not self.history:
+            return
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        plot_doubly_stochastic_history(self.history, directory / "doubly_stochastic.png")
+
+    def state_dict(self) -> dict[str, Any]:
+        """History, so a resumed run keeps its curve."""
+        return {"history": {name: list(points) for name, points in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the history."""
+        self.history = {
+            name: [tuple(point) for point in points]
+            for name, points in state_dict.get("history", {}).items()
+        }
+
+
+def plot_doubly_stochastic_history(
+    history: dict[str, list[tuple[int, float]]], path: str | Path
+) -> Path:
+    """Plots column-sum deviation against epochs, one line per attention layer.
+
+    Args:
+        history: ``{layer: [(epoch, column_deviation), ...]}``.
+        path: PNG file to write.
+
+    Returns:
+        The written path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, points in sorted(history.items()):
+        epochs, values = zip(*points, strict=True)
+        axis.plot(epochs, values, marker="o", markersize=3, label=name)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("mean |column sum - n/m| / (n/m)")
+    axis.set_yscale("log")
+    axis.set_title("Distance of attention to doubly stochastic")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes one record per predicted file at the end of ``Trainer.predict``.
+
+    The records are those of :class:`pointsink.inference.Prediction` (and of the
+    ``pointsink-predict`` command): ``path, label, probability, topk, error, warning``. They
+    are built from each batch's ``path``/``error``/``warning`` entries (see
+    :class:`pointsink.inference.ShapePredictionDataset`) and the ``{"index",
+    "probabilities"}`` that ``SinkformerClassifier.predict_step`` returns; a file whose
+    batch entry has an ``error`` gets an error record instead of a class. Under DDP the
+    records of all ranks are gathered, and only rank 0 writes them, sorted by dataset
+    index and without duplicates.
+
+    The class names are the model's; when ``Trainer.predict`` restores a checkpoint whose
+    class names differ (e.g. a data module that discovered other class folders), the
+    checkpoint's names are used, with a warning.
+
+    Args:
+        output: File to write; None: ``<trainer.log_dir or default_root_dir>/predictions.<ext>``
+            (``json``, ``csv`` or ``txt`` for the table).
+        format: ``"json"`` (a list of records), ``"csv"`` or ``"table"``.
+        top_k: Classes listed per record.
+    """
+
+    def __init__(
+        self,
+        output: str | None = None,
+        format: Literal["json", "csv", "table"] = "json",
+        top_k: int = 5,
+    ) -> None:
+        super().__init__(write_interval="batch_and_epoch")
+        if format not in ("json", "csv", "table"):
+            raise ValueError(f"format must be 'json', 'csv' or 'table'; got {format!r}.")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer; got {top_k!r}.")
+        self.output = output
+        self.format = format
+        self.top_k = top_k
+        #: Where the last run wrote its records (rank 0 only; None before).
+        self.last_output: Path | None = None
+        self._records: list[tuple[int, dict[str, Any]]] = []
+        self._class_names: list[str] = []
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resets the records and settles the class names."""
+        self._records = []
+        self._class_names = self._resolve_class_names(trainer, pl_module)
+
+    @staticmethod
+    def _resolve_class_names(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        names = [str(name) for name in getattr(pl_module, "class_names", None) or []]
+        ckpt_path = trainer.ckpt_path
+        if ckpt_path and Path(ckpt_path).is_file():
+            try:
+                checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+                saved = checkpoint.get("hyper_parameters", {}).get("class_names")
+            except Exception:  # the weights were loaded already; this is a cross-check only
+                saved = None
+            if isinstance(saved, list) and saved and [str(n) for n in saved] != names:
+                rank_zero_warn(
+                    f"The checkpoint {ckpt_path} was trained with the classes {saved}, but the "
+                    f"model was built with {names}; predictions are named after the "
+                    "checkpoint's classes."
+                )
+                names = [str(name) for name in saved]
+        if not names:
+            num_classes = getattr(pl_module, "num_classes", 0)
+            names = [str(index) for index in range(num_classes)]
+        return names
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        """Turns one batch's probabilities into records (kept until the epoch ends)."""
+        probabilities = prediction["probabilities"].detach().float().cpu()
+        indices = torch.as_tensor(prediction["index"]).reshape(-1).tolist()
+        paths = _batch_strings(batch, "path", len(indices))
+        errors = _batch_strings(batch, "error", len(indices))
+        notes = _batch_strings(batch, "warning", len(indices))
+        for row, index in enumerate(indices):
+            if errors[row]:
+                record = Prediction(path=paths[row], error=errors[row], warning=notes[row])
+            else:
+                record = make_prediction(
+                    paths[row], probabilities[row], self._class_names, self.top_k, notes[row]
+                )
+            self._records.append((int(index), record.to_dict()))
+
+    def write_on_epoch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
+    ) -> None:
+        """Gathers the records of all ranks; rank 0 writes them."""
+        records = self._records
+        self._records = []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = [record for part in gathered for record in part]
+        if not trainer.is_global_zero:
+            return
+        unique = dict(sorted(records, key=lambda pair: pair[0]))  # one per dataset index
+        ordered = [Prediction.from_dict(record) for record in unique.values()]
+        path = self._output_path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(format_predictions(ordered, self.format), encoding="utf-8")
+        self.last_output = path
+        failed = sum(1 for record in ordered if record.error is not None)
+        rank_zero_info(
+            f"Wrote {len(ordered)} prediction(s) ({failed} could not be classified) to {path}"
+        )
+
+    def _output_path(self, trainer: pl.Trainer) -> Path:
+        if self.output is not None:
+            return Path(self.output)
+        extension = {"json": "json", "csv": "csv", "table": "txt"}[self.format]
+        return Path(trainer.log_dir or trainer.default_root_dir) / f"predictions.{extension}"
+
+
+def _batch_strings(batch: Any, key: str, size: int) -> list[str | None]:
+    """The batch's list of strings under ``key`` (None for empty strings or a missing key)."""
+    values = batch.get(key) if isinstance(batch, dict) else None
+    if values is None:
+        return [None] * size
+    if isinstance(values, str):
+        values = [values]
+    return [str(value) if value else None for value in values]

@@ -1,0 +1,65 @@
+"""Command-line interface: ``python train.py {fit,validate,test,predict}``.
+
+A thin wrapper around Lightning's :class:`~pytorch_lightning.cli.LightningCLI`, callable
+from tests as ``main([...])``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from pointsink.callbacks import PredictionWriter
+from pointsink.data import DatasetNotFoundError, ShapeFolderDataModule
+from pointsink.module import SinkformerClassifier
+
+__all__ = ["SinkformerCLI", "main"]
+
+
+class SinkformerCLI(LightningCLI):
+    """LightningCLI with a best-checkpoint callback and class names linked to the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Adds the checkpoint callback; links class names and point count to the model."""
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Writes the records of `predict` (a no-op in the other subcommands).
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/oa",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "data": {"class_path": "pointsink.data.SyntheticShapesDataModule"},
+            }
+        )
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.num_points", "model.num_points", apply_on="instantiate")
+
+
+def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
+    """Runs the CLI.
+
+    Args:
+        args: Command-line arguments; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The CLI object (its ``trainer``, ``model`` and ``datamodule`` hold the run's state),
+        or ``None`` when the data could not be found (the reason is printed).
+    """
+    try:
+        return SinkformerCLI(
+            SinkformerClassifier,
+            ShapeFolderDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"default_root_dir": "checkpoints"},
+            args=None if args is None else list(args),
+        )
+    except DatasetNotFoundError as error:
+        # One sentence, not a traceback: the user has to fetch or place the data.
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

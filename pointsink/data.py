@@ -1,0 +1,1020 @@
+"""Datasets, the preprocessed-points disk cache, and Lightning DataModules.
+
+Shapes live in ModelNet's layout, ``root/<class>/{train,test}/<class>_*.<ext>``. Each split
+is preprocessed once (load → sample ``num_points`` → normalize, see
+:func:`pointsink.transforms.preprocess_shape`) into a single cache file, then served from
+memory. Batches are dicts::
+
+    {"points": FloatTensor (B, N, 3), "label": LongTensor (B,), "index": LongTensor (B,)}
+
+where ``index`` is the position of the sample in its split's dataset, so
+``dataset.paths[index]`` maps a prediction back to its file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+from tqdm.auto import tqdm
+
+from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, exclusive_lock, file_extension
+from pointsink.synthetic import SYNTHETIC_CLASSES, generate_synthetic_shapes
+from pointsink.transforms import PointCloudAugmentation, preprocess_shape
+
+__all__ = [
+    "CACHE_VERSION",
+    "MODELNET10_CLASSES",
+    "MODELNET40_CLASSES",
+    "SPLITS",
+    "DatasetNotFoundError",
+    "ModelNetDataModule",
+    "PointCache",
+    "PointCloudDataset",
+    "ShapeFolderDataModule",
+    "SyntheticShapesDataModule",
+    "build_point_cache",
+    "default_cache_dir",
+    "derive_seed",
+    "find_shape_files",
+    "load_point_cache",
+    "stratified_split",
+]
+
+#: Bump when the preprocessing changes, so existing caches are rebuilt.
+CACHE_VERSION = 1
+SPLITS = ("train", "test")
+
+MODELNET10_CLASSES: tuple[str, ...] = (
+    "bathtub",
+    "bed",
+    "chair",
+    "desk",
+    "dresser",
+    "monitor",
+    "night_stand",
+    "sofa",
+    "table",
+    "toilet",
+)
+
+MODELNET40_CLASSES: tuple[str, ...] = (
+    "airplane",
+    "bathtub",
+    "bed",
+    "bench",
+    "bookshelf",
+    "bottle",
+    "bowl",
+    "car",
+    "chair",
+    "cone",
+    "cup",
+    "curtain",
+    "desk",
+    "door",
+    "dresser",
+    "flower_pot",
+    "glass_box",
+    "guitar",
+    "keyboard",
+    "lamp",
+    "laptop",
+    "mantel",
+    "monitor",
+    "night_stand",
+    "person",
+    "piano",
+    "plant",
+    "radio",
+    "range_hood",
+    "sink",
+    "sofa",
+    "stairs",
+    "stool",
+    "table",
+    "tent",
+    "toilet",
+    "tv_stand",
+    "vase",
+    "wardrobe",
+    "xbox",
+)
+
+_MODELNET_CLASSES = {"ModelNet10": MODELNET10_CLASSES, "ModelNet40": MODELNET40_CLASSES}
+
+
+# Default of PointCloudDataset.subset's transform (None already means "no transform").
+_KEEP_TRANSFORM: Any = object()
+
+
+class DatasetNotFoundError(RuntimeError):
+    """The dataset is not on disk and could not be downloaded; the message says where to put it."""
+
+
+# --------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------
+
+
+class PointCloudDataset(Dataset):
+    """Preprocessed point sets held in memory, with an optional augmentation.
+
+    Args:
+        points: Float tensor ``(S, N, 3)``.
+        labels: Integer tensor ``(S,)`` of class indices.
+        paths: ``S`` source file paths, one per sample.
+        transform: Optional callable applied to each sample's points ``(N, 3)`` → ``(N, 3)``
+            (e.g. :class:`~pointsink.transforms.PointCloudAugmentation`).
+        seed: Seed of the transform's random stream. None: the transform draws from torch's
+            global RNG. Otherwise it is called as ``transform(points, generator=g)`` with a
+            generator seeded from ``seed`` in the main process, and from ``seed`` and the
+            DataLoader worker's seed in a worker process, so every process draws its own
+            deterministic stream. The data modules set it per rank (see
+            :meth:`ShapeFolderDataModule.train_dataloader`).
+    """
+
+    def __init__(
+        self,
+        points: Tensor,
+        labels: Tensor,
+        paths: Sequence[str],
+        transform: Callable[..., Tensor] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if points.dim() != 3 or points.shape[-1] != 3:
+            raise ValueError(f"points must have shape (S, N, 3); got {tuple(points.shape)}.")
+        if labels.shape != (len(points),) or len(paths) != len(points):
+            raise ValueError(
+                f"Got {len(points)} point sets, labels of shape {tuple(labels.shape)} and "
+                f"{len(paths)} paths; they must match."
+            )
+        self.points = points.float()
+        self.labels = labels.long()
+        self.paths: list[str] = [str(path) for path in paths]
+        self.transform = transform
+        self.seed = seed
+        self._stream_key: tuple[int, int | None] | None = None
+        self._stream: torch.Generator | None = None
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Returns ``{"points": (N, 3) float, "label": () long, "index": int}``."""
+        points = self.points[index]
+        if self.transform is not None:
+            # Clone so that a transform working in place cannot corrupt the shared cache.
+            points = points.clone()
+            if self.seed is None:
+                points = self.transform(points)
+            else:
+                points = self.transform(points, generator=self._generator(self.seed))
+        return {"points": points, "label": self.labels[index], "index": int(index)}
+
+    def _generator(self, seed: int) -> torch.Generator:
+        """This process's transform generator, (re)created when the seed or process changes."""
+        worker = get_worker_info()
+        # Workers inherit (fork) or unpickle (spawn) this object, generator included; keyed by
+        # the worker's seed, each worker makes its own stream instead of replaying the main
+        # process's. Non-persistent workers get a new worker seed each epoch, so a new stream.
+        key = (seed, None if worker is None else worker.seed)
+        if self._stream is None or self._stream_key != key:
+            entropy = [seed] if worker is None else [seed, worker.seed]
+            self._stream = torch.Generator().manual_seed(derive_seed(*entropy))
+            self._stream_key = key
+        return self._stream
+
+    def subset(
+        self, indices: Sequence[int] | np.ndarray, transform: Any = _KEEP_TRANSFORM
+    ) -> PointCloudDataset:
+        """Returns a new dataset with the given samples (re-indexed from 0).
+
+        Args:
+            indices: Positions of the samples to keep.
+            transform: Transform of the new dataset (None for none); by default this one's.
+        """
+        index_tensor = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return PointCloudDataset(
+            self.points[index_tensor],
+            self.labels[index_tensor],
+            [self.paths[i] for i in index_tensor.tolist()],
+            self.transform if transform is _KEEP_TRANSFORM else transform,
+            seed=self.seed,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Finding files and the preprocessed cache
+# --------------------------------------------------------------------------------------
+
+
+def find_shape_files(
+    root: str | os.PathLike[str], class_names: Sequence[str], split: str
+) -> list[tuple[Path, int]]:
+    """Lists ``root/<class>/<split>/<class>_*.<ext>`` files with a supported extension.
+
+    Args:
+        root: Dataset folder.
+        class_names: Class folder names; a file's label is its class's position here.
+        split: ``"train"`` or ``"test"``.
+
+    Returns:
+        ``(path, label)`` pairs, sorted by class then file name. Missing folders give none.
+    """
+    root = Path(root)
+    files: list[tuple[Path, int]] = []
+    for label, class_name in enumerate(class_names):
+        folder = root / class_name / split
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if (
+                path.name.startswith(f"{class_name}_")
+                and file_extension(path) in SUPPORTED_EXTENSIONS
+                and path.is_file()
+            ):
+                files.append((path, label))
+    return files
+
+
+@dataclass
+class PointCache:
+    """One preprocessed split, as stored on disk.
+
+    Attributes:
+        points: Float32 tensor ``(S, N, 3)``.
+        labels: Int64 tensor ``(S,)``.
+        paths: ``S`` file paths relative to the dataset root (POSIX separators).
+        skipped: One message per source file that could not be used.
+        class_names: Class names the labels index into.
+    """
+
+    points: Tensor
+    labels: Tensor
+    paths: list[str]
+    skipped: list[str]
+    class_names: list[str]
+
+
+# Caches whose skipped files were already reported in this process, so that building a
+# cache in prepare_data and loading it in setup does not report the same files twice.
+_REPORTED_CACHES: set[Path] = set()
+
+
+def build_point_cache(
+    root: str | os.PathLike[str],
+    class_names: Sequence[str],
+    split: str,
+    num_points: int,
+    sample_seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    workers: int | None = None,
+) -> Path:
+    """Preprocesses every file of a split into one cache file, unless an up-to-date one exists.
+
+    The cache file name contains a fingerprint of the relative paths, sizes and
+    modification times of the split's files plus ``num_points``, ``sample_seed``, the class
+    list and :data:`CACHE_VERSION`; any change gives a new fingerprint and a rebuild, after
+    which outdated caches of the same configuration are deleted. Building holds a file
+    lock and writes atomically, so concurrent runs on one machine neither corrupt the cache
+    nor build it twice. Files that cannot be read are skipped with a warning naming them.
+
+    Each file is preprocessed with seed ``sample_seed * 2**32 + crc32(relative path)``, so
+    its points do not change when other files are added or removed.
+
+    Args:
+        root: Dataset folder in ModelNet layout.
+        class_names: Class folder names (labels are positions in this list).
+        split: ``"train"`` or ``"test"``.
+        num_points: Points per shape (>= 1).
+        sample_seed: Base sampling seed (>= 0).
+        cache_dir: Where to write; defaults to :func:`default_cache_dir`.
+        workers: Worker processes (None: up to 8, as many as CPUs allow; 1: in-process).
+
+    Returns:
+        Path of the cache file, to read with :func:`load_point_cache`.
+    """
+    root = Path(root)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+    files = find_shape_files(root, class_names, split)
+    relative_paths = [path.relative_to(root).as_posix() for path, _ in files]
+    config_key = _short_hash(
+        {"version": CACHE_VERSION, "classes": list(class_names), "seed": sample_seed}
+    )
+    prefix = f"{split}-{num_points}pts-{config_key}-"
+    stats = [path.stat() for path, _ in files]
+    fingerprint = _short_hash(
+        [(rel, st.st_size, st.st_mtime_ns) for rel, st in zip(relative_paths, stats, strict=True)]
+    )
+    cache_path = cache_dir / f"{prefix}{fingerprint}.pt"
+    if cache_path.exists():
+        return cache_path
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(cache_dir / f"{split}.lock"):
+        if cache_path.exists():  # another process built it while we waited for the lock
+            return cache_path
+        paths = [path for path, _ in files]
+        seeds = [sample_seed * 2**32 + zlib.crc32(rel.encode()) for rel in relative_paths]
+        tasks = [(str(path), num_points, seed) for path, seed in zip(paths, seeds, strict=True)]
+        results = _preprocess_all(tasks, workers, description=f"Preprocessing {root.name}/{split}")
+
+        kept = [i for i, (points, _, _) in enumerate(results) if points is not None]
+        skipped = [error for _, error, _ in results if error is not None]
+        for _, _, sampling_warnings in results:
+            for message in sampling_warnings:
+                warnings.warn(message, UserWarning, stacklevel=2)
+        for message in skipped:
+            warnings.warn(f"Skipping unreadable shape file: {message}", UserWarning, stacklevel=2)
+        _REPORTED_CACHES.add(cache_path)
+
+        points = np.zeros((len(kept), num_points, 3), dtype=np.float32)
+        for row, i in enumerate(kept):
+            points[row] = results[i][0]
+        payload = {
+            "version": CACHE_VERSION,
+            "points": torch.from_numpy(points),
+            "labels": torch.tensor([files[i][1] for i in kept], dtype=torch.int64),
+            "paths": [relative_paths[i] for i in kept],
+            "skipped": skipped,
+            "class_names": list(class_names),
+        }
+        # Write next to the target and rename: readers never see a half-written file.
+        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+        try:
+            torch.save(payload, tmp_path)
+            os.replace(tmp_path, cache_path)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+        for outdated in cache_dir.glob(f"{prefix}*.pt"):
+            if outdated != cache_path:
+                outdated.unlink(missing_ok=True)
+    return cache_path
+
+
+def default_cache_dir(root: str | os.PathLike[str]) -> Path:
+    """Returns ``root/processed``, or a per-root user cache folder if ``root`` is read-only.
+
+    The fallback is ``$XDG_CACHE_HOME/pointsink/<root name>-<hash of its absolute path>``
+    (``~/.cache`` without XDG_CACHE_HOME), so shared read-only datasets still get a cache.
+    A folder without any write permission bit counts as read-only even for root.
+    """
+    root = Path(root)
+    preferred = root / "processed"
+    target = preferred if preferred.is_dir() else root
+    if not target.exists() or _is_writable_dir(target):
+        return preferred
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root_key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    return cache_home / "pointsink" / f"{root.resolve().name}-{root_key}"
+
+
+def _is_writable_dir(path: Path) -> bool:
+    # os.access alone says yes to root even for a folder marked read-only (r-x), so the
+    # write bits are checked too: such a folder is meant not to be written into.
+    return os.access(path, os.W_OK) and bool(path.stat().st_mode & 0o222)
+
+
+def load_point_cache(cache_path: str | os.PathLike[str]) -> PointCache:
+    """Reads a cache written by :func:`build_point_cache` (tensors and strings only)."""
+    payload = torch.load(cache_path, map_location="cpu", weights_only=True)
+    if payload.get("version") != CACHE_VERSION:
+        raise ValueError(f"{cache_path}: cache version {payload.get('version')} is outdated.")
+    return PointCache(
+        points=payload["points"],
+        labels=payload["labels"],
+        paths=list(payload["paths"]),
+        skipped=list(payload["skipped"]),
+        class_names=list(payload["class_names"]),
+    )
+
+
+def stratified_split(
+    labels: Sequence[int] | np.ndarray | Tensor, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Splits sample positions into train and validation parts, class by class.
+
+    Each class with at least two samples puts ``round(val_fraction * count)`` of them (at
+    least one, and never all) into validation; a class with a single sample stays in
+    training. With ``val_fraction == 0`` validation is empty.
+
+    Args:
+        labels: Class index of each sample, shape ``(S,)``.
+        val_fraction: Fraction of each class for validation, in ``[0, 1)``.
+        seed: Seed of the random choice; the same seed gives the same split.
+
+    Returns:
+        Sorted ``(train_indices, val_indices)``, disjoint, covering ``range(S)``.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}.")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val_parts = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if val_fraction == 0.0 or len(members) < 2:
+            continue
+        num_val = min(max(1, round(val_fraction * len(members))), len(members) - 1)
+        val_parts.append(rng.choice(members, size=num_val, replace=False))
+    val_indices = np.sort(np.concatenate(val_parts)) if val_parts else np.zeros(0, np.int64)
+    train_indices = np.setdiff1d(np.arange(len(labels)), val_indices)
+    return train_indices, val_indices
+
+
+def derive_seed(*entropy: int) -> int:
+    """Mixes non-negative integers (a base seed, a rank, ...) into one 64-bit seed.
+
+    Uses :class:`numpy.random.SeedSequence`, so nearby inputs (ranks 0 and 1) give
+    unrelated seeds, unlike ``seed + rank``, whose streams overlap across runs.
+    """
+    state = np.random.SeedSequence([int(value) for value in entropy]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+def _short_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+def _preprocess_file(task: tuple[str, int, int]) -> tuple[np.ndarray | None, str | None, list[str]]:
+    """Preprocesses one file; returns ``(points or None, error or None, warning messages)``.
+
+    Errors and warnings are returned rather than raised or printed, so that a bad file
+    never stops the build and worker-process warnings reach the parent.
+    """
+    path, num_points, seed = task
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            points = preprocess_shape(path, num_points, seed=seed)
+        except ShapeLoadError as exc:
+            return None, str(exc), []
+        except Exception as exc:  # an unexpected failure in one file must not stop the run
+            return None, f"{path}: preprocessing failed ({type(exc).__name__}: {exc}).", []
+    return points, None, [f"{path}: {w.message}" for w in caught]
+
+
+def _preprocess_all(
+    tasks: list[tuple[str, int, int]], workers: int | None, description: str
+) -> list[tuple[np.ndarray | None, str | None, list[str]]]:
+    if workers is None:
+        workers = min(8, _available_cpus())
+    with tqdm(total=len(tasks), desc=description, unit="file", mininterval=1.0) as progress:
+        if workers <= 1 or len(tasks) < 2 * workers:
+            results = []
+            for task in tasks:
+                results.append(_preprocess_file(task))
+                progress.update()
+            return results
+        # Small chunks amortize inter-process overhead while keeping the bar moving.
+        chunksize = max(1, min(64, len(tasks) // (workers * 8)))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = []
+            for result in pool.map(_preprocess_file, tasks, chunksize=chunksize):
+                results.append(result)
+                progress.update()
+            return results
+
+
+def _available_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------------------
+# DataModules
+# --------------------------------------------------------------------------------------
+
+
+class ShapeFolderDataModule(pl.LightningDataModule):
+    """Shapes in ModelNet layout: ``root/<class>/{train,test}/<class>_*.<ext>``.
+
+    ``prepare_data`` builds the preprocessed caches; ``setup`` loads them and carves a
+    seeded, stratified validation split out of the train split (the test split is only
+    used by ``test``). Any extension in :data:`pointsink.io.SUPPORTED_EXTENSIONS` works.
+
+    Args:
+        root: Dataset folder.
+        class_names: Class folder names, in label order. None: the sorted sub-folders of
+            ``root`` that contain a ``train`` or ``test`` folder.
+        num_points: Points sampled per shape.
+        batch_size: Training batch size.
+        eval_batch_size: Validation/test batch size (None: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        val_fraction: Fraction of each class's training shapes used for validation, in
+            ``[0, 1)``.
+        split_seed: Seed of the validation split.
+        sample_seed: Seed of the point sampling in the cache.
+        augment: Whether to augment training samples.
+        scale_low: Augmentation: lower bound of the per-axis scale.
+        scale_high: Augmentation: upper bound of the per-axis scale.
+        max_rotation_degrees: Augmentation: maximum rotation about the up axis.
+        up_axis: Augmentation: index of the vertical axis (0, 1 or 2).
+        jitter_sigma: Augmentation: standard deviation of the point jitter.
+        jitter_clip: Augmentation: clipping of the point jitter.
+        shuffle_points: Augmentation: whether to permute the points.
+        cache_dir: Folder of the preprocessed caches (None: ``root/processed``, or a user
+            cache folder if ``root`` is read-only; see :func:`default_cache_dir`).
+        preprocess_workers: Processes used to build the caches (None: up to 8).
+        predict_files: Files to classify with ``predict`` (not used by training).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        class_names: list[str] | None = None,
+        num_points: int = 1024,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        sample_seed: int = 0,
+        augment: bool = True,
+        scale_low: float = 0.8,
+        scale_high: float = 1.25,
+        max_rotation_degrees: float = 15.0,
+        up_axis: int = 2,
+        jitter_sigma: float = 0.01,
+        jitter_clip: float = 0.05,
+        shuffle_points: bool = True,
+        cache_dir: str | None = None,
+        preprocess_workers: int | None = None,
+        predict_files: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int("num_points", num_points, minimum=1)
+        _check_int("batch_size", batch_size, minimum=1)
+        if eval_batch_size is not None:
+            _check_int("eval_batch_size", eval_batch_size, minimum=1)
+        _check_int("num_workers", num_workers, minimum=0)
+        _check_int("split_seed", split_seed, minimum=0)
+        _check_int("sample_seed", sample_seed, minimum=0)
+        if preprocess_workers is not None:
+            _check_int("preprocess_workers", preprocess_workers, minimum=1)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}.")
+
+        self.root = Path(root)
+        self.num_points = num_points
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.sample_seed = sample_seed
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.preprocess_workers = preprocess_workers
+        self.predict_files = list(predict_files) if predict_files is not None else None
+        # Built (and so validated) now, so bad augmentation settings fail at startup.
+        augmentation = PointCloudAugmentation(
+            scale_low=scale_low,
+            scale_high=scale_high,
+            max_rotation_degrees=max_rotation_degrees,
+            up_axis=up_axis,
+            jitter_sigma=jitter_sigma,
+            jitter_clip=jitter_clip,
+            shuffle=shuffle_points,
+        )
+        self.augmentation: PointCloudAugmentation | None = augmentation if augment else None
+        self.class_names: list[str] = self._resolve_class_names(class_names)
+
+        self.train_dataset: PointCloudDataset | None = None
+        self.val_dataset: PointCloudDataset | None = None
+        self.test_dataset: PointCloudDataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (``len(class_names)``)."""
+        return len(self.class_names)
+
+    def _resolve_class_names(self, class_names: list[str] | None) -> list[str]:
+        """Validates given class names, or discovers them from ``root``."""
+        if class_names is not None:
+            names = [str(name) for name in class_names]
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"class_names must be non-empty and unique; got {names}.")
+            return names
+        found = (
+            sorted(
+                child.name
+                for child in self.root.iterdir()
+                if child.is_dir() and any((child / split).is_dir() for split in SPLITS)
+            )
+            if self.root.is_dir()
+            else []
+        )
+        if not found:
+            raise ValueError(
+                f"Found no class folders in {self.root}: expected sub-folders "
+                "<class>/train or <class>/test holding <class>_*.<ext> shape files."
+            )
+        return found
+
+    # -- data preparation ---------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Builds the preprocessed caches of both splits (Lightning calls it once per node)."""
+        for split in SPLITS:
+            self._cache_path(split)
+
+    def _resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else default_cache_dir(self.root)
+
+    def _cache_path(self, split: str) -> Path:
+        if split == "train" and not find_shape_files(self.root, self.class_names, "train"):
+            raise ValueError(
+                f"Found no training shapes in {self.root}: expected files "
+                f"<class>/train/<class>_*.<ext> for the classes {self.class_names} with an "
+                f"extension in {sorted(SUPPORTED_EXTENSIONS)}."
+            )
+        return build_point_cache(
+            self.root,
+            self.class_names,
+            split,
+            num_points=self.num_points,
+            sample_seed=self.sample_seed,
+            cache_dir=self._resolved_cache_dir(),
+            workers=self.preprocess_workers,
+        )
+
+    def _load_split(self, split: str) -> PointCloudDataset:
+        # Builds the cache if prepare_data did not (e.g. setup called directly); cheap if
+        # it exists, since only file metadata is read to check the fingerprint.
+        cache_path = self._cache_path(split)
+        cache = load_point_cache(cache_path)
+        if cache.skipped and cache_path not in _REPORTED_CACHES:
+            _REPORTED_CACHES.add(cache_path)
+            shown = " ".join(cache.skipped[:5])
+            more = f" (and {len(cache.skipped) - 5} more)" if len(cache.skipped) > 5 else ""
+            warnings.warn(
+                f"{len(cache.skipped)} {split} file(s) were skipped as unreadable when the "
+                f"cache was built: {shown}{more}",
+                UserWarning,
+                stacklevel=2,
+            )
+        paths = [str(self.root / relative) for relative in cache.paths]
+        return PointCloudDataset(cache.points, cache.labels, paths)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Loads the caches needed by ``stage`` and makes the validation split."""
+        if stage in (None, "fit", "validate") and self.train_dataset is None:
+            full_train = self._load_split("train")
+            if len(full_train) == 0:
+                raise ValueError(f"None of the training shapes in {self.root} could be read.")
+            train_indices, val_indices = stratified_split(
+                full_train.labels, self.val_fraction, self.split_seed
+            )
+            self.train_dataset = full_train.subset(train_indices, transform=self.augmentation)
+            self.val_dataset = full_train.subset(val_indices, transform=None)
+        if stage in (None, "test") and self.test_dataset is None:
+            self.test_dataset = self._load_split("test")
+
+    # -- loaders ------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented training batches.
+
+        Under DDP, Lightning shards the samples with a ``DistributedSampler`` (reshuffled
+        every epoch through ``set_epoch``). The augmentation stream is seeded from torch's
+        seed (the ``seed_everything`` value) and the global rank: every rank starts with the
+        same global RNG, so otherwise all ranks would draw the same augmentation parameters.
+        """
+        dataset = self._require(self.train_dataset, "fit")
+        if dataset.transform is not None:
+            dataset.seed = derive_seed(torch.initial_seed(), self._world()[1])
+        return self._loader(dataset, self.batch_size, True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches (held-out part of the train split), not augmented."""
+        return self._loader(self._require(self.val_dataset, "fit"), self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test-split batches, not augmented."""
+        return self._loader(self._require(self.test_dataset, "test"), self.eval_batch_size, False)
+
+    @staticmethod
+    def _require(dataset: PointCloudDataset | None, stage: str) -> PointCloudDataset:
+        if dataset is None:
+            raise RuntimeError(f"Call setup({stage!r}) before requesting this dataloader.")
+        return dataset
+
+    def _world(self) -> tuple[int, int]:
+        """``(world size, global rank)`` of the attached trainer; ``(1, 0)`` without one."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
+    def _eval_sampler(self, dataset: PointCloudDataset) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, a sampler giving each rank a disjoint share, without padding.
+
+        Lightning's own injected ``DistributedSampler`` pads the shares to equal length by
+        repeating samples, which would count them twice in validation/test metrics. Lightning
+        keeps a loader's sampler that already is a ``DistributedSampler`` (as this one is).
+        Shares may differ by one sample; metrics are synchronized only at epoch end, so the
+        ranks' different batch counts are fine.
+        """
+        world_size, rank = self._world()
+        if world_size <= 1 or len(dataset) == 0:
+            return None
+        if len(dataset) < world_size:
+            # A rank without samples would skip the metric synchronization the others wait in.
+            raise ValueError(
+                f"An evaluation set of {len(dataset)} samples cannot be shared among "
+                f"{world_size} processes (each needs at least one); use fewer devices or more "
+                "samples."
+            )
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=False
+        )
+
+    def _loader(self, dataset: PointCloudDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        sampler = None if shuffle else self._eval_sampler(dataset)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+class ModelNetDataModule(ShapeFolderDataModule):
+    """ModelNet10 or ModelNet40, downloaded by ``prepare_data`` if it is not on disk.
+
+    Class names are the official lists (:data:`MODELNET10_CLASSES`,
+    :data:`MODELNET40_CLASSES`), so they are known before any data exists. The archive
+    comes from the URL in :attr:`torch_geometric.datasets.ModelNet.urls` and is extracted
+    so that ``root`` is the dataset folder. Point-cloud copies with the same layout (e.g.
+    ``.ply`` files) work too.
+
+    Args:
+        root: Dataset folder (None: ``data/<name>``, relative to the working directory).
+        name: ``"ModelNet10"`` or ``"ModelNet40"``.
+        class_names: A subset of the official classes (None: all of them).
+        num_points: See :class:`ShapeFolderDataModule` for this and the other arguments.
+        batch_size: See :class:`ShapeFolderDataModule`.
+        eval_batch_size: See :class:`ShapeFolderDataModule`.
+        num_workers: See :class:`ShapeFolderDataModule`.
+        val_fraction: See :class:`ShapeFolderDataModule`.
+        split_seed: See :class:`ShapeFolderDataModule`.
+        sample_seed: See :class:`ShapeFolderDataModule`.
+        augment: See :class:`ShapeFolderDataModule`.
+        scale_low: See :class:`ShapeFolderDataModule`.
+        scale_high: See :class:`ShapeFolderDataModule`.
+        max_rotation_degrees: See :class:`ShapeFolderDataModule`.
+        up_axis: See :class:`ShapeFolderDataModule`.
+        jitter_sigma: See :class:`ShapeFolderDataModule`.
+        jitter_clip: See :class:`ShapeFolderDataModule`.
+        shuffle_points: See :class:`ShapeFolderDataModule`.
+        cache_dir: See :class:`ShapeFolderDataModule`.
+        preprocess_workers: See :class:`ShapeFolderDataModule`.
+        predict_files: See :class:`ShapeFolderDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        name: str = "ModelNet10",
+        class_names: list[str] | None = None,
+        num_points: int = 1024,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        sample_seed: int = 0,
+        augment: bool = True,
+        scale_low: float = 0.8,
+        scale_high: float = 1.25,
+        max_rotation_degrees: float = 15.0,
+        up_axis: int = 2,
+        jitter_sigma: float = 0.01,
+        jitter_clip: float = 0.05,
+        shuffle_points: bool = True,
+        cache_dir: str | None = None,
+        preprocess_workers: int | None = None,
+        predict_files: list[str] | None = None,
+    ) -> None:
+        if name not in _MODELNET_CLASSES:
+            raise ValueError(f"name must be 'ModelNet10' or 'ModelNet40'; got {name!r}.")
+        official = _MODELNET_CLASSES[name]
+        if class_names is not None and not set(class_names) <= set(official):
+            unknown = sorted(set(class_names) - set(official))
+            raise ValueError(f"{unknown} are not {name} classes; choose from {list(official)}.")
+        self.name = name
+        super().__init__(
+            root=root if root is not None else str(Path("data") / name),
+            class_names=list(class_names) if class_names is not None else list(official),
+            num_points=num_points,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            sample_seed=sample_seed,
+            augment=augment,
+            scale_low=scale_low,
+            scale_high=scale_high,
+            max_rotation_degrees=max_rotation_degrees,
+            up_axis=up_axis,
+            jitter_sigma=jitter_sigma,
+            jitter_clip=jitter_clip,
+            shuffle_points=shuffle_points,
+            cache_dir=cache_dir,
+            preprocess_workers=preprocess_workers,
+            predict_files=predict_files,
+        )
+
+    @property
+    def url(self) -> str:
+        """Download URL of the official archive (from torch_geometric)."""
+        from torch_geometric.datasets import ModelNet
+
+        return ModelNet.urls[self.name.removeprefix("ModelNet")]
+
+    def _has_data(self) -> bool:
+        return any((self.root / name / "train").is_dir() for name in self.class_names)
+
+    def prepare_data(self) -> None:
+        """Downloads and extracts the dataset if ``root`` lacks it, then builds the caches."""
+        if not self._has_data():
+            self._download()
+        super().prepare_data()
+
+    def _download(self) -> None:
+        from torch_geometric.data import download_url, extract_zip
+
+        download_dir = self.root.parent
+        download_dir.mkdir(parents=True, exist_ok=True)
+        archive = download_dir / f"{self.name}.zip"
+        instructions = (
+            f"download it manually and put the archive at {archive} or the extracted folder "
+            f"(with <class>/train and <class>/test sub-folders) at {self.root}"
+        )
+        if not archive.is_file():
+            partial = download_dir / f"{self.name}.zip.part"
+            partial.unlink(missing_ok=True)
+            try:
+                download_url(self.url, str(download_dir), filename=partial.name)
+            except Exception as exc:  # URLError, HTTPError, timeouts, SSL errors...
+                partial.unlink(missing_ok=True)
+                raise DatasetNotFoundError(
+                    f"{self.name} is not in {self.root} and downloading it from {self.url} "
+                    f"failed ({type(exc).__name__}: {exc}); {instructions}."
+                ) from exc
+            # Renamed only once complete, so an interrupted download is never mistaken
+            # for the archive.
+            os.replace(partial, archive)
+
+        extract_dir = Path(tempfile.mkdtemp(prefix=f".{self.name}-", dir=download_dir))
+        try:
+            try:
+                extract_zip(str(archive), str(extract_dir))
+            except zipfile.BadZipFile as exc:
+                raise DatasetNotFoundError(
+                    f"{archive} is not a valid zip archive ({exc}); delete it and {instructions}."
+                ) from exc
+            extracted = extract_dir / self.name
+            if not extracted.is_dir():
+                raise DatasetNotFoundError(
+                    f"{archive} does not contain a {self.name} folder; {instructions}."
+                )
+            if self.root.is_dir() and not any(self.root.iterdir()):
+                self.root.rmdir()  # an empty placeholder folder would block the rename
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(extracted, self.root)
+        finally:
+            shutil.rmtree(extract_dir, ignore_errors=True)
+        archive.unlink()
+
+
+class SyntheticShapesDataModule(ShapeFolderDataModule):
+    """The procedurally generated shapes of :mod:`pointsink.synthetic` (no download).
+
+    Args:
+        root: Output folder of the generated OFF files (None: ``data/synthetic``, relative
+            to the working directory).
+        train_per_class: Generated training shapes per class.
+        test_per_class: Generated test shapes per class.
+        generation_seed: Seed of the shape generation.
+        class_names: A subset of :data:`pointsink.synthetic.SYNTHETIC_CLASSES` (None: all).
+        num_points: See :class:`ShapeFolderDataModule` for this and the other arguments.
+        batch_size: See :class:`ShapeFolderDataModule`.
+        eval_batch_size: See :class:`ShapeFolderDataModule`.
+        num_workers: See :class:`ShapeFolderDataModule`.
+        val_fraction: See :class:`ShapeFolderDataModule`.
+        split_seed: See :class:`ShapeFolderDataModule`.
+        sample_seed: See :class:`ShapeFolderDataModule`.
+        augment: See :class:`ShapeFolderDataModule`.
+        scale_low: See :class:`ShapeFolderDataModule`.
+        scale_high: See :class:`ShapeFolderDataModule`.
+        max_rotation_degrees: See :class:`ShapeFolderDataModule`.
+        up_axis: See :class:`ShapeFolderDataModule`.
+        jitter_sigma: See :class:`ShapeFolderDataModule`.
+        jitter_clip: See :class:`ShapeFolderDataModule`.
+        shuffle_points: See :class:`ShapeFolderDataModule`.
+        cache_dir: See :class:`ShapeFolderDataModule`.
+        preprocess_workers: See :class:`ShapeFolderDataModule`.
+        predict_files: See :class:`ShapeFolderDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        train_per_class: int = 60,
+        test_per_class: int = 20,
+        generation_seed: int = 0,
+        class_names: list[str] | None = None,
+        num_points: int = 1024,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        sample_seed: int = 0,
+        augment: bool = True,
+        scale_low: float = 0.8,
+        scale_high: float = 1.25,
+        max_rotation_degrees: float = 15.0,
+        up_axis: int = 2,
+        jitter_sigma: float = 0.01,
+        jitter_clip: float = 0.05,
+        shuffle_points: bool = True,
+        cache_dir: str | None = None,
+        preprocess_workers: int | None = None,
+        predict_files: list[str] | None = None,
+    ) -> None:
+        if class_names is not None and not set(class_names) <= set(SYNTHETIC_CLASSES):
+            unknown = sorted(set(class_names) - set(SYNTHETIC_CLASSES))
+            raise ValueError(
+                f"{unknown} are not synthetic classes; choose from {list(SYNTHETIC_CLASSES)}."
+            )
+        _check_int("train_per_class", train_per_class, minimum=1)
+        _check_int("test_per_class", test_per_class, minimum=0)
+        _check_int("generation_seed", generation_seed, minimum=0)
+        self.train_per_class = train_per_class
+        self.test_per_class = test_per_class
+        self.generation_seed = generation_seed
+        super().__init__(
+            root=root if root is not None else str(Path("data") / "synthetic"),
+            class_names=list(class_names) if class_names is not None else list(SYNTHETIC_CLASSES),
+            num_points=num_points,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            sample_seed=sample_seed,
+            augment=augment,
+            scale_low=scale_low,
+            scale_high=scale_high,
+            max_rotation_degrees=max_rotation_degrees,
+            up_axis=up_axis,
+            jitter_sigma=jitter_sigma,
+            jitter_clip=jitter_clip,
+            shuffle_points=shuffle_points,
+            cache_dir=cache_dir,
+            preprocess_workers=preprocess_workers,
+            predict_files=predict_files,
+        )
+
+    def prepare_data(self) -> None:
+        """Generates the shapes (skipped when already there), then builds the caches."""
+        generate_synthetic_shapes(
+            self.root,
+            train_per_class=self.train_per_class,
+            test_per_class=self.test_per_class,
+            seed=self.generation_seed,
+        )
+        super().prepare_data()
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer; got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}; got {value}.")

@@ -1,0 +1,246 @@
+"""Loading and validating 3D shapes: meshes and point clouds from files or memory.
+
+Everything that enters the preprocessing pipeline (training cache or prediction) goes
+through :func:`load_shape` (files) or :func:`as_shape` (in-memory objects), so a shape is
+either a :class:`trimesh.Trimesh` with faces and positive surface area, or a finite float64
+point array of shape ``(P, 3)``. Anything else raises :class:`ShapeLoadError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import trimesh
+
+__all__ = [
+    "MESH_EXTENSIONS",
+    "POINT_ARRAY_EXTENSIONS",
+    "SUPPORTED_EXTENSIONS",
+    "TEXT_POINT_EXTENSIONS",
+    "ShapeLoadError",
+    "as_shape",
+    "exclusive_lock",
+    "file_extension",
+    "load_shape",
+]
+
+#: Formats read by trimesh. PLY may hold a mesh or a point cloud (no faces).
+MESH_EXTENSIONS: frozenset[str] = frozenset({"off", "obj", "stl", "ply", "glb", "gltf", "3mf"})
+#: Whitespace- or comma-separated text, one point per row (extra columns are ignored).
+TEXT_POINT_EXTENSIONS: frozenset[str] = frozenset({"xyz", "pts", "txt"})
+#: NumPy ``.npy`` arrays of shape ``(P, 3)``.
+POINT_ARRAY_EXTENSIONS: frozenset[str] = frozenset({"npy"})
+#: Every extension :func:`load_shape` accepts, lower-case without the dot.
+SUPPORTED_EXTENSIONS: frozenset[str] = (
+    MESH_EXTENSIONS | TEXT_POINT_EXTENSIONS | POINT_ARRAY_EXTENSIONS
+)
+
+# Keeps error messages on one line and readable when a parser dumps a long message.
+_MAX_REASON_CHARS = 200
+
+
+class ShapeLoadError(ValueError):
+    """A file or object is not a usable mesh or point cloud.
+
+    The message is one sentence that names the source and what is wrong with it.
+    """
+
+
+def file_extension(path: str | os.PathLike[str]) -> str:
+    """Returns the lower-case extension without the dot (``"CHAIR.OFF"`` gives ``"off"``)."""
+    return Path(path).suffix.lower().lstrip(".")
+
+
+def load_shape(path: str | os.PathLike[str]) -> trimesh.Trimesh | np.ndarray:
+    """Loads a mesh or point cloud from a file and validates it.
+
+    Meshes come back as :class:`trimesh.Trimesh` (scenes with several geometries are
+    merged into one mesh, with their transforms applied). Point clouds (PLY without faces,
+    XYZ/PTS/TXT text, NPY) come back as float64 arrays of shape ``(P, 3)``. ModelNet's
+    broken OFF headers (``OFF1234 5678 0`` on one line) are read as well.
+
+    Args:
+        path: File with one of :data:`SUPPORTED_EXTENSIONS` (case-insensitive).
+
+    Returns:
+        A mesh with faces and positive area, or a finite float64 array ``(P, 3)``, P >= 1.
+
+    Raises:
+        ShapeLoadError: The file is missing, empty, has an unsupported extension, cannot
+            be parsed, or holds no usable geometry (no points, NaN/inf coordinates, zero
+            surface area, all points coincide).
+    """
+    path = Path(path)
+    extension = file_extension(path)
+    if extension not in SUPPORTED_EXTENSIONS:
+        supported = ", ".join(sorted(SUPPORTED_EXTENSIONS))
+        raise ShapeLoadError(
+            f"{path}: unsupported file extension {path.suffix or '(none)'!r} "
+            f"(supported: {supported})."
+        )
+    if not path.exists():
+        raise ShapeLoadError(f"{path}: no such file.")
+    if not path.is_file():
+        raise ShapeLoadError(f"{path}: not a regular file.")
+    if path.stat().st_size == 0:
+        raise ShapeLoadError(f"{path}: the file is empty.")
+
+    try:
+        if extension in POINT_ARRAY_EXTENSIONS:
+            # allow_pickle=False: an .npy file must never be able to run code.
+            loaded: Any = np.load(path, allow_pickle=False)
+        elif extension in TEXT_POINT_EXTENSIONS:
+            loaded = _read_point_text(path)
+        else:
+            # process=False keeps NaN vertices and degenerate faces visible to the checks
+            # below instead of trimesh silently dropping them.
+            loaded = trimesh.load(path, file_type=extension, process=False)
+    except Exception as exc:  # parsers raise many types (ValueError, IndexError, struct.error...)
+        raise ShapeLoadError(
+            f"{path}: not a readable mesh or point cloud ({_describe(exc)})."
+        ) from exc
+    return _validate(loaded, source=str(path))
+
+
+def as_shape(obj: Any) -> trimesh.Trimesh | np.ndarray:
+    """Validates an in-memory shape the same way :func:`load_shape` validates files.
+
+    Args:
+        obj: A :class:`trimesh.Trimesh`, :class:`trimesh.Scene` (merged into one mesh),
+            :class:`trimesh.PointCloud`, or a NumPy array / torch tensor of shape ``(P, 3)``.
+
+    Returns:
+        A mesh with faces and positive area (the input mesh itself, not a copy), or a new
+        finite float64 array ``(P, 3)``.
+
+    Raises:
+        ShapeLoadError: The object has an unsupported type or no usable geometry.
+    """
+    return _validate(obj, source=f"in-memory {type(obj).__name__}")
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike[str]) -> Iterator[None]:
+    """Holds an exclusive advisory lock on ``lock_path`` (created if missing) while in the block.
+
+    Serializes processes on one machine that build the same files (dataset generation,
+    preprocessing caches). Uses ``fcntl.flock``; where that does not exist (Windows) the
+    block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def _read_point_text(path: Path) -> np.ndarray:
+    """Reads an XYZ-like text file into an array ``(P, C)``, C >= 3.
+
+    Accepts whitespace or comma separators and ``#`` comments; a leading line with a single
+    integer (the point count of some ``.pts`` variants) is skipped.
+    """
+    text = path.read_text(encoding="utf-8", errors="strict")
+    rows = [line.split("#", 1)[0].replace(",", " ").strip() for line in text.splitlines()]
+    rows = [row for row in rows if row]
+    if rows and re.fullmatch(r"\d+", rows[0]):
+        rows = rows[1:]
+    if not rows:
+        raise ValueError("no point rows found")
+    points = np.loadtxt(rows, dtype=np.float64, ndmin=2)
+    if points.shape[1] < 3:
+        raise ValueError(f"rows have {points.shape[1]} columns, need at least 3 (x y z)")
+    return points[:, :3]
+
+
+def _validate(obj: Any, source: str) -> trimesh.Trimesh | np.ndarray:
+    """Turns a loaded object into a validated mesh or point array; see :func:`as_shape`."""
+    if isinstance(obj, trimesh.Scene):
+        obj = _merge_scene(obj, source)
+    if isinstance(obj, trimesh.Trimesh):
+        return _validate_mesh(obj, source)
+    if isinstance(obj, trimesh.PointCloud):
+        return _validate_points(np.asarray(obj.vertices), source)
+    if isinstance(obj, torch.Tensor):
+        return _validate_points(obj.detach().cpu().numpy(), source)
+    if isinstance(obj, np.ndarray):
+        return _validate_points(obj, source)
+    raise ShapeLoadError(
+        f"{source}: not a mesh or point cloud (got {type(obj).__name__}; expected a "
+        "trimesh.Trimesh, Scene or PointCloud, or an array of shape (P, 3))."
+    )
+
+
+def _merge_scene(scene: trimesh.Scene, source: str) -> trimesh.Trimesh | np.ndarray:
+    """Bakes scene transforms and merges all meshes (or, failing that, all point clouds)."""
+    geometries = scene.dump()  # copies with their scene-graph transforms applied
+    meshes = [g for g in geometries if isinstance(g, trimesh.Trimesh) and len(g.faces) > 0]
+    if meshes:
+        return meshes[0] if len(meshes) == 1 else trimesh.util.concatenate(meshes)
+    clouds = [np.asarray(g.vertices) for g in geometries if isinstance(g, trimesh.PointCloud)]
+    if clouds:
+        return np.concatenate(clouds, axis=0)
+    # Text that some parsers (OBJ, ASCII STL) accept without finding anything ends up here.
+    raise ShapeLoadError(f"{source}: not a readable mesh or point cloud (no geometry found).")
+
+
+def _validate_mesh(mesh: trimesh.Trimesh, source: str) -> trimesh.Trimesh:
+    vertices = np.asarray(mesh.vertices)
+    faces = np.asarray(mesh.faces)
+    if len(vertices) == 0:
+        raise ShapeLoadError(f"{source}: the mesh is empty (no vertices).")
+    if not np.isfinite(vertices).all():
+        raise ShapeLoadError(f"{source}: the mesh has NaN or infinite vertex coordinates.")
+    # A "mesh" with vertices but no faces is almost always a broken export, so it is an
+    # error rather than silently becoming a point cloud.
+    if len(faces) == 0:
+        raise ShapeLoadError(f"{source}: the mesh has {len(vertices)} vertices but no faces.")
+    if faces.min() < 0 or faces.max() >= len(vertices):
+        raise ShapeLoadError(f"{source}: the mesh has face indices outside its vertex range.")
+    area = float(mesh.area)
+    if not np.isfinite(area) or area <= 0.0:
+        raise ShapeLoadError(f"{source}: the mesh is degenerate (total surface area {area:g}).")
+    return mesh
+
+
+def _validate_points(array: np.ndarray, source: str) -> np.ndarray:
+    points = np.asarray(array)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ShapeLoadError(
+            f"{source}: expected a point array of shape (P, 3), got shape {points.shape}."
+        )
+    if not (np.issubdtype(points.dtype, np.floating) or np.issubdtype(points.dtype, np.integer)):
+        raise ShapeLoadError(f"{source}: point coordinates have non-numeric dtype {points.dtype}.")
+    if len(points) == 0:
+        raise ShapeLoadError(f"{source}: the point cloud has zero points.")
+    points = points.astype(np.float64)  # always a copy, so callers may modify it freely
+    if not np.isfinite(points).all():
+        raise ShapeLoadError(f"{source}: the point cloud has NaN or infinite coordinates.")
+    if np.ptp(points, axis=0).max() == 0.0:
+        # Would make the unit-sphere normalization divide by zero.
+        raise ShapeLoadError(f"{source}: the point cloud is degenerate (all points coincide).")
+    return points
+
+
+def _describe(exc: BaseException) -> str:
+    """One-line, bounded description of a parser exception."""
+    message = " ".join(str(exc).split()) or "no details"
+    if len(message) > _MAX_REASON_CHARS:
+        message = message[: _MAX_REASON_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {message}"

@@ -1,0 +1,195 @@
+"""LightningModule that trains and evaluates a :class:`~pointsink.model.SetSinkformer`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from pointsink.attention import AttentionKind
+from pointsink.model import DEFAULT_N_ITER, SetSinkformer
+
+__all__ = ["SinkformerClassifier"]
+
+Batch = dict[str, Tensor]
+
+
+class SinkformerClassifier(pl.LightningModule):
+    """Shape classifier: cross-entropy training, overall and mean per-class accuracy.
+
+    Every argument is a plain value and is saved with ``save_hyperparameters()``, so
+    ``SinkformerClassifier.load_from_checkpoint(path)`` rebuilds the model, class names
+    included, from the checkpoint alone.
+
+    Metrics are logged as ``{train,val,test}/oa`` (overall accuracy) and
+    ``{train,val,test}/macc`` (mean of per-class accuracies), plus ``{stage}/loss``.
+
+    Args:
+        class_names: Class names in label order (linked from the data module by the CLI).
+        num_classes: Used only when ``class_names`` is not given.
+        num_points: Points per shape the model is trained on (linked from the data module
+            by the CLI); stored so that inference samples shapes the same way.
+        channels, num_heads, num_blocks, encoder, num_inducing_points, num_seeds,
+            attention, n_iter, layer_norm, pooling_attention, dropout: see
+            :class:`~pointsink.model.SetSinkformer`.
+        optimizer: ``"adamw"`` or ``"adam"``.
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay (AdamW) or L2 (Adam).
+        scheduler: ``"cosine"`` (linear warm-up, then cosine decay to ``lr * min_lr_ratio``
+            over the trainer's ``max_epochs``), ``"step"`` (divide by 10 at 75 % of
+            training, as in the paper's code) or ``"none"``.
+        warmup_epochs: Linear warm-up length for ``"cosine"``.
+        min_lr_ratio: Final learning rate as a fraction of ``lr`` for ``"cosine"``.
+        label_smoothing: Cross-entropy label smoothing.
+    """
+
+    def __init__(
+        self,
+        class_names: list[str] | None = None,
+        num_classes: int | None = None,
+        num_points: int | None = None,
+        channels: int = 256,
+        num_heads: int = 4,
+        num_blocks: int = 2,
+        encoder: Literal["isab", "sab"] = "isab",
+        num_inducing_points: int = 16,
+        num_seeds: int = 1,
+        attention: AttentionKind = "sinkhorn",
+        n_iter: int = DEFAULT_N_ITER,
+        layer_norm: bool = False,
+        pooling_attention: AttentionKind | None = None,
+        dropout: float = 0.5,
+        optimizer: Literal["adamw", "adam"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        scheduler: Literal["cosine", "step", "none"] = "cosine",
+        warmup_epochs: int = 1,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if class_names is not None:
+            class_names = [str(name) for name in class_names]
+            if num_classes is not None and num_classes != len(class_names):
+                raise ValueError(
+                    f"num_classes={num_classes} disagrees with the {len(class_names)} "
+                    "class_names given."
+                )
+            num_classes = len(class_names)
+        if num_classes is None:
+            raise ValueError("give class_names (preferred) or num_classes.")
+        self.save_hyperparameters()
+        self.class_names = class_names or [str(index) for index in range(num_classes)]
+        self.num_classes = num_classes
+        self.model = SetSinkformer(
+            num_classes=num_classes,
+            channels=channels,
+            num_heads=num_heads,
+            num_blocks=num_blocks,
+            encoder=encoder,
+            num_inducing_points=num_inducing_points,
+            num_seeds=num_seeds,
+            attention=attention,
+            n_iter=n_iter,
+            layer_norm=layer_norm,
+            pooling_attention=pooling_attention,
+            dropout=dropout,
+        )
+        metrics = MetricCollection(
+            {
+                "oa": MulticlassAccuracy(num_classes, average="micro"),
+                "macc": MulticlassAccuracy(num_classes, average="macro"),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, points: Tensor) -> Tensor:
+        """``(B, N, 3)`` points -> ``(B, C)`` logits."""
+        return self.model(points)
+
+    def _shared_step(self, batch: Batch, stage: str, metrics: MetricCollection) -> Tensor:
+        logits = self(batch["points"])
+        target = batch["label"]
+        loss = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
+        batch_size = target.shape[0]
+        metrics.update(logits, target)
+        on_step = stage == "train"
+        self.log(
+            f"{stage}/loss",
+            loss,
+            batch_size=batch_size,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=not on_step,
+        )
+        self.log_dict(metrics, batch_size=batch_size, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        """One optimization step's loss."""
+        return self._shared_step(batch, "train", self.train_metrics)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Accumulates validation metrics."""
+        self._shared_step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """Accumulates test metrics."""
+        self._shared_step(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Class probabilities ``(B, C)`` with the batch's ``index`` for mapping to files."""
+        probabilities = self(batch["points"]).softmax(dim=-1)
+        return {"index": batch["index"], "probabilities": probabilities}
+
+    def configure_optimizers(self) -> Any:
+        """Adam/AdamW with a warm-up + cosine or a step schedule, stepped per epoch."""
+        hparams = self.hparams
+        optimizer_class = torch.optim.AdamW if hparams.optimizer == "adamw" else torch.optim.Adam
+        optimizer = optimizer_class(
+            self.parameters(), lr=hparams.lr, weight_decay=hparams.weight_decay
+        )
+        if hparams.scheduler == "none":
+            return optimizer
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else 100
+        if hparams.scheduler == "step":
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, milestones=[max(1, int(0.75 * max_epochs))], gamma=0.1
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, _WarmupCosine(hparams.warmup_epochs, max_epochs, hparams.min_lr_ratio)
+            )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+
+class _WarmupCosine:
+    """Learning-rate factor: linear warm-up, then cosine decay to ``min_ratio``.
+
+    A picklable callable (not a lambda) so the scheduler state can be checkpointed.
+    """
+
+    def __init__(self, warmup_epochs: int, max_epochs: int, min_ratio: float) -> None:
+        self.warmup_epochs = max(0, warmup_epochs)
+        self.max_epochs = max(1, max_epochs)
+        self.min_ratio = min_ratio
+
+    def __call__(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return (epoch + 1) / (self.warmup_epochs + 1)
+        span = max(1, self.max_epochs - self.warmup_epochs)
+        progress = min(1.0, (epoch - self.warmup_epochs) / span)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_ratio + (1.0 - self.min_ratio) * cosine

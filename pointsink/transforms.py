@@ -1,0 +1,232 @@
+"""Turning shapes into normalized point sets, and training-time augmentation.
+
+:func:`preprocess_shape` is the single preprocessing path: the training cache and
+prediction both call it, so a shape seen at prediction time is sampled and normalized
+exactly like the training data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import trimesh
+from torch import Tensor
+
+from pointsink.io import as_shape, load_shape
+
+__all__ = [
+    "PointCloudAugmentation",
+    "normalize_points",
+    "preprocess_shape",
+    "sample_points",
+]
+
+
+def sample_points(shape: Any, num_points: int, seed: int) -> np.ndarray:
+    """Samples a fixed number of points from a mesh surface or a point cloud.
+
+    Meshes are sampled uniformly over their surface (faces weighted by area). Point clouds
+    are subsampled without replacement; a cloud with fewer than ``num_points`` points keeps
+    all of its points and repeats randomly chosen ones to fill up (a ``UserWarning`` says so).
+
+    Args:
+        shape: A mesh or point cloud accepted by :func:`pointsink.io.as_shape`
+            (e.g. a :class:`trimesh.Trimesh` or an array ``(P, 3)``).
+        num_points: Number of points ``N`` to return (>= 1).
+        seed: Seed of the sampling; the same seed gives the same points.
+
+    Returns:
+        Float32 array of shape ``(N, 3)``.
+    """
+    return _sample_points_float64(as_shape(shape), num_points, seed).astype(np.float32)
+
+
+def normalize_points(points: np.ndarray) -> np.ndarray:
+    """Centres points at their centroid and scales them into the unit sphere.
+
+    The centroid (mean point) is used rather than the bounding-box centre because it
+    depends on all points, so it varies less between two samplings of the same shape than
+    the box centre, which depends only on the few extreme points; it is also the
+    convention of the usual ModelNet preprocessing (PointNet/PointNet++). The computation
+    is done in float64 so that coordinates around 1e6 keep their relative precision.
+
+    Args:
+        points: Array of shape ``(N, 3)``, any float dtype.
+
+    Returns:
+        Float32 array ``(N, 3)`` with mean 0 and maximum point norm 1.
+
+    Raises:
+        ValueError: ``points`` does not have shape ``(N, 3)``, is empty, is not finite, or
+            all its points coincide (nothing to scale).
+    """
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
+        raise ValueError(f"normalize_points expects an array of shape (N, 3); got {points.shape}.")
+    if not np.isfinite(points).all():
+        raise ValueError("normalize_points got NaN or infinite coordinates.")
+    centred = points - points.mean(axis=0)
+    radius = np.linalg.norm(centred, axis=1).max()
+    if radius == 0.0:
+        raise ValueError("normalize_points cannot scale points that all coincide.")
+    return (centred / radius).astype(np.float32)
+
+
+def preprocess_shape(
+    shape_or_path: str | os.PathLike[str] | Any, num_points: int, seed: int = 0
+) -> np.ndarray:
+    """Loads (if given a path), samples and normalizes a shape.
+
+    This is the one preprocessing function shared by the training cache and prediction.
+
+    Args:
+        shape_or_path: A file path (see :func:`pointsink.io.load_shape`) or an in-memory
+            shape (see :func:`pointsink.io.as_shape`).
+        num_points: Number of points ``N`` to sample (>= 1).
+        seed: Sampling seed.
+
+    Returns:
+        Float32 array of shape ``(N, 3)``, centred at the origin with maximum norm 1.
+
+    Raises:
+        pointsink.io.ShapeLoadError: The file or object is not a usable shape.
+    """
+    if isinstance(shape_or_path, (str, os.PathLike)):
+        shape = load_shape(shape_or_path)
+    else:
+        shape = as_shape(shape_or_path)
+    # Sample in float64 and normalize before casting: a small object far from the origin
+    # (coordinates ~1e6) would lose its detail if cast to float32 first.
+    return normalize_points(_sample_points_float64(shape, num_points, seed))
+
+
+def _sample_points_float64(
+    shape: trimesh.Trimesh | np.ndarray, num_points: int, seed: int
+) -> np.ndarray:
+    """Implements :func:`sample_points` on a validated shape, returning float64 ``(N, 3)``."""
+    if isinstance(num_points, bool) or not isinstance(num_points, (int, np.integer)):
+        raise TypeError(f"num_points must be an int; got {type(num_points).__name__}.")
+    if num_points < 1:
+        raise ValueError(f"num_points must be at least 1; got {num_points}.")
+    if isinstance(shape, trimesh.Trimesh):
+        points, _ = trimesh.sample.sample_surface(shape, int(num_points), seed=seed)
+        return np.asarray(points, dtype=np.float64)
+
+    rng = np.random.default_rng(seed)
+    num_available = len(shape)
+    if num_available >= num_points:
+        return shape[rng.choice(num_available, size=num_points, replace=False)]
+    warnings.warn(
+        f"The point cloud has only {num_available} points but {num_points} were requested; "
+        "sampling with replacement (some points are repeated).",
+        UserWarning,
+        stacklevel=3,
+    )
+    # Keep every point once and draw only the shortfall with replacement, so no point of
+    # an already small cloud is lost.
+    extra = rng.choice(num_available, size=num_points - num_available, replace=True)
+    order = rng.permutation(np.concatenate([np.arange(num_available), extra]))
+    return shape[order]
+
+
+class PointCloudAugmentation(torch.nn.Module):
+    """Random training-time augmentation of one point set.
+
+    In order: anisotropic scaling (one factor per axis), a small rotation about the up
+    axis, clipped Gaussian jitter and a random permutation of the points. Random numbers
+    come from torch's global RNG unless a generator is passed, so Lightning's per-worker
+    and per-rank seeding gives each worker and rank its own stream.
+
+    Args:
+        scale_low: Lower bound of the per-axis scale factor (> 0).
+        scale_high: Upper bound of the per-axis scale factor (>= scale_low).
+        max_rotation_degrees: Rotation angle about the up axis is drawn uniformly from
+            ``[-max_rotation_degrees, max_rotation_degrees]`` (>= 0).
+        up_axis: Index (0, 1 or 2) of the vertical axis; the rotation keeps it fixed.
+        jitter_sigma: Standard deviation of the per-coordinate Gaussian noise (>= 0).
+        jitter_clip: Noise is clipped to ``[-jitter_clip, jitter_clip]`` (>= 0).
+        shuffle: Whether to permute the order of the points.
+    """
+
+    def __init__(
+        self,
+        scale_low: float = 0.8,
+        scale_high: float = 1.25,
+        max_rotation_degrees: float = 15.0,
+        up_axis: int = 2,
+        jitter_sigma: float = 0.01,
+        jitter_clip: float = 0.05,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < scale_low <= scale_high:
+            raise ValueError(
+                f"Need 0 < scale_low <= scale_high; got scale_low={scale_low}, "
+                f"scale_high={scale_high}."
+            )
+        if max_rotation_degrees < 0.0:
+            raise ValueError(f"max_rotation_degrees must be >= 0; got {max_rotation_degrees}.")
+        if up_axis not in (0, 1, 2):
+            raise ValueError(f"up_axis must be 0, 1 or 2; got {up_axis}.")
+        if jitter_sigma < 0.0 or jitter_clip < 0.0:
+            raise ValueError(
+                f"jitter_sigma and jitter_clip must be >= 0; got {jitter_sigma}, {jitter_clip}."
+            )
+        self.scale_low = float(scale_low)
+        self.scale_high = float(scale_high)
+        self.max_rotation_degrees = float(max_rotation_degrees)
+        self.up_axis = int(up_axis)
+        self.jitter_sigma = float(jitter_sigma)
+        self.jitter_clip = float(jitter_clip)
+        self.shuffle = bool(shuffle)
+
+    def forward(self, points: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Returns an augmented copy of ``points``.
+
+        Args:
+            points: Float tensor of shape ``(N, 3)``; it is not modified.
+            generator: Optional torch generator (on ``points.device``) for reproducible
+                draws; torch's global RNG is used when None.
+
+        Returns:
+            Tensor of shape ``(N, 3)``, same dtype and device as ``points``.
+        """
+        if points.dim() != 2 or points.shape[-1] != 3:
+            raise ValueError(f"Expected points of shape (N, 3); got {tuple(points.shape)}.")
+        options: dict[str, Any] = {"device": points.device, "dtype": points.dtype}
+
+        scale = self.scale_low + (self.scale_high - self.scale_low) * torch.rand(
+            3, generator=generator, **options
+        )
+        angle = math.radians(self.max_rotation_degrees) * (
+            2.0 * torch.rand((), generator=generator, **options) - 1.0
+        )
+        # Rotate in the plane of the two horizontal axes; the up coordinate is untouched.
+        first, second = (axis for axis in range(3) if axis != self.up_axis)
+        rotation = torch.eye(3, **options)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rotation[first, first], rotation[first, second] = cos, -sin
+        rotation[second, first], rotation[second, second] = sin, cos
+
+        augmented = (points * scale) @ rotation.T
+        if self.jitter_sigma > 0.0:
+            noise = self.jitter_sigma * torch.randn(points.shape, generator=generator, **options)
+            augmented = augmented + noise.clamp(-self.jitter_clip, self.jitter_clip)
+        if self.shuffle:
+            order = torch.randperm(len(points), generator=generator, device=points.device)
+            augmented = augmented[order]
+        return augmented
+
+    def extra_repr(self) -> str:
+        """Shows the settings in ``repr(module)``."""
+        return (
+            f"scale=[{self.scale_low}, {self.scale_high}], "
+            f"max_rotation_degrees={self.max_rotation_degrees}, up_axis={self.up_axis}, "
+            f"jitter_sigma={self.jitter_sigma}, jitter_clip={self.jitter_clip}, "
+            f"shuffle={self.shuffle}"
+        )

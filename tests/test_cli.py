@@ -1,0 +1,99 @@
+"""End to end through the CLI entry point, as a user runs it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pointsink.cli import main
+from pointsink.module import SinkformerClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_args(tmp_path: Path) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "synthetic.yaml"),
+        "--data.root", str(tmp_path / "synthetic"),
+        "--data.train_per_class", "6",
+        "--data.test_per_class", "2",
+        "--data.num_points", "32",
+        "--data.batch_size", "8",
+        "--data.preprocess_workers", "1",
+        "--model.channels", "16",
+        "--model.num_heads", "2",
+        "--model.num_inducing_points", "4",
+        "--trainer.max_epochs", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+
+
+def test_fit_checkpoint_load_test(tmp_path: Path) -> None:
+    cli = main(["fit", *_tiny_args(tmp_path)])
+    assert cli is not None
+    checkpoints = sorted((tmp_path / "run").rglob("*.ckpt"))
+    names = {path.name for path in checkpoints}
+    assert names == {"best.ckpt", "last.ckpt"}
+    best = next(path for path in checkpoints if path.name == "best.ckpt")
+
+    # The checkpoint alone rebuilds the model: plain hyperparameters, class names included.
+    raw = torch.load(best, weights_only=True)
+    class_names = raw["hyper_parameters"]["class_names"]
+    assert class_names == cli.datamodule.class_names and len(class_names) >= 8
+    restored = SinkformerClassifier.load_from_checkpoint(best, map_location="cpu")
+    assert restored.hparams.channels == 16
+    assert restored.hparams.num_points == 32
+
+    test_cli = main(["test", *_tiny_args(tmp_path), "--ckpt_path", str(best)])
+    metrics = test_cli.trainer.callback_metrics
+    assert {"test/oa", "test/macc", "test/loss"} <= set(metrics)
+    assert 0.0 <= float(metrics["test/oa"]) <= 1.0
+
+    validate_cli = main(["validate", *_tiny_args(tmp_path), "--ckpt_path", str(best)])
+    assert {"val/oa", "val/macc"} <= set(validate_cli.trainer.callback_metrics)
+
+
+def test_help_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "fit" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "modelnet10.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "pointsink.data.ModelNetDataModule" in printed
+    assert "n_iter: 5" in printed
+
+
+@pytest.mark.parametrize(
+    "config", ["synthetic.yaml", "modelnet10.yaml", "modelnet40.yaml", "modelnet10-paper.yaml"]
+)
+def test_shipped_configs_parse(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / config), "--print_config"])
+    assert exit_info.value.code == 0
+
+
+def test_offline_modelnet_fails_with_one_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch_geometric.data
+
+    def offline(url: str, folder: str, *args: object, **kwargs: object) -> str:
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch_geometric.data, "download_url", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "modelnet10.yaml"),
+              "--data.root", str(tmp_path / "missing" / "ModelNet10"),
+              "--trainer.max_epochs", "1"])  # fmt: skip
+    assert exit_info.value.code == 2
+    error_lines = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("error")
+    ]
+    assert len(error_lines) == 1
+    assert "ModelNet10" in error_lines[0] and "http" in error_lines[0]
+    assert "Traceback" not in error_lines[0]

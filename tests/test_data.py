@@ -1,0 +1,459 @@
+from __future__ import annotations
+
+import os
+import threading
+import time
+import urllib.error
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch_geometric.data
+
+import pointsink.data as data_module
+from pointsink.data import (
+    MODELNET10_CLASSES,
+    MODELNET40_CLASSES,
+    DatasetNotFoundError,
+    ModelNetDataModule,
+    PointCloudDataset,
+    ShapeFolderDataModule,
+    SyntheticShapesDataModule,
+    build_point_cache,
+    load_point_cache,
+    stratified_split,
+)
+from pointsink.synthetic import SYNTHETIC_CLASSES
+from pointsink.transforms import preprocess_shape
+
+MODELNET10_DIR = Path("/work/shared/data/ModelNet10")
+CLASSES = ["alpha", "beta", "gamma"]
+
+
+@pytest.fixture
+def count_preprocessing(monkeypatch):
+    """Counts calls of the preprocessing function used by the cache (built in-process)."""
+    calls: list[str] = []
+
+    def counting(path, num_points, seed=0):
+        calls.append(str(path))
+        return preprocess_shape(path, num_points, seed=seed)
+
+    monkeypatch.setattr(data_module, "preprocess_shape", counting)
+    return calls
+
+
+def _build(root: Path, tmp_path: Path, **kwargs) -> Path:
+    options = {"num_points": 32, "cache_dir": tmp_path / "cache", "workers": 1, **kwargs}
+    return build_point_cache(root, CLASSES, "train", **options)
+
+
+def _datamodule(root: Path, tmp_path: Path, **kwargs) -> ShapeFolderDataModule:
+    options = {
+        "num_points": 32,
+        "batch_size": 4,
+        "cache_dir": str(tmp_path / "cache"),
+        "preprocess_workers": 1,
+        **kwargs,
+    }
+    return ShapeFolderDataModule(str(root), **options)
+
+
+# -- cache -------------------------------------------------------------------------------
+
+
+def test_cache_holds_normalized_points_labels_and_relative_paths(tmp_path, make_shape_folder):
+    root = make_shape_folder(tmp_path / "shapes")
+
+    cache = load_point_cache(_build(root, tmp_path, sample_seed=2))
+
+    assert cache.points.shape == (12, 32, 3)
+    assert cache.points.dtype == torch.float32
+    assert cache.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert cache.paths[0] == "alpha/train/alpha_0001.off"
+    assert [path.split("/")[0] for path in cache.paths] == [CLASSES[i] for i in cache.labels]
+    assert cache.skipped == []
+    norms = cache.points.norm(dim=-1).max(dim=1).values
+    torch.testing.assert_close(norms, torch.ones(12))
+    # Matches the one preprocessing path with the documented per-file seed.
+    seed = 2 * 2**32 + data_module.zlib.crc32(cache.paths[5].encode())
+    expected = preprocess_shape(root / cache.paths[5], 32, seed=seed)
+    np.testing.assert_array_equal(cache.points[5].numpy(), expected)
+
+
+def test_second_build_reuses_the_cache(tmp_path, make_shape_folder, count_preprocessing):
+    root = make_shape_folder(tmp_path / "shapes")
+    cache_path = _build(root, tmp_path)
+    assert len(count_preprocessing) == 12
+    mtime = cache_path.stat().st_mtime_ns
+
+    assert _build(root, tmp_path) == cache_path
+
+    assert len(count_preprocessing) == 12
+    assert cache_path.stat().st_mtime_ns == mtime
+
+
+def test_changed_added_or_removed_files_trigger_a_rebuild(
+    tmp_path, make_shape_folder, count_preprocessing
+):
+    root = make_shape_folder(tmp_path / "shapes")
+    first = _build(root, tmp_path)
+    first_points = load_point_cache(first).points
+
+    touched = root / "beta" / "train" / "beta_0002.off"
+    os.utime(touched, ns=(time.time_ns(), touched.stat().st_mtime_ns + 10**9))
+    touched_cache = _build(root, tmp_path)
+    assert touched_cache != first
+    assert not first.exists()  # the outdated cache of this configuration is removed
+    assert len(count_preprocessing) == 24
+    # Per-file seeds: rebuilding gives the same points.
+    torch.testing.assert_close(load_point_cache(touched_cache).points, first_points)
+
+    (root / "beta" / "train" / "beta_0099.off").write_bytes(touched.read_bytes())
+    added = load_point_cache(_build(root, tmp_path))
+    assert len(added.paths) == 13
+    assert "beta/train/beta_0099.off" in added.paths
+
+    (root / "alpha" / "train" / "alpha_0001.off").unlink()
+    removed = load_point_cache(_build(root, tmp_path))
+    assert len(removed.paths) == 12
+    assert "alpha/train/alpha_0001.off" not in removed.paths
+
+
+def test_other_settings_get_their_own_cache(tmp_path, make_shape_folder):
+    root = make_shape_folder(tmp_path / "shapes")
+    default = _build(root, tmp_path)
+    other_seed = _build(root, tmp_path, sample_seed=1)
+    more_points = _build(root, tmp_path, num_points=64)
+
+    assert len({default, other_seed, more_points}) == 3
+    assert all(path.exists() for path in (default, other_seed, more_points))
+    assert not torch.equal(load_point_cache(default).points, load_point_cache(other_seed).points)
+
+
+def test_concurrent_builds_are_serialized(tmp_path, make_shape_folder, monkeypatch):
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=2)
+    calls: list[str] = []
+
+    def slow(path, num_points, seed=0):
+        calls.append(str(path))
+        time.sleep(0.01)  # widen the window in which the two builds would overlap
+        return preprocess_shape(path, num_points, seed=seed)
+
+    monkeypatch.setattr(data_module, "preprocess_shape", slow)
+    results: list[Path] = []
+    # flock locks belong to open file descriptions, so threads exclude each other too.
+    threads = [
+        threading.Thread(target=lambda: results.append(_build(root, tmp_path))) for _ in "ab"
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert results[0] == results[1]
+    assert len(calls) == 6  # built once
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock"] == [
+        results[0].name
+    ]
+
+
+def test_parallel_build_matches_in_process_build(tmp_path, make_shape_folder):
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=4)
+    serial = load_point_cache(_build(root, tmp_path, cache_dir=tmp_path / "serial"))
+    parallel = load_point_cache(_build(root, tmp_path, cache_dir=tmp_path / "parallel", workers=2))
+
+    assert parallel.paths == serial.paths
+    torch.testing.assert_close(parallel.points, serial.points)
+
+
+def test_malformed_files_are_skipped_with_a_warning_naming_each(
+    tmp_path, make_shape_folder, monkeypatch
+):
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=3)
+    bad = {
+        root / "alpha" / "train" / "alpha_0901.off": "OFF\n8 12 0\n0 0 0\n",
+        root / "beta" / "train" / "beta_0902.off": "",
+        root / "gamma" / "train" / "gamma_0903.off": "these are my notes, not a mesh\n",
+    }
+    for path, content in bad.items():
+        path.write_text(content)
+    datamodule = _datamodule(root, tmp_path, val_fraction=0.0)
+
+    with pytest.warns(UserWarning) as record:
+        datamodule.prepare_data()
+
+    messages = [str(warning.message) for warning in record]
+    for path in bad:
+        assert sum(str(path) in message for message in messages) == 1, path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the files were just reported: no second warning
+        datamodule.setup("fit")
+    assert len(datamodule.train_dataset) == 9
+    assert not set(map(str, bad)) & set(datamodule.train_dataset.paths)
+    # A process that only reuses the cache gets the news once, as a summary.
+    monkeypatch.setattr(data_module, "_REPORTED_CACHES", set())
+    with pytest.warns(UserWarning, match="3 train file") as record:
+        _datamodule(root, tmp_path, val_fraction=0.0).setup("fit")
+    assert all(str(path) in str(record[0].message) for path in bad)
+
+
+# -- datasets and data modules ------------------------------------------------------------
+
+
+def test_point_cloud_dataset_items_and_transform():
+    points = torch.randn(5, 8, 3)
+    dataset = PointCloudDataset(points, torch.arange(5), [f"f{i}.off" for i in range(5)])
+
+    item = dataset[3]
+    assert torch.equal(item["points"], points[3])
+    assert item["label"].dtype == torch.int64
+    assert item["label"].item() == 3
+    assert item["index"] == 3
+
+    def in_place(p):
+        return p.mul_(2)
+
+    doubled = PointCloudDataset(points, torch.arange(5), dataset.paths, transform=in_place)
+    torch.testing.assert_close(doubled[1]["points"], 2 * points[1])
+    torch.testing.assert_close(doubled[1]["points"], 2 * points[1])  # the cache is intact
+
+    with pytest.raises(ValueError, match="must match"):
+        PointCloudDataset(points, torch.arange(4), dataset.paths)
+
+
+def test_stratified_split_properties():
+    labels = np.repeat([0, 1, 2], [10, 20, 3])
+
+    train, val = stratified_split(labels, 0.2, seed=0)
+
+    assert set(train).isdisjoint(val)
+    assert sorted([*train, *val]) == list(range(len(labels)))
+    assert np.bincount(labels[val]).tolist() == [2, 4, 1]
+    again_train, again_val = stratified_split(labels, 0.2, seed=0)
+    np.testing.assert_array_equal(val, again_val)
+    np.testing.assert_array_equal(train, again_train)
+    assert not np.array_equal(val, stratified_split(labels, 0.2, seed=1)[1])
+    assert len(stratified_split(labels, 0.0, seed=0)[1]) == 0
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        stratified_split(labels, 1.0, seed=0)
+
+
+def test_datamodule_splits_and_loaders(tmp_path, make_shape_folder):
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=10, test_per_class=3)
+    (root / "processed").mkdir()  # not a class folder: no train/test inside
+    datamodule = _datamodule(root, tmp_path, val_fraction=0.2, split_seed=1, batch_size=7)
+    assert datamodule.class_names == CLASSES
+    assert datamodule.num_classes == 3
+
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    train, val, test = datamodule.train_dataset, datamodule.val_dataset, datamodule.test_dataset
+
+    assert (len(train), len(val), len(test)) == (24, 6, 9)
+    assert set(train.paths).isdisjoint(val.paths)
+    assert all("/train/" in path for path in train.paths + val.paths)
+    assert all("/test/" in path for path in test.paths)
+    assert sorted(val.labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    # Same seed, same split; another seed, another split.
+    same = _datamodule(root, tmp_path, val_fraction=0.2, split_seed=1)
+    same.setup("fit")
+    assert same.val_dataset.paths == val.paths
+    other = _datamodule(root, tmp_path, val_fraction=0.2, split_seed=2)
+    other.setup("fit")
+    assert other.val_dataset.paths != val.paths
+
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["points"].shape == (7, 32, 3)
+    assert batch["points"].dtype == torch.float32
+    assert batch["label"].dtype == batch["index"].dtype == torch.int64
+    assert batch["label"].shape == batch["index"].shape == (7,)
+    # Training samples are augmented, evaluation samples are served as cached.
+    for i in range(7):
+        cached = train.points[batch["index"][i]]
+        assert not torch.allclose(batch["points"][i], cached)
+        assert batch["label"][i] == train.labels[batch["index"][i]]
+    val_batch = next(iter(datamodule.val_dataloader()))
+    assert val_batch["index"].tolist() == list(range(6))
+    torch.testing.assert_close(val_batch["points"], val.points)
+    assert sum(len(b["label"]) for b in datamodule.test_dataloader()) == 9
+
+
+def test_augmentation_settings_reach_the_training_set(tmp_path, make_shape_folder):
+    root = make_shape_folder(tmp_path / "shapes")
+    plain = _datamodule(root, tmp_path, augment=False, val_fraction=0.0)
+    plain.setup("fit")
+    assert plain.train_dataset.transform is None
+
+    tuned = _datamodule(root, tmp_path, up_axis=1, jitter_sigma=0.0, shuffle_points=False)
+    assert tuned.augmentation.up_axis == 1
+    assert tuned.augmentation.jitter_sigma == 0.0
+    assert tuned.augmentation.shuffle is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_points": 0}, "num_points must be at least 1"),
+        ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
+        ({"val_fraction": -0.1}, r"val_fraction must be in \[0, 1\)"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"class_names": []}, "non-empty"),
+        ({"scale_low": 0.0}, "scale_low"),
+    ],
+)
+def test_invalid_arguments_raise_clear_errors(tmp_path, make_shape_folder, kwargs, message):
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=1, test_per_class=0)
+    with pytest.raises(ValueError, match=message):
+        _datamodule(root, tmp_path, **kwargs)
+
+
+def test_root_without_class_folders_says_what_it_looked_for(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"<class>/train or <class>/test") as error:
+        ShapeFolderDataModule(str(tmp_path / "empty"))
+    assert str(tmp_path / "empty") in str(error.value)
+
+    (tmp_path / "empty" / "chair" / "train").mkdir(parents=True)
+    datamodule = _datamodule(tmp_path / "empty", tmp_path)
+    with pytest.raises(ValueError, match="no training shapes"):
+        datamodule.prepare_data()
+
+
+def test_read_only_root_gets_a_user_cache_dir(tmp_path, make_shape_folder, monkeypatch):
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=1, test_per_class=0)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data_module.default_cache_dir(root) == root / "processed"
+
+    root.chmod(0o555)
+    try:
+        fallback = data_module.default_cache_dir(root)
+    finally:
+        root.chmod(0o755)
+    assert fallback.parent == tmp_path / "xdg" / "pointsink"
+    assert fallback.name.startswith("shapes-")
+
+
+# -- ModelNet -----------------------------------------------------------------------------
+
+
+def test_modelnet_class_lists_are_known_without_data(tmp_path):
+    modelnet10 = ModelNetDataModule(root=str(tmp_path / "nothing"))
+    modelnet40 = ModelNetDataModule(name="ModelNet40", root=str(tmp_path / "nothing"))
+
+    assert modelnet10.class_names == list(MODELNET10_CLASSES) == sorted(MODELNET10_CLASSES)
+    assert len(MODELNET10_CLASSES) == 10
+    assert modelnet40.class_names == sorted(MODELNET40_CLASSES)
+    assert len(set(MODELNET40_CLASSES)) == 40
+    assert {"night_stand", "flower_pot", "glass_box", "range_hood", "tv_stand", "xbox"} <= set(
+        MODELNET40_CLASSES
+    )
+    assert set(MODELNET10_CLASSES) <= set(MODELNET40_CLASSES)
+    assert ModelNetDataModule().root == Path("data/ModelNet10")
+    assert modelnet40.url.endswith("ModelNet40.zip")
+    with pytest.raises(ValueError, match="ModelNet10"):
+        ModelNetDataModule(name="ModelNet20")
+    with pytest.raises(ValueError, match="not ModelNet10 classes"):
+        ModelNetDataModule(class_names=["chair", "airplane"])
+
+
+def test_modelnet_offline_raises_dataset_not_found(tmp_path, monkeypatch):
+    def offline(url, folder, log=True, filename=None):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch_geometric.data, "download_url", offline)
+    root = tmp_path / "data" / "ModelNet10"
+    datamodule = ModelNetDataModule(root=str(root), cache_dir=str(tmp_path / "cache"))
+
+    with pytest.raises(DatasetNotFoundError) as error:
+        datamodule.prepare_data()
+
+    message = str(error.value)
+    assert "\n" not in message
+    assert datamodule.url in message
+    assert str(root) in message
+    assert str(tmp_path / "data" / "ModelNet10.zip") in message
+    assert not list((tmp_path / "data").glob("*.part"))
+
+
+def test_modelnet_download_is_extracted_into_root(tmp_path, monkeypatch, make_shape_folder):
+    source = make_shape_folder(
+        tmp_path / "source", class_names=("bed", "chair"), train_per_class=3, test_per_class=1
+    )
+    requested: list[str] = []
+
+    def fake_download(url, folder, log=True, filename=None):
+        requested.append(url)
+        archive = Path(folder) / (filename or url.rpartition("/")[2])
+        with zipfile.ZipFile(archive, "w") as zipped:
+            for path in source.rglob("*.off"):
+                zipped.write(path, f"ModelNet10/{path.relative_to(source).as_posix()}")
+            zipped.writestr("__MACOSX/ignored", "")
+        return str(archive)
+
+    monkeypatch.setattr(torch_geometric.data, "download_url", fake_download)
+    root = tmp_path / "data" / "ModelNet10"
+    datamodule = ModelNetDataModule(
+        root=str(root),
+        class_names=["bed", "chair"],
+        num_points=16,
+        val_fraction=0.0,
+        cache_dir=str(tmp_path / "cache"),
+        preprocess_workers=1,
+    )
+
+    datamodule.prepare_data()
+    datamodule.setup("test")
+
+    assert requested == [datamodule.url]
+    assert (root / "chair" / "train" / "chair_0001.off").is_file()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["ModelNet10"]
+    assert len(datamodule.test_dataset) == 2
+    datamodule.prepare_data()  # data present now: no second download
+    assert len(requested) == 1
+
+
+@pytest.mark.skipif(not MODELNET10_DIR.is_dir(), reason="real ModelNet10 data not available")
+def test_real_modelnet10_folder(tmp_path):
+    datamodule = ModelNetDataModule(root=str(MODELNET10_DIR), cache_dir=str(tmp_path))
+    assert datamodule.class_names == sorted(p.name for p in MODELNET10_DIR.iterdir() if p.is_dir())
+
+    files = data_module.find_shape_files(MODELNET10_DIR, datamodule.class_names, "test")
+    for path, _ in files[:: len(files) // 5][:5]:
+        points = preprocess_shape(path, 256, seed=0)
+        assert points.shape == (256, 3)
+        assert np.linalg.norm(points, axis=1).max() == pytest.approx(1.0, abs=1e-5)
+        np.testing.assert_allclose(points.mean(axis=0), 0.0, atol=1e-5)
+
+
+# -- synthetic ----------------------------------------------------------------------------
+
+
+def test_synthetic_datamodule_end_to_end(tmp_path):
+    datamodule = SyntheticShapesDataModule(
+        root=str(tmp_path / "synthetic"),
+        train_per_class=3,
+        test_per_class=1,
+        num_points=16,
+        batch_size=64,
+        val_fraction=0.34,
+        preprocess_workers=1,
+    )
+    assert datamodule.class_names == list(SYNTHETIC_CLASSES)
+    assert SyntheticShapesDataModule().root == Path("data/synthetic")
+
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.setup("test")
+
+    classes = len(SYNTHETIC_CLASSES)
+    assert (tmp_path / "synthetic" / "processed").is_dir()
+    assert len(datamodule.train_dataset) == 2 * classes
+    assert sorted(datamodule.val_dataset.labels.tolist()) == list(range(classes))
+    assert len(datamodule.test_dataset) == classes
+    batch = next(iter(datamodule.train_dataloader()))
+    assert sorted(batch["label"].tolist()) == sorted(list(range(classes)) * 2)

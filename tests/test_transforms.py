@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from pointsink.transforms import (
+    PointCloudAugmentation,
+    normalize_points,
+    preprocess_shape,
+    sample_points,
+)
+
+EXTENTS = np.array([1.0, 1.0, 10.0])
+BOX = trimesh.creation.box(extents=EXTENTS)
+
+
+def test_mesh_samples_lie_on_the_surface_and_are_area_weighted():
+    points = sample_points(BOX, 4000, seed=0)
+
+    assert points.shape == (4000, 3)
+    assert points.dtype == np.float32
+    # On the surface of an axis-aligned box: inside it, and on a face in at least one axis.
+    relative = np.abs(points) / (EXTENTS / 2)
+    assert relative.max() <= 1 + 1e-5
+    np.testing.assert_allclose(relative.max(axis=1), 1.0, atol=1e-5)
+    # The two 1x1 end caps hold 2 / 42 of the area; picking faces uniformly would give 1/3.
+    on_caps = np.mean(relative[:, 2] > 1 - 1e-5)
+    assert on_caps == pytest.approx(2 / 42, abs=0.015)
+
+
+def test_mesh_sampling_is_seeded():
+    first = sample_points(BOX, 256, seed=3)
+
+    np.testing.assert_array_equal(first, sample_points(BOX, 256, seed=3))
+    assert not np.allclose(first, sample_points(BOX, 256, seed=4))
+
+
+def test_point_cloud_subset_without_replacement_is_seeded():
+    cloud = np.random.default_rng(0).normal(size=(500, 3))
+
+    subset = sample_points(cloud, 100, seed=1)
+
+    assert subset.shape == (100, 3)
+    assert len(np.unique(subset, axis=0)) == 100
+    source_rows = {tuple(row) for row in cloud.astype(np.float32)}
+    assert all(tuple(row) in source_rows for row in subset)
+    np.testing.assert_array_equal(subset, sample_points(cloud, 100, seed=1))
+    assert not np.array_equal(subset, sample_points(cloud, 100, seed=2))
+
+
+def test_small_point_cloud_is_filled_with_replacement_and_warns():
+    cloud = np.random.default_rng(0).normal(size=(10, 3))
+
+    with pytest.warns(UserWarning, match="only 10 points but 25 were requested"):
+        points = sample_points(cloud, 25, seed=0)
+
+    assert points.shape == (25, 3)
+    # Every original point is kept; the rest are repeats.
+    np.testing.assert_array_equal(np.unique(points, axis=0), np.unique(cloud.astype("f4"), axis=0))
+
+
+def test_enough_points_do_not_warn():
+    cloud = np.random.default_rng(0).normal(size=(10, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample_points(cloud, 10, seed=0)
+
+
+def test_normalize_points_centres_and_scales_to_unit_sphere():
+    points = np.random.default_rng(0).normal(loc=5.0, scale=3.0, size=(300, 3))
+
+    normalized = normalize_points(points)
+
+    assert normalized.dtype == np.float32
+    np.testing.assert_allclose(normalized.mean(axis=0), 0.0, atol=1e-6)
+    assert np.linalg.norm(normalized, axis=1).max() == pytest.approx(1.0, abs=1e-6)
+    # Only a translation and one uniform scale: shape is preserved.
+    expected = (points - points.mean(0)) / np.linalg.norm(points - points.mean(0), axis=1).max()
+    np.testing.assert_allclose(normalized, expected, atol=1e-6)
+
+
+def test_normalize_points_rejects_coincident_points():
+    with pytest.raises(ValueError, match="coincide"):
+        normalize_points(np.ones((5, 3)))
+
+
+def test_preprocessing_is_exact_far_from_the_origin():
+    # A unit box at 1e6: float32 has a resolution of 0.06 there, so sampling or centring
+    # in float32 would visibly distort the result.
+    far_box = BOX.copy()
+    far_box.apply_translation([1e6, -2e6, 3e6])
+
+    near = preprocess_shape(BOX, 512, seed=5)
+    far = preprocess_shape(far_box, 512, seed=5)
+
+    np.testing.assert_allclose(far, near, atol=1e-5)
+    assert np.linalg.norm(far, axis=1).max() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_preprocess_shape_path_and_object_agree(tmp_path):
+    path = tmp_path / "box.off"
+    BOX.export(path)
+
+    from_path = preprocess_shape(path, 128, seed=1)
+    from_str = preprocess_shape(str(path), 128, seed=1)
+    from_object = preprocess_shape(BOX, 128, seed=1)
+
+    assert from_path.shape == (128, 3)
+    assert from_path.dtype == np.float32
+    np.testing.assert_allclose(from_path, from_object, atol=1e-6)
+    np.testing.assert_array_equal(from_path, from_str)
+
+
+def test_sample_points_validates_num_points():
+    with pytest.raises(ValueError, match="at least 1"):
+        sample_points(BOX, 0, seed=0)
+
+
+def _cloud(n: int = 200) -> torch.Tensor:
+    return torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
+
+
+def test_augmentation_changes_points_and_keeps_shape():
+    points = _cloud()
+    augmented = PointCloudAugmentation()(points, generator=torch.Generator().manual_seed(1))
+
+    assert augmented.shape == points.shape
+    assert augmented.dtype == points.dtype
+    assert not torch.allclose(augmented, points)
+    assert torch.equal(points, _cloud())  # the input is left untouched
+
+
+def test_rotation_is_about_the_up_axis_only():
+    points = _cloud()
+    for up_axis in (0, 1, 2):
+        rotate_only = PointCloudAugmentation(
+            scale_low=1.0,
+            scale_high=1.0,
+            max_rotation_degrees=90.0,
+            up_axis=up_axis,
+            jitter_sigma=0.0,
+            shuffle=False,
+        )
+        rotated = rotate_only(points, generator=torch.Generator().manual_seed(up_axis))
+        horizontal = [axis for axis in range(3) if axis != up_axis]
+
+        torch.testing.assert_close(rotated[:, up_axis], points[:, up_axis])
+        torch.testing.assert_close(
+            rotated[:, horizontal].norm(dim=1), points[:, horizontal].norm(dim=1)
+        )
+        assert not torch.allclose(rotated[:, horizontal], points[:, horizontal])
+
+
+def test_scaling_stays_in_range_and_is_per_axis():
+    points = _cloud()
+    scale_only = PointCloudAugmentation(
+        scale_low=0.5, scale_high=2.0, max_rotation_degrees=0.0, jitter_sigma=0.0, shuffle=False
+    )
+    ratios = scale_only(points, generator=torch.Generator().manual_seed(0)) / points
+
+    per_axis = ratios.mean(dim=0)
+    torch.testing.assert_close(ratios, per_axis.expand_as(ratios))
+    assert ((per_axis >= 0.5) & (per_axis <= 2.0)).all()
+    assert per_axis.unique().numel() == 3  # anisotropic
+
+
+def test_jitter_is_clipped_and_shuffle_permutes():
+    points = _cloud()
+    jitter_only = PointCloudAugmentation(
+        scale_low=1.0,
+        scale_high=1.0,
+        max_rotation_degrees=0.0,
+        jitter_sigma=1.0,
+        jitter_clip=0.05,
+        shuffle=False,
+    )
+    offsets = jitter_only(points, generator=torch.Generator().manual_seed(0)) - points
+    assert offsets.abs().max() <= 0.05 + 1e-6
+    assert offsets.abs().max() > 0.04
+
+    shuffle_only = PointCloudAugmentation(
+        scale_low=1.0, scale_high=1.0, max_rotation_degrees=0.0, jitter_sigma=0.0
+    )
+    shuffled = shuffle_only(points, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(shuffled, points)
+    assert torch.equal(shuffled.sort(dim=0).values, points.sort(dim=0).values)
+
+
+def test_generators_and_global_rng_drive_the_randomness():
+    points = _cloud()
+    augment = PointCloudAugmentation()
+
+    first = augment(points, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(augment(points, generator=torch.Generator().manual_seed(1)), first)
+    assert not torch.allclose(augment(points, generator=torch.Generator().manual_seed(2)), first)
+
+    torch.manual_seed(7)
+    global_first = augment(points)
+    torch.manual_seed(7)
+    torch.testing.assert_close(augment(points), global_first)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"scale_low": 0.0},
+        {"scale_low": 2.0, "scale_high": 1.0},
+        {"max_rotation_degrees": -1.0},
+        {"up_axis": 3},
+        {"jitter_sigma": -0.1},
+    ],
+)
+def test_augmentation_rejects_invalid_settings(kwargs):
+    with pytest.raises(ValueError):
+        PointCloudAugmentation(**kwargs)
