@@ -1,0 +1,869 @@
+"""Classifying shapes with a trained checkpoint.
+
+The usual entry point is :class:`ShapeClassifier`::
+
+    from pointsink import ShapeClassifier
+
+    classifier = ShapeClassifier.from_checkpoint("best.ckpt")  # CPU or GPU, eval mode
+    for prediction in classifier.predict(["chair.obj", "scans/", "parts/*.stl"], top_k=3):
+        print(prediction.path, prediction.label, prediction.probability, prediction.error)
+
+Every input goes through :func:`pointsink.transforms.preprocess_shape`, the function that
+built the training data, with the number of points used in training. A bad input (missing
+or corrupt file, empty or degenerate mesh, NaN coordinates, ...) gives a
+:class:`Prediction` whose ``error`` says what is wrong; the other inputs are still
+classified.
+
+The same records are produced by the ``pointsink-predict`` console command
+(:mod:`pointsink.predict`) and, through Lightning, by ``python train.py predict`` with
+:class:`pointsink.callbacks.PredictionWriter`, whose data comes from
+:class:`ShapePredictionDataset`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import inspect
+import io
+import json
+import os
+import pickle
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+import trimesh
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, as_shape, file_extension, load_shape
+from pointsink.transforms import PointCloudAugmentation, preprocess_shape
+
+__all__ = [
+    "DEFAULT_NUM_POINTS",
+    "CheckpointError",
+    "PathEntry",
+    "Prediction",
+    "ShapeClassifier",
+    "ShapePredictionDataset",
+    "expand_paths",
+    "format_predictions",
+    "load_checkpoint",
+    "make_prediction",
+    "preprocess_views",
+    "resolve_device",
+]
+
+#: Points per shape when the checkpoint does not record the training's ``num_points``.
+DEFAULT_NUM_POINTS = 1024
+
+OutputFormat = Literal["table", "csv", "json"]
+#: Output formats of :func:`format_predictions`.
+OUTPUT_FORMATS: tuple[str, ...] = ("table", "csv", "json")
+
+# Data-module hyperparameters that configure the training augmentation, mapped to the
+# arguments of PointCloudAugmentation (used for the extra views of test-time voting).
+_AUGMENTATION_HPARAMS = {
+    "scale_low": "scale_low",
+    "scale_high": "scale_high",
+    "max_rotation_degrees": "max_rotation_degrees",
+    "up_axis": "up_axis",
+    "jitter_sigma": "jitter_sigma",
+    "jitter_clip": "jitter_clip",
+    "shuffle_points": "shuffle",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used for inference; the message says why in one sentence."""
+
+
+# --------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The classification of one input shape.
+
+    Attributes:
+        path: The input file, or None for an in-memory input (array, tensor, mesh).
+        label: Most probable class name (None when ``error`` is set).
+        probability: Probability of ``label`` (None when ``error`` is set).
+        topk: ``(class name, probability)`` pairs, most probable first.
+        error: None, or one sentence saying why this input could not be classified.
+        warning: None, or a note about the input that did not stop its classification
+            (e.g. a point cloud with fewer points than requested, sampled with replacement).
+    """
+
+    path: str | None
+    label: str | None = None
+    probability: float | None = None
+    topk: tuple[tuple[str, float], ...] = ()
+    error: str | None = None
+    warning: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the input was classified."""
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-ready dict.
+
+        Keys: ``path, label, probability, topk`` (``[[name, p], ...]``), ``error, warning``.
+        """
+        return {
+            "path": self.path,
+            "label": self.label,
+            "probability": self.probability,
+            "topk": [[name, probability] for name, probability in self.topk],
+            "error": self.error,
+            "warning": self.warning,
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Prediction:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            path=record.get("path"),
+            label=record.get("label"),
+            probability=record.get("probability"),
+            topk=tuple((str(name), float(p)) for name, p in record.get("topk") or ()),
+            error=record.get("error"),
+            warning=record.get("warning"),
+        )
+
+
+def make_prediction(
+    path: str | None,
+    probabilities: Tensor,
+    class_names: Sequence[str],
+    top_k: int,
+    warning: str | None = None,
+) -> Prediction:
+    """Builds the record of one classified input.
+
+    Args:
+        path: Input file (None for in-memory inputs).
+        probabilities: Class probabilities ``(C,)``.
+        class_names: ``C`` class names.
+        top_k: Number of classes listed in ``topk`` (capped at ``C``).
+        warning: Optional note to attach.
+
+    Returns:
+        The prediction; ties are broken in favour of the lower class index.
+    """
+    probabilities = probabilities.detach().float().cpu().reshape(-1)
+    if len(probabilities) != len(class_names):
+        raise ValueError(
+            f"got {len(probabilities)} probabilities for {len(class_names)} class names."
+        )
+    order = torch.sort(probabilities, descending=True, stable=True).indices[: max(1, top_k)]
+    topk = tuple((class_names[i], float(probabilities[i])) for i in order.tolist())
+    return Prediction(
+        path=path, label=topk[0][0], probability=topk[0][1], topk=topk, warning=warning
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Inputs: paths and preprocessing
+# --------------------------------------------------------------------------------------
+
+
+class PathEntry(NamedTuple):
+    """One input file found by :func:`expand_paths`, or why an argument gave none."""
+
+    path: str
+    error: str | None = None
+
+
+def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[PathEntry]:
+    """Expands files, folders and glob patterns into the list of files to classify.
+
+    * An existing file is kept as given (its format is checked when it is loaded).
+    * A folder is searched recursively for files with an extension in
+      :data:`pointsink.io.SUPPORTED_EXTENSIONS` (case-insensitive), in sorted order;
+      hidden files and folders (names starting with ``.``) are skipped.
+    * A pattern with ``*``, ``?`` or ``[...]`` (``**`` included) is expanded like a
+      folder's content: matching supported files, and the files of matching folders.
+    * ``~`` is expanded. A file reached twice is listed once.
+
+    An argument that gives no file yields one entry with an ``error`` (a missing path,
+    a folder without shape files, a pattern that matches none), so that the caller can
+    report it next to the results of the other arguments.
+
+    Args:
+        paths: File, folder or pattern strings (or path objects).
+
+    Returns:
+        Entries in argument order.
+    """
+    entries: list[PathEntry] = []
+    seen: set[str] = set()
+    for raw in paths:
+        entries.extend(_expand_one(raw, seen))
+    return entries
+
+
+def _expand_one(raw: str | os.PathLike[str], seen: set[str]) -> list[PathEntry]:
+    """Expands one argument of :func:`expand_paths`, skipping (and adding to) ``seen`` files."""
+    given = os.fspath(raw)
+    path = os.path.expanduser(given)
+    if os.path.isdir(path):
+        found = _shape_files_in(path)
+        if not found:
+            return [PathEntry(given, _no_files_error(given, "folder"))]
+    elif os.path.lexists(path):
+        found = [path]
+    elif glob.has_magic(path):
+        found = []
+        for match in sorted(glob.glob(path, recursive=True)):
+            if os.path.isdir(match):
+                found.extend(_shape_files_in(match))
+            elif _is_shape_file(match):
+                found.append(match)
+        if not found:
+            return [PathEntry(given, _no_files_error(given, "pattern"))]
+    else:
+        return [PathEntry(given, f"{given}: no such file or folder.")]
+    entries = []
+    for file in found:
+        key = os.path.normcase(os.path.abspath(file))
+        if key not in seen:
+            seen.add(key)
+            entries.append(PathEntry(file))
+    return entries
+
+
+def _no_files_error(given: str, kind: str) -> str:
+    extensions = ", ".join(sorted(SUPPORTED_EXTENSIONS))
+    where = "contains" if kind == "folder" else "matches"
+    return f"{given}: this {kind} {where} no shape files (supported extensions: {extensions})."
+
+
+def _is_shape_file(path: str) -> bool:
+    name = os.path.basename(path)
+    return (
+        not name.startswith(".")
+        and file_extension(name) in SUPPORTED_EXTENSIONS
+        and os.path.isfile(path)
+    )
+
+
+def _shape_files_in(folder: str) -> list[str]:
+    """Supported, non-hidden files under ``folder``, recursively, in sorted order."""
+    found = []
+    for directory, subdirectories, files in os.walk(folder):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        found.extend(
+            os.path.join(directory, name)
+            for name in sorted(files)
+            if _is_shape_file(os.path.join(directory, name))
+        )
+    return found
+
+
+def _view_seed(seed: int, view: int) -> int:
+    """Independent 32-bit seed of voting view ``view`` (>= 1) for base seed ``seed``."""
+    return int(np.random.SeedSequence([seed, view]).generate_state(1)[0])
+
+
+def preprocess_views(
+    source: str | os.PathLike[str] | Any,
+    num_points: int,
+    seed: int = 0,
+    votes: int = 1,
+    augmentation: PointCloudAugmentation | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """Loads a shape once and makes the point sets that the classifier averages over.
+
+    View 0 is exactly ``preprocess_shape(source, num_points, seed)``, the training
+    pipeline's sampling and normalization. Each further view ``v`` is sampled with its own
+    seed derived from ``(seed, v)`` and, if ``augmentation`` is given, augmented with a
+    generator seeded the same way, so the result depends only on the arguments.
+
+    Args:
+        source: A file path or an in-memory shape (see :func:`pointsink.io.as_shape`).
+        num_points: Points per view ``N``.
+        seed: Base seed (>= 0).
+        votes: Number of views ``V`` (>= 1).
+        augmentation: Augmentation of views 1 to ``V - 1``.
+
+    Returns:
+        ``(views, warnings)``: float32 array ``(V, N, 3)`` and the distinct messages of the
+        warnings raised while loading and sampling (e.g. sampling with replacement).
+
+    Raises:
+        pointsink.io.ShapeLoadError: The source is not a usable shape.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if isinstance(source, (str, os.PathLike)):
+            shape = load_shape(source)
+        else:
+            shape = as_shape(source)
+        views = [preprocess_shape(shape, num_points, seed)]
+        for view in range(1, votes):
+            view_seed = _view_seed(seed, view)
+            points = preprocess_shape(shape, num_points, view_seed)
+            if augmentation is not None:
+                generator = torch.Generator().manual_seed(view_seed)
+                with torch.no_grad():
+                    points = augmentation(torch.from_numpy(points), generator=generator).numpy()
+            views.append(points)
+    messages: list[str] = []
+    for caught_warning in caught:
+        message = str(caught_warning.message)
+        if issubclass(caught_warning.category, UserWarning) and message not in messages:
+            messages.append(message)
+    return np.stack(views).astype(np.float32, copy=False), messages
+
+
+def _safe_preprocess(
+    source: Any, num_points: int, seed: int, votes: int, augmentation: PointCloudAugmentation | None
+) -> tuple[np.ndarray | None, str | None, str | None]:
+    """:func:`preprocess_views` that returns ``(views or None, error or None, warning or None)``."""
+    try:
+        views, messages = preprocess_views(source, num_points, seed, votes, augmentation)
+    except ShapeLoadError as exc:
+        return None, str(exc), None
+    except Exception as exc:  # one odd input must never stop the others
+        name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "input"
+        return None, f"{name}: preprocessing failed ({type(exc).__name__}: {exc}).", None
+    return views, None, " ".join(messages) or None
+
+
+class ShapePredictionDataset(Dataset):
+    """Shape files preprocessed on the fly for ``Trainer.predict``, errors included.
+
+    Folders and glob patterns are expanded with :func:`expand_paths`. Each item is one
+    file, sampled and normalized with :func:`pointsink.transforms.preprocess_shape` (one
+    view, seed ``seed``), like :meth:`ShapeClassifier.predict` with ``votes=1``. A file that
+    cannot be used (or an argument that matched no file) is an item too: its points are
+    zeros and its ``error`` says what is wrong, so one bad file never stops the run.
+
+    Args:
+        paths: Files, folders or glob patterns.
+        num_points: Points per shape ``N``.
+        seed: Sampling seed (>= 0).
+
+    Items are dicts ``{"points": (N, 3) float32, "index": int, "path": str, "error": str,
+    "warning": str}``, where an empty ``error``/``warning`` string means none (the default
+    collate function cannot batch None).
+    """
+
+    def __init__(
+        self, paths: Sequence[str | os.PathLike[str]], num_points: int, seed: int = 0
+    ) -> None:
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        _check_positive("num_points", num_points)
+        _check_seed(seed)
+        self.entries: list[PathEntry] = expand_paths(paths)
+        self.num_points = num_points
+        self.seed = seed
+
+    @property
+    def paths(self) -> list[str]:
+        """The path of every item, in item order."""
+        return [entry.path for entry in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Returns ``{"points": (N, 3), "index", "path", "error", "warning"}``."""
+        entry = self.entries[index]
+        error, warning, points = entry.error, None, None
+        if error is None:
+            views, error, warning = _safe_preprocess(
+                entry.path, self.num_points, self.seed, 1, None
+            )
+            if views is not None:
+                points = torch.from_numpy(views[0])
+        if points is None:
+            points = torch.zeros(self.num_points, 3)
+        return {
+            "points": points,
+            "index": int(index),
+            "path": entry.path,
+            "error": error or "",
+            "warning": warning or "",
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints and the classifier
+# --------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Reads a checkpoint with ``torch.load(..., weights_only=True)``: no code is executed.
+
+    Args:
+        path: A ``.ckpt`` file written by Lightning (``python train.py fit`` or
+            ``Trainer.save_checkpoint``).
+
+    Returns:
+        The checkpoint dict, tensors on the CPU.
+
+    Raises:
+        CheckpointError: The file is missing, is not a PyTorch checkpoint, holds Python
+            objects that a weights-only load refuses, or is not a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = _unpickler_reason(exc)
+        if "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"{path}: refusing to load this checkpoint: it holds Python objects that a "
+                f"safe (weights-only) load does not allow, since loading them could run code "
+                f"({reason})."
+            ) from exc
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (corrupt, truncated or another kind "
+            f"of file: {reason})."
+        ) from exc
+    except Exception as exc:  # zip errors, EOF on a truncated file, ...
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)})."
+        ) from exc
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(
+            f"{path}: expected a Lightning checkpoint (a dict), got {type(checkpoint).__name__}."
+        )
+    return checkpoint
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The useful part of torch's long weights-only error message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            detail = line.split("WeightsUnpickler error:", 1)[1].strip()
+            if not detail and index + 1 < len(lines):
+                detail = lines[index + 1]
+            detail = detail.split(" was not an allowed global", 1)[0]
+            return detail[:200] or "no details"
+    return _first_line(exc)
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else "no details"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turns ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda[:i]"`` into a device.
+
+    Raises:
+        ValueError: Unknown device name, or CUDA requested but not available.
+    """
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'.") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r} was requested but CUDA is not available here; use 'cpu' or 'auto'."
+        )
+    return resolved
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer; got {seed!r}.")
+
+
+class ShapeClassifier:
+    """A trained classifier ready for inference on files, arrays and meshes.
+
+    Build it with :meth:`from_checkpoint`. The model is in eval mode (no dropout) and
+    predictions run under ``torch.inference_mode``.
+
+    Args:
+        model: Module mapping points ``(B, N, 3)`` to logits ``(B, C)``, e.g. a
+            :class:`~pointsink.module.SinkformerClassifier`.
+        class_names: The ``C`` class names in label order.
+        num_points: Points sampled per shape (use the training's number).
+        augmentation: Augmentation of the extra views when ``votes > 1``; None: the
+            default :class:`~pointsink.transforms.PointCloudAugmentation`.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or a torch device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        class_names: Sequence[str],
+        num_points: int = DEFAULT_NUM_POINTS,
+        augmentation: PointCloudAugmentation | None = None,
+        device: str | torch.device = "auto",
+    ) -> None:
+        _check_positive("num_points", num_points)
+        names = [str(name) for name in class_names]
+        if len(names) < 2:
+            raise ValueError(f"need at least two class names; got {names}.")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self._class_names = names
+        self.num_points = int(num_points)
+        self.augmentation = augmentation if augmentation is not None else PointCloudAugmentation()
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (a copy)."""
+        return list(self._class_names)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        device: str | torch.device = "auto",
+        num_points: int | None = None,
+    ) -> ShapeClassifier:
+        """Loads a Lightning checkpoint of :class:`~pointsink.module.SinkformerClassifier`.
+
+        Only the checkpoint is needed (no training config or data): the model is rebuilt
+        from its saved hyperparameters, class names included, and the weights are read
+        with a weights-only ``torch.load`` (no code execution). The number of points
+        defaults to the one used in training when the checkpoint records it (the model's
+        ``num_points`` hyperparameter, or the data module's in
+        ``datamodule_hyper_parameters``), else to :data:`DEFAULT_NUM_POINTS` with a
+        warning; the augmentation for voting uses the training's settings when recorded.
+
+        Args:
+            path: The ``.ckpt`` file.
+            device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ...
+            num_points: Override of the number of points per shape.
+
+        Returns:
+            The classifier, in eval mode on ``device``.
+
+        Raises:
+            CheckpointError: The file is not a usable pointsink checkpoint (missing
+                class names or weights, weights that do not fit the model, unsafe content).
+            ValueError: Bad ``device`` or ``num_points``.
+        """
+        from pointsink.module import SinkformerClassifier  # Lightning import kept lazy
+
+        checkpoint = load_checkpoint(path)
+        hparams = checkpoint.get("hyper_parameters")
+        if not isinstance(hparams, dict):
+            raise CheckpointError(
+                f"{path}: the checkpoint has no 'hyper_parameters'; it was not saved from a "
+                "pointsink SinkformerClassifier (use a .ckpt written by `train.py fit`)."
+            )
+        class_names = hparams.get("class_names")
+        if (
+            not isinstance(class_names, (list, tuple))
+            or len(class_names) < 2
+            or not all(isinstance(name, str) for name in class_names)
+        ):
+            raise CheckpointError(
+                f"{path}: the checkpoint does not record the class names "
+                "(hyper_parameters['class_names'] is missing or not a list of names), so "
+                "predictions could not be named."
+            )
+        state_dict = checkpoint.get("state_dict")
+        if not isinstance(state_dict, dict) or not state_dict:
+            raise CheckpointError(f"{path}: the checkpoint has no model weights ('state_dict').")
+
+        accepted = inspect.signature(SinkformerClassifier.__init__).parameters
+        kwargs = {key: value for key, value in hparams.items() if key in accepted}
+        try:
+            module = SinkformerClassifier(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path}: the checkpoint's hyperparameters do not fit this version of "
+                f"pointsink ({type(exc).__name__}: {_first_line(exc)})."
+            ) from exc
+        _check_state_dict(path, module.state_dict(), state_dict)
+        module.load_state_dict(state_dict, strict=True)
+
+        data_hparams = checkpoint.get("datamodule_hyper_parameters")
+        data_hparams = data_hparams if isinstance(data_hparams, dict) else {}
+        if num_points is None:
+            recorded = [hparams.get("num_points"), data_hparams.get("num_points")]
+            valid = [
+                n for n in recorded if isinstance(n, int) and not isinstance(n, bool) and n > 0
+            ]
+            if valid:
+                num_points = valid[0]
+            else:
+                warnings.warn(
+                    f"{path}: the checkpoint does not record the number of points used in "
+                    f"training; using {DEFAULT_NUM_POINTS} (pass num_points / --points to "
+                    "change it).",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                num_points = DEFAULT_NUM_POINTS
+        return cls(
+            module,
+            class_names,
+            num_points=num_points,
+            augmentation=_augmentation_from_hparams(data_hparams),
+            device=device,
+        )
+
+    # -- prediction ---------------------------------------------------------------------
+
+    def predict(
+        self,
+        inputs: Any,
+        top_k: int = 5,
+        votes: int = 1,
+        seed: int = 0,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> list[Prediction]:
+        """Classifies shapes.
+
+        Args:
+            inputs: One input or a list of inputs. An input is a file path (str or path
+                object; a folder or glob pattern expands to its shape files, see
+                :func:`expand_paths`), a point array or tensor ``(P, 3)``, a batch of
+                point sets ``(B, P, 3)`` (one prediction each), or a
+                :class:`trimesh.Trimesh` / :class:`trimesh.Scene` /
+                :class:`trimesh.PointCloud`. Points are resampled and normalized like
+                files, so raw coordinates are fine.
+            top_k: Classes listed per prediction (capped at the number of classes).
+            votes: Views averaged per shape: view 0 is the plain training preprocessing;
+                views 1.. use other sampling seeds and the training augmentation.
+            seed: Seed of sampling and augmentation (>= 0); same seed, same result.
+            batch_size: Shapes per forward pass.
+            progress: Show a progress bar on stderr.
+
+        Returns:
+            One :class:`Prediction` per input (per file of a folder or pattern, per item
+            of a batch array), in input order. Inputs that cannot be classified have
+            ``error`` set; they never stop the others.
+        """
+        _check_positive("top_k", top_k)
+        _check_positive("votes", votes)
+        _check_positive("batch_size", batch_size)
+        _check_seed(seed)
+        items = list(_flatten_inputs(inputs))
+        results: list[Prediction] = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items), desc="Classifying", unit="shape", mininterval=1.0)
+        try:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                results.extend(self._predict_chunk(chunk, top_k, votes, seed))
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        return results
+
+    def predict_probabilities(self, points: Tensor | np.ndarray) -> Tensor:
+        """Class probabilities of already preprocessed point sets.
+
+        Args:
+            points: ``(B, N, 3)`` (or ``(N, 3)``) points, normalized like
+                :func:`pointsink.transforms.preprocess_shape` output.
+
+        Returns:
+            Float32 CPU tensor ``(B, C)`` (``(1, C)`` for a single set).
+        """
+        batch = torch.as_tensor(points)
+        if batch.dim() == 2:
+            batch = batch.unsqueeze(0)
+        with torch.inference_mode():
+            logits = self.model(batch.to(self.device, torch.float32))
+        return logits.float().softmax(dim=-1).cpu()
+
+    def _predict_chunk(
+        self, chunk: list[_Item], top_k: int, votes: int, seed: int
+    ) -> list[Prediction]:
+        prepared: list[tuple[np.ndarray | None, str | None, str | None]] = []
+        for item in chunk:
+            if item.error is not None:
+                prepared.append((None, item.error, None))
+            else:
+                prepared.append(
+                    _safe_preprocess(item.source, self.num_points, seed, votes, self.augmentation)
+                )
+        valid = [views for views, _, _ in prepared if views is not None]
+        probabilities = None
+        if valid:
+            stacked = torch.from_numpy(np.stack(valid))  # (b, V, N, 3)
+            flat = self.predict_probabilities(stacked.reshape(-1, self.num_points, 3))
+            probabilities = flat.reshape(len(valid), votes, -1).mean(dim=1)  # (b, C)
+        predictions = []
+        row = 0
+        for item, (views, error, warning) in zip(chunk, prepared, strict=True):
+            if views is None:
+                predictions.append(Prediction(path=item.path, error=error, warning=warning))
+                continue
+            assert probabilities is not None
+            predictions.append(
+                make_prediction(item.path, probabilities[row], self._class_names, top_k, warning)
+            )
+            row += 1
+        return predictions
+
+
+class _Item(NamedTuple):
+    path: str | None
+    source: Any
+    error: str | None
+
+
+def _flatten_inputs(inputs: Any) -> Iterator[_Item]:
+    """Splits ``inputs`` (see :meth:`ShapeClassifier.predict`) into single shapes."""
+    single = (str, os.PathLike, np.ndarray, Tensor, trimesh.Trimesh, trimesh.Scene)
+    if isinstance(inputs, (*single, trimesh.PointCloud)) or not isinstance(inputs, Iterable):
+        inputs = [inputs]
+    seen: set[str] = set()  # a file reached through several paths is classified once
+    for item in inputs:
+        if isinstance(item, (str, os.PathLike)):
+            for entry in _expand_one(item, seen):
+                yield _Item(entry.path, entry.path, entry.error)
+        elif isinstance(item, (np.ndarray, Tensor)) and item.ndim == 3:
+            for index in range(item.shape[0]):
+                yield _Item(None, item[index], None)
+        else:
+            yield _Item(None, item, None)
+
+
+def _check_state_dict(
+    path: str | os.PathLike[str], expected: dict[str, Tensor], found: dict[str, Any]
+) -> None:
+    """Raises :class:`CheckpointError` naming what differs between two state dicts."""
+    problems = []
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    mismatched = [
+        key
+        for key in expected
+        if key in found
+        and (not isinstance(found[key], Tensor) or found[key].shape != expected[key].shape)
+    ]
+    for description, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("with a different shape", mismatched),
+    ):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} weight(s) {description} ({shown})")
+    if problems:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model described by the checkpoint's "
+            f"hyperparameters, so it is probably from an incompatible version of pointsink: "
+            f"{'; '.join(problems)}."
+        )
+
+
+def _augmentation_from_hparams(data_hparams: dict[str, Any]) -> PointCloudAugmentation:
+    """The training's augmentation when the data module's hyperparameters record it."""
+    kwargs = {
+        argument: data_hparams[key]
+        for key, argument in _AUGMENTATION_HPARAMS.items()
+        if data_hparams.get(key) is not None
+    }
+    try:
+        return PointCloudAugmentation(**kwargs)
+    except (TypeError, ValueError):
+        return PointCloudAugmentation()
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+
+
+def format_predictions(
+    predictions: Sequence[Prediction], output_format: OutputFormat = "table"
+) -> str:
+    """Renders predictions as a readable table, CSV or a JSON list.
+
+    Args:
+        predictions: Records to render.
+        output_format: ``"table"``, ``"csv"`` (columns ``path, label, probability, topk,
+            error, warning``; ``topk`` as ``name:p;name:p``) or ``"json"`` (a list of
+            :meth:`Prediction.to_dict` records).
+
+    Returns:
+        The text, ending with a newline.
+    """
+    if output_format == "json":
+        if not predictions:
+            return "[]\n"
+        # One record per line: valid JSON that stays readable and easy to grep.
+        return "[\n" + ",\n".join(json.dumps(p.to_dict()) for p in predictions) + "\n]\n"
+    if output_format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["path", "label", "probability", "topk", "error", "warning"])
+        for p in predictions:
+            topk = ";".join(f"{name}:{probability:.6f}" for name, probability in p.topk)
+            writer.writerow(
+                [
+                    _display_path(p, None),
+                    p.label or "",
+                    "" if p.probability is None else repr(p.probability),
+                    topk,
+                    p.error or "",
+                    p.warning or "",
+                ]
+            )
+        return buffer.getvalue()
+    if output_format == "table":
+        return _format_table(predictions)
+    raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}; got {output_format!r}.")
+
+
+def _display_path(prediction: Prediction, position: int | None) -> str:
+    if prediction.path is not None:
+        return prediction.path
+    return f"<input {position}>" if position is not None else ""
+
+
+def _format_table(predictions: Sequence[Prediction]) -> str:
+    rows = [("path", "label", "prob", "top classes")]
+    notes = []
+    for position, p in enumerate(predictions):
+        path = _display_path(p, position)
+        if p.error is not None:
+            rows.append((path, "ERROR", "-", p.error))
+        else:
+            topk = ", ".join(f"{name} {probability:.3f}" for name, probability in p.topk)
+            rows.append((path, p.label or "", f"{p.probability:.3f}", topk))
+        if p.warning:
+            notes.append(f"warning: {path}: {p.warning}")
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
+        + "  "
+        + row[3]
+        for row in rows
+    ]
+    failed = sum(1 for p in predictions if p.error is not None)
+    lines.append(f"{len(predictions) - failed} classified, {failed} failed.")
+    return "\n".join([line.rstrip() for line in lines] + notes) + "\n"

@@ -1,0 +1,172 @@
+"""``pointsink-predict``: classify mesh and point-cloud files with a trained checkpoint.
+
+Examples::
+
+    pointsink-predict best.ckpt chair.obj scans/ "parts/**/*.stl"
+    pointsink-predict best.ckpt shapes/ --top-k 3 --votes 4 --format json --output out.json
+    python -m pointsink.predict best.ckpt shape.ply --device cpu
+
+Exit status: 0 when every file was classified, 1 when at least one could not be (its record
+says why; the others are still classified), 2 for usage errors, including a checkpoint that
+cannot be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from pointsink.inference import (
+    OUTPUT_FORMATS,
+    CheckpointError,
+    ShapeClassifier,
+    format_predictions,
+)
+
+__all__ = ["build_parser", "main"]
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``pointsink-predict``."""
+    parser = argparse.ArgumentParser(
+        prog="pointsink-predict",
+        description=(
+            "Classify 3D shapes (OFF, OBJ, STL, PLY, GLB/GLTF, 3MF meshes; PLY, XYZ, PTS, "
+            "TXT, NPY point clouds) with a checkpoint written by `train.py fit`. Each file "
+            "is sampled and normalized exactly like the training data."
+        ),
+        epilog=(
+            "Exit status: 0 if every file was classified, 1 if some could not be (the "
+            "others are still reported), 2 for usage errors or an unusable checkpoint."
+        ),
+    )
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint (.ckpt) to load")
+    parser.add_argument(
+        "paths",
+        metavar="PATH",
+        nargs="+",
+        help="shape file, folder (searched recursively) or glob pattern (quote it)",
+    )
+    parser.add_argument(
+        "--top-k", type=_positive_int, default=5, metavar="K", help="classes listed per file"
+    )
+    parser.add_argument(
+        "--points",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="points sampled per shape (default: the number used in training, else 1024)",
+    )
+    parser.add_argument(
+        "--votes",
+        type=_positive_int,
+        default=1,
+        metavar="V",
+        help="average V views: the plain one plus V-1 resampled and augmented (default: 1)",
+    )
+    parser.add_argument(
+        "--format", choices=OUTPUT_FORMATS, default="table", help="output format (default: table)"
+    )
+    parser.add_argument(
+        "--output", metavar="FILE", default=None, help="write the output here instead of stdout"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run the model (default: auto, CUDA when available)",
+    )
+    parser.add_argument(
+        "--seed", type=_non_negative_int, default=0, metavar="S", help="sampling seed"
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=32, metavar="B", help="shapes per batch"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``pointsink-predict``.
+
+    Args:
+        argv: Arguments without the program name; None reads ``sys.argv``.
+
+    Returns:
+        The exit status: 0 when every file was classified, 1 otherwise, 2 when the
+        checkpoint or device cannot be used. Argument errors exit with status 2 through
+        :class:`SystemExit`, as usual with argparse.
+    """
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            classifier = ShapeClassifier.from_checkpoint(
+                args.checkpoint, device=args.device, num_points=args.points
+            )
+        except (CheckpointError, ValueError) as exc:
+            print(f"pointsink-predict: error: {exc}", file=sys.stderr)
+            return 2
+    for caught_warning in caught:
+        if issubclass(caught_warning.category, UserWarning):
+            print(f"pointsink-predict: warning: {caught_warning.message}", file=sys.stderr)
+
+    predictions = classifier.predict(
+        args.paths,
+        top_k=args.top_k,
+        votes=args.votes,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=sys.stderr.isatty(),
+    )
+    text = format_predictions(predictions, args.format)
+    if args.output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+
+    failed = [p for p in predictions if p.error is not None]
+    if args.format != "table" or args.output is not None:
+        # The table already shows errors and warnings; other formats get them on stderr.
+        for p in predictions:
+            if p.error is not None:
+                print(f"pointsink-predict: error: {p.error}", file=sys.stderr)
+            elif p.warning:
+                print(f"pointsink-predict: warning: {p.path}: {p.warning}", file=sys.stderr)
+    where = f" (written to {args.output})" if args.output is not None else ""
+    print(
+        f"pointsink-predict: {len(predictions) - len(failed)} of {len(predictions)} file(s) "
+        f"classified with {classifier.num_points} points on {classifier.device}{where}.",
+        file=sys.stderr,
+    )
+    return 1 if failed or not predictions else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

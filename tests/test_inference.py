@@ -1,0 +1,297 @@
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from _inference_utils import (
+    CLASSES,
+    NUM_POINTS,
+    build_tiny_checkpoint,
+    write_bad_files,
+    write_format_files,
+)
+
+from pointsink import Prediction, ShapeClassifier
+from pointsink.inference import (
+    CheckpointError,
+    ShapePredictionDataset,
+    expand_paths,
+    format_predictions,
+    preprocess_views,
+)
+from pointsink.transforms import preprocess_shape
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+
+
+@pytest.fixture(scope="session")
+def classifier(checkpoint: Path) -> ShapeClassifier:
+    return ShapeClassifier.from_checkpoint(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def format_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_format_files(tmp_path_factory.mktemp("formats"))
+
+
+def _assert_classified(prediction: Prediction, top_k: int = 3) -> None:
+    assert prediction.error is None, prediction.error
+    assert prediction.label in CLASSES
+    assert 0.0 <= prediction.probability <= 1.0
+    assert len(prediction.topk) == top_k
+    assert prediction.topk[0] == (prediction.label, prediction.probability)
+    probabilities = [p for _, p in prediction.topk]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert sum(probabilities) <= 1.0 + 1e-5
+    if top_k == len(CLASSES):
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_from_checkpoint_restores_names_points_and_eval_mode(classifier: ShapeClassifier) -> None:
+    assert classifier.class_names == CLASSES
+    assert classifier.num_points == NUM_POINTS
+    assert classifier.device == torch.device("cpu")
+    assert not classifier.model.training
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "off",
+        "obj",
+        "stl_binary",
+        "stl_ascii",
+        "ply_ascii",
+        "ply_binary",
+        "ply_points",
+        "glb_scene",
+        "gltf_scene",
+        "3mf_scene",
+        "upper_case",
+    ],
+)
+def test_every_format_is_classified(
+    classifier: ShapeClassifier, format_files: dict[str, Path], name: str
+) -> None:
+    (prediction,) = classifier.predict(format_files[name], top_k=3)
+    assert prediction.path == str(format_files[name])
+    _assert_classified(prediction)
+
+
+def test_scene_geometries_are_merged(format_files: dict[str, Path]) -> None:
+    # The scenes hold a box (x in [-0.5, 0.5]) and a sphere (x in [1.5, 2.5]): both must be
+    # sampled, so the x coordinates form two clusters with an empty gap between them.
+    for name in ["glb_scene", "gltf_scene", "3mf_scene"]:
+        views, _ = preprocess_views(format_files[name], num_points=256, seed=0)
+        x = np.sort(views[0][:, 0])
+        split = int(np.argmax(np.diff(x)))
+        assert np.diff(x)[split] > 0.3, name
+        assert 0.2 < (split + 1) / len(x) < 0.8, name
+
+
+def test_folders_globs_and_upper_case_extensions(tmp_path: Path) -> None:
+    root = tmp_path / "shapes"
+    deep = root / "deep"
+    (root / "deep" / ".hidden").mkdir(parents=True)
+    mesh = trimesh.creation.box()
+    for relative in ["a.off", "deep/B.STL", "deep/c.Ply", "deep/.hidden/x.off"]:
+        data = mesh.export(file_type=Path(relative).suffix.lower().lstrip("."))
+        (root / relative).write_bytes(data if isinstance(data, bytes) else data.encode())
+    (deep / "notes.md").write_text("not a shape\n")
+    found = [entry.path for entry in expand_paths([root])]
+    assert found == [
+        str(root / "a.off"),
+        str(root / "deep" / "B.STL"),
+        str(root / "deep" / "c.Ply"),
+    ]
+    by_glob = expand_paths([str(root / "**" / "*.[sS][tT][lL]"), root / "a.off", root / "a.off"])
+    assert [entry.path for entry in by_glob] == [str(deep / "B.STL"), str(root / "a.off")]
+    assert all(entry.error is None for entry in by_glob)
+    # Also across the arguments of one predict call: each file is classified once.
+    assert len(expand_paths([root, deep / "B.STL", str(root / "*.off")])) == 3
+
+
+def test_bad_inputs_give_errors_and_never_stop_the_batch(
+    classifier: ShapeClassifier, format_files: dict[str, Path], tmp_path: Path
+) -> None:
+    bad = write_bad_files(tmp_path)
+    good = [format_files["off"], format_files["ply_binary"]]
+    inputs = [good[0], *[path for path, _ in bad.values()], good[1]]
+    predictions = classifier.predict(inputs, top_k=2, batch_size=4)
+    assert len(predictions) == len(inputs)
+    _assert_classified(predictions[0], top_k=2)
+    _assert_classified(predictions[-1], top_k=2)
+    for prediction, (case, (path, expected)) in zip(predictions[1:-1], bad.items(), strict=True):
+        assert prediction.path == str(path), case
+        assert prediction.label is None and prediction.probability is None, case
+        assert prediction.topk == ()
+        assert expected in prediction.error, (case, prediction.error)
+        assert "\n" not in prediction.error
+
+
+def test_in_memory_inputs(classifier: ShapeClassifier, format_files: dict[str, Path]) -> None:
+    mesh = trimesh.load(format_files["off"], process=False)
+    from_file = classifier.predict(format_files["off"])[0]
+    from_mesh = classifier.predict(mesh)[0]
+    assert from_mesh.path is None
+    assert from_mesh.probability == pytest.approx(from_file.probability, abs=1e-4)
+
+    points = np.random.default_rng(1).normal(size=(4, 300, 3))
+    batch = classifier.predict(torch.from_numpy(points))
+    assert len(batch) == 4
+    single = classifier.predict(points[2])
+    assert single[0].label == batch[2].label
+    assert single[0].probability == pytest.approx(batch[2].probability, abs=1e-5)
+    mixed = classifier.predict([points[0], mesh, np.zeros((5, 4)), "no/such/file.off"])
+    assert [p.error is None for p in mixed] == [True, True, False, False]
+    assert "shape (P, 3)" in mixed[2].error
+
+
+def test_point_cloud_with_too_few_points_warns(classifier: ShapeClassifier) -> None:
+    points = np.random.default_rng(0).normal(size=(10, 3))
+    (prediction,) = classifier.predict(points)
+    assert prediction.error is None
+    assert "only 10 points" in prediction.warning
+
+
+def test_very_large_coordinates_are_normalized(classifier: ShapeClassifier) -> None:
+    mesh = trimesh.creation.cone(radius=0.5, height=1.0, sections=12)
+    far = mesh.copy()
+    far.apply_scale(1e8)
+    far.apply_translation([1e9, -3e9, 2e9])
+    near_prediction, far_prediction = classifier.predict([mesh, far])
+    assert far_prediction.error is None
+    for (name, p), (far_name, far_p) in zip(near_prediction.topk, far_prediction.topk, strict=True):
+        assert name == far_name
+        assert far_p == pytest.approx(p, abs=1e-4)
+
+
+def test_huge_mesh(classifier: ShapeClassifier, tmp_path: Path) -> None:
+    mesh = trimesh.creation.icosphere(subdivisions=6)  # 82k faces
+    grid = trimesh.util.concatenate(
+        [mesh.copy().apply_translation([3 * i, 0, 0]) for i in range(3)]
+    )
+    assert len(grid.faces) > 200_000
+    path = tmp_path / "huge.ply"
+    grid.export(path)
+    (prediction,) = classifier.predict(path)
+    _assert_classified(prediction, top_k=3)
+
+
+def test_seeded_and_reproducible_votes(classifier: ShapeClassifier, format_files) -> None:
+    path = format_files["obj"]
+    first = classifier.predict(path, seed=3, votes=3)[0]
+    again = classifier.predict(path, seed=3, votes=3)[0]
+    assert first == again
+    other_seed = classifier.predict(path, seed=4, votes=3)[0]
+    assert other_seed.topk != first.topk
+    # View 0 is exactly the training preprocessing; further views differ from it.
+    views, _ = preprocess_views(
+        path, NUM_POINTS, seed=3, votes=3, augmentation=classifier.augmentation
+    )
+    assert views.shape == (3, NUM_POINTS, 3)
+    np.testing.assert_array_equal(views[0], preprocess_shape(path, NUM_POINTS, seed=3))
+    assert not np.allclose(views[1], views[2])
+    # The vote is the mean of the views' probabilities.
+    expected = classifier.predict_probabilities(torch.from_numpy(views)).mean(dim=0)
+    assert first.probability == pytest.approx(float(expected.max()), abs=1e-5)
+
+
+def test_num_points_override_and_fallback(checkpoint: Path, tmp_path: Path) -> None:
+    assert ShapeClassifier.from_checkpoint(checkpoint, num_points=32).num_points == 32
+    content = torch.load(checkpoint, weights_only=True)
+    del content["hyper_parameters"]["num_points"]
+    stripped = tmp_path / "no_points.ckpt"
+    torch.save(content, stripped)
+    with pytest.warns(UserWarning, match="does not record the number of points"):
+        assert ShapeClassifier.from_checkpoint(stripped).num_points == 1024
+    content["datamodule_hyper_parameters"] = {"num_points": 48, "up_axis": 1}
+    torch.save(content, stripped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored = ShapeClassifier.from_checkpoint(stripped)
+    assert restored.num_points == 48
+    assert restored.augmentation.up_axis == 1
+
+
+class _NotAllowed:
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def _broken_checkpoints(checkpoint: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    content = torch.load(checkpoint, weights_only=True)
+    cases: dict[str, tuple[Path, str]] = {}
+
+    def save(name: str, obj: object, expected: str) -> None:
+        path = folder / f"{name}.ckpt"
+        torch.save(obj, path)
+        cases[name] = (path, expected)
+
+    no_names = {**content, "hyper_parameters": dict(content["hyper_parameters"])}
+    del no_names["hyper_parameters"]["class_names"]
+    save("no_class_names", no_names, "class names")
+    save("no_state_dict", {k: v for k, v in content.items() if k != "state_dict"}, "state_dict")
+    save("no_hparams", {"state_dict": content["state_dict"]}, "hyper_parameters")
+    wider = {**content, "hyper_parameters": {**content["hyper_parameters"], "channels": 32}}
+    save("incompatible", wider, "incompatible version")
+    bad_value = {**content, "hyper_parameters": {**content["hyper_parameters"], "encoder": "x"}}
+    save("bad_hparam", bad_value, "do not fit this version")
+    save("unsafe", {**content, "extra": _NotAllowed()}, "refusing to load")
+    save("not_a_dict", [1, 2, 3], "expected a Lightning checkpoint")
+    garbage = folder / "garbage.ckpt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    cases["garbage"] = (garbage, "not a readable PyTorch checkpoint")
+    truncated = folder / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[:2000])
+    cases["truncated"] = (truncated, "not a readable PyTorch checkpoint")
+    cases["missing"] = (folder / "missing.ckpt", "no such checkpoint file")
+    return cases
+
+
+def test_unusable_checkpoints_raise_clear_errors(checkpoint: Path, tmp_path: Path) -> None:
+    for case, (path, expected) in _broken_checkpoints(checkpoint, tmp_path).items():
+        with pytest.raises(CheckpointError, match=expected) as info:
+            ShapeClassifier.from_checkpoint(path, device="cpu")
+        assert str(path) in str(info.value), case
+        assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_cuda_requested_without_cuda(checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        ShapeClassifier.from_checkpoint(checkpoint, device="cuda")
+
+
+def test_prediction_dataset_carries_errors(format_files: dict[str, Path], tmp_path: Path) -> None:
+    dataset = ShapePredictionDataset(
+        [format_files["off"], tmp_path / "missing.off"], num_points=NUM_POINTS, seed=0
+    )
+    good, bad = dataset[0], dataset[1]
+    np.testing.assert_array_equal(
+        good["points"].numpy(), preprocess_shape(format_files["off"], NUM_POINTS, seed=0)
+    )
+    assert good["error"] == "" and good["index"] == 0
+    assert "no such file" in bad["error"]
+    assert bad["points"].shape == (NUM_POINTS, 3)
+
+
+def test_output_formats(classifier: ShapeClassifier, format_files: dict[str, Path]) -> None:
+    predictions = classifier.predict([format_files["off"], "missing.off"], top_k=2)
+    records = json.loads(format_predictions(predictions, "json"))
+    assert records == [p.to_dict() for p in predictions]
+    assert set(records[0]) >= {"path", "label", "probability", "topk", "error"}
+    assert records[1]["error"].startswith("missing.off") and records[1]["label"] is None
+    assert [Prediction.from_dict(r) for r in records] == predictions
+    csv_lines = format_predictions(predictions, "csv").splitlines()
+    assert csv_lines[0] == "path,label,probability,topk,error,warning"
+    assert len(csv_lines) == 3
+    table = format_predictions(predictions, "table")
+    assert "ERROR" in table and predictions[0].label in table
+    assert "1 classified, 1 failed." in table
