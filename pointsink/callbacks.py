@@ -9,7 +9,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from pointsink.attention import MultiheadAttention
 from pointsink.inference import Prediction, format_predictions, make_prediction
@@ -110,13 +110,14 @@ class DoublyStochasticMonitor(pl.Callback):
                 )
         self._sums = {}
 
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Writes the plot."""
-        if not self.plot or not self.history:
-            return
+        """Writes the plot (rank 0 only)."""
+        # Not @rank_zero_only, and before any early return: trainer.log_dir broadcasts under
+        # DDP, so every rank must call it, or rank 0 waits for the others forever (or fails
+        # once they have exited).
         directory = Path(trainer.log_dir or trainer.default_root_dir)
-        plot_doubly_stochastic_history(self.history, directory / "doubly_stochastic.png")
+        if self.plot and self.history and trainer.is_global_zero:
+            plot_doubly_stochastic_history(self.history, directory / "doubly_stochastic.png")
 
     def state_dict(self) -> dict[str, Any]:
         """History, so a resumed run keeps its curve."""
@@ -272,11 +273,12 @@ class PredictionWriter(BasePredictionWriter):
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, records)
             records = [record for part in gathered for record in part]
+        # Every rank resolves the path: trainer.log_dir is a collective (broadcast) under DDP.
+        path = self._output_path(trainer)
         if not trainer.is_global_zero:
             return
         unique = dict(sorted(records, key=lambda pair: pair[0]))  # one per dataset index
         ordered = [Prediction.from_dict(record) for record in unique.values()]
-        path = self._output_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(format_predictions(ordered, self.format), encoding="utf-8")
         self.last_output = path

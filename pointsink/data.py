@@ -31,10 +31,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 from tqdm.auto import tqdm
 
+from pointsink.inference import ShapePredictionDataset
 from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, exclusive_lock, file_extension
 from pointsink.synthetic import SYNTHETIC_CLASSES, generate_synthetic_shapes
 from pointsink.transforms import PointCloudAugmentation, preprocess_shape
@@ -536,7 +538,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         cache_dir: Folder of the preprocessed caches (None: ``root/processed``, or a user
             cache folder if ``root`` is read-only; see :func:`default_cache_dir`).
         preprocess_workers: Processes used to build the caches (None: up to 8).
-        predict_files: Files to classify with ``predict`` (not used by training).
+        predict_files: Files, folders (searched recursively) or glob patterns to classify
+            with ``predict`` (not used by training); one path or a list.
     """
 
     def __init__(
@@ -560,7 +563,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         shuffle_points: bool = True,
         cache_dir: str | None = None,
         preprocess_workers: int | None = None,
-        predict_files: list[str] | None = None,
+        predict_files: list[str] | str | None = None,
     ) -> None:
         super().__init__()
         _check_int("num_points", num_points, minimum=1)
@@ -585,6 +588,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         self.sample_seed = sample_seed
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.preprocess_workers = preprocess_workers
+        if isinstance(predict_files, str):
+            predict_files = [predict_files]
         self.predict_files = list(predict_files) if predict_files is not None else None
         # Built (and so validated) now, so bad augmentation settings fail at startup.
         augmentation = PointCloudAugmentation(
@@ -634,7 +639,12 @@ class ShapeFolderDataModule(pl.LightningDataModule):
     # -- data preparation ---------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Builds the preprocessed caches of both splits (Lightning calls it once per node)."""
+        """Builds the preprocessed caches of both splits (Lightning calls it once per node).
+
+        Skipped under ``Trainer.predict``, which reads only ``predict_files``.
+        """
+        if self._predicting():
+            return
         for split in SPLITS:
             self._cache_path(split)
 
@@ -712,6 +722,45 @@ class ShapeFolderDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test-split batches, not augmented."""
         return self._loader(self._require(self.test_dataset, "test"), self.eval_batch_size, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of the ``predict_files`` (files, folders, glob patterns), in order.
+
+        Each file is loaded and preprocessed on the fly with ``num_points`` points and seed
+        ``sample_seed`` (see :class:`pointsink.inference.ShapePredictionDataset`); a file
+        that cannot be used yields an item with an ``error`` instead of stopping the run.
+        Under DDP every rank gets an equal, non-empty share (padded by repeating files,
+        which :class:`pointsink.callbacks.PredictionWriter` drops by dataset index).
+
+        Raises:
+            DatasetNotFoundError: ``predict_files`` is empty.
+        """
+        if not self.predict_files:
+            # DatasetNotFoundError: the CLI prints it as one line instead of a traceback.
+            raise DatasetNotFoundError(
+                "No files to predict: pass --data.predict_files PATH or "
+                "--data.predict_files '[PATH, ...]' (files, folders or glob patterns)."
+            )
+        dataset = ShapePredictionDataset(self.predict_files, self.num_points, self.sample_seed)
+        world_size, rank = self._world()
+        sampler = None
+        if world_size > 1:
+            sampler = DistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _predicting(self) -> bool:
+        """Whether the attached trainer runs ``predict`` (which needs no training data)."""
+        state = getattr(self.trainer, "state", None)
+        return state is not None and state.fn == TrainerFn.PREDICTING
 
     @staticmethod
     def _require(dataset: PointCloudDataset | None, stage: str) -> PointCloudDataset:
@@ -817,7 +866,7 @@ class ModelNetDataModule(ShapeFolderDataModule):
         shuffle_points: bool = True,
         cache_dir: str | None = None,
         preprocess_workers: int | None = None,
-        predict_files: list[str] | None = None,
+        predict_files: list[str] | str | None = None,
     ) -> None:
         if name not in _MODELNET_CLASSES:
             raise ValueError(f"name must be 'ModelNet10' or 'ModelNet40'; got {name!r}.")
@@ -861,6 +910,8 @@ class ModelNetDataModule(ShapeFolderDataModule):
 
     def prepare_data(self) -> None:
         """Downloads and extracts the dataset if ``root`` lacks it, then builds the caches."""
+        if self._predicting():
+            return
         if not self._has_data():
             self._download()
         super().prepare_data()
@@ -966,7 +1017,7 @@ class SyntheticShapesDataModule(ShapeFolderDataModule):
         shuffle_points: bool = True,
         cache_dir: str | None = None,
         preprocess_workers: int | None = None,
-        predict_files: list[str] | None = None,
+        predict_files: list[str] | str | None = None,
     ) -> None:
         if class_names is not None and not set(class_names) <= set(SYNTHETIC_CLASSES):
             unknown = sorted(set(class_names) - set(SYNTHETIC_CLASSES))
@@ -1004,6 +1055,8 @@ class SyntheticShapesDataModule(ShapeFolderDataModule):
 
     def prepare_data(self) -> None:
         """Generates the shapes (skipped when already there), then builds the caches."""
+        if self._predicting():
+            return
         generate_synthetic_shapes(
             self.root,
             train_per_class=self.train_per_class,

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from pointsink.attention import AttentionKind
@@ -110,6 +110,11 @@ class SinkformerClassifier(pl.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        # Epoch-mean evaluation losses as metrics: their sums and weights are added across
+        # ranks, which stays exact when ranks evaluate different numbers of samples (the
+        # unpadded DDP eval sampler). self.log(..., sync_dist=True) would truncate its integer
+        # sample count there and inflate the loss (Lightning issue #21859).
+        self.eval_losses = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def forward(self, points: Tensor) -> Tensor:
         """``(B, N, 3)`` points -> ``(B, C)`` logits."""
@@ -121,16 +126,19 @@ class SinkformerClassifier(pl.LightningModule):
         loss = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
         batch_size = target.shape[0]
         metrics.update(logits, target)
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            loss,
-            batch_size=batch_size,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=not on_step,
-        )
+        if stage == "train":
+            self.log(
+                "train/loss",
+                loss,
+                batch_size=batch_size,
+                on_step=True,
+                on_epoch=True,
+                prog_bar=True,
+            )
+        else:
+            mean_loss = self.eval_losses[stage]
+            mean_loss.update(loss.detach(), weight=batch_size)
+            self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(metrics, batch_size=batch_size, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
