@@ -1,0 +1,563 @@
+"""Memory-efficient Sinkhorn attention: ``sinkhorn(Q K^T * scale, n_iter) @ V`` in tiles.
+
+Dense Sinkhorn attention (:func:`dense_sinkhorn_attention`) materializes the ``n x m``
+logits and, for backward, one ``n x m`` matrix per iteration. The implementations here keep
+only the dual potentials of every iteration, ``O((n + m) * n_iter)`` numbers per head, and
+recompute tiles of the logits when they are needed, as FlashAttention does for softmax.
+
+Notation (one head; ``n`` queries, ``m`` keys, ``T = n_iter``, ``c = log(n / m)``)::
+
+    S = scale * Q K^T                                   (n, m)
+    v^0 = 0
+    u^t = -logsumexp_j(S_ij + v^{t-1}_j)          t odd  (rows of exp(S + u^t + v^{t-1}) sum to 1)
+    v^t = c - logsumexp_i(S_ij + u^{t-1}_i)       t even (columns sum to n / m)
+    P = exp(S + u + v)  with u, v the last potentials computed
+    O = P V
+
+Backward is reverse-mode differentiation through the unrolled iterations. With the
+per-iteration matrices ``A^t = exp(S + u^t + v^{t-1})`` (t odd) and
+``B^t = exp(S + u^{t-1} + v^t)`` (t even; both equal ``P`` for ``t = T``), the Jacobian of
+``u^t`` with respect to ``S`` (and to ``v^{t-1}``) is ``-A^t`` row by row, and that of ``v^t``
+is ``-(m / n) B^t`` column by column (the softmax of a logsumexp: the columns of ``B^t``
+sum to ``n / m``). Writing ``g^t`` for the gradient of the loss with respect to the
+potential computed at iteration ``t`` and ``h^t = (m / n) g^t`` for even ``t``::
+
+    dV = P^T dO,  dP = dO V^T
+    g(u_final)_i = sum_j P_ij dP_ij = dO_i . O_i          (=: D_i)
+    g(v_final)_j = sum_i P_ij dP_ij = dV_j . V_j          (=: E_j)
+    t odd:  g^{t-1}_j += -sum_i g^t_i A^t_ij             (gradient reaching v^{t-1})
+    t even: g^{t-1}_i += -sum_j B^t_ij h^t_j             (gradient reaching u^{t-1})
+    dS = P * dP - sum_{t odd} g^t_i A^t_ij - sum_{t even} h^t_j B^t_ij
+    dQ = scale * dS K,  dK = scale * dS^T Q
+
+The reverse sweep runs ``t = T, ..., 2``; every step is one pass over tiles that only needs
+the potentials and the already complete gradient of the following step, and the last pass
+assembles ``dS`` tile by tile (``T`` exponentials per element) and accumulates ``dQ``, ``dK``.
+
+Backends:
+
+* ``"chunked"`` (any device): a ``torch.autograd.Function`` that loops over tiles of
+  ``chunk_q`` queries by ``chunk_k`` keys with ordinary torch ops. When a tile spans all keys
+  (the default for ``m <= 8192``) a row normalization and the following column
+  normalization share one pass, so the forward makes ``floor(T / 2) + 1`` passes over the
+  logits and the backward ``floor(T / 2) + 1`` more.
+* ``"triton"`` (CUDA): fused Triton kernels (:mod:`pointsink.triton_sinkhorn`), imported
+  lazily so that ``pointsink`` imports without Triton.
+* ``"dense"``: the reference, plain autograd through :func:`pointsink.sinkhorn.sinkhorn`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from pointsink.sinkhorn import sinkhorn
+
+__all__ = ["Backend", "dense_sinkhorn_attention", "sinkhorn_attention", "triton_available"]
+
+Backend = Literal["auto", "chunked", "triton", "dense"]
+
+# Automatic tile size of the chunked backend: about this many elements per tile, summed over
+# the flattened batch and head dimensions (16 MiB in float32); tiles span all keys up to
+# _MAX_FULL_ROW keys, so that row normalizations need a single pass.
+_TILE_ELEMENTS = 1 << 22
+_MAX_FULL_ROW = 8192
+_MIN_QUERY_CHUNK = 16
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package is installed (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None
+        return False
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[None]:
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def dense_sinkhorn_attention(
+    q: Tensor, k: Tensor, v: Tensor, n_iter: int, scale: float | None = None
+) -> Tensor:
+    """Reference Sinkhorn attention that materializes the ``n x m`` attention matrix.
+
+    ``sinkhorn(q @ k^T * scale, n_iter) @ v``; autograd stores one ``n x m`` matrix per
+    iteration.
+
+    Args:
+        q: Queries of shape ``(..., n, d)``.
+        k: Keys of shape ``(..., m, d)``.
+        v: Values of shape ``(..., m, e)``.
+        n_iter: Number of Sinkhorn normalizations, starting with the rows (``>= 1``).
+        scale: Logit scale; defaults to ``1 / sqrt(d)``.
+
+    Returns:
+        Output of shape ``(..., n, e)``.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = q @ k.transpose(-2, -1) * scale
+    return sinkhorn(logits, n_iter) @ v
+
+
+def _resolve_chunks(
+    chunk_size: int | tuple[int, int] | None, g: int, n: int, m: int
+) -> tuple[int, int]:
+    """Query and key chunk sizes of the chunked backend (see :func:`sinkhorn_attention`)."""
+    if chunk_size is None:
+        chunk_k = m if m <= _MAX_FULL_ROW else _MAX_FULL_ROW // 2
+        chunk_q = max(_MIN_QUERY_CHUNK, _TILE_ELEMENTS // max(1, g * chunk_k))
+    elif isinstance(chunk_size, int) and not isinstance(chunk_size, bool):
+        chunk_q = chunk_k = chunk_size
+    elif (
+        isinstance(chunk_size, tuple)
+        and len(chunk_size) == 2
+        and all(isinstance(c, int) and not isinstance(c, bool) for c in chunk_size)
+    ):
+        chunk_q, chunk_k = chunk_size
+    else:
+        raise TypeError(f"chunk_size must be None, an int or a pair of ints; got {chunk_size!r}.")
+    if chunk_q < 1 or chunk_k < 1:
+        raise ValueError(f"chunk sizes must be positive; got {chunk_size!r}.")
+    return min(chunk_q, n), min(chunk_k, m)
+
+
+def _blocks(size: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
+
+
+class _Workspace:
+    """Tile buffers reused across tiles.
+
+    A fresh multi-megabyte CPU allocation per tile costs page faults that are as expensive
+    as the arithmetic, so every tile-sized temporary lives in one of a few flat buffers.
+    """
+
+    def __init__(self, count: int, numel: int, like: Tensor) -> None:
+        self._flat = [like.new_empty(numel) for _ in range(count)]
+
+    def __call__(self, index: int, shape: tuple[int, ...]) -> Tensor:
+        return self._flat[index][: math.prod(shape)].view(shape)
+
+
+class _Tiles:
+    """Logit tiles ``S[:, q0:q1, k0:k1]`` of one query chunk, written to workspace buffer 0.
+
+    When one key block spans all keys, the tile is computed once and reused by every step
+    on this query chunk. A yielded tile is only valid until the next one is requested, and
+    callers must not modify it.
+    """
+
+    def __init__(
+        self, q_chunk: Tensor, k_t: Tensor, key_blocks: list[tuple[int, int]], ws: _Workspace
+    ) -> None:
+        self.q_chunk = q_chunk  # (G, c, d), already multiplied by the scale
+        self.k_t = k_t  # (G, d, m)
+        self.key_blocks = key_blocks
+        self.ws = ws
+        self._cached: Tensor | None = None
+
+    @property
+    def single(self) -> bool:
+        return len(self.key_blocks) == 1
+
+    def __iter__(self) -> Iterator[tuple[int, int, Tensor]]:
+        for k0, k1 in self.key_blocks:
+            if self.single and self._cached is not None:
+                yield k0, k1, self._cached
+                continue
+            g, c, _ = self.q_chunk.shape
+            s = torch.bmm(self.q_chunk, self.k_t[:, :, k0:k1], out=self.ws(0, (g, c, k1 - k0)))
+            if self.single:
+                self._cached = s
+            yield k0, k1, s
+
+
+def _exp_plus(s: Tensor, row: Tensor, col: Tensor, out: Tensor) -> Tensor:
+    """``exp(s + row[..., :, None] + col[..., None, :])``, written to ``out``."""
+    return torch.add(s, row.unsqueeze(-1), out=out).add_(col.unsqueeze(-2)).exp_()
+
+
+def _row_lse(s: Tensor, col: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row logsumexp ``lse_i = log sum_j exp(s_ij + col_j)``, stabilized by the row maximum.
+
+    Returns:
+        ``(lse, w, l)`` with ``w = exp(s + col - max)`` (in ``out``) and ``l = sum_j w_ij``.
+    """
+    w = torch.add(s, col.unsqueeze(-2), out=out)
+    mx = w.amax(dim=-1, keepdim=True)
+    w.sub_(mx).exp_()
+    total = w.sum(dim=-1)
+    return total.log().add_(mx.squeeze(-1)), w, total
+
+
+def _col_lse(s: Tensor, row: Tensor, out: Tensor) -> Tensor:
+    """Column logsumexp ``lse_j = log sum_i exp(s_ij + row_i)``, stabilized by the maximum."""
+    w = torch.add(s, row.unsqueeze(-1), out=out)
+    mx = w.amax(dim=-2, keepdim=True)
+    w.sub_(mx).exp_()
+    return w.sum(dim=-2).log_().add_(mx.squeeze(-2))
+
+
+def _chunked_forward(
+    qs: Tensor, k: Tensor, v: Tensor, n_iter: int, chunk_q: int, chunk_k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward pass of the chunked backend.
+
+    Args:
+        qs: Scaled queries ``scale * Q`` of shape ``(G, n, d)``, in the compute dtype.
+        k: Keys of shape ``(G, m, d)``.
+        v: Values of shape ``(G, m, e)``.
+        n_iter: Number of Sinkhorn iterations ``T``.
+        chunk_q: Queries per tile.
+        chunk_k: Keys per tile.
+
+    Returns:
+        ``(out, us, vs)``: the output ``(G, n, e)``; the row potentials
+        ``us[i] = u^{2i+1}`` of shape ``(ceil(T / 2), G, n)``; the column potentials
+        ``vs[i] = v^{2i}`` of shape ``(floor(T / 2) + 1, G, m)`` with ``vs[0] = 0``.
+    """
+    g, n, _ = qs.shape
+    m = k.shape[1]
+    n_u, n_v = (n_iter + 1) // 2, n_iter // 2
+    log_col_mass = math.log(n / m)
+    k_t = k.transpose(1, 2)
+    key_blocks = _blocks(m, chunk_k)
+    ws = _Workspace(2, g * chunk_q * chunk_k, qs)
+    us = qs.new_empty(n_u, g, n)
+    vs = qs.new_zeros(n_v + 1, g, m)
+    out = qs.new_zeros(g, n, v.shape[-1])
+
+    # Pass i computes u^{2i+1} (row logsumexp, complete within a query chunk) and then
+    # accumulates the column logsumexp of S + u^{2i+1} that gives v^{2i+2}; the last odd
+    # iteration produces the output instead.
+    for i in range(n_u):
+        last = 2 * i + 1 == n_iter
+        v_prev = vs[i]
+        col_lse = None if last else qs.new_full((g, m), -math.inf)
+        for q0, q1 in _blocks(n, chunk_q):
+            tiles = _Tiles(qs[:, q0:q1], k_t, key_blocks, ws)
+            row_lse = None
+            for k0, k1, s in tiles:
+                blk, w, total = _row_lse(s, v_prev[:, k0:k1], ws(1, s.shape))
+                row_lse = blk if row_lse is None else torch.logaddexp(row_lse, blk)
+                if last and tiles.single:  # P = w / total: O = (w V) / total
+                    torch.bmm(w, v, out=out[:, q0:q1]).div_(total.unsqueeze(-1))
+            assert row_lse is not None
+            u = row_lse.neg_()
+            us[i, :, q0:q1] = u
+            if last and tiles.single:
+                continue
+            for k0, k1, s in tiles:
+                if last:
+                    p = _exp_plus(s, u, v_prev[:, k0:k1], ws(1, s.shape))
+                    out[:, q0:q1].baddbmm_(p, v[:, k0:k1])
+                else:
+                    assert col_lse is not None
+                    blk = _col_lse(s, u, ws(1, s.shape))
+                    col_lse[:, k0:k1] = torch.logaddexp(col_lse[:, k0:k1], blk)
+        if col_lse is not None:
+            vs[i + 1] = log_col_mass - col_lse
+
+    if n_iter % 2 == 0:  # P = exp(S + u^{T-1} + v^T): one more pass for the output
+        u_fin, v_fin = us[n_u - 1], vs[n_v]
+        for q0, q1 in _blocks(n, chunk_q):
+            for k0, k1, s in _Tiles(qs[:, q0:q1], k_t, key_blocks, ws):
+                p = _exp_plus(s, u_fin[:, q0:q1], v_fin[:, k0:k1], ws(1, s.shape))
+                out[:, q0:q1].baddbmm_(p, v[:, k0:k1])
+    return out, us, vs
+
+
+def _chunked_backward(
+    qs: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    dout: Tensor,
+    us: Tensor,
+    vs: Tensor,
+    n_iter: int,
+    chunk_q: int,
+    chunk_k: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward pass of the chunked backend (see the module docstring for the formulas).
+
+    Args:
+        qs: Scaled queries ``scale * Q`` of shape ``(G, n, d)``, in the compute dtype.
+        k: Keys ``(G, m, d)``.
+        v: Values ``(G, m, e)``.
+        out: Forward output ``(G, n, e)``.
+        dout: Gradient of the loss with respect to the output, ``(G, n, e)``.
+        us: Row potentials ``(ceil(T / 2), G, n)`` from :func:`_chunked_forward`.
+        vs: Column potentials ``(floor(T / 2) + 1, G, m)``.
+        n_iter: Number of Sinkhorn iterations ``T``.
+        chunk_q: Queries per tile.
+        chunk_k: Keys per tile.
+
+    Returns:
+        ``(dS K, dS^T (scale Q), dV)``: multiply the first by ``scale`` to get ``dQ``; the
+        second is ``dK``.
+    """
+    g, n, _ = qs.shape
+    m = k.shape[1]
+    n_u, n_v = (n_iter + 1) // 2, n_iter // 2
+    odd = n_iter % 2 == 1
+    k_t = k.transpose(1, 2)
+    key_blocks = _blocks(m, chunk_k)
+    query_blocks = _blocks(n, chunk_q)
+    ws = _Workspace(4, g * chunk_q * chunk_k, qs)
+    u_fin, v_fin = us[n_u - 1], vs[n_v]
+
+    delta = (dout * out).sum(-1)  # D_i = dO_i . O_i = gradient w.r.t. u_final, (G, n)
+    gu = torch.zeros_like(us)  # gu[i]: gradient w.r.t. u^{2i+1}
+    # gv[i]: gradient w.r.t. v^{2i} times m / n (the factor of the column softmax, so that
+    # it multiplies B^{2i} directly); gv[0] stays unused.
+    gv = torch.zeros_like(vs)
+    col_factor = m / n
+    dq_unscaled = torch.zeros_like(qs)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    if odd:
+        gu[n_u - 1] = delta
+
+    def final_tile(q0: int, q1: int, k0: int, k1: int, s: Tensor) -> None:
+        """Assembles dS on one tile and accumulates dQ, dK (and dV for T = 1)."""
+        dout_c = dout[:, q0:q1]
+        p = _exp_plus(s, u_fin[:, q0:q1], v_fin[:, k0:k1], ws(1, s.shape))
+        ds = torch.bmm(dout_c, v[:, k0:k1].transpose(1, 2), out=ws(2, s.shape))  # dP
+        # The last iteration's matrix is P itself: fold its term into P * (dP - g).
+        ds.sub_(gu[n_u - 1, :, q0:q1, None] if odd else gv[n_v, :, None, k0:k1]).mul_(p)
+        tmp = ws(3, s.shape)
+        for i in range(n_u - 1 if odd else n_u):  # A^{2i+1} = exp(S + u^{2i+1} + v^{2i})
+            a = _exp_plus(s, us[i, :, q0:q1], vs[i, :, k0:k1], tmp)
+            ds.sub_(a.mul_(gu[i, :, q0:q1, None]))
+        for j in range(1, n_v + 1 if odd else n_v):  # B^{2j} = exp(S + u^{2j-1} + v^{2j})
+            b = _exp_plus(s, us[j - 1, :, q0:q1], vs[j, :, k0:k1], tmp)
+            ds.sub_(b.mul_(gv[j, :, None, k0:k1]))
+        if n_iter == 1:
+            dv[:, k0:k1].baddbmm_(p.transpose(1, 2), dout_c)
+        dq_unscaled[:, q0:q1].baddbmm_(ds, k[:, k0:k1])
+        dk[:, k0:k1].baddbmm_(ds.transpose(1, 2), qs[:, q0:q1])
+
+    if n_v == 0:  # T = 1: softmax attention, dS = P * (dP - D)
+        for q0, q1 in query_blocks:
+            for k0, k1, s in _Tiles(qs[:, q0:q1], k_t, key_blocks, ws):
+                final_tile(q0, q1, k0, k1, s)
+        return dq_unscaled, dk, dv
+
+    # Pass 1: dV = P^T dO and the complete gradient of v_final,
+    # E_j - [T odd] sum_i D_i P_ij (step T for odd T, whose matrix A^T is P).
+    for q0, q1 in query_blocks:
+        for k0, k1, s in _Tiles(qs[:, q0:q1], k_t, key_blocks, ws):
+            p = _exp_plus(s, u_fin[:, q0:q1], v_fin[:, k0:k1], ws(1, s.shape))
+            dv[:, k0:k1].baddbmm_(p.transpose(1, 2), dout[:, q0:q1])
+            if odd:
+                gv[n_v, :, k0:k1].sub_(torch.bmm(delta[:, None, q0:q1], p).squeeze(1))
+    gv[n_v].add_((dv * v).sum(-1)).mul_(col_factor)
+
+    # Passes for the even steps s = 2j, j = n_v, ..., 1: with gv[j] complete, the row sums
+    # of B^{2j} give gu[j-1] (complete within a query chunk); then the column sums of
+    # A^{2j-1} weighted by gu[j-1] give gv[j-1]. The pass of j = 1 assembles dS instead.
+    for j in range(n_v, 0, -1):
+        final = j == 1
+        for q0, q1 in query_blocks:
+            tiles = _Tiles(qs[:, q0:q1], k_t, key_blocks, ws)
+            if not odd and j == n_v:  # u^{T-1} is u_final
+                row = delta[:, q0:q1].clone()
+            else:
+                row = qs.new_zeros(g, q1 - q0)
+            for k0, k1, s in tiles:
+                b = _exp_plus(s, us[j - 1, :, q0:q1], vs[j, :, k0:k1], ws(1, s.shape))
+                row.sub_(torch.bmm(b, gv[j, :, k0:k1, None]).squeeze(-1))
+            gu[j - 1, :, q0:q1] = row
+            for k0, k1, s in tiles:
+                if final:
+                    final_tile(q0, q1, k0, k1, s)
+                else:
+                    a = _exp_plus(s, us[j - 1, :, q0:q1], vs[j - 1, :, k0:k1], ws(1, s.shape))
+                    gv[j - 1, :, k0:k1].sub_(torch.bmm(row[:, None, :], a).squeeze(1))
+        if not final:
+            gv[j - 1].mul_(col_factor)
+    return dq_unscaled, dk, dv
+
+
+class _ChunkedSinkhornAttention(torch.autograd.Function):
+    """Autograd function of the chunked backend on flattened ``(G, n, d)`` inputs."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        n_iter: int,
+        scale: float,
+        chunk_q: int,
+        chunk_k: int,
+    ) -> Tensor:
+        compute_dtype = torch.promote_types(q.dtype, torch.float32)
+        with _no_autocast(q.device.type):
+            qs = q.to(compute_dtype) * scale
+            out, us, vs = _chunked_forward(
+                qs, k.to(compute_dtype), v.to(compute_dtype), n_iter, chunk_q, chunk_k
+            )
+            out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, us, vs)
+        ctx.n_iter = n_iter  # type: ignore[attr-defined]
+        ctx.scale = scale  # type: ignore[attr-defined]
+        ctx.chunks = (chunk_q, chunk_k)  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, out, us, vs = ctx.saved_tensors  # type: ignore[attr-defined]
+        scale: float = ctx.scale  # type: ignore[attr-defined]
+        compute_dtype = us.dtype
+        with _no_autocast(q.device.type):
+            dq, dk, dv = _chunked_backward(
+                q.to(compute_dtype) * scale,
+                k.to(compute_dtype),
+                v.to(compute_dtype),
+                out.to(compute_dtype),
+                dout.to(compute_dtype),
+                us,
+                vs,
+                ctx.n_iter,  # type: ignore[attr-defined]
+                *ctx.chunks,  # type: ignore[attr-defined]
+            )
+            dq = dq.mul_(scale).to(q.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _flatten(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, torch.Size]:
+    """Broadcasts the leading dimensions and flattens them to ``(G, ., .)``."""
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    n, d = q.shape[-2:]
+    m, e = v.shape[-2:]
+    qf = q.expand(*batch, n, d).reshape(-1, n, d)
+    kf = k.expand(*batch, m, d).reshape(-1, m, d)
+    vf = v.expand(*batch, m, e).reshape(-1, m, e)
+    return qf.contiguous(), kf.contiguous(), vf.contiguous(), batch
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, n_iter: int) -> None:
+    if q.dim() < 2 or k.dim() < 2 or v.dim() < 2:
+        raise ValueError(
+            "sinkhorn_attention needs q (..., n, d), k (..., m, d), v (..., m, e); got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            "sinkhorn_attention needs q (..., n, d), k (..., m, d), v (..., m, e); got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        raise ValueError("sinkhorn_attention needs at least one query and one key.")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise TypeError(
+            f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}."
+        )
+    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
+        raise ValueError(f"n_iter must be a positive integer; got {n_iter!r}.")
+
+
+def _choose_backend(backend: Backend, q: Tensor) -> str:
+    if backend not in ("auto", "chunked", "triton", "dense"):
+        raise ValueError(f"unknown backend {backend!r}; use auto, chunked, triton or dense.")
+    if backend != "auto":
+        return backend
+    if (
+        q.is_cuda
+        and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and triton_available()
+    ):
+        return "triton"
+    return "chunked"
+
+
+def sinkhorn_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    n_iter: int,
+    scale: float | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    """Sinkhorn attention ``sinkhorn(q @ k^T * scale, n_iter) @ v`` without ``n x m`` storage.
+
+    Equals :func:`dense_sinkhorn_attention` (up to float rounding) in value and gradient.
+    The ``"chunked"`` and ``"triton"`` backends store for backward only the inputs, the
+    output and the potentials of every iteration, ``O((n + m) * n_iter)`` per head, and work
+    on one bounded tile of the logits at a time. ``n_iter=1`` is softmax attention.
+
+    Leading dimensions of ``q``, ``k`` and ``v`` broadcast against each other. Under autocast
+    the inputs are cast to the autocast dtype first (as for
+    ``torch.nn.functional.scaled_dot_product_attention``); the normalization always runs in
+    at least float32. Only first-order gradients are supported (no double backward).
+
+    Args:
+        q: Queries of shape ``(..., n, d)``.
+        k: Keys of shape ``(..., m, d)``.
+        v: Values of shape ``(..., m, e)``.
+        n_iter: Number of Sinkhorn normalizations, starting with the rows (``>= 1``).
+        scale: Logit scale; defaults to ``1 / sqrt(d)``.
+        chunk_size: Tile size of the ``"chunked"`` backend: ``(queries, keys)`` per tile, or
+            one int for both. ``None`` picks tiles that span all keys (up to 8192) with about
+            ``2**22`` elements over all batch and head dimensions. Ignored by other backends.
+        backend: ``"auto"`` (Triton for CUDA tensors of dtype float32/float16/bfloat16 when
+            Triton is installed, else chunked), ``"chunked"``, ``"triton"`` or ``"dense"``.
+
+    Returns:
+        Output of shape ``(..., n, e)`` in the input dtype.
+    """
+    _check_inputs(q, k, v, n_iter)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = float(scale)
+    chosen = _choose_backend(backend, q)
+    if chosen == "dense":
+        return dense_sinkhorn_attention(q, k, v, n_iter, scale)
+
+    device_type = q.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+
+    qf, kf, vf, batch = _flatten(q, k, v)
+    n, m = qf.shape[1], kf.shape[1]
+    apply: Callable[..., Tensor]
+    if chosen == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "backend='triton' needs the triton package (pip install 'triton>=3.0')."
+            )
+        if not qf.is_cuda and not _triton_interpreting():
+            raise RuntimeError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                "interpreter); use backend='chunked' on this device."
+            )
+        from pointsink.triton_sinkhorn import triton_sinkhorn_attention
+
+        out = triton_sinkhorn_attention(qf, kf, vf, n_iter, scale)
+    else:
+        chunk_q, chunk_k = _resolve_chunks(chunk_size, qf.shape[0], n, m)
+        apply = _ChunkedSinkhornAttention.apply
+        out = apply(qf, kf, vf, n_iter, scale, chunk_q, chunk_k)
+    return out.reshape(*batch, n, vf.shape[-1])

@@ -1,0 +1,643 @@
+"""Fused Triton kernels for Sinkhorn attention (the ``"triton"`` backend).
+
+Imported lazily by :func:`pointsink.sinkhorn_attention.sinkhorn_attention`; importing this
+module needs ``triton`` (``pip install 'triton>=3.0'``). The kernels run on CUDA, or on CPU
+tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is
+imported), which the tests use.
+
+Every kernel recomputes tiles ``S = scale * Q K^T`` of ``BLOCK_M`` queries by ``BLOCK_N``
+keys in registers (``tl.dot`` with float32 accumulation) and never writes an ``n x m``
+matrix. Notation as in :mod:`pointsink.sinkhorn_attention` (``T = n_iter``,
+``us[i] = u^{2i+1}``, ``vs[i] = v^{2i}`` with ``vs[0] = 0``, ``c = log(n / m)``).
+
+Forward, ``T`` potential passes (the last one fused with the output when ``T`` is odd):
+
+* :func:`_row_lse_kernel` (one program per query block, loop over key blocks, online
+  logsumexp): ``u^t = -logsumexp_j(S_ij + v^{t-1}_j)``; with ``HAS_OUT`` it also
+  accumulates ``O = softmax_j(S + v^{t-1}) V`` FlashAttention-style.
+* :func:`_col_lse_kernel` (one program per key block, loop over query blocks):
+  ``v^t = c - logsumexp_i(S_ij + u^{t-1}_i)``.
+* :func:`_out_kernel` (``T`` even): ``O = exp(S + u^{T-1} + v^T) V``.
+
+Backward, reverse-mode through the unrolled iterations (``T - 1`` reduction passes, then
+``dQ`` and ``dK``/``dV``):
+
+* :func:`_bwd_col_kernel`: ``COL_j = col_factor * ([HAS_DV] dV_j . V_j
+  - sum_i GROW_i exp(S_ij + ROWP_i + COLP_j))``, with ``dV = P^T dO`` when ``HAS_DV``.
+* :func:`_bwd_row_kernel`: ``ROW_i = [HAS_INIT] INIT_i - sum_j exp(S_ij + ROWP_i + COLP_j)
+  GCOL_j``.
+* :func:`_bwd_dq_kernel` and :func:`_bwd_dkdv_kernel` assemble
+  ``dS = P * dP - sum_t g^t * (iteration-t matrix)`` tile by tile (``T`` exponentials per
+  element) and accumulate ``dQ = scale dS K``, ``dK = scale dS^T Q`` (and ``dV`` for
+  ``T = 1``).
+
+Inputs may be float32, float16 or bfloat16; logits, potentials, reductions and
+accumulators are float32. Float32 ``tl.dot`` uses TF32 exactly when
+``torch.backends.cuda.matmul.allow_tf32`` is set (as torch's own matmul does).
+"""
+
+# Triton convention: pointer and constexpr kernel arguments are upper case.
+# ruff: noqa: N803
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+__all__ = ["triton_sinkhorn_attention"]
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot(a, b)`` with float32 accumulation.
+
+    ``UPCAST`` multiplies in float32 (the interpreter mishandles bfloat16 ``tl.dot``).
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _row_lse_kernel(
+    Q, K, V, VPREV, U_OUT, OUT,
+    n, m, n_blocks, scale,
+    D: tl.constexpr, E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_OUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``U_OUT_i = -logsumexp_j(S_ij + VPREV_j)``; with ``HAS_OUT`` also ``OUT = P V``."""
+    pid = tl.program_id(0)
+    g = (pid // n_blocks).to(tl.int64)
+    offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_m = offs_m < n
+    q = tl.load(
+        Q + g * n * D + offs_m[:, None] * D + offs_d[None, :],
+        mask=mask_m[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
+    for start in range(0, m, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < m
+        k = tl.load(
+            K + g * m * D + offs_n[:, None] * D + offs_d[None, :],
+            mask=mask_n[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
+        vp = tl.load(VPREV + g * m + offs_n, mask=mask_n, other=0.0)
+        s = tl.where(mask_n[None, :], s + vp[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_OUT:
+            val = tl.load(
+                V + g * m * E + offs_n[:, None] * E + offs_e[None, :],
+                mask=mask_n[:, None] & (offs_e[None, :] < E),
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + _mm(p.to(val.dtype), val, PRECISION, UPCAST)
+        m_i = m_new
+    tl.store(U_OUT + g * n + offs_m, -(m_i + tl.log(l_i)), mask=mask_m)
+    if HAS_OUT:
+        tl.store(
+            OUT + g * n * E + offs_m[:, None] * E + offs_e[None, :],
+            (acc / l_i[:, None]).to(OUT.dtype.element_ty),
+            mask=mask_m[:, None] & (offs_e[None, :] < E),
+        )
+
+
+@triton.jit
+def _col_lse_kernel(
+    Q, K, UPREV, V_OUT,
+    n, m, n_blocks, scale, log_col_mass,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``V_OUT_j = log_col_mass - logsumexp_i(S_ij + UPREV_i)``."""
+    pid = tl.program_id(0)
+    g = (pid // n_blocks).to(tl.int64)
+    offs_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < m
+    k = tl.load(
+        K + g * m * D + offs_n[:, None] * D + offs_d[None, :],
+        mask=mask_n[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    m_j = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_j = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, n, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n
+        q = tl.load(
+            Q + g * n * D + offs_m[:, None] * D + offs_d[None, :],
+            mask=mask_m[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
+        up = tl.load(UPREV + g * n + offs_m, mask=mask_m, other=0.0)
+        s = tl.where(mask_m[:, None], s + up[:, None], float("-inf"))
+        m_new = tl.maximum(m_j, tl.max(s, 0))
+        l_j = l_j * tl.exp(m_j - m_new) + tl.sum(tl.exp(s - m_new[None, :]), 0)
+        m_j = m_new
+    tl.store(V_OUT + g * m + offs_n, log_col_mass - (m_j + tl.log(l_j)), mask=mask_n)
+
+
+@triton.jit
+def _out_kernel(
+    Q, K, V, U, VC, OUT,
+    n, m, n_blocks, scale,
+    D: tl.constexpr, E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``OUT = exp(S + U_i + VC_j) V`` with known potentials (even ``T``)."""
+    pid = tl.program_id(0)
+    g = (pid // n_blocks).to(tl.int64)
+    offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_m = offs_m < n
+    q = tl.load(
+        Q + g * n * D + offs_m[:, None] * D + offs_d[None, :],
+        mask=mask_m[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    u = tl.load(U + g * n + offs_m, mask=mask_m, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
+    for start in range(0, m, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < m
+        k = tl.load(
+            K + g * m * D + offs_n[:, None] * D + offs_d[None, :],
+            mask=mask_n[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        val = tl.load(
+            V + g * m * E + offs_n[:, None] * E + offs_e[None, :],
+            mask=mask_n[:, None] & (offs_e[None, :] < E),
+            other=0.0,
+        )
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
+        vc = tl.load(VC + g * m + offs_n, mask=mask_n, other=0.0)
+        s = tl.where(mask_n[None, :], s + u[:, None] + vc[None, :], float("-inf"))
+        acc += _mm(tl.exp(s).to(val.dtype), val, PRECISION, UPCAST)
+    tl.store(
+        OUT + g * n * E + offs_m[:, None] * E + offs_e[None, :],
+        acc.to(OUT.dtype.element_ty),
+        mask=mask_m[:, None] & (offs_e[None, :] < E),
+    )
+
+
+@triton.jit
+def _bwd_col_kernel(
+    Q, K, V, DO, DV, ROWP, COLP, GROW, COL_OUT,
+    n, m, n_blocks, scale, col_factor,
+    D: tl.constexpr, E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_DV: tl.constexpr, HAS_GROW: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Column reduction of ``W = exp(S + ROWP_i + COLP_j)`` for the reverse sweep.
+
+    ``COL_OUT_j = col_factor * ([HAS_DV] dV_j . V_j - [HAS_GROW] sum_i GROW_i W_ij)`` and,
+    with ``HAS_DV`` (then ``W = P``), ``DV = W^T dO``.
+    """
+    pid = tl.program_id(0)
+    g = (pid // n_blocks).to(tl.int64)
+    offs_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_n = offs_n < m
+    k = tl.load(
+        K + g * m * D + offs_n[:, None] * D + offs_d[None, :],
+        mask=mask_n[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    colp = tl.load(COLP + g * m + offs_n, mask=mask_n, other=0.0)
+    col = tl.zeros([BLOCK_N], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    for start in range(0, n, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n
+        q = tl.load(
+            Q + g * n * D + offs_m[:, None] * D + offs_d[None, :],
+            mask=mask_m[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
+        rowp = tl.load(ROWP + g * n + offs_m, mask=mask_m, other=0.0)
+        valid = mask_m[:, None] & mask_n[None, :]
+        w = tl.exp(tl.where(valid, s + rowp[:, None] + colp[None, :], float("-inf")))
+        if HAS_GROW:
+            grow = tl.load(GROW + g * n + offs_m, mask=mask_m, other=0.0)
+            col += tl.sum(w * grow[:, None], 0)
+        if HAS_DV:
+            do = tl.load(
+                DO + g * n * E + offs_m[:, None] * E + offs_e[None, :],
+                mask=mask_m[:, None] & (offs_e[None, :] < E),
+                other=0.0,
+            )
+            dv += _mm(tl.trans(w).to(do.dtype), do, PRECISION, UPCAST)
+    res = -col
+    if HAS_DV:
+        mask_ne = mask_n[:, None] & (offs_e[None, :] < E)
+        val = tl.load(
+            V + g * m * E + offs_n[:, None] * E + offs_e[None, :], mask=mask_ne, other=0.0
+        )
+        res += tl.sum(dv * val.to(tl.float32), 1)
+        tl.store(
+            DV + g * m * E + offs_n[:, None] * E + offs_e[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=mask_ne,
+        )
+    tl.store(COL_OUT + g * m + offs_n, res * col_factor, mask=mask_n)
+
+
+@triton.jit
+def _bwd_row_kernel(
+    Q, K, ROWP, COLP, GCOL, ROW_INIT, ROW_OUT,
+    n, m, n_blocks, scale,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_INIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``ROW_OUT_i = [HAS_INIT] ROW_INIT_i - sum_j exp(S_ij + ROWP_i + COLP_j) GCOL_j``."""
+    pid = tl.program_id(0)
+    g = (pid // n_blocks).to(tl.int64)
+    offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < n
+    q = tl.load(
+        Q + g * n * D + offs_m[:, None] * D + offs_d[None, :],
+        mask=mask_m[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    rowp = tl.load(ROWP + g * n + offs_m, mask=mask_m, other=0.0)
+    row = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, m, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < m
+        k = tl.load(
+            K + g * m * D + offs_n[:, None] * D + offs_d[None, :],
+            mask=mask_n[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
+        colp = tl.load(COLP + g * m + offs_n, mask=mask_n, other=0.0)
+        gcol = tl.load(GCOL + g * m + offs_n, mask=mask_n, other=0.0)
+        valid = mask_m[:, None] & mask_n[None, :]
+        w = tl.exp(tl.where(valid, s + rowp[:, None] + colp[None, :], float("-inf")))
+        row += tl.sum(w * gcol[None, :], 1)
+    res = -row
+    if HAS_INIT:
+        res += tl.load(ROW_INIT + g * n + offs_m, mask=mask_m, other=0.0)
+    tl.store(ROW_OUT + g * n + offs_m, res, mask=mask_m)
+
+
+@triton.jit
+def _ds_tile(
+    s, dp, offs_m, offs_n, valid, g, n, m, stride_u, stride_v,
+    US, VS, GU, GV, n_u, n_v, ODD: tl.constexpr,
+):  # fmt: skip
+    """``(P, dS)`` on one tile from the logits ``s`` and ``dp = dO V^T`` (both float32).
+
+    ``dS = P * (dP - g_T) - sum_{t < T odd} g^t_i A^t_ij - sum_{t < T even} h^t_j B^t_ij``;
+    entries outside ``valid`` are 0.
+    """
+    s = tl.where(valid, s, float("-inf"))
+    row_off = g * n + offs_m
+    col_off = g * m + offs_n
+    u_fin = tl.load(US + (n_u - 1) * stride_u + row_off)
+    v_fin = tl.load(VS + n_v * stride_v + col_off)
+    p = tl.exp(s + u_fin[:, None] + v_fin[None, :])
+    if ODD:
+        g_fin = tl.load(GU + (n_u - 1) * stride_u + row_off)
+        ds = p * (dp - g_fin[:, None])
+        n_a = n_u - 1
+        n_b = n_v
+    else:
+        g_fin = tl.load(GV + n_v * stride_v + col_off)
+        ds = p * (dp - g_fin[None, :])
+        n_a = n_u
+        n_b = n_v - 1
+    for i in range(0, n_a):  # A^{2i+1} = exp(S + u^{2i+1} + v^{2i})
+        ui = tl.load(US + i * stride_u + row_off)
+        vi = tl.load(VS + i * stride_v + col_off)
+        gi = tl.load(GU + i * stride_u + row_off)
+        ds -= gi[:, None] * tl.exp(s + ui[:, None] + vi[None, :])
+    for j in range(1, n_b + 1):  # B^{2j} = exp(S + u^{2j-1} + v^{2j})
+        uj = tl.load(US + (j - 1) * stride_u + row_off)
+        vj = tl.load(VS + j * stride_v + col_off)
+        gj = tl.load(GV + j * stride_v + col_off)
+        ds -= gj[None, :] * tl.exp(s + uj[:, None] + vj[None, :])
+    return p, ds
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, US, VS, GU, GV,
+    n, m, n_blocks, n_u, n_v, stride_u, stride_v, scale,
+    D: tl.constexpr, E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    ODD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``dQ = scale * dS K`` for one query block."""
+    pid = tl.program_id(0)
+    g = (pid // n_blocks).to(tl.int64)
+    offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_m = offs_m < n
+    mask_md = mask_m[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + g * n * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_md, other=0.0)
+    do = tl.load(
+        DO + g * n * E + offs_m[:, None] * E + offs_e[None, :],
+        mask=mask_m[:, None] & (offs_e[None, :] < E),
+        other=0.0,
+    )
+    rows = tl.where(mask_m, offs_m, 0)  # in-range indices for the potential loads
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, m, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < m
+        k = tl.load(
+            K + g * m * D + offs_n[:, None] * D + offs_d[None, :],
+            mask=mask_n[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        val = tl.load(
+            V + g * m * E + offs_n[:, None] * E + offs_e[None, :],
+            mask=mask_n[:, None] & (offs_e[None, :] < E),
+            other=0.0,
+        )
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
+        dp = _mm(do, tl.trans(val), PRECISION, UPCAST)
+        valid = mask_m[:, None] & mask_n[None, :]
+        cols = tl.where(mask_n, offs_n, 0)
+        _, ds = _ds_tile(
+            s, dp, rows, cols, valid, g, n, m, stride_u, stride_v, US, VS, GU, GV, n_u, n_v, ODD
+        )
+        dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
+    tl.store(
+        DQ + g * n * D + offs_m[:, None] * D + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=mask_md,
+    )
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, US, VS, GU, GV,
+    n, m, n_blocks, n_u, n_v, stride_u, stride_v, scale,
+    D: tl.constexpr, E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_DV: tl.constexpr, ODD: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``dK = scale * dS^T Q`` (and ``dV = P^T dO`` with ``HAS_DV``) for one key block."""
+    pid = tl.program_id(0)
+    g = (pid // n_blocks).to(tl.int64)
+    offs_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_n = offs_n < m
+    mask_nd = mask_n[:, None] & (offs_d[None, :] < D)
+    mask_ne = mask_n[:, None] & (offs_e[None, :] < E)
+    k = tl.load(K + g * m * D + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
+    val = tl.load(V + g * m * E + offs_n[:, None] * E + offs_e[None, :], mask=mask_ne, other=0.0)
+    cols = tl.where(mask_n, offs_n, 0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    for start in range(0, n, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n
+        q = tl.load(
+            Q + g * n * D + offs_m[:, None] * D + offs_d[None, :],
+            mask=mask_m[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        do = tl.load(
+            DO + g * n * E + offs_m[:, None] * E + offs_e[None, :],
+            mask=mask_m[:, None] & (offs_e[None, :] < E),
+            other=0.0,
+        )
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
+        dp = _mm(do, tl.trans(val), PRECISION, UPCAST)
+        valid = mask_m[:, None] & mask_n[None, :]
+        rows = tl.where(mask_m, offs_m, 0)
+        p, ds = _ds_tile(
+            s, dp, rows, cols, valid, g, n, m, stride_u, stride_v, US, VS, GU, GV, n_u, n_v, ODD
+        )
+        dk += _mm(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
+        if HAS_DV:
+            dv += _mm(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
+    tl.store(
+        DK + g * m * D + offs_n[:, None] * D + offs_d[None, :],
+        (dk * scale).to(DK.dtype.element_ty),
+        mask=mask_nd,
+    )
+    if HAS_DV:
+        tl.store(
+            DV + g * m * E + offs_n[:, None] * E + offs_e[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=mask_ne,
+        )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _config(
+    q: Tensor, e: int, block_m: int | None, block_n: int | None
+) -> dict[str, int | str | bool]:
+    """Block sizes (powers of two, at least 16) and ``tl.dot`` settings."""
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    block_e = max(16, triton.next_power_of_2(e))
+    default = 64 if max(block_d, block_e) <= 64 else 32
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16; got {value}.")
+    tf32 = (
+        q.dtype == torch.float32
+        and q.is_cuda
+        and torch.version.hip is None
+        and torch.backends.cuda.matmul.allow_tf32
+    )
+    return {
+        "BLOCK_M": block_m or default,
+        "BLOCK_N": block_n or default,
+        "BLOCK_D": block_d,
+        "BLOCK_E": block_e,
+        "PRECISION": "tf32" if tf32 else "ieee",
+        # The interpreter computes bfloat16 tl.dot wrongly: multiply in float32 there.
+        "UPCAST": q.dtype == torch.bfloat16 and _interpreting(),
+    }
+
+
+class _TritonSinkhornAttention(torch.autograd.Function):
+    """Autograd function of the Triton backend on contiguous ``(G, n, d)`` inputs."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        n_iter: int,
+        scale: float,
+        block_m: int | None,
+        block_n: int | None,
+    ) -> Tensor:
+        g, n, d = q.shape
+        m, e = v.shape[1], v.shape[2]
+        cfg = _config(q, e, block_m, block_n)
+        n_u, n_v = (n_iter + 1) // 2, n_iter // 2
+        us = q.new_empty(n_u, g, n, dtype=torch.float32)
+        vs = q.new_zeros(n_v + 1, g, m, dtype=torch.float32)
+        out = q.new_empty(g, n, e)
+        bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
+        nbm, nbn = triton.cdiv(n, bm), triton.cdiv(m, bn)
+        common = {
+            "BLOCK_M": bm,
+            "BLOCK_N": bn,
+            "BLOCK_D": cfg["BLOCK_D"],
+            "PRECISION": cfg["PRECISION"],
+            "UPCAST": cfg["UPCAST"],
+        }
+        log_col_mass = math.log(n / m)
+        for i in range(n_u):
+            last = 2 * i + 1 == n_iter
+            _row_lse_kernel[(g * nbm,)](
+                q, k, v, vs[i], us[i], out, n, m, nbm, scale,
+                D=d, E=e, BLOCK_E=cfg["BLOCK_E"], HAS_OUT=last, **common,
+            )  # fmt: skip
+            if not last:
+                _col_lse_kernel[(g * nbn,)](
+                    q, k, us[i], vs[i + 1], n, m, nbn, scale, log_col_mass, D=d, **common
+                )
+        if n_iter % 2 == 0:
+            _out_kernel[(g * nbm,)](
+                q, k, v, us[n_u - 1], vs[n_v], out, n, m, nbm, scale,
+                D=d, E=e, BLOCK_E=cfg["BLOCK_E"], **common,
+            )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, us, vs)
+        ctx.n_iter = n_iter  # type: ignore[attr-defined]
+        ctx.scale = scale  # type: ignore[attr-defined]
+        ctx.cfg = cfg  # type: ignore[attr-defined]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, out, us, vs = ctx.saved_tensors  # type: ignore[attr-defined]
+        n_iter: int = ctx.n_iter  # type: ignore[attr-defined]
+        scale: float = ctx.scale  # type: ignore[attr-defined]
+        cfg = ctx.cfg  # type: ignore[attr-defined]
+        dout = dout.contiguous()
+        g, n, d = q.shape
+        m, e = v.shape[1], v.shape[2]
+        n_u, n_v = (n_iter + 1) // 2, n_iter // 2
+        odd = n_iter % 2 == 1
+        bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
+        nbm, nbn = triton.cdiv(n, bm), triton.cdiv(m, bn)
+        common = {
+            "BLOCK_M": bm,
+            "BLOCK_N": bn,
+            "BLOCK_D": cfg["BLOCK_D"],
+            "PRECISION": cfg["PRECISION"],
+            "UPCAST": cfg["UPCAST"],
+        }
+        col_factor = m / n
+
+        delta = (dout.float() * out.float()).sum(-1)  # D_i = dO_i . O_i, (G, n)
+        gu = torch.zeros_like(us)
+        gv = torch.zeros_like(vs)  # gradients w.r.t. v^{2j}, times m / n
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        if odd:
+            gu[n_u - 1] = delta
+        if n_v >= 1:
+            # dV = P^T dO and gv[n_v] = (m/n) (dV_j . V_j - [T odd] sum_i D_i P_ij)
+            _bwd_col_kernel[(g * nbn,)](
+                q, k, v, dout, dv, us[n_u - 1], vs[n_v], delta, gv[n_v],
+                n, m, nbn, scale, col_factor,
+                D=d, E=e, BLOCK_E=cfg["BLOCK_E"], HAS_DV=True, HAS_GROW=odd, **common,
+            )  # fmt: skip
+            for j in range(n_v, 0, -1):
+                # gu[j-1] = [u^{2j-1} final] D - B^{2j} gv[j]
+                _bwd_row_kernel[(g * nbm,)](
+                    q, k, us[j - 1], vs[j], gv[j], delta, gu[j - 1],
+                    n, m, nbm, scale,
+                    D=d, HAS_INIT=(not odd and j == n_v), **common,
+                )  # fmt: skip
+                if j > 1:
+                    # gv[j-1] = -(m/n) sum_i gu[j-1]_i A^{2j-1}_ij
+                    _bwd_col_kernel[(g * nbn,)](
+                        q, k, v, dout, dv, us[j - 1], vs[j - 1], gu[j - 1], gv[j - 1],
+                        n, m, nbn, scale, col_factor,
+                        D=d, E=e, BLOCK_E=cfg["BLOCK_E"], HAS_DV=False, HAS_GROW=True,
+                        **common,
+                    )  # fmt: skip
+        _bwd_dq_kernel[(g * nbm,)](
+            q, k, v, dout, dq, us, vs, gu, gv, n, m, nbm, n_u, n_v, g * n, g * m, scale,
+            D=d, E=e, BLOCK_E=cfg["BLOCK_E"], ODD=odd, **common,
+        )  # fmt: skip
+        _bwd_dkdv_kernel[(g * nbn,)](
+            q, k, v, dout, dk, dv, us, vs, gu, gv, n, m, nbn, n_u, n_v, g * n, g * m, scale,
+            D=d, E=e, BLOCK_E=cfg["BLOCK_E"], HAS_DV=n_iter == 1, ODD=odd, **common,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None
+
+
+def triton_sinkhorn_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    n_iter: int,
+    scale: float,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> Tensor:
+    """Sinkhorn attention with the fused Triton kernels.
+
+    Args:
+        q: Queries ``(G, n, d)``, float32/float16/bfloat16, on CUDA (or CPU under
+            ``TRITON_INTERPRET=1``).
+        k: Keys ``(G, m, d)``, same dtype and device.
+        v: Values ``(G, m, e)``, same dtype and device.
+        n_iter: Number of Sinkhorn normalizations (``>= 1``).
+        scale: Logit scale.
+        block_m: Queries per tile (power of two ``>= 16``); default 64 (32 for head
+            dimensions above 64).
+        block_n: Keys per tile, likewise.
+
+    Returns:
+        Output ``(G, n, e)`` in the input dtype.
+    """
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the triton backend supports float32/float16/bfloat16; got {q.dtype}.")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _TritonSinkhornAttention.apply(q, k, v, n_iter, float(scale), block_m, block_n)

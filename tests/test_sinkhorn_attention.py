@@ -1,0 +1,291 @@
+"""Tests of the memory-efficient Sinkhorn attention (pointsink.sinkhorn_attention).
+
+The chunked backend is compared with autograd through the dense reference in float64; the
+Triton kernels run under Triton's CPU interpreter in a subprocess (skipped without triton).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from pointsink.sinkhorn import sinkhorn
+from pointsink.sinkhorn_attention import dense_sinkhorn_attention, sinkhorn_attention
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _qkv(
+    batch: tuple[int, ...],
+    n: int,
+    m: int,
+    d: int = 4,
+    e: int = 3,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    spread: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(*batch, n, d, generator=gen, dtype=torch.float64) * spread
+    k = torch.randn(*batch, m, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(*batch, m, e, generator=gen, dtype=torch.float64)
+    return tuple(t.to(dtype).requires_grad_() for t in (q, k, v))  # type: ignore[return-value]
+
+
+def _value_and_grads(
+    fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: int = 1
+) -> tuple[torch.Tensor, ...]:
+    out = fn(q, k, v)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def _assert_matches_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_iter: int,
+    atol: float,
+    rtol: float = 0.0,
+    **kwargs,
+) -> None:
+    got = _value_and_grads(lambda *a: sinkhorn_attention(*a, n_iter, **kwargs), q, k, v)
+    ref = _value_and_grads(lambda *a: dense_sinkhorn_attention(*a, n_iter), q, k, v)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda s, n=name: f"{n}: {s}")
+
+
+@pytest.mark.parametrize("n_iter", range(1, 10))
+@pytest.mark.parametrize(("n", "m"), [(12, 12), (17, 5), (5, 17)])
+def test_chunked_matches_dense_float64(n_iter: int, n: int, m: int) -> None:
+    q, k, v = _qkv((2, 3), n, m)
+    # Default tiles (all keys in one tile), then tiles that divide neither n nor m.
+    _assert_matches_dense(q, k, v, n_iter, atol=1e-12, backend="chunked")
+    _assert_matches_dense(q, k, v, n_iter, atol=1e-12, backend="chunked", chunk_size=(4, 3))
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 5])
+@pytest.mark.parametrize(("n", "m"), [(1024, 16), (16, 1024)])
+def test_chunked_isab_shapes(n_iter: int, n: int, m: int) -> None:
+    q, k, v = _qkv((2, 2), n, m, d=8, e=4)
+    _assert_matches_dense(q, k, v, n_iter, atol=1e-11, backend="chunked")
+    _assert_matches_dense(q, k, v, n_iter, atol=1e-11, backend="chunked", chunk_size=(100, 7))
+
+
+@pytest.mark.parametrize(
+    ("q_batch", "kv_batch"),
+    [((), ()), ((1,), (1,)), ((3,), (3,)), ((2, 4), (2, 4)), ((2, 4), (2, 1)), ((5, 1, 2), (3, 1))],
+)
+def test_chunked_batch_and_head_shapes(q_batch: tuple[int, ...], kv_batch: tuple[int, ...]) -> None:
+    q = _qkv(q_batch, 9, 6)[0]
+    _, k, v = _qkv(kv_batch, 9, 6, seed=1)
+    _assert_matches_dense(q, k, v, 4, atol=1e-12, backend="chunked", chunk_size=(4, 4))
+    expected = (*torch.broadcast_shapes(q_batch, kv_batch), 9, 3)
+    assert sinkhorn_attention(q, k, v, 3).shape == expected
+
+
+@pytest.mark.parametrize("n_iter", [3, 4])
+def test_chunked_gradcheck(n_iter: int) -> None:
+    q, k, v = _qkv((2,), 5, 4, d=3, e=2)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: sinkhorn_attention(a, b, c, n_iter, backend="chunked", chunk_size=(2, 3)),
+        (q, k, v),
+    )
+
+
+def test_chunked_float32_close_to_dense() -> None:
+    q, k, v = _qkv((2, 2), 64, 48, d=16, e=8, dtype=torch.float32)
+    _assert_matches_dense(q, k, v, 5, atol=2e-5, rtol=1e-4, backend="chunked")
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_one_iteration_is_softmax_attention(scale: float | None) -> None:
+    q, k, v = _qkv((2, 3), 20, 11, d=8, e=5, dtype=torch.float32)
+    for backend in ("chunked", "dense"):
+        out = sinkhorn_attention(q, k, v, 1, scale=scale, backend=backend, chunk_size=(6, 4))
+        expected = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_scale_override_matches_dense() -> None:
+    q, k, v = _qkv((2,), 10, 7)
+    got = sinkhorn_attention(q, k, v, 3, scale=0.37, chunk_size=3)
+    ref = sinkhorn(q @ k.transpose(-2, -1) * 0.37, 3) @ v
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+
+
+def test_large_logits_stay_finite() -> None:
+    # Logits of order 1e3..1e4, far beyond exp's float32 range.
+    q, k, v = _qkv((2,), 16, 12, dtype=torch.float32, spread=2e3)
+    out = sinkhorn_attention(q, k, v, 5, chunk_size=(5, 5))
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    ref = dense_sinkhorn_attention(*(t.detach().double() for t in (q, k, v)), 5)
+    torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=0)
+
+
+def test_no_saved_tensor_of_size_n_by_m() -> None:
+    batch, n, m, n_iter = (2, 2), 64, 48, 9
+    heads = batch[0] * batch[1]
+    q, k, v = _qkv(batch, n, m, d=8, e=8, dtype=torch.float32)
+
+    def largest_saved_per_head(fn) -> int:
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(q, k, v, n_iter)
+        out.sum().backward()
+        return max(sizes) // heads
+
+    # The check can fail: autograd through the dense reference saves n x m matrices.
+    assert largest_saved_per_head(dense_sinkhorn_attention) >= n * m
+    largest = largest_saved_per_head(sinkhorn_attention)
+    assert largest < n * m
+    # Saved: q, k, v, output and (n_iter // 2 + 1) potentials of each side per head.
+    assert largest <= max(n, m) * max(8, n_iter // 2 + 1)
+
+
+def test_autocast_bfloat16_on_cpu() -> None:
+    q, k, v = _qkv((2,), 24, 10, d=8, e=4, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sinkhorn_attention(q, k, v, 4)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32
+    ref = dense_sinkhorn_attention(*(t.detach().to(torch.bfloat16).float() for t in (q, k, v)), 4)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_inputs_without_grad_and_dense_backend() -> None:
+    q, k, v = (t.detach() for t in _qkv((3,), 7, 9))
+    ref = dense_sinkhorn_attention(q, k, v, 6)
+    torch.testing.assert_close(sinkhorn_attention(q, k, v, 6), ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(sinkhorn_attention(q, k, v, 6, backend="dense"), ref)
+
+
+def test_invalid_arguments() -> None:
+    q, k, v = (t.detach() for t in _qkv((2,), 4, 3))
+    with pytest.raises(ValueError, match="n_iter"):
+        sinkhorn_attention(q, k, v, 0)
+    with pytest.raises(ValueError, match="shapes"):
+        sinkhorn_attention(q, k[..., :2], v, 1)
+    with pytest.raises(ValueError, match="shapes"):
+        sinkhorn_attention(q, k, v[:, :2], 1)
+    with pytest.raises(TypeError, match="dtype"):
+        sinkhorn_attention(q, k.float(), v, 1)
+    with pytest.raises(ValueError, match="backend"):
+        sinkhorn_attention(q, k, v, 1, backend="flash")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="positive"):
+        sinkhorn_attention(q, k, v, 1, chunk_size=(0, 2))
+    with pytest.raises(TypeError, match="chunk_size"):
+        sinkhorn_attention(q, k, v, 1, chunk_size=2.5)  # type: ignore[arg-type]
+
+
+def test_triton_backend_needs_cuda_or_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = (t.detach().float() for t in _qkv((2,), 4, 3))
+    with pytest.raises(RuntimeError, match="triton"):
+        sinkhorn_attention(q, k, v, 2, backend="triton")
+
+
+def _run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_package_imports_and_runs_without_triton() -> None:
+    result = _run_python(
+        """
+        import sys
+        sys.modules["triton"] = None  # "import triton" now raises ImportError
+        import torch
+        import pointsink
+        from pointsink.sinkhorn_attention import triton_available
+        assert not triton_available()
+        q = torch.randn(2, 5, 4)
+        out = pointsink.sinkhorn_attention(q, q, q, 3)  # auto backend -> chunked on CPU
+        assert out.shape == (2, 5, 4)
+        assert "pointsink.triton_sinkhorn" not in sys.modules
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+_TRITON_INTERPRETER_SCRIPT = """
+import json
+import torch
+from pointsink.sinkhorn import sinkhorn
+from pointsink.sinkhorn_attention import dense_sinkhorn_attention, sinkhorn_attention
+from pointsink.triton_sinkhorn import triton_sinkhorn_attention
+
+def errors(fn, q, k, v, n_iter):
+    gen = torch.Generator().manual_seed(1)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    grad_out = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = dense_sinkhorn_attention(*ref_leaves, n_iter)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.to(out.dtype).double())
+    got = [out, *grads]
+    want = [ref, *ref_grads]
+    assert all(g.dtype == q.dtype for g in got)
+    return [(g.double() - w).abs().max().item() / (1 + w.abs().max().item())
+            for g, w in zip(got, want)]
+
+gen = torch.Generator().manual_seed(0)
+results = []
+# Float32, block 16: rectangular shapes and head dims that need padding (d=8, e=5).
+for n_iter in (1, 2, 3, 4, 5, 9):
+    for n, m in ((20, 9), (9, 20)):
+        q, k, v = (torch.randn(2, s, c, generator=gen) for s, c in ((n, 8), (m, 8), (m, 5)))
+        err = errors(lambda a, b, c: triton_sinkhorn_attention(a, b, c, n_iter, 8 ** -0.5,
+                                                               block_m=16, block_n=16),
+                     q, k, v, n_iter)
+        results.append(["float32", n_iter, n, m, max(err)])
+# ISAB-like shapes through the public entry point, default blocks, leading dims.
+for n, m in ((200, 16), (16, 200)):
+    q, k, v = (torch.randn(1, 2, s, 16, generator=gen) for s in (n, m, m))
+    err = errors(lambda a, b, c: sinkhorn_attention(a, b, c, 3, backend="triton"), q, k, v, 3)
+    results.append(["float32", 3, n, m, max(err)])
+# Half precisions.
+for dtype in (torch.float16, torch.bfloat16):
+    for n_iter in (1, 4, 5):
+        q, k, v = (torch.randn(2, s, 16, generator=gen).to(dtype) for s in (20, 9, 9))
+        err = errors(lambda a, b, c: sinkhorn_attention(a, b, c, n_iter, backend="triton"),
+                     q, k, v, n_iter)
+        results.append([str(dtype).removeprefix("torch."), n_iter, 20, 9, max(err)])
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernels_under_interpreter() -> None:
+    result = _run_python(_TRITON_INTERPRETER_SCRIPT, env={"TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    tolerance = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(rows) == 12 + 2 + 6
+    for dtype, n_iter, n, m, err in rows:
+        assert err < tolerance[dtype], (dtype, n_iter, n, m, err)
