@@ -824,24 +824,8 @@ class ModelNetDataModule(ShapeFolderDataModule):
         root: Dataset folder (None: ``data/<name>``, relative to the working directory).
         name: ``"ModelNet10"`` or ``"ModelNet40"``.
         class_names: A subset of the official classes (None: all of them).
-        num_points: See :class:`ShapeFolderDataModule` for this and the other arguments.
-        batch_size: See :class:`ShapeFolderDataModule`.
-        eval_batch_size: See :class:`ShapeFolderDataModule`.
-        num_workers: See :class:`ShapeFolderDataModule`.
-        val_fraction: See :class:`ShapeFolderDataModule`.
-        split_seed: See :class:`ShapeFolderDataModule`.
-        sample_seed: See :class:`ShapeFolderDataModule`.
-        augment: See :class:`ShapeFolderDataModule`.
-        scale_low: See :class:`ShapeFolderDataModule`.
-        scale_high: See :class:`ShapeFolderDataModule`.
-        max_rotation_degrees: See :class:`ShapeFolderDataModule`.
-        up_axis: See :class:`ShapeFolderDataModule`.
-        jitter_sigma: See :class:`ShapeFolderDataModule`.
-        jitter_clip: See :class:`ShapeFolderDataModule`.
-        shuffle_points: See :class:`ShapeFolderDataModule`.
-        cache_dir: See :class:`ShapeFolderDataModule`.
-        preprocess_workers: See :class:`ShapeFolderDataModule`.
-        predict_files: See :class:`ShapeFolderDataModule`.
+        **kwargs: The other arguments of :class:`ShapeFolderDataModule` (the CLI lists
+            them too).
     """
 
     def __init__(
@@ -849,24 +833,7 @@ class ModelNetDataModule(ShapeFolderDataModule):
         root: str | None = None,
         name: str = "ModelNet10",
         class_names: list[str] | None = None,
-        num_points: int = 1024,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        sample_seed: int = 0,
-        augment: bool = True,
-        scale_low: float = 0.8,
-        scale_high: float = 1.25,
-        max_rotation_degrees: float = 15.0,
-        up_axis: int = 2,
-        jitter_sigma: float = 0.01,
-        jitter_clip: float = 0.05,
-        shuffle_points: bool = True,
-        cache_dir: str | None = None,
-        preprocess_workers: int | None = None,
-        predict_files: list[str] | str | None = None,
+        **kwargs: Any,
     ) -> None:
         if name not in _MODELNET_CLASSES:
             raise ValueError(f"name must be 'ModelNet10' or 'ModelNet40'; got {name!r}.")
@@ -878,24 +845,7 @@ class ModelNetDataModule(ShapeFolderDataModule):
         super().__init__(
             root=root if root is not None else str(Path("data") / name),
             class_names=list(class_names) if class_names is not None else list(official),
-            num_points=num_points,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            sample_seed=sample_seed,
-            augment=augment,
-            scale_low=scale_low,
-            scale_high=scale_high,
-            max_rotation_degrees=max_rotation_degrees,
-            up_axis=up_axis,
-            jitter_sigma=jitter_sigma,
-            jitter_clip=jitter_clip,
-            shuffle_points=shuffle_points,
-            cache_dir=cache_dir,
-            preprocess_workers=preprocess_workers,
-            predict_files=predict_files,
+            **kwargs,
         )
 
     @property
@@ -973,24 +923,8 @@ class SyntheticShapesDataModule(ShapeFolderDataModule):
         test_per_class: Generated test shapes per class.
         generation_seed: Seed of the shape generation.
         class_names: A subset of :data:`pointsink.synthetic.SYNTHETIC_CLASSES` (None: all).
-        num_points: See :class:`ShapeFolderDataModule` for this and the other arguments.
-        batch_size: See :class:`ShapeFolderDataModule`.
-        eval_batch_size: See :class:`ShapeFolderDataModule`.
-        num_workers: See :class:`ShapeFolderDataModule`.
-        val_fraction: See :class:`ShapeFolderDataModule`.
-        split_seed: See :class:`ShapeFolderDataModule`.
-        sample_seed: See :class:`ShapeFolderDataModule`.
-        augment: See :class:`ShapeFolderDataModule`.
-        scale_low: See :class:`ShapeFolderDataModule`.
-        scale_high: See :class:`ShapeFolderDataModule`.
-        max_rotation_degrees: See :class:`ShapeFolderDataModule`.
-        up_axis: See :class:`ShapeFolderDataModule`.
-        jitter_sigma: See :class:`ShapeFolderDataModule`.
-        jitter_clip: See :class:`ShapeFolderDataModule`.
-        shuffle_points: See :class:`ShapeFolderDataModule`.
-        cache_dir: See :class:`ShapeFolderDataModule`.
-        preprocess_workers: See :class:`ShapeFolderDataModule`.
-        predict_files: See :class:`ShapeFolderDataModule`.
+        **kwargs: The other arguments of :class:`ShapeFolderDataModule` (the CLI lists
+            them too).
     """
 
     def __init__(
@@ -1000,24 +934,7 @@ class SyntheticShapesDataModule(ShapeFolderDataModule):
         test_per_class: int = 20,
         generation_seed: int = 0,
         class_names: list[str] | None = None,
-        num_points: int = 1024,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        sample_seed: int = 0,
-        augment: bool = True,
-        scale_low: float = 0.8,
-        scale_high: float = 1.25,
-        max_rotation_degrees: float = 15.0,
-        up_axis: int = 2,
-        jitter_sigma: float = 0.01,
-        jitter_clip: float = 0.05,
-        shuffle_points: bool = True,
-        cache_dir: str | None = None,
-        preprocess_workers: int | None = None,
-        predict_files: list[str] | str | None = None,
+        **kwargs: Any,
     ) -> None:
         if class_names is not None and not set(class_names) <= set(SYNTHETIC_CLASSES):
             unknown = sorted(set(class_names) - set(SYNTHETIC_CLASSES))
@@ -1033,24 +950,7 @@ class SyntheticShapesDataModule(ShapeFolderDataModule):
         super().__init__(
             root=root if root is not None else str(Path("data") / "synthetic"),
             class_names=list(class_names) if class_names is not None else list(SYNTHETIC_CLASSES),
-            num_points=num_points,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            sample_seed=sample_seed,
-            augment=augment,
-            scale_low=scale_low,
-            scale_high=scale_high,
-            max_rotation_degrees=max_rotation_degrees,
-            up_axis=up_axis,
-            jitter_sigma=jitter_sigma,
-            jitter_clip=jitter_clip,
-            shuffle_points=shuffle_points,
-            cache_dir=cache_dir,
-            preprocess_workers=preprocess_workers,
-            predict_files=predict_files,
+            **kwargs,
         )
 
     def prepare_data(self) -> None:
