@@ -34,12 +34,13 @@ def _variants(n_iters: list[int]) -> list[tuple[str, str, int]]:
 
 
 def _read_curve(run_dir: Path) -> list[tuple[int, float]]:
-    metrics = next(run_dir.rglob("metrics.csv"))
+    # The fit and the later test write separate logger versions; only the fit has val/oa.
     curve = []
-    with metrics.open() as handle:
-        for row in csv.DictReader(handle):
-            if row.get("val/oa"):
-                curve.append((int(row["epoch"]), float(row["val/oa"])))
+    for metrics in sorted(run_dir.rglob("metrics.csv")):
+        with metrics.open() as handle:
+            for row in csv.DictReader(handle):
+                if row.get("val/oa"):
+                    curve.append((int(row["epoch"]), float(row["val/oa"])))
     return curve
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +15,12 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pointsink.attention import MultiheadAttention
 from pointsink.inference import Prediction, format_predictions, make_prediction
 
-__all__ = ["DoublyStochasticMonitor", "PredictionWriter", "doubly_stochastic_deviation"]
+__all__ = [
+    "ConfusionMatrixReport",
+    "DoublyStochasticMonitor",
+    "PredictionWriter",
+    "doubly_stochastic_deviation",
+]
 
 
 def doubly_stochastic_deviation(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +166,104 @@ def plot_doubly_stochastic_history(
     axis.set_title("Distance of attention to doubly stochastic")
     axis.legend(fontsize=7)
     figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+class ConfusionMatrixReport(pl.Callback):
+    """After ``test``, writes the confusion matrix as a PNG and per-class accuracies as JSON.
+
+    Files (in ``output_dir``, default the logger's directory): ``confusion_matrix.png``
+    (rows: true class, columns: predicted, row-normalized colours with counts) and
+    ``test_report.json`` (``overall_accuracy``, ``mean_class_accuracy``, ``per_class``
+    accuracies and the ``confusion_matrix`` counts). Reads the matrix that
+    :class:`~pointsink.module.SinkformerClassifier` accumulates across ranks; rank 0 writes.
+
+    Args:
+        output_dir: Folder for the files; None: ``trainer.log_dir`` (or ``default_root_dir``).
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__()
+        self.output_dir = output_dir
+        self.report: dict[str, Any] | None = None
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Writes the report files."""
+        # log_dir is a collective call under DDP: every rank must read it.
+        directory = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        matrix = getattr(pl_module, "test_confusion_matrix", None)
+        if matrix is None or not trainer.is_global_zero:
+            return
+        class_names = list(getattr(pl_module, "class_names", range(matrix.shape[0])))
+        self.report = confusion_report(matrix, class_names)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "test_report.json").write_text(json.dumps(self.report, indent=2))
+        plot_confusion_matrix(matrix, class_names, directory / "confusion_matrix.png")
+        lines = [
+            f"{name:>14s} {100 * acc:6.2f} %" for name, acc in self.report["per_class"].items()
+        ]
+        rank_zero_info(
+            "Per-class test accuracy:\n" + "\n".join(lines) + f"\nReport and confusion matrix "
+            f"written to {directory}"
+        )
+
+
+def confusion_report(matrix: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
+    """Overall, mean per-class and per-class accuracy from a confusion matrix.
+
+    Args:
+        matrix: Counts ``(C, C)``, rows true classes, columns predictions.
+        class_names: ``C`` names.
+
+    Returns:
+        A JSON-ready dict. Classes without test samples are left out of the mean.
+    """
+    counts = matrix.double()
+    support = counts.sum(dim=1)
+    per_class = counts.diagonal() / support.clamp(min=1)
+    present = support > 0
+    return {
+        "overall_accuracy": float(counts.diagonal().sum() / counts.sum().clamp(min=1)),
+        "mean_class_accuracy": float(per_class[present].mean()) if present.any() else 0.0,
+        "per_class": {name: float(acc) for name, acc in zip(class_names, per_class, strict=True)},
+        "support": {name: int(n) for name, n in zip(class_names, support, strict=True)},
+        "confusion_matrix": counts.long().tolist(),
+    }
+
+
+def plot_confusion_matrix(
+    matrix: torch.Tensor, class_names: Sequence[str], path: str | Path
+) -> Path:
+    """Draws a confusion matrix ``(C, C)`` (rows true, columns predicted) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = matrix.double()
+    normalized = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    size = max(5.0, 0.45 * len(class_names) + 2)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(normalized.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    ticks = range(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=60, ha="right", fontsize=8)
+    axis.set_yticks(ticks, class_names, fontsize=8)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    if len(class_names) <= 20:
+        for row in ticks:
+            for col in ticks:
+                count = int(counts[row, col])
+                if count:
+                    color = "white" if normalized[row, col] > 0.5 else "black"
+                    axis.text(col, row, count, ha="center", va="center", fontsize=7, color=color)
+    figure.colorbar(image, fraction=0.046, pad=0.04, label="fraction of the true class")
+    oa = float(counts.diagonal().sum() / counts.sum().clamp(min=1))
+    axis.set_title(f"Test confusion matrix (overall accuracy {100 * oa:.2f} %)")
+    figure.tight_layout()
+    path = Path(path)
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path

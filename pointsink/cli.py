@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from pointsink.callbacks import PredictionWriter
+from pointsink.callbacks import ConfusionMatrixReport, PredictionWriter
 from pointsink.data import DatasetNotFoundError, ShapeFolderDataModule
 from pointsink.module import SinkformerClassifier
 
@@ -27,6 +27,8 @@ class SinkformerCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # Writes the records of `predict` (a no-op in the other subcommands).
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        # Writes confusion_matrix.png and test_report.json after `test`.
+        parser.add_lightning_class_args(ConfusionMatrixReport, "confusion_report")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/oa",

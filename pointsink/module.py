@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from pointsink.attention import AttentionKind
 from pointsink.model import DEFAULT_N_ITER, SetSinkformer
@@ -115,12 +115,19 @@ class SinkformerClassifier(pl.LightningModule):
         # unpadded DDP eval sampler). self.log(..., sync_dist=True) would truncate its integer
         # sample count there and inflate the loss (Lightning issue #21859).
         self.eval_losses = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        # Synchronized across ranks like the other metrics; read by callbacks (e.g.
+        # ConfusionMatrixReport) after testing through `test_confusion_matrix`.
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion_matrix: Tensor | None = None
 
     def forward(self, points: Tensor) -> Tensor:
         """``(B, N, 3)`` points -> ``(B, C)`` logits."""
         return self.model(points)
 
-    def _shared_step(self, batch: Batch, stage: str, metrics: MetricCollection) -> Tensor:
+    def _shared_step(
+        self, batch: Batch, stage: str, metrics: MetricCollection
+    ) -> tuple[Tensor, Tensor]:
+        """Loss and logits of one batch; updates and logs the stage's metrics."""
         logits = self(batch["points"])
         target = batch["label"]
         loss = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
@@ -140,11 +147,11 @@ class SinkformerClassifier(pl.LightningModule):
             mean_loss.update(loss.detach(), weight=batch_size)
             self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(metrics, batch_size=batch_size, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return loss, logits
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         """One optimization step's loss."""
-        return self._shared_step(batch, "train", self.train_metrics)
+        return self._shared_step(batch, "train", self.train_metrics)[0]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Accumulates validation metrics."""
@@ -152,7 +159,17 @@ class SinkformerClassifier(pl.LightningModule):
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         """Accumulates test metrics."""
-        self._shared_step(batch, "test", self.test_metrics)
+        _, logits = self._shared_step(batch, "test", self.test_metrics)
+        self.test_confusion.update(logits, batch["label"])
+
+    def on_test_epoch_start(self) -> None:
+        """Starts a fresh confusion matrix."""
+        self.test_confusion.reset()
+        self.test_confusion_matrix = None
+
+    def on_test_epoch_end(self) -> None:
+        """Keeps the synchronized confusion matrix ``(C, C)`` (rows: true, columns: predicted)."""
+        self.test_confusion_matrix = self.test_confusion.compute().cpu()
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Class probabilities ``(B, C)`` with the batch's ``index`` for mapping to files."""

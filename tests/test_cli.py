@@ -1,5 +1,6 @@
 """End to end through the CLI entry point, as a user runs it."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,13 @@ def test_fit_checkpoint_load_test(tmp_path: Path) -> None:
     metrics = test_cli.trainer.callback_metrics
     assert {"test/oa", "test/macc", "test/loss"} <= set(metrics)
     assert 0.0 <= float(metrics["test/oa"]) <= 1.0
+    # The test report agrees with the logged metrics and comes with its picture.
+    report_dir = Path(test_cli.trainer.log_dir)
+    report = json.loads((report_dir / "test_report.json").read_text())
+    assert report["overall_accuracy"] == pytest.approx(float(metrics["test/oa"]), abs=1e-6)
+    assert report["mean_class_accuracy"] == pytest.approx(float(metrics["test/macc"]), abs=1e-6)
+    assert sum(map(sum, report["confusion_matrix"])) == len(test_cli.datamodule.test_dataset)
+    assert (report_dir / "confusion_matrix.png").stat().st_size > 1000
 
     validate_cli = main(["validate", *_tiny_args(tmp_path), "--ckpt_path", str(best)])
     assert {"val/oa", "val/macc"} <= set(validate_cli.trainer.callback_metrics)

@@ -93,3 +93,15 @@ def test_doubly_stochastic_deviation() -> None:
     col_dev, row_dev = doubly_stochastic_deviation(peaked)
     # Column sums: 4 then zeros, target 0.5: mean |dev| = (3.5 + 7 * 0.5) / 8 = 0.875.
     assert col_dev == pytest.approx(0.875 / 0.5) and row_dev == pytest.approx(0.0)
+
+
+def test_confusion_report_accuracies() -> None:
+    from pointsink.callbacks import confusion_report
+
+    matrix = torch.tensor([[8, 2, 0], [1, 3, 0], [0, 0, 0]])
+    report = confusion_report(matrix, CLASSES)
+    assert report["overall_accuracy"] == pytest.approx(11 / 14)
+    assert report["per_class"] == pytest.approx({"cone": 0.8, "cube": 0.75, "sphere": 0.0})
+    # The class without test samples does not drag the mean down.
+    assert report["mean_class_accuracy"] == pytest.approx((0.8 + 0.75) / 2)
+    assert report["support"] == {"cone": 10, "cube": 4, "sphere": 0}
