@@ -30,17 +30,22 @@ potential computed at iteration ``t`` and ``h^t = (m / n) g^t`` for even ``t``::
     dS = P * dP - sum_{t odd} g^t_i A^t_ij - sum_{t even} h^t_j B^t_ij
     dQ = scale * dS K,  dK = scale * dS^T Q
 
-The reverse sweep runs ``t = T, ..., 2``; every step is one pass over tiles that only needs
-the potentials and the already complete gradient of the following step, and the last pass
-assembles ``dS`` tile by tile (``T`` exponentials per element) and accumulates ``dQ``, ``dK``.
+The reverse sweep runs ``t = T, ..., 2``; every step is one row or column reduction over
+tiles that needs only the potentials and the complete gradient of the step after it. A
+last pass assembles ``dS`` tile by tile (``T`` exponentials per element) and accumulates
+``dQ`` and ``dK``. Saved for backward: ``q, k, v``, the output and the potentials
+(``ceil(T / 2)`` row and ``floor(T / 2) + 1`` column vectors per head).
 
 Backends:
 
 * ``"chunked"`` (any device): a ``torch.autograd.Function`` that loops over tiles of
-  ``chunk_q`` queries by ``chunk_k`` keys with ordinary torch ops. When a tile spans all keys
-  (the default for ``m <= 8192``) a row normalization and the following column
-  normalization share one pass, so the forward makes ``floor(T / 2) + 1`` passes over the
-  logits and the backward ``floor(T / 2) + 1`` more.
+  ``chunk_q`` queries by ``chunk_k`` keys with ordinary torch ops, in a workspace of two
+  (forward) or four (backward) tile buffers. A query chunk holds complete rows, so an even
+  step and the odd step before it (forward: a row normalization and the next column
+  normalization) share one pass: the forward makes ``floor(T / 2) + 1`` passes over the
+  logits and the backward ``floor(T / 2) + 1`` more. When the keys are split too
+  (``chunk_k < m``; by default only for ``m > 8192``), each pass computes the logit tiles of
+  a query chunk twice.
 * ``"triton"`` (CUDA): fused Triton kernels (:mod:`pointsink.triton_sinkhorn`), imported
   lazily so that ``pointsink`` imports without Triton.
 * ``"dense"``: the reference, plain autograd through :func:`pointsink.sinkhorn.sinkhorn`.
@@ -66,9 +71,12 @@ __all__ = ["Backend", "dense_sinkhorn_attention", "sinkhorn_attention", "triton_
 Backend = Literal["auto", "chunked", "triton", "dense"]
 
 # Automatic tile size of the chunked backend: about this many elements per tile, summed over
-# the flattened batch and head dimensions (16 MiB in float32); tiles span all keys up to
-# _MAX_FULL_ROW keys, so that row normalizations need a single pass.
-_TILE_ELEMENTS = 1 << 22
+# the flattened batch and head dimensions (16 MiB in float32 on CPU: fewer, larger ops stall
+# less on a busy machine with several intra-op threads; 64 MiB elsewhere, to amortize kernel
+# launches). Tiles span all keys up to _MAX_FULL_ROW keys, so that a row normalization and
+# the following column normalization share one pass.
+_TILE_ELEMENTS_CPU = 1 << 22
+_TILE_ELEMENTS = 1 << 24
 _MAX_FULL_ROW = 8192
 _MIN_QUERY_CHUNK = 16
 
@@ -116,12 +124,13 @@ def dense_sinkhorn_attention(
 
 
 def _resolve_chunks(
-    chunk_size: int | tuple[int, int] | None, g: int, n: int, m: int
+    chunk_size: int | tuple[int, int] | None, g: int, n: int, m: int, device: torch.device
 ) -> tuple[int, int]:
     """Query and key chunk sizes of the chunked backend (see :func:`sinkhorn_attention`)."""
     if chunk_size is None:
+        budget = _TILE_ELEMENTS_CPU if device.type == "cpu" else _TILE_ELEMENTS
         chunk_k = m if m <= _MAX_FULL_ROW else _MAX_FULL_ROW // 2
-        chunk_q = max(_MIN_QUERY_CHUNK, _TILE_ELEMENTS // max(1, g * chunk_k))
+        chunk_q = max(_MIN_QUERY_CHUNK, budget // max(1, g * chunk_k))
     elif isinstance(chunk_size, int) and not isinstance(chunk_size, bool):
         chunk_q = chunk_k = chunk_size
     elif (
@@ -257,7 +266,7 @@ def _chunked_forward(
                 blk, w, total = _row_lse(s, v_prev[:, k0:k1], ws(1, s.shape))
                 row_lse = blk if row_lse is None else torch.logaddexp(row_lse, blk)
                 if last and tiles.single:  # P = w / total: O = (w V) / total
-                    torch.bmm(w, v, out=out[:, q0:q1]).div_(total.unsqueeze(-1))
+                    out[:, q0:q1].baddbmm_(w, v).div_(total.unsqueeze(-1))
             assert row_lse is not None
             u = row_lse.neg_()
             us[i, :, q0:q1] = u
@@ -520,7 +529,8 @@ def sinkhorn_attention(
         scale: Logit scale; defaults to ``1 / sqrt(d)``.
         chunk_size: Tile size of the ``"chunked"`` backend: ``(queries, keys)`` per tile, or
             one int for both. ``None`` picks tiles that span all keys (up to 8192) with about
-            ``2**22`` elements over all batch and head dimensions. Ignored by other backends.
+            ``2**22`` elements (CPU; ``2**24`` on other devices) over all batch and head
+            dimensions, and at least 16 queries. Ignored by other backends.
         backend: ``"auto"`` (Triton for CUDA tensors of dtype float32/float16/bfloat16 when
             Triton is installed, else chunked), ``"chunked"``, ``"triton"`` or ``"dense"``.
 
@@ -557,7 +567,7 @@ def sinkhorn_attention(
 
         out = triton_sinkhorn_attention(qf, kf, vf, n_iter, scale)
     else:
-        chunk_q, chunk_k = _resolve_chunks(chunk_size, qf.shape[0], n, m)
+        chunk_q, chunk_k = _resolve_chunks(chunk_size, qf.shape[0], n, m, qf.device)
         apply = _ChunkedSinkhornAttention.apply
         out = apply(qf, kf, vf, n_iter, scale, chunk_q, chunk_k)
     return out.reshape(*batch, n, vf.shape[-1])

@@ -10,7 +10,8 @@ keys in registers (``tl.dot`` with float32 accumulation) and never writes an ``n
 matrix. Notation as in :mod:`pointsink.sinkhorn_attention` (``T = n_iter``,
 ``us[i] = u^{2i+1}``, ``vs[i] = v^{2i}`` with ``vs[0] = 0``, ``c = log(n / m)``).
 
-Forward, ``T`` potential passes (the last one fused with the output when ``T`` is odd):
+Forward, ``T`` potential passes (for odd ``T`` the last one also produces the output; even
+``T`` needs one more output pass):
 
 * :func:`_row_lse_kernel` (one program per query block, loop over key blocks, online
   logsumexp): ``u^t = -logsumexp_j(S_ij + v^{t-1}_j)``; with ``HAS_OUT`` it also
@@ -19,8 +20,8 @@ Forward, ``T`` potential passes (the last one fused with the output when ``T`` i
   ``v^t = c - logsumexp_i(S_ij + u^{t-1}_i)``.
 * :func:`_out_kernel` (``T`` even): ``O = exp(S + u^{T-1} + v^T) V``.
 
-Backward, reverse-mode through the unrolled iterations (``T - 1`` reduction passes, then
-``dQ`` and ``dK``/``dV``):
+Backward, reverse-mode through the unrolled iterations: ``T - 1`` (odd ``T``) or ``T``
+(even ``T``) reduction passes, then one pass for ``dQ`` and one for ``dK``/``dV``:
 
 * :func:`_bwd_col_kernel`: ``COL_j = col_factor * ([HAS_DV] dV_j . V_j
   - sum_i GROW_i exp(S_ij + ROWP_i + COLP_j))``, with ``dV = P^T dO`` when ``HAS_DV``.
@@ -60,9 +61,9 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     ``UPCAST`` multiplies in float32 (the interpreter mishandles bfloat16 ``tl.dot``).
     """
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -469,16 +470,32 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _blocks_for(head_dim: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Default ``(BLOCK_M, BLOCK_N, num_warps)`` of the forward and the backward kernels.
+
+    Chosen so that the kernels compile for sm_90 (and sm_80) without register spills (or
+    almost none): checked with ptxas, not timed (no GPU was available when they were
+    written). Pass ``block_m``/``block_n`` to override.
+    """
+    if head_dim <= 64:
+        return (128, 64, 8), (64, 32, 4)
+    if head_dim <= 128:
+        return (64, 64, 8), (32, 32, 4)
+    return (32, 32, 4), (16, 16, 4)
+
+
 def _config(
     q: Tensor, e: int, block_m: int | None, block_n: int | None
-) -> dict[str, int | str | bool]:
-    """Block sizes (powers of two, at least 16) and ``tl.dot`` settings."""
-    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
-    block_e = max(16, triton.next_power_of_2(e))
-    default = 64 if max(block_d, block_e) <= 64 else 32
+) -> dict[str, tuple[int, int, int] | int | str | bool]:
+    """Block sizes, warps and ``tl.dot`` settings for one call."""
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value is not None and (value < 16 or value & (value - 1)):
             raise ValueError(f"{name} must be a power of two >= 16; got {value}.")
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    block_e = max(16, triton.next_power_of_2(e))
+    fwd, bwd = _blocks_for(max(block_d, block_e))
+    fwd = (block_m or fwd[0], block_n or fwd[1], fwd[2])
+    bwd = (block_m or bwd[0], block_n or bwd[1], bwd[2])
     tf32 = (
         q.dtype == torch.float32
         and q.is_cuda
@@ -486,14 +503,28 @@ def _config(
         and torch.backends.cuda.matmul.allow_tf32
     )
     return {
-        "BLOCK_M": block_m or default,
-        "BLOCK_N": block_n or default,
+        "fwd": fwd,
+        "bwd": bwd,
         "BLOCK_D": block_d,
         "BLOCK_E": block_e,
         "PRECISION": "tf32" if tf32 else "ieee",
         # The interpreter computes bfloat16 tl.dot wrongly: multiply in float32 there.
         "UPCAST": q.dtype == torch.bfloat16 and _interpreting(),
     }
+
+
+def _launch(cfg: dict, phase: str, n: int, m: int) -> tuple[int, int, dict]:
+    """Numbers of query and key blocks and the common launch arguments of a phase."""
+    block_m, block_n, num_warps = cfg[phase]
+    common = {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_D": cfg["BLOCK_D"],
+        "PRECISION": cfg["PRECISION"],
+        "UPCAST": cfg["UPCAST"],
+        "num_warps": num_warps,
+    }
+    return triton.cdiv(n, block_m), triton.cdiv(m, block_n), common
 
 
 class _TritonSinkhornAttention(torch.autograd.Function):
@@ -517,21 +548,14 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         us = q.new_empty(n_u, g, n, dtype=torch.float32)
         vs = q.new_zeros(n_v + 1, g, m, dtype=torch.float32)
         out = q.new_empty(g, n, e)
-        bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
-        nbm, nbn = triton.cdiv(n, bm), triton.cdiv(m, bn)
-        common = {
-            "BLOCK_M": bm,
-            "BLOCK_N": bn,
-            "BLOCK_D": cfg["BLOCK_D"],
-            "PRECISION": cfg["PRECISION"],
-            "UPCAST": cfg["UPCAST"],
-        }
+        nbm, nbn, common = _launch(cfg, "fwd", n, m)
+        block_e = cfg["BLOCK_E"]
         log_col_mass = math.log(n / m)
         for i in range(n_u):
             last = 2 * i + 1 == n_iter
             _row_lse_kernel[(g * nbm,)](
                 q, k, v, vs[i], us[i], out, n, m, nbm, scale,
-                D=d, E=e, BLOCK_E=cfg["BLOCK_E"], HAS_OUT=last, **common,
+                D=d, E=e, BLOCK_E=block_e, HAS_OUT=last, **common,
             )  # fmt: skip
             if not last:
                 _col_lse_kernel[(g * nbn,)](
@@ -540,7 +564,7 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         if n_iter % 2 == 0:
             _out_kernel[(g * nbm,)](
                 q, k, v, us[n_u - 1], vs[n_v], out, n, m, nbm, scale,
-                D=d, E=e, BLOCK_E=cfg["BLOCK_E"], **common,
+                D=d, E=e, BLOCK_E=block_e, **common,
             )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, us, vs)
         ctx.n_iter = n_iter  # type: ignore[attr-defined]
@@ -560,15 +584,8 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         m, e = v.shape[1], v.shape[2]
         n_u, n_v = (n_iter + 1) // 2, n_iter // 2
         odd = n_iter % 2 == 1
-        bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
-        nbm, nbn = triton.cdiv(n, bm), triton.cdiv(m, bn)
-        common = {
-            "BLOCK_M": bm,
-            "BLOCK_N": bn,
-            "BLOCK_D": cfg["BLOCK_D"],
-            "PRECISION": cfg["PRECISION"],
-            "UPCAST": cfg["UPCAST"],
-        }
+        nbm, nbn, common = _launch(cfg, "bwd", n, m)
+        block_e = cfg["BLOCK_E"]
         col_factor = m / n
 
         delta = (dout.float() * out.float()).sum(-1)  # D_i = dO_i . O_i, (G, n)
@@ -584,7 +601,7 @@ class _TritonSinkhornAttention(torch.autograd.Function):
             _bwd_col_kernel[(g * nbn,)](
                 q, k, v, dout, dv, us[n_u - 1], vs[n_v], delta, gv[n_v],
                 n, m, nbn, scale, col_factor,
-                D=d, E=e, BLOCK_E=cfg["BLOCK_E"], HAS_DV=True, HAS_GROW=odd, **common,
+                D=d, E=e, BLOCK_E=block_e, HAS_DV=True, HAS_GROW=odd, **common,
             )  # fmt: skip
             for j in range(n_v, 0, -1):
                 # gu[j-1] = [u^{2j-1} final] D - B^{2j} gv[j]
@@ -598,16 +615,15 @@ class _TritonSinkhornAttention(torch.autograd.Function):
                     _bwd_col_kernel[(g * nbn,)](
                         q, k, v, dout, dv, us[j - 1], vs[j - 1], gu[j - 1], gv[j - 1],
                         n, m, nbn, scale, col_factor,
-                        D=d, E=e, BLOCK_E=cfg["BLOCK_E"], HAS_DV=False, HAS_GROW=True,
-                        **common,
+                        D=d, E=e, BLOCK_E=block_e, HAS_DV=False, HAS_GROW=True, **common,
                     )  # fmt: skip
         _bwd_dq_kernel[(g * nbm,)](
             q, k, v, dout, dq, us, vs, gu, gv, n, m, nbm, n_u, n_v, g * n, g * m, scale,
-            D=d, E=e, BLOCK_E=cfg["BLOCK_E"], ODD=odd, **common,
+            D=d, E=e, BLOCK_E=block_e, ODD=odd, **common,
         )  # fmt: skip
         _bwd_dkdv_kernel[(g * nbn,)](
             q, k, v, dout, dk, dv, us, vs, gu, gv, n, m, nbn, n_u, n_v, g * n, g * m, scale,
-            D=d, E=e, BLOCK_E=cfg["BLOCK_E"], HAS_DV=n_iter == 1, ODD=odd, **common,
+            D=d, E=e, BLOCK_E=block_e, HAS_DV=n_iter == 1, ODD=odd, **common,
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None
 
@@ -630,8 +646,8 @@ def triton_sinkhorn_attention(
         v: Values ``(G, m, e)``, same dtype and device.
         n_iter: Number of Sinkhorn normalizations (``>= 1``).
         scale: Logit scale.
-        block_m: Queries per tile (power of two ``>= 16``); default 64 (32 for head
-            dimensions above 64).
+        block_m: Queries per tile (power of two ``>= 16``) of every kernel; default per
+            head dimension (:func:`_blocks_for`).
         block_n: Keys per tile, likewise.
 
     Returns:
