@@ -10,6 +10,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from pointsink.sinkhorn import sinkhorn
+from pointsink.sinkhorn_attention import sinkhorn_attention
 
 AttentionKind = Literal["sinkhorn", "softmax"]
 ATTENTION_KINDS: tuple[str, ...] = ("sinkhorn", "softmax")
@@ -51,6 +52,7 @@ def scaled_dot_product_attention(
     value: Tensor,
     attention: AttentionKind = "sinkhorn",
     n_iter: int = 1,
+    efficient: bool = True,
 ) -> Tensor:
     r"""Computes :math:`\mathrm{normalize}(QK^\top/\sqrt{d})\,V`.
 
@@ -60,13 +62,18 @@ def scaled_dot_product_attention(
         value: ``(B, H, m, d_v)``.
         attention: ``"softmax"`` or ``"sinkhorn"``.
         n_iter: Sinkhorn iterations (ignored for softmax).
+        efficient: Use the memory-efficient kernels (PyTorch's fused softmax attention;
+            :func:`~pointsink.sinkhorn_attention.sinkhorn_attention`, which never stores an
+            ``n x m`` matrix per iteration and runs fused Triton kernels on CUDA). ``False``
+            materializes the weights: the readable reference.
 
     Returns:
         ``(B, H, n, d_v)``.
     """
-    if attention == "softmax":
-        # PyTorch's fused kernel: same mathematics, less memory.
-        return F.scaled_dot_product_attention(query, key, value)
+    if efficient:
+        if attention == "softmax":
+            return F.scaled_dot_product_attention(query, key, value)
+        return sinkhorn_attention(query, key, value, n_iter)
     logits = query @ key.transpose(-2, -1) * (1.0 / math.sqrt(query.shape[-1]))
     return attention_weights(logits, attention, n_iter) @ value
 

@@ -160,3 +160,33 @@ def test_bad_arguments_raise_clear_errors() -> None:
 def test_attention_weights_softmax() -> None:
     logits = torch.randn(4, 6)
     torch.testing.assert_close(attention_weights(logits, "softmax"), logits.softmax(-1))
+
+
+@pytest.mark.parametrize(
+    ("attention", "n_iter"), [("softmax", 1), ("sinkhorn", 1), ("sinkhorn", 4)]
+)
+def test_efficient_path_matches_dense_reference(attention: str, n_iter: int) -> None:
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64, requires_grad=True) for n in (7, 5, 5))
+    efficient = scaled_dot_product_attention(q, k, v, attention, n_iter, efficient=True)
+    grads_efficient = torch.autograd.grad(efficient.square().sum(), (q, k, v))
+    dense = scaled_dot_product_attention(q, k, v, attention, n_iter, efficient=False)
+    grads_dense = torch.autograd.grad(dense.square().sum(), (q, k, v))
+    torch.testing.assert_close(efficient, dense)
+    for got, expected in zip(grads_efficient, grads_dense, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_model_never_saves_an_attention_matrix_for_backward() -> None:
+    """The SAB model trains through the efficient kernel: no N x N tensor is kept."""
+    model = SetSinkformer(3, channels=16, num_heads=2, encoder="sab", n_iter=5)
+    sizes: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        sizes.append(tensor.numel())
+        return tensor
+
+    points = torch.randn(2, 64, 3)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(points).sum().backward()
+    per_head_matrix = 64 * 64
+    assert sizes and max(sizes) < per_head_matrix * 2  # one (B=2) head's N x N would be 8192

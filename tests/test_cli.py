@@ -75,9 +75,7 @@ def test_help_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert "n_iter: 5" in printed
 
 
-@pytest.mark.parametrize(
-    "config", ["synthetic.yaml", "modelnet10.yaml", "modelnet40.yaml", "modelnet10-paper.yaml"]
-)
+@pytest.mark.parametrize("config", sorted(path.name for path in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_parse(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(REPO / "configs" / config), "--print_config"])
