@@ -33,6 +33,15 @@ def _variants(n_iters: list[int]) -> list[tuple[str, str, int]]:
     return variants
 
 
+def _parse_variant(name: str) -> tuple[str, str, int]:
+    if name == "softmax":
+        return ("softmax", "softmax", 1)
+    kind, _, n_iter = name.partition("-")
+    if kind != "sinkhorn" or not n_iter.isdigit():
+        raise SystemExit(f"unknown variant {name!r}: use softmax or sinkhorn-K")
+    return (name, "sinkhorn", int(n_iter))
+
+
 def _read_curve(run_dir: Path) -> list[tuple[int, float]]:
     # The fit and the later test write separate logger versions; only the fit has val/oa.
     curve = []
@@ -138,12 +147,21 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-iter", type=int, nargs="+", default=[1, 3, 5, 9])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="run only these, e.g. softmax sinkhorn-5 (default: softmax and every --n-iter)",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
     args, extra = parser.parse_known_args(argv)
     extra = [arg for arg in extra if arg != "--"]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, attention, n_iter in _variants(args.n_iter):
+    variants = _variants(args.n_iter)
+    if args.variants:
+        variants = [_parse_variant(name) for name in args.variants]
+    for name, attention, n_iter in variants:
         for seed in args.seeds:
             row = run_one(
                 args.config, args.data_root, args.out, name, attention, n_iter, seed, extra

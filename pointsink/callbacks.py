@@ -162,7 +162,8 @@ def plot_doubly_stochastic_history(
         axis.plot(epochs, values, marker="o", markersize=3, label=name)
     axis.set_xlabel("epoch")
     axis.set_ylabel("mean |column sum - n/m| / (n/m)")
-    axis.set_yscale("log")
+    # symlog: a Sinkhorn layer can sit at exactly 0, which a log scale would drop.
+    axis.set_yscale("symlog", linthresh=1e-3)
     axis.set_title("Distance of attention to doubly stochastic")
     axis.legend(fontsize=7)
     figure.tight_layout()
