@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pointsink.sinkhorn import sinkhorn
+from pointsink.sinkhorn import check_n_iter, sinkhorn
 from pointsink.sinkhorn_attention import sinkhorn_attention, triton_available
 
 AttentionKind = Literal["sinkhorn", "softmax"]
@@ -27,6 +27,7 @@ __all__ = [
     "AttentionKind",
     "MultiheadAttention",
     "attention_weights",
+    "dense_attention_weights",
     "scaled_dot_product_attention",
 ]
 
@@ -35,8 +36,7 @@ def check_attention_kind(attention: str, n_iter: int) -> None:
     """Raises a ValueError naming the accepted values when the arguments are invalid."""
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}; got {attention!r}.")
-    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
-        raise ValueError(f"n_iter must be a positive integer; got {n_iter!r}.")
+    check_n_iter(n_iter)
 
 
 def attention_weights(
@@ -51,6 +51,17 @@ def attention_weights(
     if attention == "softmax":
         return torch.softmax(logits, dim=-1)
     return sinkhorn(logits, n_iter)
+
+
+def dense_attention_weights(
+    query: Tensor, key: Tensor, attention: AttentionKind = "sinkhorn", n_iter: int = 1
+) -> Tensor:
+    """Materialized weights ``normalize(QK^T / sqrt(d))`` of shape ``(B, H, n, m)``.
+
+    ``query`` is ``(B, H, n, d)`` and ``key`` is ``(B, H, m, d)``.
+    """
+    logits = query @ key.transpose(-2, -1) * (1.0 / math.sqrt(query.shape[-1]))
+    return attention_weights(logits, attention, n_iter)
 
 
 def scaled_dot_product_attention(
@@ -89,8 +100,7 @@ def scaled_dot_product_attention(
         if attention == "softmax":
             return F.scaled_dot_product_attention(query, key, value)
         return sinkhorn_attention(query, key, value, n_iter)
-    logits = query @ key.transpose(-2, -1) * (1.0 / math.sqrt(query.shape[-1]))
-    return attention_weights(logits, attention, n_iter) @ value
+    return dense_attention_weights(query, key, attention, n_iter) @ value
 
 
 class MultiheadAttention(nn.Module):
@@ -168,8 +178,7 @@ class MultiheadAttention(nn.Module):
             self._split_heads(self.lin_value(y)),
         )
         if self.record_weights:
-            logits = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))
-            weights = attention_weights(logits, self.attention, self.n_iter)
+            weights = dense_attention_weights(q, k, self.attention, self.n_iter)
             self.last_weights = weights.detach()
             heads = weights @ v
         else:

@@ -64,7 +64,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from pointsink.sinkhorn import sinkhorn
+from pointsink.sinkhorn import check_n_iter, sinkhorn
 
 __all__ = ["Backend", "dense_sinkhorn_attention", "sinkhorn_attention", "triton_available"]
 
@@ -482,8 +482,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, n_iter: int) -> None:
         raise TypeError(
             f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}."
         )
-    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
-        raise ValueError(f"n_iter must be a positive integer; got {n_iter!r}.")
+    check_n_iter(n_iter)
 
 
 def _choose_backend(backend: Backend, q: Tensor) -> str:
