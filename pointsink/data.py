@@ -639,14 +639,19 @@ class ShapeFolderDataModule(pl.LightningDataModule):
     # -- data preparation ---------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Builds the preprocessed caches of both splits (Lightning calls it once per node).
+        """Provides the source files, then builds the caches of both splits.
 
-        Skipped under ``Trainer.predict``, which reads only ``predict_files``.
+        Lightning calls it once per node. Skipped under ``Trainer.predict``, which reads only
+        ``predict_files``: nothing is downloaded, generated or cached then.
         """
         if self._predicting():
             return
+        self._provide_source()
         for split in SPLITS:
             self._cache_path(split)
+
+    def _provide_source(self) -> None:
+        """Makes sure the shape files exist under ``root`` (subclasses download or generate)."""
 
     def _resolved_cache_dir(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else default_cache_dir(self.root)
@@ -858,13 +863,10 @@ class ModelNetDataModule(ShapeFolderDataModule):
     def _has_data(self) -> bool:
         return any((self.root / name / "train").is_dir() for name in self.class_names)
 
-    def prepare_data(self) -> None:
-        """Downloads and extracts the dataset if ``root`` lacks it, then builds the caches."""
-        if self._predicting():
-            return
+    def _provide_source(self) -> None:
+        """Downloads and extracts the dataset if ``root`` lacks it."""
         if not self._has_data():
             self._download()
-        super().prepare_data()
 
     def _download(self) -> None:
         from torch_geometric.data import download_url, extract_zip
@@ -953,17 +955,14 @@ class SyntheticShapesDataModule(ShapeFolderDataModule):
             **kwargs,
         )
 
-    def prepare_data(self) -> None:
-        """Generates the shapes (skipped when already there), then builds the caches."""
-        if self._predicting():
-            return
+    def _provide_source(self) -> None:
+        """Generates the shapes (skipped when already there)."""
         generate_synthetic_shapes(
             self.root,
             train_per_class=self.train_per_class,
             test_per_class=self.test_per_class,
             seed=self.generation_seed,
         )
-        super().prepare_data()
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
