@@ -20,7 +20,18 @@ __all__ = [
     "DoublyStochasticMonitor",
     "PredictionWriter",
     "doubly_stochastic_deviation",
+    "run_directory",
 ]
+
+
+def run_directory(trainer: pl.Trainer) -> Path:
+    """The run's log folder (``trainer.log_dir``, else ``default_root_dir``).
+
+    Under DDP ``trainer.log_dir`` is a collective (a broadcast from rank 0): every rank must
+    call this, before any rank-dependent early return, or rank 0 waits forever (or fails
+    once the others have exited).
+    """
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def doubly_stochastic_deviation(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,10 +129,7 @@ class DoublyStochasticMonitor(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Writes the plot (rank 0 only)."""
-        # Not @rank_zero_only, and before any early return: trainer.log_dir broadcasts under
-        # DDP, so every rank must call it, or rank 0 waits for the others forever (or fails
-        # once they have exited).
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory = run_directory(trainer)  # on every rank: not @rank_zero_only
         if self.plot and self.history and trainer.is_global_zero:
             plot_doubly_stochastic_history(self.history, directory / "doubly_stochastic.png")
 
@@ -192,8 +200,7 @@ class ConfusionMatrixReport(pl.Callback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Writes the report files."""
-        # log_dir is a collective call under DDP: every rank must read it.
-        directory = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        directory = Path(self.output_dir) if self.output_dir else run_directory(trainer)
         matrix = getattr(pl_module, "test_confusion_matrix", None)
         if matrix is None or not trainer.is_global_zero:
             return
@@ -378,8 +385,7 @@ class PredictionWriter(BasePredictionWriter):
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, records)
             records = [record for part in gathered for record in part]
-        # Every rank resolves the path: trainer.log_dir is a collective (broadcast) under DDP.
-        path = self._output_path(trainer)
+        path = self._output_path(trainer)  # on every rank (see run_directory)
         if not trainer.is_global_zero:
             return
         unique = dict(sorted(records, key=lambda pair: pair[0]))  # one per dataset index
@@ -396,7 +402,7 @@ class PredictionWriter(BasePredictionWriter):
         if self.output is not None:
             return Path(self.output)
         extension = {"json": "json", "csv": "csv", "table": "txt"}[self.format]
-        return Path(trainer.log_dir or trainer.default_root_dir) / f"predictions.{extension}"
+        return run_directory(trainer) / f"predictions.{extension}"
 
 
 def _batch_strings(batch: Any, key: str, size: int) -> list[str | None]:
