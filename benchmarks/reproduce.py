@@ -14,22 +14,35 @@ Example (the paper's setup on real ModelNet10)::
 
 Extra arguments after ``--`` go to every ``train.py fit`` call (e.g.
 ``-- --trainer.max_epochs 10 --data.num_points 512``).
+
+``--jobs N`` trains N runs at once, each in its own process with its log in
+``OUT/runs/<variant>-seed<k>/log.txt``; the CPU cores are split evenly between them and, with
+several CUDA devices, each job gets its own. Every finished run leaves a ``result.json``; a
+rerun with the same config and arguments reuses it, so an interrupted grid resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+from pointsink.cli import SinkformerCLI
 from pointsink.cli import main as cli_main
+from pointsink.data import ShapeFolderDataModule
+from pointsink.module import SinkformerClassifier
 
 
 def _variants(n_iters: list[int]) -> list[tuple[str, str, int]]:
+    # One Sinkhorn iteration is softmax attention exactly, so n_iter = 1 is the softmax run.
     variants = [("softmax", "softmax", 1)]
-    variants += [(f"sinkhorn-{k}", "sinkhorn", k) for k in n_iters]
+    variants += [(f"sinkhorn-{k}", "sinkhorn", k) for k in dict.fromkeys(n_iters) if k != 1]
     return variants
 
 
@@ -63,8 +76,8 @@ def run_one(
     seed: int,
     extra: list[str],
 ) -> dict:
-    """Fits one variant with one seed, then tests its best checkpoint."""
-    run_dir = out / "runs" / f"{name}-seed{seed}"
+    """Fits one variant with one seed, tests its best checkpoint, writes ``result.json``."""
+    run_dir = _run_dir(out, name, seed)
     common = ["--config", config, "--seed_everything", str(seed),
               "--trainer.default_root_dir", str(run_dir),
               "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(run_dir),
@@ -79,7 +92,7 @@ def run_one(
     best = fit.trainer.checkpoint_callback.best_model_path
     test = cli_main(["test", *common, *model, *extra, "--ckpt_path", best])
     metrics = test.trainer.callback_metrics
-    return {
+    row = {
         "variant": name,
         "attention": attention,
         "n_iter": n_iter,
@@ -91,6 +104,117 @@ def run_one(
         "best_checkpoint": best,
         "run_dir": str(run_dir),
     }
+    result = {"arguments": _arguments(config, data_root, extra), "row": row}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return row
+
+
+def _run_dir(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / f"{name}-seed{seed}"
+
+
+def _arguments(config: str, data_root: str | None, extra: list[str]) -> dict:
+    return {"config": config, "data_root": data_root, "extra": extra}
+
+
+def load_result(
+    out: Path, name: str, seed: int, config: str, data_root: str | None, extra: list[str]
+) -> dict | None:
+    """The row of a finished run with the same arguments, or ``None``."""
+    path = _run_dir(out, name, seed) / "result.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("arguments") != _arguments(config, data_root, extra):
+        return None
+    return result["row"]
+
+
+def prepare_data(config: str, data_root: str | None, extra: list[str]) -> None:
+    """Builds the config's data module and runs its ``prepare_data`` in this process."""
+    arguments = ["--config", config, *extra]
+    if data_root:
+        arguments += ["--data.root", data_root]
+    cli = SinkformerCLI(
+        SinkformerClassifier, ShapeFolderDataModule, subclass_mode_data=True,
+        run=False, args=arguments,
+    )  # fmt: skip
+    cli.datamodule.prepare_data()
+
+
+def _job_environment(slot: int, jobs: int) -> dict[str, str]:
+    """Splits the CPU cores between jobs and gives each its own CUDA device if there are
+    enough; explicit OMP_NUM_THREADS / CUDA_VISIBLE_DEVICES settings are kept."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    if "CUDA_VISIBLE_DEVICES" not in env:
+        import torch
+
+        if torch.cuda.device_count() > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
+    return env
+
+
+def run_parallel(
+    runs: list[tuple[str, str, int, int]],
+    args: argparse.Namespace,
+    extra: list[str],
+) -> list[dict]:
+    """Runs each (name, attention, n_iter, seed) in a child process, ``args.jobs`` at once.
+
+    Returns the rows of the runs that finished, in the order of ``runs``; failures are
+    reported with the path of their log.
+    """
+    # Download, generate and cache the data once here, not in several jobs at once.
+    prepare_data(args.config, args.data_root, extra)
+    pending = list(runs)
+    active: dict[int, tuple[subprocess.Popen, tuple, float]] = {}
+    failed = []
+    while pending or active:
+        while pending and len(active) < args.jobs:
+            slot = next(i for i in range(args.jobs) if i not in active)
+            name, _, _, seed = run = pending.pop(0)
+            run_dir = _run_dir(args.out, name, seed)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, str(Path(__file__).resolve()), "--config", args.config,
+                       "--out", str(args.out), "--variants", name, "--seeds", str(seed),
+                       "--no-summary"]  # fmt: skip
+            if args.data_root:
+                command += ["--data-root", args.data_root]
+            command += ["--", *extra]
+            with (run_dir / "log.txt").open("w") as log:
+                process = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT,
+                    env=_job_environment(slot, args.jobs),
+                )  # fmt: skip
+            active[slot] = (process, run, time.perf_counter())
+            print(f"started {name} seed {seed} (job {slot})", flush=True)
+        time.sleep(1.0)
+        for slot, (process, run, start) in list(active.items()):
+            if process.poll() is None:
+                continue
+            del active[slot]
+            name, _, _, seed = run
+            minutes = (time.perf_counter() - start) / 60
+            row = load_result(args.out, name, seed, args.config, args.data_root, extra)
+            if process.returncode != 0 or row is None:
+                failed.append(run)
+                log = _run_dir(args.out, name, seed) / "log.txt"
+                print(f"FAILED {name} seed {seed} after {minutes:.1f} min: see {log}")
+            else:
+                print(
+                    f"finished {name} seed {seed} in {minutes:.1f} min: test OA "
+                    f"{100 * row['test_oa']:.2f} %, mAcc {100 * row['test_macc']:.2f} %",
+                    flush=True,
+                )
+    rows = []
+    for name, _, _, seed in runs:
+        row = load_result(args.out, name, seed, args.config, args.data_root, extra)
+        if row is not None:
+            rows.append(row)
+    if failed:
+        print(f"{len(failed)} of {len(runs)} runs failed", file=sys.stderr)
+    return rows
 
 
 def _mean_std(values: list[float]) -> str:
@@ -154,20 +278,54 @@ def main(argv: list[str] | None = None) -> str:
         help="run only these, e.g. softmax sinkhorn-5 (default: softmax and every --n-iter)",
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each in its own process (default 1: one after another here)",
+    )
+    parser.add_argument(
+        "--rerun", action="store_true", help="retrain runs that already have a result.json"
+    )
+    # Internal: a child of --jobs writes its result.json and leaves the summary to the parent.
+    parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args(argv)
     extra = [arg for arg in extra if arg != "--"]
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1; got {args.jobs}")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
     variants = _variants(args.n_iter)
     if args.variants:
         variants = [_parse_variant(name) for name in args.variants]
-    for name, attention, n_iter in variants:
-        for seed in args.seeds:
-            row = run_one(
-                args.config, args.data_root, args.out, name, attention, n_iter, seed, extra
-            )
+    runs = [(*variant, seed) for variant in variants for seed in args.seeds]
+    done = {}
+    if not args.rerun:
+        for name, _, _, seed in runs:
+            row = load_result(args.out, name, seed, args.config, args.data_root, extra)
+            if row is not None:
+                print(f"reusing {name} seed {seed}: {_run_dir(args.out, name, seed)}")
+                done[(name, seed)] = row
+    todo = [run for run in runs if (run[0], run[3]) not in done]
+    if args.jobs > 1 and len(todo) > 1:
+        run_parallel(todo, args, extra)
+        rows = [
+            row
+            for name, _, _, seed in runs
+            if (row := load_result(args.out, name, seed, args.config, args.data_root, extra))
+        ]
+    else:
+        rows = []
+        for name, attention, n_iter, seed in runs:
+            row = done.get((name, seed))
+            if row is None:
+                row = run_one(
+                    args.config, args.data_root, args.out, name, attention, n_iter, seed, extra
+                )
             rows.append(row)
-            summarize(rows, args.out)  # partial results survive an interrupted grid
+            if not args.no_summary:
+                summarize(rows, args.out)  # partial results survive an interrupted grid
+    if args.no_summary or not rows:
+        return ""
     table = summarize(rows, args.out)
     print(table)
     return table
