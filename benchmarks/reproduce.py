@@ -5,7 +5,10 @@ config and budget, evaluates the best-validation checkpoint on the test split, a
 
 * ``OUT/results.csv``: one row per run,
 * ``OUT/summary.md``: mean ± std of test overall / mean per-class accuracy and time per epoch,
-* ``OUT/learning_curves.png``: validation accuracy per epoch, mean over seeds.
+  and, if the config has ``DoublyStochasticMonitor``, each attention layer's distance to
+  doubly stochastic after the first and the last epoch,
+* ``OUT/learning_curves.png``: validation accuracy per epoch, mean over seeds,
+* ``OUT/doubly_stochastic.png``: that distance per layer and epoch, mean over seeds.
 
 Example (the paper's setup on real ModelNet10)::
 
@@ -64,6 +67,71 @@ def _read_curve(run_dir: Path) -> list[tuple[int, float]]:
                 if row.get("val/oa"):
                     curve.append((int(row["epoch"]), float(row["val/oa"])))
     return curve
+
+
+def _read_doubly_stochastic(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per attention layer, the logged relative column-sum deviation per epoch."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for metrics in sorted(run_dir.rglob("metrics.csv")):
+        with metrics.open() as handle:
+            for row in csv.DictReader(handle):
+                for key, value in row.items():
+                    if key.startswith("ds/") and key.endswith("/col_dev") and value:
+                        layer = key.removeprefix("ds/").removesuffix("/col_dev")
+                        curves.setdefault(layer, []).append((int(row["epoch"]), float(value)))
+    return curves
+
+
+def doubly_stochastic_table(rows: list[dict]) -> str:
+    """Markdown: per variant and layer, column deviation after the first and last epoch.
+
+    Means over seeds of ``ds/<layer>/col_dev`` (0 = doubly stochastic), as logged by
+    ``DoublyStochasticMonitor``; empty if the runs did not use it.
+    """
+    lines = []
+    for name in dict.fromkeys(row["variant"] for row in rows):
+        runs = [_read_doubly_stochastic(Path(r["run_dir"])) for r in rows if r["variant"] == name]
+        if not runs or not runs[0]:
+            continue
+        for layer in runs[0]:
+            curves = [run[layer] for run in runs if run.get(layer)]
+            first = statistics.mean(curve[0][1] for curve in curves)
+            last = statistics.mean(curve[-1][1] for curve in curves)
+            lines.append(f"| {name} | {layer} | {len(curves)} | {first:.3f} | {last:.3f} |")
+    if not lines:
+        return ""
+    header = [
+        "| variant | attention layer | seeds | column deviation, first epoch | last epoch |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(header + lines)
+
+
+def _plot_doubly_stochastic(rows: list[dict], path: Path, plt) -> None:
+    by_variant = {
+        name: [_read_doubly_stochastic(Path(r["run_dir"])) for r in rows if r["variant"] == name]
+        for name in dict.fromkeys(row["variant"] for row in rows)
+    }
+    layers = list(next(iter(by_variant.values()))[0])
+    figure, axes = plt.subplots(
+        1, len(layers), figsize=(3.2 * len(layers), 3.2), squeeze=False, sharey=True
+    )
+    for axis, layer in zip(axes[0], layers, strict=True):
+        for name, runs in by_variant.items():
+            curves = [run[layer] for run in runs if run.get(layer)]
+            if not curves:
+                continue
+            length = min(len(curve) for curve in curves)
+            epochs = [epoch for epoch, _ in curves[0][:length]]
+            mean = [statistics.mean(curve[i][1] for curve in curves) for i in range(length)]
+            axis.plot(epochs, mean, label=name)
+        axis.set_title(layer, fontsize=9)
+        axis.set_xlabel("epoch")
+    axes[0][0].set_ylabel("column-sum deviation from n/m (relative)")
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def run_one(
@@ -242,7 +310,15 @@ def summarize(rows: list[dict], out: Path) -> str:
         )
         curves[name] = [_read_curve(Path(r["run_dir"])) for r in group]
     table = "\n".join(lines)
-    (out / "summary.md").write_text(table + "\n")
+    doubly_stochastic = doubly_stochastic_table(rows)
+    summary = table + "\n"
+    if doubly_stochastic:
+        summary += (
+            "\nDistance of the attention to doubly stochastic (relative mean absolute "
+            "deviation of column sums from n/m, first validation batch, mean over seeds):"
+            "\n\n" + doubly_stochastic + "\n"
+        )
+    (out / "summary.md").write_text(summary)
 
     import matplotlib
 
@@ -261,6 +337,8 @@ def summarize(rows: list[dict], out: Path) -> str:
     figure.tight_layout()
     figure.savefig(out / "learning_curves.png", dpi=120)
     plt.close(figure)
+    if doubly_stochastic:
+        _plot_doubly_stochastic(rows, out / "doubly_stochastic.png", plt)
     return table
 
 

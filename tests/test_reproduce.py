@@ -33,6 +33,7 @@ def test_parallel_grid_writes_results_and_resumes(
         "--config", str(REPO / "tests" / "conf" / "tiny.yaml"),
         "--out", str(out), "--seeds", "0", "--n-iter", "1", "3", "--jobs", "2",
         "--", "--data.init_args.root", str(tmp_path / "synthetic"),
+        "--trainer.callbacks+=pointsink.callbacks.DoublyStochasticMonitor",
     ]  # fmt: skip
     table = reproduce.main(argv)
     assert "| softmax | 1 |" in table and "| sinkhorn-3 | 1 |" in table
@@ -48,6 +49,16 @@ def test_parallel_grid_writes_results_and_resumes(
         assert Path(row["best_checkpoint"]).is_file()
         assert (Path(row["run_dir"]) / "log.txt").is_file()
     assert (out / "learning_curves.png").stat().st_size > 1000
+    # The monitor's measurements are summarized per variant and layer: Sinkhorn with 3
+    # iterations ends on columns, so its column sums are exact; softmax's are not.
+    summary = (out / "summary.md").read_text()
+    deviation = {}
+    for line in summary.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[1] == "encoder.0.mab_induce":
+            deviation[cells[0]] = float(cells[4])
+    assert deviation["sinkhorn-3"] < 1e-3 < deviation["softmax"]
+    assert (out / "doubly_stochastic.png").stat().st_size > 1000
 
     # The same grid again trains nothing: every run's result.json is reused.
     result = out / "runs" / "sinkhorn-3-seed0" / "result.json"
