@@ -20,10 +20,14 @@ __all__ = ["SinkformerCLI", "main"]
 
 
 class SinkformerCLI(LightningCLI):
-    """LightningCLI with a best-checkpoint callback and class names linked to the model."""
+    """LightningCLI with best/last checkpointing and data → model links.
+
+    The data module's class names, point count and augmentation settings are linked to the
+    model's hyperparameters, so every checkpoint records them.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Adds the checkpoint callback; links class names and point count to the model."""
+        """Adds the checkpoint, prediction and report callbacks and the data → model links."""
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # Writes the records of `predict` (a no-op in the other subcommands).
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
@@ -40,6 +44,9 @@ class SinkformerCLI(LightningCLI):
         )
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.num_points", "model.num_points", apply_on="instantiate")
+        parser.link_arguments(
+            "data.augmentation_settings", "model.augmentation", apply_on="instantiate"
+        )
 
 
 def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:

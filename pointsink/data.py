@@ -602,6 +602,13 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             shuffle=shuffle_points,
         )
         self.augmentation: PointCloudAugmentation | None = augmentation if augment else None
+        # Recorded in checkpoints (linked to the model by the CLI) so that test-time voting
+        # augments like training did; without augmentation, the identity (views differ only
+        # by their point sampling).
+        identity = PointCloudAugmentation(1.0, 1.0, 0.0, up_axis, 0.0, 0.0, shuffle=False)
+        self.augmentation_settings: dict[str, float | int | bool] = (
+            augmentation if augment else identity
+        ).settings()
         self.class_names: list[str] = self._resolve_class_names(class_names)
 
         self.train_dataset: PointCloudDataset | None = None

@@ -548,7 +548,8 @@ class ShapeClassifier:
         defaults to the one used in training when the checkpoint records it (the model's
         ``num_points`` hyperparameter, or the data module's in
         ``datamodule_hyper_parameters``), else to :data:`DEFAULT_NUM_POINTS` with a
-        warning; the augmentation for voting uses the training's settings when recorded.
+        warning. The augmentation of voting's extra views is the training's, which
+        checkpoints written by ``train.py fit`` record, else the default one.
 
         Args:
             path: The ``.ckpt`` file.
@@ -621,7 +622,7 @@ class ShapeClassifier:
             module,
             class_names,
             num_points=num_points,
-            augmentation=_augmentation_from_hparams(data_hparams),
+            augmentation=_augmentation_from_hparams(hparams, data_hparams),
             device=device,
         )
 
@@ -780,13 +781,23 @@ def _check_state_dict(
         )
 
 
-def _augmentation_from_hparams(data_hparams: dict[str, Any]) -> PointCloudAugmentation:
-    """The training's augmentation when the data module's hyperparameters record it."""
-    kwargs = {
-        argument: data_hparams[key]
-        for key, argument in _AUGMENTATION_HPARAMS.items()
-        if data_hparams.get(key) is not None
-    }
+def _augmentation_from_hparams(
+    hparams: dict[str, Any], data_hparams: dict[str, Any]
+) -> PointCloudAugmentation:
+    """The training's augmentation as the checkpoint records it, else the default.
+
+    pointsink's CLI records it as the model's ``augmentation`` hyperparameter; a data
+    module that saves its own hyperparameters records the same settings by name.
+    """
+    recorded = hparams.get("augmentation")
+    if isinstance(recorded, dict):
+        kwargs = dict(recorded)
+    else:
+        kwargs = {
+            argument: data_hparams[key]
+            for key, argument in _AUGMENTATION_HPARAMS.items()
+            if data_hparams.get(key) is not None
+        }
     try:
         return PointCloudAugmentation(**kwargs)
     except (TypeError, ValueError):

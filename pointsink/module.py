@@ -47,6 +47,10 @@ class SinkformerClassifier(pl.LightningModule):
         warmup_epochs: Linear warm-up length for ``"cosine"``.
         min_lr_ratio: Final learning rate as a fraction of ``lr`` for ``"cosine"``.
         label_smoothing: Cross-entropy label smoothing.
+        augmentation: Settings of the training augmentation
+            (:meth:`~pointsink.transforms.PointCloudAugmentation.settings`, linked from the
+            data module by the CLI). Not used by the model; stored so that test-time
+            voting at inference augments its views the way training did.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class SinkformerClassifier(pl.LightningModule):
         warmup_epochs: int = 1,
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.0,
+        augmentation: dict[str, float | int | bool] | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None:

@@ -222,6 +222,22 @@ class PointCloudAugmentation(torch.nn.Module):
             augmented = augmented[order]
         return augmented
 
+    def settings(self) -> dict[str, float | int | bool]:
+        """The constructor arguments as plain values.
+
+        ``PointCloudAugmentation(**settings)`` rebuilds this augmentation; checkpoints
+        record them for test-time voting.
+        """
+        return {
+            "scale_low": self.scale_low,
+            "scale_high": self.scale_high,
+            "max_rotation_degrees": self.max_rotation_degrees,
+            "up_axis": self.up_axis,
+            "jitter_sigma": self.jitter_sigma,
+            "jitter_clip": self.jitter_clip,
+            "shuffle": self.shuffle,
+        }
+
     def extra_repr(self) -> str:
         """Shows the settings in ``repr(module)``."""
         return (

@@ -27,7 +27,7 @@ from pointsink.data import (
     stratified_split,
 )
 from pointsink.synthetic import SYNTHETIC_CLASSES
-from pointsink.transforms import preprocess_shape
+from pointsink.transforms import PointCloudAugmentation, preprocess_shape
 
 MODELNET10_DIR = Path("/work/shared/data/ModelNet10")
 CLASSES = ["alpha", "beta", "gamma"]
@@ -289,10 +289,17 @@ def test_augmentation_settings_reach_the_training_set(tmp_path, make_shape_folde
     plain.setup("fit")
     assert plain.train_dataset.transform is None
 
+    # What checkpoints record for voting: without augmentation, the identity.
+    points = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    identity = PointCloudAugmentation(**plain.augmentation_settings)
+    torch.testing.assert_close(identity(points), points)
+
     tuned = _datamodule(root, tmp_path, up_axis=1, jitter_sigma=0.0, shuffle_points=False)
     assert tuned.augmentation.up_axis == 1
     assert tuned.augmentation.jitter_sigma == 0.0
     assert tuned.augmentation.shuffle is False
+    assert tuned.augmentation_settings == tuned.augmentation.settings()
+    assert PointCloudAugmentation(**tuned.augmentation_settings).settings()["up_axis"] == 1
 
 
 @pytest.mark.parametrize(

@@ -131,6 +131,8 @@ def test_train_py_fit_then_predict(files, tmp_path) -> None:
         "--data.num_points", "32",
         "--data.batch_size", "4",
         "--data.preprocess_workers", "1",
+        "--data.up_axis", "1",
+        "--data.scale_low", "0.9",
         "--model.channels", "16",
         "--model.num_heads", "2",
         "--model.num_inducing_points", "4",
@@ -145,6 +147,9 @@ def test_train_py_fit_then_predict(files, tmp_path) -> None:
     assert raw["hyper_parameters"]["class_names"] == ["box", "cone", "sphere"]
     classifier = ShapeClassifier.from_checkpoint(best, device="cpu")
     assert classifier.num_points == 32
+    # Voting augments its extra views like this training did (a y-up dataset here).
+    assert classifier.augmentation.settings() == fit.datamodule.augmentation.settings()
+    assert classifier.augmentation.up_axis == 1 and classifier.augmentation.scale_low == 0.9
 
     test_files = sorted(str(p) for p in (tmp_path / "synthetic").glob("*/test/*.off"))
     inputs = [*test_files, str(files["gltf_scene"]), str(tmp_path / "missing.ply")]
