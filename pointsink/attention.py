@@ -26,6 +26,7 @@ __all__ = [
     "ATTENTION_KINDS",
     "AttentionKind",
     "MultiheadAttention",
+    "attention_marginals",
     "attention_weights",
     "dense_attention_weights",
     "scaled_dot_product_attention",
@@ -62,6 +63,34 @@ def dense_attention_weights(
     """
     logits = query @ key.transpose(-2, -1) * (1.0 / math.sqrt(query.shape[-1]))
     return attention_weights(logits, attention, n_iter)
+
+
+def attention_marginals(
+    query: Tensor, key: Tensor, attention: AttentionKind = "sinkhorn", n_iter: int = 1
+) -> tuple[Tensor, Tensor]:
+    """Row and column sums of the weights ``normalize(QK^T / sqrt(d))``.
+
+    Computed one batch element at a time, so the peak memory is one element's
+    ``H x n x m`` weights rather than the whole batch's (SAB over thousands of points).
+
+    Args:
+        query: ``(B, H, n, d)``.
+        key: ``(B, H, m, d)``.
+        attention: ``"softmax"`` or ``"sinkhorn"``.
+        n_iter: Sinkhorn iterations (ignored for softmax).
+
+    Returns:
+        ``(row_sums, column_sums)`` of shapes ``(B, H, n)`` and ``(B, H, m)``; a doubly
+        stochastic matrix has rows summing to 1 and columns to ``n / m``.
+    """
+    rows, columns = [], []
+    for index in range(query.shape[0]):
+        weights = dense_attention_weights(
+            query[index : index + 1], key[index : index + 1], attention, n_iter
+        ).float()
+        rows.append(weights.sum(dim=-1))
+        columns.append(weights.sum(dim=-2))
+    return torch.cat(rows), torch.cat(columns)
 
 
 def scaled_dot_product_attention(
@@ -143,10 +172,10 @@ class MultiheadAttention(nn.Module):
         self.lin_query = nn.Linear(query_channels, channels)
         self.lin_key = nn.Linear(key_channels, channels)
         self.lin_value = nn.Linear(key_channels, channels)
-        # Set by monitoring callbacks; when True, forward keeps a detached copy of the
-        # weights (B, H, n, m) in `last_weights` (costs one extra n x m matrix).
-        self.record_weights = False
-        self.last_weights: Tensor | None = None
+        # Set by monitoring callbacks; when True, forward also keeps the row and column
+        # sums of its weights, (B, H, n) and (B, H, m), in `last_marginals`.
+        self.record_marginals = False
+        self.last_marginals: tuple[Tensor, Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -177,12 +206,10 @@ class MultiheadAttention(nn.Module):
             self._split_heads(self.lin_key(y)),
             self._split_heads(self.lin_value(y)),
         )
-        if self.record_weights:
-            weights = dense_attention_weights(q, k, self.attention, self.n_iter)
-            self.last_weights = weights.detach()
-            heads = weights @ v
-        else:
-            heads = scaled_dot_product_attention(q, k, v, self.attention, self.n_iter)
+        if self.record_marginals:
+            with torch.no_grad():
+                self.last_marginals = attention_marginals(q, k, self.attention, self.n_iter)
+        heads = scaled_dot_product_attention(q, k, v, self.attention, self.n_iter)
         batch, _, n, _ = heads.shape
         return query, heads.transpose(1, 2).reshape(batch, n, self.channels)
 

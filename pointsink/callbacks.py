@@ -45,18 +45,31 @@ def doubly_stochastic_deviation(weights: torch.Tensor) -> tuple[torch.Tensor, to
         column sums from ``n / m``, relative to ``n / m``, and of the row sums from 1. Both are
         0 for a doubly stochastic matrix (with these marginals).
     """
-    n, m = weights.shape[-2:]
-    target = n / m
-    columns = weights.sum(dim=-2)
-    rows = weights.sum(dim=-1)
-    return (columns - target).abs().mean() / target, (rows - 1.0).abs().mean()
+    return marginal_deviation(weights.sum(dim=-1), weights.sum(dim=-2))
+
+
+def marginal_deviation(
+    row_sums: torch.Tensor, column_sums: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`doubly_stochastic_deviation` from the marginals of ``(..., n, m)`` weights.
+
+    Args:
+        row_sums: ``(..., n)``.
+        column_sums: ``(..., m)``.
+
+    Returns:
+        ``(column_deviation, row_deviation)``, scalars.
+    """
+    target = row_sums.shape[-1] / column_sums.shape[-1]
+    return (column_sums - target).abs().mean() / target, (row_sums - 1.0).abs().mean()
 
 
 class DoublyStochasticMonitor(pl.Callback):
     """Logs, per attention layer, the distance of its weights to doubly stochastic.
 
     On the first ``num_batches`` validation batches of every validation epoch the
-    attention layers keep their weights, and the callback logs
+    attention layers keep the row and column sums of their weights (computed one shape at a
+    time, so a shape's ``H x n x m`` weights are the extra memory), and the callback logs
     ``ds/<layer>/col_dev`` (relative mean absolute deviation of column sums from
     ``n / m``) and ``ds/<layer>/row_dev``. At the end of training it draws
     ``doubly_stochastic.png`` (column deviation per layer against epochs) in the logger's
@@ -85,9 +98,9 @@ class DoublyStochasticMonitor(pl.Callback):
 
     def _set_recording(self, pl_module: pl.LightningModule, enabled: bool) -> None:
         for layer in self._layers(pl_module).values():
-            layer.record_weights = enabled
+            layer.record_marginals = enabled
             if not enabled:
-                layer.last_weights = None
+                layer.last_marginals = None
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Starts recording attention weights."""
@@ -107,9 +120,9 @@ class DoublyStochasticMonitor(pl.Callback):
         if batch_idx >= self.num_batches:
             return
         for name, layer in self._layers(pl_module).items():
-            if layer.last_weights is None:
+            if layer.last_marginals is None:
                 continue
-            col_dev, row_dev = doubly_stochastic_deviation(layer.last_weights.float())
+            col_dev, row_dev = marginal_deviation(*layer.last_marginals)
             self._sums.setdefault(name, []).append(torch.stack([col_dev, row_dev]))
         if batch_idx == self.num_batches - 1:
             self._set_recording(pl_module, False)

@@ -2,7 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from pointsink.attention import MultiheadAttention, attention_weights, scaled_dot_product_attention
+from pointsink.attention import (
+    MultiheadAttention,
+    attention_weights,
+    dense_attention_weights,
+    scaled_dot_product_attention,
+)
 from pointsink.blocks import (
     InducedSetAttentionBlock,
     MultiheadAttentionBlock,
@@ -44,11 +49,33 @@ def test_multihead_blocks_identical_for_one_iteration() -> None:
 
 def test_sinkhorn_attention_columns_are_balanced() -> None:
     attn = MultiheadAttention(3, 3, 16, 2, "sinkhorn", 8)
-    attn.record_weights = True
-    attn(torch.randn(2, 6, 3), torch.randn(2, 4, 3))
-    weights = attn.last_weights
-    assert weights is not None and weights.shape == (2, 2, 6, 4)
-    torch.testing.assert_close(weights.sum(-2), torch.full((2, 2, 4), 6 / 4))
+    attn.record_marginals = True
+    x, y = torch.randn(2, 6, 3), torch.randn(2, 4, 3)
+    out = attn(x, y)
+    assert attn.last_marginals is not None
+    rows, columns = attn.last_marginals
+    # 8 iterations end on columns: exact column sums, rows close to 1.
+    torch.testing.assert_close(columns, torch.full((2, 2, 4), 6 / 4))
+    torch.testing.assert_close(rows, torch.ones(2, 2, 6), atol=1e-3, rtol=0)
+    # Recording does not change the output.
+    attn.record_marginals = False
+    torch.testing.assert_close(attn(x, y), out)
+
+
+@pytest.mark.parametrize(("attention", "n_iter"), [("softmax", 1), ("sinkhorn", 2)])
+def test_recorded_marginals_are_the_sums_of_the_weights(attention: str, n_iter: int) -> None:
+    attn = MultiheadAttention(3, 3, 16, 2, attention, n_iter)
+    x, y = torch.randn(3, 7, 3), torch.randn(3, 5, 3)
+    attn.record_marginals = True
+    attn(x, y)
+    q = attn._split_heads(attn.lin_query(x))
+    k = attn._split_heads(attn.lin_key(y))
+    weights = dense_attention_weights(q, k, attention, n_iter)
+    rows, columns = attn.last_marginals
+    torch.testing.assert_close(rows, weights.sum(-1))
+    torch.testing.assert_close(columns, weights.sum(-2))
+    # Neither normalization leaves both marginals exact here.
+    assert (columns - 7 / 5).abs().max() > 1e-3 or (rows - 1).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(("attention", "n_iter"), ATTENTIONS)
@@ -82,9 +109,10 @@ def test_pooling_is_permutation_invariant(attention: str, n_iter: int) -> None:
 def test_single_seed_sinkhorn_pooling_is_mean_pooling() -> None:
     """Documented degenerate case: one seed and >= 2 iterations give uniform weights."""
     attn = MultiheadAttention(8, 8, 8, 2, "sinkhorn", 3)
-    attn.record_weights = True
+    attn.record_marginals = True
     attn(torch.randn(2, 1, 8), torch.randn(2, 9, 8))
-    torch.testing.assert_close(attn.last_weights, torch.full((2, 2, 1, 9), 1 / 9))
+    # With one query row, the column sums are the weights themselves.
+    torch.testing.assert_close(attn.last_marginals[1], torch.full((2, 2, 9), 1 / 9))
 
 
 @pytest.mark.parametrize("encoder", ["isab", "sab"])
