@@ -211,8 +211,10 @@ def prepare_data(config: str, data_root: str | None, extra: list[str]) -> None:
 
 
 def _job_environment(slot: int, jobs: int) -> dict[str, str]:
-    """Splits the CPU cores between jobs and gives each its own CUDA device if there are
-    enough; explicit OMP_NUM_THREADS / CUDA_VISIBLE_DEVICES settings are kept."""
+    """A job's environment: its share of the CPU cores and, with several GPUs, its own.
+
+    Explicit ``OMP_NUM_THREADS`` / ``CUDA_VISIBLE_DEVICES`` settings are kept.
+    """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     if "CUDA_VISIBLE_DEVICES" not in env:
@@ -249,6 +251,8 @@ def run_parallel(
                        "--no-summary"]  # fmt: skip
             if args.data_root:
                 command += ["--data-root", args.data_root]
+            if args.rerun:
+                command.append("--rerun")
             command += ["--", *extra]
             with (run_dir / "log.txt").open("w") as log:
                 process = subprocess.Popen(

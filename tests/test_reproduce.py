@@ -68,6 +68,11 @@ def test_parallel_grid_writes_results_and_resumes(
     assert "reusing sinkhorn-3 seed 0" in capsys.readouterr().out
     assert result.stat().st_mtime_ns == before
 
+    # --rerun retrains every run, in the parallel children too.
+    split = argv.index("--")
+    assert reproduce.main([*argv[:split], "--rerun", *argv[split:]]) is not None
+    assert result.stat().st_mtime_ns != before
+
     # Other training arguments make it a different run: it is trained again.
     recorded = json.loads(result.read_text())["arguments"]["extra"]
     assert reproduce.load_result(out, "sinkhorn-3", 0, argv[1], None, [*recorded, "-x"]) is None
