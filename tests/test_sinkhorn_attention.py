@@ -2,7 +2,8 @@
 
 The chunked backend is compared with autograd through the dense reference in float64. The
 Triton kernels run under Triton's CPU interpreter and are compiled for sm_90 with the ptxas
-that ships with triton, each in a subprocess (skipped without triton; no GPU needed).
+that ships with triton, each in a subprocess (skipped without triton; no GPU needed); with a
+CUDA GPU the same checks, plus larger shapes, also run compiled on it.
 """
 
 from __future__ import annotations
@@ -243,9 +244,11 @@ def test_package_imports_and_runs_without_triton() -> None:
     assert result.stdout.strip().endswith("ok")
 
 
-_TRITON_INTERPRETER_SCRIPT = """
+# Run on DEVICE ("cpu" under the interpreter, or "cuda"); inputs are drawn on the CPU.
+_TRITON_KERNELS_SCRIPT = """
 import json
 import torch
+DEVICE = "__DEVICE__"
 from pointsink.sinkhorn import sinkhorn
 from pointsink.sinkhorn_attention import dense_sinkhorn_attention, sinkhorn_attention
 from pointsink.triton_sinkhorn import triton_sinkhorn_attention
@@ -254,7 +257,7 @@ def errors(fn, q, k, v, n_iter):
     gen = torch.Generator().manual_seed(1)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out = fn(*leaves)
-    grad_out = torch.randn(out.shape, generator=gen)
+    grad_out = torch.randn(out.shape, generator=gen).to(out.device)
     grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = dense_sinkhorn_attention(*ref_leaves, n_iter)
@@ -270,34 +273,60 @@ results = []
 # Float32, block 16: rectangular shapes and head dims that need padding (d=8, e=5).
 for n_iter in (1, 2, 3, 4, 5, 9):
     for n, m in ((20, 9), (9, 20)):
-        q, k, v = (torch.randn(2, s, c, generator=gen) for s, c in ((n, 8), (m, 8), (m, 5)))
+        q, k, v = (torch.randn(2, s, c, generator=gen).to(DEVICE)
+                   for s, c in ((n, 8), (m, 8), (m, 5)))
         err = errors(lambda a, b, c: triton_sinkhorn_attention(a, b, c, n_iter, 8 ** -0.5,
                                                                block_m=16, block_n=16),
                      q, k, v, n_iter)
         results.append(["float32", n_iter, n, m, max(err)])
 # ISAB-like shapes through the public entry point, default blocks, leading dims.
 for n, m in ((200, 16), (16, 200)):
-    q, k, v = (torch.randn(1, 2, s, 16, generator=gen) for s in (n, m, m))
+    q, k, v = (torch.randn(1, 2, s, 16, generator=gen).to(DEVICE) for s in (n, m, m))
     err = errors(lambda a, b, c: sinkhorn_attention(a, b, c, 3, backend="triton"), q, k, v, 3)
     results.append(["float32", 3, n, m, max(err)])
 # Half precisions.
 for dtype in (torch.float16, torch.bfloat16):
     for n_iter in (1, 4, 5):
-        q, k, v = (torch.randn(2, s, 16, generator=gen).to(dtype) for s in (20, 9, 9))
+        q, k, v = (torch.randn(2, s, 16, generator=gen).to(DEVICE, dtype) for s in (20, 9, 9))
         err = errors(lambda a, b, c: sinkhorn_attention(a, b, c, n_iter, backend="triton"),
                      q, k, v, n_iter)
         results.append([str(dtype).removeprefix("torch."), n_iter, 20, 9, max(err)])
+if DEVICE == "cuda":
+    # Sizes the interpreter is too slow for: default blocks, head dim 64, several blocks
+    # of queries and keys, the model's automatic choice included.
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, m in ((1024, 1024), (1000, 16), (16, 1000), (2048, 777)):
+            q, k, v = (torch.randn(2, 4, s, 64, generator=gen).to(DEVICE, dtype)
+                       for s in (n, m, m))
+            err = errors(lambda a, b, c: sinkhorn_attention(a, b, c, 5), q, k, v, 5)
+            results.append([str(dtype).removeprefix("torch."), 5, n, m, max(err)])
 print(json.dumps(results))
 """
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_under_interpreter() -> None:
-    result = _run_python(_TRITON_INTERPRETER_SCRIPT, env={"TRITON_INTERPRET": "1"})
+    _check_triton_kernels("cpu", {"TRITON_INTERPRET": "1"}, expected_rows=12 + 2 + 6)
+
+
+@pytest.mark.skipif(
+    not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA GPU"
+)
+def test_triton_kernels_on_cuda() -> None:
+    _check_triton_kernels("cuda", {"TRITON_INTERPRET": "0"}, expected_rows=12 + 2 + 6 + 8)
+
+
+def _check_triton_kernels(device: str, env: dict[str, str], expected_rows: int) -> None:
+    script = _TRITON_KERNELS_SCRIPT.replace("__DEVICE__", device)
+    result = _run_python(script, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Largest error relative to (1 + max |reference|), against float64 dense autograd.
     tolerance = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
+    if device == "cuda":
+        # IEEE float32 tl.dot (TF32 is off by default), but sums over up to 2048 keys.
+        tolerance["float32"] = 1e-4
     rows = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(rows) == 12 + 2 + 6
+    assert len(rows) == expected_rows
     for dtype, n_iter, n, m, err in rows:
         assert err < tolerance[dtype], (dtype, n_iter, n, m, err)
 
