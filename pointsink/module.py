@@ -76,7 +76,7 @@ class SinkformerClassifier(pl.LightningModule):
         warmup_epochs: int = 1,
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.0,
-        augmentation: dict[str, float | int | bool] | None = None,
+        augmentation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if class_names is not None:

@@ -145,6 +145,9 @@ def test_train_py_fit_then_predict(files, tmp_path) -> None:
     best = Path(fit.trainer.checkpoint_callback.best_model_path)
     raw = torch.load(best, weights_only=True)  # a safe load works on the CLI's checkpoint
     assert raw["hyper_parameters"]["class_names"] == ["box", "cone", "sphere"]
+    recorded = raw["hyper_parameters"]["augmentation"]
+    assert recorded == fit.datamodule.augmentation.settings()
+    assert type(recorded["up_axis"]) is int and type(recorded["shuffle"]) is bool
     classifier = ShapeClassifier.from_checkpoint(best, device="cpu")
     assert classifier.num_points == 32
     # Voting augments its extra views like this training did (a y-up dataset here).
