@@ -58,45 +58,49 @@ def _parse_variant(name: str) -> tuple[str, str, int]:
     return (name, "sinkhorn", int(n_iter))
 
 
-def _read_curve(run_dir: Path) -> list[tuple[int, float]]:
-    # The fit and the later test write separate logger versions; only the fit has val/oa.
-    curve = []
-    for metrics in sorted(run_dir.rglob("metrics.csv")):
-        with metrics.open() as handle:
-            for row in csv.DictReader(handle):
-                if row.get("val/oa"):
-                    curve.append((int(row["epoch"]), float(row["val/oa"])))
-    return curve
+def _read_logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch curves of ``val/oa`` and of each ``ds/<layer>/col_dev`` of one run.
 
-
-def _read_doubly_stochastic(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per attention layer, the logged relative column-sum deviation per epoch."""
+    The fit and the later test write separate logger versions; only the fit logs these.
+    """
     curves: dict[str, list[tuple[int, float]]] = {}
     for metrics in sorted(run_dir.rglob("metrics.csv")):
         with metrics.open() as handle:
             for row in csv.DictReader(handle):
                 for key, value in row.items():
-                    if key.startswith("ds/") and key.endswith("/col_dev") and value:
-                        layer = key.removeprefix("ds/").removesuffix("/col_dev")
-                        curves.setdefault(layer, []).append((int(row["epoch"]), float(value)))
+                    wanted = key == "val/oa" or (key.startswith("ds/") and key.endswith("/col_dev"))
+                    if wanted and value:
+                        curves.setdefault(key, []).append((int(row["epoch"]), float(value)))
     return curves
 
 
-def doubly_stochastic_table(rows: list[dict]) -> str:
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    """Epochs and the mean over runs, up to the shortest run."""
+    length = min(len(curve) for curve in curves)
+    epochs = [epoch for epoch, _ in curves[0][:length]]
+    return epochs, [statistics.mean(curve[i][1] for curve in curves) for i in range(length)]
+
+
+def _doubly_stochastic_layers(logged: list[dict[str, list[tuple[int, float]]]]) -> list[str]:
+    return [key for key in logged[0] if key.startswith("ds/")] if logged else []
+
+
+def doubly_stochastic_table(by_variant: dict[str, list[dict]]) -> str:
     """Markdown: per variant and layer, column deviation after the first and last epoch.
 
     Means over seeds of ``ds/<layer>/col_dev`` (0 = doubly stochastic), as logged by
     ``DoublyStochasticMonitor``; empty if the runs did not use it.
+
+    Args:
+        by_variant: ``{variant: [logged curves of each seed's run]}``.
     """
     lines = []
-    for name in dict.fromkeys(row["variant"] for row in rows):
-        runs = [_read_doubly_stochastic(Path(r["run_dir"])) for r in rows if r["variant"] == name]
-        if not runs or not runs[0]:
-            continue
-        for layer in runs[0]:
-            curves = [run[layer] for run in runs if run.get(layer)]
+    for name, logged in by_variant.items():
+        for key in _doubly_stochastic_layers(logged):
+            curves = [run[key] for run in logged if run.get(key)]
             first = statistics.mean(curve[0][1] for curve in curves)
             last = statistics.mean(curve[-1][1] for curve in curves)
+            layer = key.removeprefix("ds/").removesuffix("/col_dev")
             lines.append(f"| {name} | {layer} | {len(curves)} | {first:.3f} | {last:.3f} |")
     if not lines:
         return ""
@@ -107,25 +111,17 @@ def doubly_stochastic_table(rows: list[dict]) -> str:
     return "\n".join(header + lines)
 
 
-def _plot_doubly_stochastic(rows: list[dict], path: Path, plt) -> None:
-    by_variant = {
-        name: [_read_doubly_stochastic(Path(r["run_dir"])) for r in rows if r["variant"] == name]
-        for name in dict.fromkeys(row["variant"] for row in rows)
-    }
-    layers = list(next(iter(by_variant.values()))[0])
+def _plot_doubly_stochastic(by_variant: dict[str, list[dict]], path: Path, plt) -> None:
+    keys = _doubly_stochastic_layers(next(iter(by_variant.values())))
     figure, axes = plt.subplots(
-        1, len(layers), figsize=(3.2 * len(layers), 3.2), squeeze=False, sharey=True
+        1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False, sharey=True
     )
-    for axis, layer in zip(axes[0], layers, strict=True):
-        for name, runs in by_variant.items():
-            curves = [run[layer] for run in runs if run.get(layer)]
-            if not curves:
-                continue
-            length = min(len(curve) for curve in curves)
-            epochs = [epoch for epoch, _ in curves[0][:length]]
-            mean = [statistics.mean(curve[i][1] for curve in curves) for i in range(length)]
-            axis.plot(epochs, mean, label=name)
-        axis.set_title(layer, fontsize=9)
+    for axis, key in zip(axes[0], keys, strict=True):
+        for name, logged in by_variant.items():
+            curves = [run[key] for run in logged if run.get(key)]
+            if curves:
+                axis.plot(*_mean_curve(curves), label=name)
+        axis.set_title(key.removeprefix("ds/").removesuffix("/col_dev"), fontsize=9)
         axis.set_xlabel("epoch")
     axes[0][0].set_ylabel("column-sum deviation from n/m (relative)")
     axes[0][0].legend(fontsize=8)
@@ -229,16 +225,17 @@ def run_parallel(
     runs: list[tuple[str, str, int, int]],
     args: argparse.Namespace,
     extra: list[str],
-) -> list[dict]:
+) -> dict[tuple[str, int], dict]:
     """Runs each (name, attention, n_iter, seed) in a child process, ``args.jobs`` at once.
 
-    Returns the rows of the runs that finished, in the order of ``runs``; failures are
-    reported with the path of their log.
+    Returns ``{(name, seed): row}`` of the runs that finished; failures are reported with
+    the path of their log.
     """
     # Download, generate and cache the data once here, not in several jobs at once.
     prepare_data(args.config, args.data_root, extra)
     pending = list(runs)
     active: dict[int, tuple[subprocess.Popen, tuple, float]] = {}
+    finished: dict[tuple[str, int], dict] = {}
     failed = []
     while pending or active:
         while pending and len(active) < args.jobs:
@@ -274,19 +271,15 @@ def run_parallel(
                 log = _run_dir(args.out, name, seed) / "log.txt"
                 print(f"FAILED {name} seed {seed} after {minutes:.1f} min: see {log}")
             else:
+                finished[(name, seed)] = row
                 print(
                     f"finished {name} seed {seed} in {minutes:.1f} min: test OA "
                     f"{100 * row['test_oa']:.2f} %, mAcc {100 * row['test_macc']:.2f} %",
                     flush=True,
                 )
-    rows = []
-    for name, _, _, seed in runs:
-        row = load_result(args.out, name, seed, args.config, args.data_root, extra)
-        if row is not None:
-            rows.append(row)
     if failed:
         print(f"{len(failed)} of {len(runs)} runs failed", file=sys.stderr)
-    return rows
+    return finished
 
 
 def _mean_std(values: list[float]) -> str:
@@ -304,7 +297,7 @@ def summarize(rows: list[dict], out: Path) -> str:
         "| variant | seeds | test OA (%) | test mAcc (%) | s / epoch |",
         "|---|---|---|---|---|",
     ]
-    curves: dict[str, list[list[tuple[int, float]]]] = {}
+    by_variant: dict[str, list[dict]] = {}  # each run's metrics.csv read once
     for name in dict.fromkeys(row["variant"] for row in rows):
         group = [row for row in rows if row["variant"] == name]
         lines.append(
@@ -312,9 +305,9 @@ def summarize(rows: list[dict], out: Path) -> str:
             f"{_mean_std([r['test_macc'] for r in group])} | "
             f"{statistics.mean(r['seconds_per_epoch'] for r in group):.1f} |"
         )
-        curves[name] = [_read_curve(Path(r["run_dir"])) for r in group]
+        by_variant[name] = [_read_logged(Path(r["run_dir"])) for r in group]
     table = "\n".join(lines)
-    doubly_stochastic = doubly_stochastic_table(rows)
+    doubly_stochastic = doubly_stochastic_table(by_variant)
     summary = table + "\n"
     if doubly_stochastic:
         summary += (
@@ -330,11 +323,8 @@ def summarize(rows: list[dict], out: Path) -> str:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    for name, runs in curves.items():
-        length = min(len(run) for run in runs)
-        epochs = [epoch for epoch, _ in runs[0][:length]]
-        mean = [statistics.mean(run[i][1] for run in runs) for i in range(length)]
-        axis.plot(epochs, mean, label=name)
+    for name, logged in by_variant.items():
+        axis.plot(*_mean_curve([run.get("val/oa", []) for run in logged]), label=name)
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation overall accuracy (mean over seeds)")
     axis.legend()
@@ -342,7 +332,7 @@ def summarize(rows: list[dict], out: Path) -> str:
     figure.savefig(out / "learning_curves.png", dpi=120)
     plt.close(figure)
     if doubly_stochastic:
-        _plot_doubly_stochastic(rows, out / "doubly_stochastic.png", plt)
+        _plot_doubly_stochastic(by_variant, out / "doubly_stochastic.png", plt)
     return table
 
 
@@ -389,12 +379,8 @@ def main(argv: list[str] | None = None) -> str:
                 done[(name, seed)] = row
     todo = [run for run in runs if (run[0], run[3]) not in done]
     if args.jobs > 1 and len(todo) > 1:
-        run_parallel(todo, args, extra)
-        rows = [
-            row
-            for name, _, _, seed in runs
-            if (row := load_result(args.out, name, seed, args.config, args.data_root, extra))
-        ]
+        done.update(run_parallel(todo, args, extra))
+        rows = [done[(name, seed)] for name, _, _, seed in runs if (name, seed) in done]
     else:
         rows = []
         for name, attention, n_iter, seed in runs:
