@@ -12,6 +12,7 @@ from pointsink.blocks import (
     PoolingByMultiheadAttention,
     SetAttentionBlock,
 )
+from pointsink.embedding import EdgeConvEmbedding
 
 __all__ = ["DEFAULT_N_ITER", "SetSinkformer"]
 
@@ -25,9 +26,10 @@ DEFAULT_N_ITER = 5
 class SetSinkformer(nn.Module):
     r"""Set Transformer classifier with Sinkhorn (or softmax) attention.
 
-    ``encoder blocks (ISAB or SAB) -> dropout -> PMA -> dropout -> linear``, the
-    architecture of the Sinkformers paper's ModelNet experiment (Sander et al., 2022):
-    two ISAB blocks of width 256 with 4 heads and 16 inducing points, one PMA seed.
+    ``[EdgeConv embedding] -> encoder blocks (ISAB or SAB) -> dropout -> PMA -> dropout
+    -> linear``. Without the embedding (``local_neighbors=0``) this is the architecture of
+    the Sinkformers paper's ModelNet experiment (Sander et al., 2022): two ISAB blocks of
+    width 256 with 4 heads and 16 inducing points, one PMA seed.
 
     The logits are invariant to permutations of the input points.
 
@@ -48,6 +50,10 @@ class SetSinkformer(nn.Module):
             ``1 / N`` after its second iteration, so PMA with one seed and ``n_iter >= 2``
             is exactly mean pooling of ``ReLU(X W)``; ``"softmax"`` keeps it attentive.
         dropout: Dropout probability before PMA and before the head.
+        local_neighbors: ``k`` of an :class:`~pointsink.embedding.EdgeConvEmbedding` in
+            front of the encoder, so each point enters attention with a feature of its
+            ``k`` nearest neighbours; ``0`` feeds raw points to the first block (the paper).
+        local_channels: Width of that embedding.
     """
 
     def __init__(
@@ -65,6 +71,8 @@ class SetSinkformer(nn.Module):
         layer_norm: bool = False,
         pooling_attention: AttentionKind | None = None,
         dropout: float = 0.5,
+        local_neighbors: int = 0,
+        local_channels: int = 64,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -73,11 +81,19 @@ class SetSinkformer(nn.Module):
             raise ValueError(f"encoder must be 'isab' or 'sab'; got {encoder!r}.")
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1; got {num_blocks}.")
+        if local_neighbors < 0:
+            raise ValueError(f"local_neighbors must be 0 or more; got {local_neighbors}.")
         check_attention_kind(attention, n_iter)
         self.in_channels = in_channels
+        self.embedding: nn.Module = (
+            EdgeConvEmbedding(in_channels, local_channels, local_neighbors)
+            if local_neighbors > 0
+            else nn.Identity()
+        )
+        encoder_in = local_channels if local_neighbors > 0 else in_channels
         blocks: list[nn.Module] = []
         for index in range(num_blocks):
-            block_in = in_channels if index == 0 else channels
+            block_in = encoder_in if index == 0 else channels
             if encoder == "isab":
                 blocks.append(
                     InducedSetAttentionBlock(
@@ -104,6 +120,8 @@ class SetSinkformer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initializes all parameters."""
+        if isinstance(self.embedding, EdgeConvEmbedding):
+            self.embedding.reset_parameters()
         for block in self.encoder:
             block.reset_parameters()
         self.pool.reset_parameters()
@@ -123,7 +141,7 @@ class SetSinkformer(nn.Module):
                 f"expected points of shape (batch, num_points, {self.in_channels}); "
                 f"got {tuple(points.shape)}."
             )
-        x = points
+        x = self.embedding(points)
         for block in self.encoder:
             x = block(x)
         pooled = self.pool(self.dropout(x))

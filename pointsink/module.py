@@ -36,7 +36,8 @@ class SinkformerClassifier(pl.LightningModule):
         num_points: Points per shape the model is trained on (linked from the data module
             by the CLI); stored so that inference samples shapes the same way.
         channels, num_heads, num_blocks, encoder, num_inducing_points, num_seeds,
-            attention, n_iter, layer_norm, pooling_attention, dropout: see
+            attention, n_iter, layer_norm, pooling_attention, dropout, local_neighbors,
+            local_channels: see
             :class:`~pointsink.model.SetSinkformer`.
         optimizer: ``"adamw"`` or ``"adam"``.
         lr: Peak learning rate.
@@ -76,6 +77,8 @@ class SinkformerClassifier(pl.LightningModule):
         warmup_epochs: int = 1,
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.0,
+        local_neighbors: int = 0,
+        local_channels: int = 64,
         augmentation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -105,6 +108,8 @@ class SinkformerClassifier(pl.LightningModule):
             layer_norm=layer_norm,
             pooling_attention=pooling_attention,
             dropout=dropout,
+            local_neighbors=local_neighbors,
+            local_channels=local_channels,
         )
         metrics = MetricCollection(
             {

@@ -115,9 +115,12 @@ def test_single_seed_sinkhorn_pooling_is_mean_pooling() -> None:
     torch.testing.assert_close(attn.last_marginals[1], torch.full((2, 2, 9), 1 / 9))
 
 
+@pytest.mark.parametrize("local_neighbors", [0, 4])
 @pytest.mark.parametrize("encoder", ["isab", "sab"])
 @pytest.mark.parametrize(("attention", "n_iter"), ATTENTIONS)
-def test_classifier_is_permutation_invariant(encoder: str, attention: str, n_iter: int) -> None:
+def test_classifier_is_permutation_invariant(
+    encoder: str, attention: str, n_iter: int, local_neighbors: int
+) -> None:
     model = SetSinkformer(
         5,
         channels=16,
@@ -126,6 +129,7 @@ def test_classifier_is_permutation_invariant(encoder: str, attention: str, n_ite
         num_inducing_points=4,
         attention=attention,
         n_iter=n_iter,
+        local_neighbors=local_neighbors,
     ).eval()
     x = torch.randn(4, 20, 3)
     logits = model(x)
@@ -180,6 +184,8 @@ def test_bad_arguments_raise_clear_errors() -> None:
         SetSinkformer(3, n_iter=0)
     with pytest.raises(ValueError, match="encoder"):
         SetSinkformer(3, encoder="pointnet")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="local_neighbors"):
+        SetSinkformer(3, local_neighbors=-1)
     model = SetSinkformer(3, channels=16, num_heads=2)
     with pytest.raises(ValueError, match=r"\(batch, num_points, 3\)"):
         model(torch.randn(10, 3))
