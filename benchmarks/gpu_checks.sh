@@ -10,7 +10,7 @@
 #
 #   bash benchmarks/gpu_checks.sh                 # checks 1 and 2 (a few minutes)
 #   DATA=../shared/data/ModelNet10 bash benchmarks/gpu_checks.sh
-#   DATA=... RECIPE_ARGS="--trainer.max_epochs 50" bash benchmarks/gpu_checks.sh
+#   DATA=... RECIPE_ARGS="--model.channels 256 --trainer.max_epochs 50" bash benchmarks/gpu_checks.sh
 #
 # Needs pointsink's dependencies importable (pip install -e ".[test]", or PYTHONPATH=. with
 # them installed); PYTHON picks the interpreter (default python3).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EdgeConvEmbedding", "knn_indices"]
+__all__ = ["EdgeConvEmbedding", "gather_neighbors", "knn_indices"]
 
 
 def knn_indices(points: Tensor, num_neighbors: int) -> Tensor:
