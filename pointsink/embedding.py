@@ -3,7 +3,8 @@
 The Set Transformer's first block projects each point's raw coordinates on their own;
 its attention then has to recover local shape from ``(x, y, z)`` alone. An EdgeConv
 embedding (Wang et al., "Dynamic Graph CNN for Learning on Point Clouds", 2019) gives each
-point a feature of its ``k`` nearest neighbours first. Both stay permutation-equivariant.
+point a feature of its ``k`` nearest neighbours first; like the blocks after it, the
+embedding is permutation-equivariant.
 """
 
 from __future__ import annotations
