@@ -53,7 +53,7 @@ class SetSinkformer(nn.Module):
         local_neighbors: ``k`` of an :class:`~pointsink.embedding.EdgeConvEmbedding` in
             front of the encoder, so each point enters attention with a feature of its
             ``k`` nearest neighbours; ``0`` feeds raw points to the first block (the paper).
-        local_channels: Width of that embedding.
+        local_channels: Width of its local features; the coordinates are passed on beside them.
     """
 
     def __init__(
@@ -90,7 +90,7 @@ class SetSinkformer(nn.Module):
             if local_neighbors > 0
             else nn.Identity()
         )
-        encoder_in = local_channels if local_neighbors > 0 else in_channels
+        encoder_in = in_channels + local_channels if local_neighbors > 0 else in_channels
         blocks: list[nn.Module] = []
         for index in range(num_blocks):
             block_in = encoder_in if index == 0 else channels

@@ -29,20 +29,57 @@ def test_gather_neighbors_indexes_each_shape_separately() -> None:
         torch.testing.assert_close(gathered[b], features[b][indices[b]])
 
 
-def test_edge_conv_embedding_equals_the_edge_conv_formula() -> None:
-    """The cheap form equals max_j ReLU(Theta (x_j - x_i) + Phi x_i + b) over explicit edges."""
-    embedding = EdgeConvEmbedding(4, 8, num_neighbors=6)
-    x = torch.randn(2, 25, 4)
-    indices = knn_indices(x[..., :3], 6)
-    neighbors = gather_neighbors(x, indices)  # (B, N, k, 4)
-    centers = x.unsqueeze(2)
-    edge = embedding.lin_neighbor(neighbors - centers) + embedding.lin_center(centers)
-    expected = embedding.lin_out(torch.relu(edge).amax(dim=2))
-    torch.testing.assert_close(embedding(x), expected, atol=1e-5, rtol=1e-5)
+def _trained_looking(embedding: EdgeConvEmbedding) -> EdgeConvEmbedding:
+    """The output layer starts at zero; give it weights so the local features show."""
+    torch.nn.init.normal_(embedding.lin_out.weight)
+    torch.nn.init.normal_(embedding.lin_out.bias)
+    torch.nn.init.normal_(embedding.norm.weight)
+    return embedding
+
+
+def _explicit_edge_conv(embedding: EdgeConvEmbedding, x: torch.Tensor) -> torch.Tensor:
+    """[x_i, W2 ReLU(LN(max_j Theta (x_j - x_i) / r_i + Phi x_i + b1)) + b2] over explicit edges."""
+    indices = knn_indices(x[..., :3], embedding.num_neighbors)
+    offsets = gather_neighbors(x, indices) - x.unsqueeze(2)  # (B, N, k, C)
+    radius = offsets[..., :3].square().sum(-1).mean(-1).add(1e-12).sqrt()  # (B, N)
+    edges = embedding.lin_neighbor(offsets / radius[..., None, None])
+    edges = edges + embedding.lin_center(x).unsqueeze(2)
+    local = embedding.lin_out(torch.relu(embedding.norm(edges.amax(dim=2))))
+    return torch.cat([x, local], dim=-1)
+
+
+def test_edge_conv_embedding_equals_the_edge_conv_formula_and_its_gradient() -> None:
+    """The gathered-max form equals explicit edges, values and gradients alike."""
+    embedding = _trained_looking(EdgeConvEmbedding(4, 8, num_neighbors=6))
+    x = torch.randn(2, 25, 4, requires_grad=True)
+    output, expected = embedding(x), _explicit_edge_conv(embedding, x)
+    assert output.shape == (2, 25, 4 + 8)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(output)
+    parameters = [x, *embedding.parameters()]
+    grads = torch.autograd.grad((output * weights).sum(), parameters)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), parameters)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_edge_conv_embedding_starts_as_the_coordinates_and_zeros() -> None:
+    """At initialization the encoder sees what it sees without the embedding, plus zeros."""
+    embedding = EdgeConvEmbedding(3, 8, num_neighbors=4)
+    x = torch.randn(2, 30, 3)
+    torch.testing.assert_close(embedding(x), torch.cat([x, torch.zeros(2, 30, 8)], dim=-1))
+
+
+def test_edge_conv_embedding_is_scale_invariant_in_its_local_part() -> None:
+    """Offsets are divided by each point's neighbourhood radius: density does not matter."""
+    embedding = _trained_looking(EdgeConvEmbedding(3, 8, num_neighbors=5))
+    torch.nn.init.zeros_(embedding.lin_center.weight)
+    x = torch.randn(1, 30, 3)
+    torch.testing.assert_close(embedding(3.0 * x)[..., 3:], embedding(x)[..., 3:])
 
 
 def test_edge_conv_embedding_is_permutation_equivariant_and_local() -> None:
-    embedding = EdgeConvEmbedding(3, 8, num_neighbors=4)
+    embedding = _trained_looking(EdgeConvEmbedding(3, 8, num_neighbors=4))
     x = torch.randn(2, 40, 3)
     permutation = torch.randperm(40)
     torch.testing.assert_close(embedding(x[:, permutation]), embedding(x)[:, permutation])
@@ -58,7 +95,7 @@ def test_edge_conv_embedding_is_permutation_equivariant_and_local() -> None:
 
 
 def test_edge_conv_embedding_gradients() -> None:
-    embedding = EdgeConvEmbedding(3, 4, num_neighbors=3).double()
+    embedding = _trained_looking(EdgeConvEmbedding(3, 4, num_neighbors=3)).double()
     x = torch.randn(1, 10, 3, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(embedding, (x,))
 
@@ -70,3 +107,5 @@ def test_bad_arguments_raise_clear_errors() -> None:
         EdgeConvEmbedding(2, 8, 4)
     with pytest.raises(ValueError, match="num_neighbors"):
         EdgeConvEmbedding(3, 8, 0)
+    with pytest.raises(ValueError, match="channels"):
+        EdgeConvEmbedding(3, 0, 4)
