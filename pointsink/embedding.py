@@ -60,7 +60,9 @@ class EdgeConvEmbedding(nn.Module):
     projected points ``(B, N, channels)`` are gathered, never an edge MLP over ``N k``
     edges, which keeps the embedding cheap enough for CPU training.
 
-    Three choices make it train as fast as the model without it:
+    Three choices are meant to let it learn as fast as the model without it (on ModelNet10
+    it still learned slower over the first epochs and did not raise test accuracy;
+    ``benchmarks/RESULTS.md``):
 
     * ``r_i`` is point ``i``'s root-mean-square distance to its neighbours, so the offsets
       are of order one at any point density (raw offsets are ~20 times smaller than the

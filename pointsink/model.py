@@ -85,12 +85,11 @@ class SetSinkformer(nn.Module):
             raise ValueError(f"local_neighbors must be 0 or more; got {local_neighbors}.")
         check_attention_kind(attention, n_iter)
         self.in_channels = in_channels
-        self.embedding: nn.Module = (
-            EdgeConvEmbedding(in_channels, local_channels, local_neighbors)
-            if local_neighbors > 0
-            else nn.Identity()
-        )
-        encoder_in = in_channels + local_channels if local_neighbors > 0 else in_channels
+        self.embedding: nn.Module = nn.Identity()
+        encoder_in = in_channels
+        if local_neighbors > 0:
+            self.embedding = EdgeConvEmbedding(in_channels, local_channels, local_neighbors)
+            encoder_in = self.embedding.out_channels
         blocks: list[nn.Module] = []
         for index in range(num_blocks):
             block_in = encoder_in if index == 0 else channels
