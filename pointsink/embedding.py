@@ -122,10 +122,11 @@ class EdgeConvEmbedding(nn.Module):
         Returns:
             ``(B, N, in_channels + channels)``: ``x`` followed by the local features.
         """
+        coordinates = x[..., :3]
         with torch.no_grad():
-            indices = knn_indices(x[..., :3].float(), self.num_neighbors)
+            indices = knn_indices(coordinates.float(), self.num_neighbors)
         # Each point's RMS distance to its neighbours, differentiable (the k-NN graph is not).
-        offsets = gather_neighbors(x[..., :3], indices) - x[..., :3].unsqueeze(2)
+        offsets = gather_neighbors(coordinates, indices) - coordinates.unsqueeze(2)
         radius = (offsets.square().sum(dim=-1).mean(dim=-1, keepdim=True) + 1e-12).sqrt()
         projected = self.lin_neighbor(x)
         with torch.no_grad():
