@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EdgeConvEmbedding", "gather_neighbors", "knn_indices"]
+__all__ = [
+    "EdgeConvEmbedding",
+    "SetAbstraction",
+    "farthest_point_sampling",
+    "gather_neighbors",
+    "knn_indices",
+]
 
 
 def knn_indices(points: Tensor, num_neighbors: int) -> Tensor:
@@ -39,11 +45,47 @@ def knn_indices(points: Tensor, num_neighbors: int) -> Tensor:
 
 
 def gather_neighbors(features: Tensor, indices: Tensor) -> Tensor:
-    """Neighbour features ``(B, N, k, C)`` from features ``(B, N, C)`` and indices ``(B, N, k)``."""
+    """Rows of ``features`` ``(B, N, C)`` picked by ``indices`` ``(B, ...)``: ``(B, ..., C)``.
+
+    With indices ``(B, N, k)`` these are each point's neighbour features ``(B, N, k, C)``.
+    """
     batch, num_points, channels = features.shape
-    offsets = torch.arange(batch, device=features.device).view(batch, 1, 1) * num_points
+    shape = (batch,) + (1,) * (indices.dim() - 1)
+    offsets = torch.arange(batch, device=features.device).view(shape) * num_points
     flat = features.reshape(batch * num_points, channels)
     return flat[indices + offsets]
+
+
+def farthest_point_sampling(points: Tensor, num_samples: int) -> Tensor:
+    """Indices of ``num_samples`` points spread over each set by farthest-point sampling.
+
+    Starts from the point farthest from the set's mean rather than from index 0, so the
+    chosen subset does not depend on the order of the points (up to exact distance ties).
+    Each step adds the point farthest from those chosen so far: ``O(B N)`` work per sample.
+
+    Args:
+        points: Coordinates ``(B, N, D)``.
+        num_samples: ``M``, at most ``N``.
+
+    Returns:
+        ``(B, M)`` indices into the ``N`` points, in the order they were chosen.
+    """
+    batch, num_points, _ = points.shape
+    if not 1 <= num_samples <= num_points:
+        raise ValueError(
+            f"num_samples must be between 1 and the number of points ({num_points}); "
+            f"got {num_samples}."
+        )
+    rows = torch.arange(batch, device=points.device)
+    chosen = torch.empty(batch, num_samples, dtype=torch.long, device=points.device)
+    current = (points - points.mean(dim=1, keepdim=True)).square().sum(dim=-1).argmax(dim=1)
+    nearest = torch.full((batch, num_points), float("inf"), device=points.device)
+    for step in range(num_samples):
+        chosen[:, step] = current
+        distance = (points - points[rows, current].unsqueeze(1)).square().sum(dim=-1)
+        nearest = torch.minimum(nearest, distance)
+        current = nearest.argmax(dim=1)
+    return chosen
 
 
 class EdgeConvEmbedding(nn.Module):
@@ -144,4 +186,107 @@ class EdgeConvEmbedding(nn.Module):
         return (
             f"in_channels={self.in_channels}, channels={self.channels}, "
             f"num_neighbors={self.num_neighbors}"
+        )
+
+
+class SetAbstraction(nn.Module):
+    r"""Groups a point set into ``M`` local tokens (PointNet++'s set abstraction).
+
+    .. math::
+        t_i = \max_{j \in \mathrm{kNN}(c_i)} W_2\, \mathrm{ReLU}\Big(\mathrm{LN}\big(
+              \Theta\, (x_j - c_i) + \Phi\, c_i + b_1\big)\Big) + b_2
+
+    The centres :math:`c_1, \dots, c_M` are chosen by farthest-point sampling and each token
+    summarizes the ``k`` input points nearest its centre with a shared two-layer MLP and a
+    max (Qi et al., "PointNet++", 2017; PCT's neighbour embedding, Guo et al., 2021). The
+    encoder then attends over ``M`` tokens that carry local shape instead of ``N`` bare
+    coordinates. The first layer is linear in ``x_j`` and ``c_i``, so it is applied to the
+    ``N`` points and ``M`` centres before gathering; only the second runs on all ``M k``
+    edges.
+
+    Centres and neighbourhoods come from the first three input channels (the coordinates),
+    without gradient; every input channel enters the features. The tokens are invariant to
+    permutations of the input points (up to exact distance ties).
+
+    Args:
+        in_channels: Per-point input features (3 for xyz).
+        channels: Width of the tokens.
+        num_groups: ``M``, tokens per set (at most the number of input points).
+        group_size: ``k``, input points per token.
+        hidden_channels: Width of the MLP's hidden layer; ``channels // 2`` by default.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        num_groups: int,
+        group_size: int,
+        hidden_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        if in_channels < 3:
+            raise ValueError(f"in_channels must include xyz (>= 3); got {in_channels}.")
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be at least 1; got {num_groups}.")
+        if group_size < 1:
+            raise ValueError(f"group_size must be at least 1; got {group_size}.")
+        hidden_channels = hidden_channels or max(channels // 2, 1)
+        self.in_channels = in_channels
+        self.channels = channels
+        self.num_groups = num_groups
+        self.group_size = group_size
+        self.lin_offset = nn.Linear(in_channels, hidden_channels, bias=False)
+        self.lin_center = nn.Linear(in_channels, hidden_channels)
+        self.norm = nn.LayerNorm(hidden_channels)
+        self.lin_out = nn.Linear(hidden_channels, channels)
+        self.reset_parameters()
+
+    @property
+    def out_channels(self) -> int:
+        """Width of the tokens."""
+        return self.channels
+
+    def reset_parameters(self) -> None:
+        """Re-initializes the layers."""
+        for layer in (self.lin_offset, self.lin_center, self.norm, self.lin_out):
+            layer.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Summarizes the set into local tokens.
+
+        Args:
+            x: ``(B, N, in_channels)``, coordinates first.
+
+        Returns:
+            Tokens ``(B, num_groups, channels)``.
+        """
+        if x.shape[1] < max(self.num_groups, self.group_size):
+            raise ValueError(
+                f"SetAbstraction with num_groups={self.num_groups} and "
+                f"group_size={self.group_size} needs at least that many points; "
+                f"got {x.shape[1]}."
+            )
+        with torch.no_grad():
+            coordinates = x[..., :3].float()
+            centers = farthest_point_sampling(coordinates, self.num_groups)
+            center_xyz = gather_neighbors(coordinates, centers)
+            distances = torch.cdist(center_xyz, coordinates)
+            groups = distances.topk(self.group_size, dim=-1, largest=False).indices
+        center_features = gather_neighbors(x, centers)
+        # Theta (x_j - c_i) + Phi c_i + b1, with Theta applied once per point and centre.
+        projected = self.lin_offset(x)
+        hidden = (
+            gather_neighbors(projected, groups)
+            - self.lin_offset(center_features).unsqueeze(2)
+            + self.lin_center(center_features).unsqueeze(2)
+        )
+        edges = self.lin_out(torch.relu(self.norm(hidden)))
+        return edges.amax(dim=2)
+
+    def extra_repr(self) -> str:
+        """Sizes shown in the module's ``repr``."""
+        return (
+            f"in_channels={self.in_channels}, channels={self.channels}, "
+            f"num_groups={self.num_groups}, group_size={self.group_size}"
         )

@@ -12,7 +12,7 @@ from pointsink.blocks import (
     PoolingByMultiheadAttention,
     SetAttentionBlock,
 )
-from pointsink.embedding import EdgeConvEmbedding
+from pointsink.embedding import EdgeConvEmbedding, SetAbstraction
 
 __all__ = ["DEFAULT_N_ITER", "SetSinkformer"]
 
@@ -26,8 +26,9 @@ DEFAULT_N_ITER = 5
 class SetSinkformer(nn.Module):
     r"""Set Transformer classifier with Sinkhorn (or softmax) attention.
 
-    ``[EdgeConv embedding] -> encoder blocks (ISAB or SAB) -> dropout -> PMA -> dropout
-    -> linear``. Without the embedding (``local_neighbors=0``) this is the architecture of
+    ``[EdgeConv embedding] -> [set abstraction] -> encoder blocks (ISAB or SAB) -> dropout
+    -> PMA -> dropout -> linear``. Without either (``local_neighbors=0``, ``num_groups=0``)
+    this is the architecture of
     the Sinkformers paper's ModelNet experiment (Sander et al., 2022): two ISAB blocks of
     width 256 with 4 heads and 16 inducing points, one PMA seed.
 
@@ -54,6 +55,11 @@ class SetSinkformer(nn.Module):
             front of the encoder, so each point enters attention with a feature of its
             ``k`` nearest neighbours; ``0`` feeds raw points to the first block (the paper).
         local_channels: Width of its local features; the coordinates are passed on beside them.
+        num_groups: ``M`` of a :class:`~pointsink.embedding.SetAbstraction` in front of the
+            encoder, which then attends over ``M`` tokens of width ``channels``, each the
+            max-pooled MLP features of the ``group_size`` points nearest a farthest-point
+            sample; ``0`` (the paper) attends over the points themselves.
+        group_size: ``k`` points per token of the set abstraction.
     """
 
     def __init__(
@@ -73,6 +79,8 @@ class SetSinkformer(nn.Module):
         dropout: float = 0.5,
         local_neighbors: int = 0,
         local_channels: int = 64,
+        num_groups: int = 0,
+        group_size: int = 32,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -83,13 +91,18 @@ class SetSinkformer(nn.Module):
             raise ValueError(f"num_blocks must be at least 1; got {num_blocks}.")
         if local_neighbors < 0:
             raise ValueError(f"local_neighbors must be 0 or more; got {local_neighbors}.")
+        if num_groups < 0:
+            raise ValueError(f"num_groups must be 0 or more; got {num_groups}.")
         check_attention_kind(attention, n_iter)
         self.in_channels = in_channels
-        self.embedding: nn.Module = nn.Identity()
-        encoder_in = in_channels
+        embeddings: list[EdgeConvEmbedding | SetAbstraction] = []
         if local_neighbors > 0:
-            self.embedding = EdgeConvEmbedding(in_channels, local_channels, local_neighbors)
-            encoder_in = self.embedding.out_channels
+            embeddings.append(EdgeConvEmbedding(in_channels, local_channels, local_neighbors))
+        if num_groups > 0:
+            embedding_in = embeddings[-1].out_channels if embeddings else in_channels
+            embeddings.append(SetAbstraction(embedding_in, channels, num_groups, group_size))
+        self.embedding = nn.Sequential(*embeddings)
+        encoder_in = embeddings[-1].out_channels if embeddings else in_channels
         blocks: list[nn.Module] = []
         for index in range(num_blocks):
             block_in = encoder_in if index == 0 else channels
@@ -119,8 +132,8 @@ class SetSinkformer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initializes all parameters."""
-        if isinstance(self.embedding, EdgeConvEmbedding):
-            self.embedding.reset_parameters()
+        for embedding in self.embedding:
+            embedding.reset_parameters()
         for block in self.encoder:
             block.reset_parameters()
         self.pool.reset_parameters()

@@ -37,7 +37,7 @@ class SinkformerClassifier(pl.LightningModule):
             by the CLI); stored so that inference samples shapes the same way.
         channels, num_heads, num_blocks, encoder, num_inducing_points, num_seeds,
             attention, n_iter, layer_norm, pooling_attention, dropout, local_neighbors,
-            local_channels: see
+            local_channels, num_groups, group_size: see
             :class:`~pointsink.model.SetSinkformer`.
         optimizer: ``"adamw"`` or ``"adam"``.
         lr: Peak learning rate.
@@ -79,6 +79,8 @@ class SinkformerClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         local_neighbors: int = 0,
         local_channels: int = 64,
+        num_groups: int = 0,
+        group_size: int = 32,
         augmentation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -110,6 +112,8 @@ class SinkformerClassifier(pl.LightningModule):
             dropout=dropout,
             local_neighbors=local_neighbors,
             local_channels=local_channels,
+            num_groups=num_groups,
+            group_size=group_size,
         )
         metrics = MetricCollection(
             {
