@@ -115,11 +115,11 @@ def test_single_seed_sinkhorn_pooling_is_mean_pooling() -> None:
     torch.testing.assert_close(attn.last_marginals[1], torch.full((2, 2, 9), 1 / 9))
 
 
-@pytest.mark.parametrize("local_neighbors", [0, 4])
+@pytest.mark.parametrize(("local_neighbors", "num_groups"), [(0, 0), (4, 0), (0, 6), (4, 6)])
 @pytest.mark.parametrize("encoder", ["isab", "sab"])
 @pytest.mark.parametrize(("attention", "n_iter"), ATTENTIONS)
 def test_classifier_is_permutation_invariant(
-    encoder: str, attention: str, n_iter: int, local_neighbors: int
+    encoder: str, attention: str, n_iter: int, local_neighbors: int, num_groups: int
 ) -> None:
     model = SetSinkformer(
         5,
@@ -130,6 +130,8 @@ def test_classifier_is_permutation_invariant(
         attention=attention,
         n_iter=n_iter,
         local_neighbors=local_neighbors,
+        num_groups=num_groups,
+        group_size=5,
     ).eval()
     x = torch.randn(4, 20, 3)
     logits = model(x)
@@ -186,6 +188,8 @@ def test_bad_arguments_raise_clear_errors() -> None:
         SetSinkformer(3, encoder="pointnet")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="local_neighbors"):
         SetSinkformer(3, local_neighbors=-1)
+    with pytest.raises(ValueError, match="num_groups"):
+        SetSinkformer(3, num_groups=-1)
     model = SetSinkformer(3, channels=16, num_heads=2)
     with pytest.raises(ValueError, match=r"\(batch, num_points, 3\)"):
         model(torch.randn(10, 3))

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from pointsink.embedding import EdgeConvEmbedding, gather_neighbors, knn_indices
+from pointsink.embedding import (
+    EdgeConvEmbedding,
+    SetAbstraction,
+    farthest_point_sampling,
+    gather_neighbors,
+    knn_indices,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -109,3 +115,99 @@ def test_bad_arguments_raise_clear_errors() -> None:
         EdgeConvEmbedding(3, 8, 0)
     with pytest.raises(ValueError, match="channels"):
         EdgeConvEmbedding(3, 0, 4)
+    with pytest.raises(ValueError, match="num_samples"):
+        farthest_point_sampling(torch.randn(1, 5, 3), 6)
+    with pytest.raises(ValueError, match="xyz"):
+        SetAbstraction(2, 8, 4, 4)
+    with pytest.raises(ValueError, match="num_groups"):
+        SetAbstraction(3, 8, 0, 4)
+    with pytest.raises(ValueError, match="group_size"):
+        SetAbstraction(3, 8, 4, 0)
+    with pytest.raises(ValueError, match="needs at least that many points"):
+        SetAbstraction(3, 8, 4, 10)(torch.randn(1, 9, 3))
+
+
+def _reference_farthest_point_sampling(points: torch.Tensor, num_samples: int) -> list[int]:
+    """Greedy farthest-point sampling of one shape ``(N, 3)``, written out point by point."""
+    first = int((points - points.mean(dim=0)).norm(dim=-1).argmax())
+    chosen = [first]
+    while len(chosen) < num_samples:
+        distance_to_chosen = [
+            min(float((points[i] - points[j]).norm()) for j in chosen) for i in range(len(points))
+        ]
+        chosen.append(max(range(len(points)), key=distance_to_chosen.__getitem__))
+    return chosen
+
+
+def test_farthest_point_sampling_is_the_greedy_farthest_point_order() -> None:
+    points = torch.randn(3, 40, 3)
+    indices = farthest_point_sampling(points, 12)
+    assert indices.shape == (3, 12)
+    for b in range(3):
+        assert indices[b].tolist() == _reference_farthest_point_sampling(points[b], 12)
+
+
+def test_farthest_point_sampling_ignores_the_order_of_the_points() -> None:
+    points = torch.randn(2, 50, 3)
+    permutation = torch.randperm(50)
+    chosen = permutation[farthest_point_sampling(points[:, permutation], 20)]
+    torch.testing.assert_close(chosen, farthest_point_sampling(points, 20))
+    # All points: a permutation of the set.
+    everything = farthest_point_sampling(points, 50)
+    assert (everything.sort(dim=1).values == torch.arange(50)).all()
+
+
+def _explicit_set_abstraction(layer: SetAbstraction, x: torch.Tensor) -> torch.Tensor:
+    """max_j W2 ReLU(LN(Theta (x_j - c_i) + Phi c_i + b1)) + b2, one centre at a time."""
+    tokens = []
+    for shape in x:
+        centers = _reference_farthest_point_sampling(shape[:, :3].detach(), layer.num_groups)
+        shape_tokens = []
+        for c in centers:
+            distances = (shape[:, :3] - shape[c, :3]).norm(dim=-1).detach()
+            group = shape[distances.argsort()[: layer.group_size]]
+            hidden = layer.lin_offset(group - shape[c]) + layer.lin_center(shape[c])
+            shape_tokens.append(layer.lin_out(torch.relu(layer.norm(hidden))).amax(dim=0))
+        tokens.append(torch.stack(shape_tokens))
+    return torch.stack(tokens)
+
+
+def test_set_abstraction_equals_its_formula_and_its_gradient() -> None:
+    """Projecting before gathering equals the MLP over explicit offsets, values and gradients."""
+    layer = SetAbstraction(4, 8, num_groups=6, group_size=5)
+    torch.nn.init.normal_(layer.norm.weight)
+    torch.nn.init.normal_(layer.norm.bias)
+    x = torch.randn(2, 25, 4, requires_grad=True)
+    output, expected = layer(x), _explicit_set_abstraction(layer, x)
+    assert output.shape == (2, 6, 8)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(output)
+    parameters = [x, *layer.parameters()]
+    grads = torch.autograd.grad((output * weights).sum(), parameters)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), parameters)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_set_abstraction_is_permutation_invariant_and_local() -> None:
+    layer = SetAbstraction(3, 8, num_groups=5, group_size=4)
+    x = torch.randn(2, 40, 3)
+    tokens = layer(x)
+    torch.testing.assert_close(layer(x[:, torch.randperm(40)]), tokens)
+    # A point outside every group, moved towards the centre, changes no centre and no
+    # group; moving a member of the first group changes that token.
+    centers = farthest_point_sampling(x, 5)[0]
+    groups = torch.cdist(x[0, centers], x[0]).topk(4, largest=False).indices
+    outside = next(i for i in range(40) if i not in groups and i not in centers)
+    member = int(groups[0, 1])
+    moved_outside, moved_member = x.clone(), x.clone()
+    moved_outside[0, outside] *= 0.999
+    moved_member[0, member] *= 0.9
+    torch.testing.assert_close(layer(moved_outside), tokens)
+    assert not torch.allclose(layer(moved_member)[0, 0], tokens[0, 0])
+
+
+def test_set_abstraction_gradients() -> None:
+    layer = SetAbstraction(3, 4, num_groups=3, group_size=3).double()
+    x = torch.randn(1, 10, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
