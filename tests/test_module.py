@@ -41,7 +41,14 @@ def test_class_names_and_num_classes_must_agree() -> None:
 
 
 def test_fit_checkpoint_reload_weights_only(tmp_path) -> None:
-    module = _module(attention="sinkhorn", n_iter=3, scheduler="step", local_neighbors=4)
+    module = _module(
+        attention="sinkhorn",
+        n_iter=3,
+        scheduler="step",
+        local_neighbors=4,
+        num_groups=8,
+        group_size=4,
+    )
     trainer = pl.Trainer(
         max_epochs=2,
         default_root_dir=tmp_path,
@@ -60,6 +67,7 @@ def test_fit_checkpoint_reload_weights_only(tmp_path) -> None:
     assert restored.class_names == CLASSES
     assert restored.hparams.n_iter == 3
     assert restored.hparams.local_neighbors == 4
+    assert restored.hparams.num_groups == 8
     points = next(iter(_loader()))["points"]
     module.eval()
     torch.testing.assert_close(restored(points), module(points))
