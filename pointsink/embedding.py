@@ -21,8 +21,8 @@ __all__ = [
 ]
 
 
-def knn_indices(points: Tensor, num_neighbors: int) -> Tensor:
-    """Indices of each point's ``k`` nearest neighbours, itself included.
+def knn_indices(points: Tensor, num_neighbors: int, queries: Tensor | None = None) -> Tensor:
+    """Indices of the ``k`` points nearest each query (each point itself by default).
 
     Dense pairwise distances, ``O(B N^2)`` memory: about 4 MiB per shape at ``N = 1024``.
     Ties (duplicate points) are broken by ``topk``'s order, which is deterministic for a
@@ -31,16 +31,18 @@ def knn_indices(points: Tensor, num_neighbors: int) -> Tensor:
     Args:
         points: Coordinates ``(B, N, D)``.
         num_neighbors: ``k``, at most ``N``.
+        queries: ``(B, M, D)``, the points whose neighbours are wanted; ``None`` for
+            ``points`` themselves, each then its own nearest neighbour.
 
     Returns:
-        ``(B, N, k)`` indices into the ``N`` points, nearest first.
+        ``(B, M, k)`` indices into the ``N`` points, nearest first (``M = N`` by default).
     """
     if not 1 <= num_neighbors <= points.shape[1]:
         raise ValueError(
             f"num_neighbors must be between 1 and the number of points ({points.shape[1]}); "
             f"got {num_neighbors}."
         )
-    distances = torch.cdist(points, points)
+    distances = torch.cdist(points if queries is None else queries, points)
     return distances.topk(num_neighbors, dim=-1, largest=False, sorted=True).indices
 
 
@@ -271,8 +273,7 @@ class SetAbstraction(nn.Module):
             coordinates = x[..., :3].float()
             centers = farthest_point_sampling(coordinates, self.num_groups)
             center_xyz = gather_neighbors(coordinates, centers)
-            distances = torch.cdist(center_xyz, coordinates)
-            groups = distances.topk(self.group_size, dim=-1, largest=False).indices
+            groups = knn_indices(coordinates, self.group_size, queries=center_xyz)
         center_features = gather_neighbors(x, centers)
         # Theta (x_j - c_i) + Phi c_i + b1, with Theta applied once per point and centre.
         projected = self.lin_offset(x)

@@ -28,9 +28,8 @@ class SetSinkformer(nn.Module):
 
     ``[EdgeConv embedding] -> [set abstraction] -> encoder blocks (ISAB or SAB) -> dropout
     -> PMA -> dropout -> linear``. Without either (``local_neighbors=0``, ``num_groups=0``)
-    this is the architecture of
-    the Sinkformers paper's ModelNet experiment (Sander et al., 2022): two ISAB blocks of
-    width 256 with 4 heads and 16 inducing points, one PMA seed.
+    this is the architecture of the Sinkformers paper's ModelNet experiment (Sander et al.,
+    2022): two ISAB blocks of width 256 with 4 heads and 16 inducing points, one PMA seed.
 
     The logits are invariant to permutations of the input points.
 
@@ -96,13 +95,14 @@ class SetSinkformer(nn.Module):
         check_attention_kind(attention, n_iter)
         self.in_channels = in_channels
         embeddings: list[EdgeConvEmbedding | SetAbstraction] = []
+        encoder_in = in_channels
         if local_neighbors > 0:
-            embeddings.append(EdgeConvEmbedding(in_channels, local_channels, local_neighbors))
+            embeddings.append(EdgeConvEmbedding(encoder_in, local_channels, local_neighbors))
+            encoder_in = embeddings[-1].out_channels
         if num_groups > 0:
-            embedding_in = embeddings[-1].out_channels if embeddings else in_channels
-            embeddings.append(SetAbstraction(embedding_in, channels, num_groups, group_size))
+            embeddings.append(SetAbstraction(encoder_in, channels, num_groups, group_size))
+            encoder_in = embeddings[-1].out_channels
         self.embedding = nn.Sequential(*embeddings)
-        encoder_in = embeddings[-1].out_channels if embeddings else in_channels
         blocks: list[nn.Module] = []
         for index in range(num_blocks):
             block_in = encoder_in if index == 0 else channels
