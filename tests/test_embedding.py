@@ -54,6 +54,17 @@ def _explicit_edge_conv(embedding: EdgeConvEmbedding, x: torch.Tensor) -> torch.
     return torch.cat([x, local], dim=-1)
 
 
+def _assert_same_gradients(
+    output: torch.Tensor, expected: torch.Tensor, inputs: list[torch.Tensor]
+) -> None:
+    """Both outputs give the same gradients to ``inputs`` under one random weighting."""
+    weights = torch.randn_like(output)
+    grads = torch.autograd.grad((output * weights).sum(), inputs)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-4)
+
+
 def test_edge_conv_embedding_equals_the_edge_conv_formula_and_its_gradient() -> None:
     """The gathered-max form equals explicit edges, values and gradients alike."""
     embedding = _trained_looking(EdgeConvEmbedding(4, 8, num_neighbors=6))
@@ -61,12 +72,7 @@ def test_edge_conv_embedding_equals_the_edge_conv_formula_and_its_gradient() -> 
     output, expected = embedding(x), _explicit_edge_conv(embedding, x)
     assert output.shape == (2, 25, 4 + 8)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
-    weights = torch.randn_like(output)
-    parameters = [x, *embedding.parameters()]
-    grads = torch.autograd.grad((output * weights).sum(), parameters)
-    expected_grads = torch.autograd.grad((expected * weights).sum(), parameters)
-    for grad, expected_grad in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-4)
+    _assert_same_gradients(output, expected, [x, *embedding.parameters()])
 
 
 def test_edge_conv_embedding_starts_as_the_coordinates_and_zeros() -> None:
@@ -181,12 +187,7 @@ def test_set_abstraction_equals_its_formula_and_its_gradient() -> None:
     output, expected = layer(x), _explicit_set_abstraction(layer, x)
     assert output.shape == (2, 6, 8)
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
-    weights = torch.randn_like(output)
-    parameters = [x, *layer.parameters()]
-    grads = torch.autograd.grad((output * weights).sum(), parameters)
-    expected_grads = torch.autograd.grad((expected * weights).sum(), parameters)
-    for grad, expected_grad in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-4)
+    _assert_same_gradients(output, expected, [x, *layer.parameters()])
 
 
 def test_set_abstraction_is_permutation_invariant_and_local() -> None:
