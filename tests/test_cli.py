@@ -103,3 +103,27 @@ def test_offline_modelnet_fails_with_one_sentence(
     assert len(error_lines) == 1
     assert "ModelNet10" in error_lines[0] and "http" in error_lines[0]
     assert "Traceback" not in error_lines[0]
+
+
+def test_weight_averaged_checkpoint_serves_the_averaged_weights(tmp_path: Path) -> None:
+    """The recipe's EMA callback: checkpoints, `test` and inference all use the averaged weights."""
+    from pointsink.inference import ShapeClassifier
+
+    ema = [
+        "--trainer.callbacks+=pytorch_lightning.callbacks.EMAWeightAveraging",
+        "--trainer.callbacks.decay", "0.9",
+    ]  # fmt: skip
+    main(["fit", *_tiny_args(tmp_path), *ema])
+    best = next((tmp_path / "run").rglob("best.ckpt"))
+    raw = torch.load(best, weights_only=True)
+    averaged, current = raw["state_dict"], raw["current_model_state"]
+    assert averaged.keys() == current.keys()
+    assert any(not torch.equal(averaged[key], current[key]) for key in averaged)
+
+    classifier = ShapeClassifier.from_checkpoint(best, device="cpu")
+    for key, value in classifier.model.state_dict().items():
+        torch.testing.assert_close(value, averaged[key], rtol=0, atol=0)
+
+    test_cli = main(["test", *_tiny_args(tmp_path), *ema, "--ckpt_path", str(best)])
+    for key, value in test_cli.model.state_dict().items():
+        torch.testing.assert_close(value, averaged[key], rtol=0, atol=0)
