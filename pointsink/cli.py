@@ -20,7 +20,7 @@ __all__ = ["SinkformerCLI", "main"]
 
 
 class SinkformerCLI(LightningCLI):
-    """LightningCLI with best/last checkpointing and data → model links.
+    """LightningCLI with best and last checkpoints and data → model links.
 
     The data module's class names, point count and augmentation settings are linked to the
     model's hyperparameters, so every checkpoint records them.
@@ -29,6 +29,9 @@ class SinkformerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Adds the checkpoint, prediction and report callbacks and the data → model links."""
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # last.ckpt after every epoch, for resuming. A second callback because Lightning 2.6's
+        # `save_last` only rewrites last.ckpt when a best checkpoint is saved at the same step.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         # Writes the records of `predict` (a no-op in the other subcommands).
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         # Writes confusion_matrix.png and test_report.json after `test`.
@@ -38,7 +41,8 @@ class SinkformerCLI(LightningCLI):
                 "checkpoint.monitor": "val/oa",
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
                 "data": {"class_path": "pointsink.data.SyntheticShapesDataModule"},
             }
         )

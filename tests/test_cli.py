@@ -62,6 +62,16 @@ def test_fit_checkpoint_load_test(tmp_path: Path) -> None:
     assert {"val/oa", "val/macc"} <= set(validate_cli.trainer.callback_metrics)
 
 
+def test_last_checkpoint_is_the_last_epoch(tmp_path: Path) -> None:
+    # With lr 0 the weights never change, so val/oa never beats epoch 0: best.ckpt stays at
+    # epoch 0 while last.ckpt must follow training to its final epoch (resuming needs it).
+    main(["fit", *_tiny_args(tmp_path), "--trainer.max_epochs", "3", "--model.lr", "0"])
+    directory = next((tmp_path / "run").rglob("best.ckpt")).parent
+    assert torch.load(directory / "best.ckpt", weights_only=True)["epoch"] == 0
+    last = torch.load(directory / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2
+
+
 def test_help_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
