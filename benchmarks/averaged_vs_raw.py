@@ -13,11 +13,11 @@ effect of the averaging itself is measured without retraining::
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
 import torch
+from reproduce import mean_std  # run as a script, benchmarks/ is on the path
 
 from pointsink.cli import main as cli_main
 
@@ -25,7 +25,7 @@ from pointsink.cli import main as cli_main
 def evaluate(
     config: str, data_root: str, checkpoint: dict[str, object], workdir: Path
 ) -> tuple[float, float]:
-    """Runs ``test`` on one checkpoint dictionary; returns (overall, mean per-class) in %."""
+    """Runs ``test`` on one checkpoint dictionary; returns (overall, mean per-class) accuracy."""
     path = workdir / "weights.ckpt"
     torch.save(checkpoint, path)
     cli = cli_main([
@@ -33,7 +33,7 @@ def evaluate(
         "--trainer.default_root_dir", str(workdir), "--trainer.enable_progress_bar", "false",
     ])  # fmt: skip
     metrics = cli.trainer.callback_metrics
-    return float(metrics["test/oa"]) * 100, float(metrics["test/macc"]) * 100
+    return float(metrics["test/oa"]), float(metrics["test/macc"])
 
 
 def main() -> None:
@@ -61,13 +61,13 @@ def main() -> None:
         "| checkpoint | epoch | averaged: test OA / mAcc (%) | raw: test OA / mAcc (%) |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {p} | {e} | {a:.2f} / {b:.2f} | {c:.2f} / {d:.2f} |" for p, e, a, b, c, d in rows]
+    lines += [
+        f"| {p} | {e} | {100 * a:.2f} / {100 * b:.2f} | {100 * c:.2f} / {100 * d:.2f} |"
+        for p, e, a, b, c, d in rows
+    ]
     if len(rows) > 1:
-        mean = [statistics.mean(row[i] for row in rows) for i in (2, 4)]
-        std = [statistics.stdev(row[i] for row in rows) for i in (2, 4)]
-        lines.append(
-            f"| mean ± std OA | | {mean[0]:.2f} ± {std[0]:.2f} | {mean[1]:.2f} ± {std[1]:.2f} |"
-        )
+        averaged, raw = (mean_std([row[i] for row in rows]) for i in (2, 4))
+        lines.append(f"| mean ± std OA | | {averaged} | {raw} |")
     print("\n".join(lines))
 
 

@@ -282,7 +282,7 @@ def run_parallel(
     return finished
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
 
@@ -301,8 +301,8 @@ def summarize(rows: list[dict], out: Path) -> str:
     for name in dict.fromkeys(row["variant"] for row in rows):
         group = [row for row in rows if row["variant"] == name]
         lines.append(
-            f"| {name} | {len(group)} | {_mean_std([r['test_oa'] for r in group])} | "
-            f"{_mean_std([r['test_macc'] for r in group])} | "
+            f"| {name} | {len(group)} | {mean_std([r['test_oa'] for r in group])} | "
+            f"{mean_std([r['test_macc'] for r in group])} | "
             f"{statistics.mean(r['seconds_per_epoch'] for r in group):.1f} |"
         )
         by_variant[name] = [_read_logged(Path(r["run_dir"])) for r in group]
