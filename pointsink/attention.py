@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pointsink.sinkhorn import check_n_iter, sinkhorn
+from pointsink.sinkhorn import sinkhorn
 from pointsink.sinkhorn_attention import sinkhorn_attention, triton_available
+from pointsink.validation import check_int
 
 AttentionKind = Literal["sinkhorn", "softmax"]
 ATTENTION_KINDS: tuple[str, ...] = ("sinkhorn", "softmax")
@@ -37,7 +38,7 @@ def check_attention_kind(attention: str, n_iter: int) -> None:
     """Raises a ValueError naming the accepted values when the arguments are invalid."""
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}; got {attention!r}.")
-    check_n_iter(n_iter)
+    check_int("n_iter", n_iter)
 
 
 def attention_weights(

@@ -14,6 +14,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from pointsink.attention import MultiheadAttention
 from pointsink.inference import Prediction, format_predictions, make_prediction
+from pointsink.validation import check_int
 
 __all__ = [
     "ConfusionMatrixReport",
@@ -322,8 +323,7 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch_and_epoch")
         if format not in ("json", "csv", "table"):
             raise ValueError(f"format must be 'json', 'csv' or 'table'; got {format!r}.")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer; got {top_k!r}.")
+        check_int("top_k", top_k)
         self.output = output
         self.format = format
         self.top_k = top_k

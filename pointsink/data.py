@@ -40,6 +40,7 @@ from pointsink.inference import ShapePredictionDataset
 from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, exclusive_lock, file_extension
 from pointsink.synthetic import SYNTHETIC_CLASSES, generate_synthetic_shapes
 from pointsink.transforms import PointCloudAugmentation, preprocess_shape
+from pointsink.validation import check_int
 
 __all__ = [
     "CACHE_VERSION",
@@ -566,15 +567,15 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         predict_files: list[str] | str | None = None,
     ) -> None:
         super().__init__()
-        _check_int("num_points", num_points, minimum=1)
-        _check_int("batch_size", batch_size, minimum=1)
+        check_int("num_points", num_points, minimum=1)
+        check_int("batch_size", batch_size, minimum=1)
         if eval_batch_size is not None:
-            _check_int("eval_batch_size", eval_batch_size, minimum=1)
-        _check_int("num_workers", num_workers, minimum=0)
-        _check_int("split_seed", split_seed, minimum=0)
-        _check_int("sample_seed", sample_seed, minimum=0)
+            check_int("eval_batch_size", eval_batch_size, minimum=1)
+        check_int("num_workers", num_workers, minimum=0)
+        check_int("split_seed", split_seed, minimum=0)
+        check_int("sample_seed", sample_seed, minimum=0)
         if preprocess_workers is not None:
-            _check_int("preprocess_workers", preprocess_workers, minimum=1)
+            check_int("preprocess_workers", preprocess_workers, minimum=1)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}.")
 
@@ -950,9 +951,9 @@ class SyntheticShapesDataModule(ShapeFolderDataModule):
             raise ValueError(
                 f"{unknown} are not synthetic classes; choose from {list(SYNTHETIC_CLASSES)}."
             )
-        _check_int("train_per_class", train_per_class, minimum=1)
-        _check_int("test_per_class", test_per_class, minimum=0)
-        _check_int("generation_seed", generation_seed, minimum=0)
+        check_int("train_per_class", train_per_class, minimum=1)
+        check_int("test_per_class", test_per_class, minimum=0)
+        check_int("generation_seed", generation_seed, minimum=0)
         self.train_per_class = train_per_class
         self.test_per_class = test_per_class
         self.generation_seed = generation_seed
@@ -970,10 +971,3 @@ class SyntheticShapesDataModule(ShapeFolderDataModule):
             test_per_class=self.test_per_class,
             seed=self.generation_seed,
         )
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer; got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}; got {value}.")

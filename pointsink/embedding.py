@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pointsink.validation import check_int
+
 __all__ = [
     "EdgeConvEmbedding",
     "SetAbstraction",
@@ -131,10 +133,8 @@ class EdgeConvEmbedding(nn.Module):
         super().__init__()
         if in_channels < 3:
             raise ValueError(f"in_channels must include xyz (>= 3); got {in_channels}.")
-        if num_neighbors < 1:
-            raise ValueError(f"num_neighbors must be at least 1; got {num_neighbors}.")
-        if channels < 1:
-            raise ValueError(f"channels must be at least 1; got {channels}.")
+        check_int("num_neighbors", num_neighbors)
+        check_int("channels", channels)
         self.in_channels = in_channels
         self.channels = channels
         self.num_neighbors = num_neighbors
@@ -229,10 +229,8 @@ class SetAbstraction(nn.Module):
         super().__init__()
         if in_channels < 3:
             raise ValueError(f"in_channels must include xyz (>= 3); got {in_channels}.")
-        if num_groups < 1:
-            raise ValueError(f"num_groups must be at least 1; got {num_groups}.")
-        if group_size < 1:
-            raise ValueError(f"group_size must be at least 1; got {group_size}.")
+        check_int("num_groups", num_groups)
+        check_int("group_size", group_size)
         hidden_channels = hidden_channels or max(channels // 2, 1)
         self.in_channels = in_channels
         self.channels = channels

@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 
 from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, as_shape, file_extension, load_shape
 from pointsink.transforms import PointCloudAugmentation, preprocess_shape
+from pointsink.validation import check_int
 
 __all__ = [
     "DEFAULT_NUM_POINTS",
@@ -364,8 +365,8 @@ class ShapePredictionDataset(Dataset):
     ) -> None:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        _check_positive("num_points", num_points)
-        _check_seed(seed)
+        check_int("num_points", num_points)
+        check_int("seed", seed, minimum=0)
         self.entries: list[PathEntry] = expand_paths(paths)
         self.num_points = num_points
         self.seed = seed
@@ -484,16 +485,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-
-
-def _check_seed(seed: Any) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer; got {seed!r}.")
-
-
 class ShapeClassifier:
     """A trained classifier ready for inference on files, arrays and meshes.
 
@@ -518,7 +509,7 @@ class ShapeClassifier:
         augmentation: PointCloudAugmentation | None = None,
         device: str | torch.device = "auto",
     ) -> None:
-        _check_positive("num_points", num_points)
+        check_int("num_points", num_points)
         names = [str(name) for name in class_names]
         if len(names) < 2:
             raise ValueError(f"need at least two class names; got {names}.")
@@ -659,10 +650,10 @@ class ShapeClassifier:
             of a batch array), in input order. Inputs that cannot be classified have
             ``error`` set; they never stop the others.
         """
-        _check_positive("top_k", top_k)
-        _check_positive("votes", votes)
-        _check_positive("batch_size", batch_size)
-        _check_seed(seed)
+        check_int("top_k", top_k)
+        check_int("votes", votes)
+        check_int("batch_size", batch_size)
+        check_int("seed", seed, minimum=0)
         items = list(_flatten_inputs(inputs))
         results: list[Prediction] = []
         bar = None

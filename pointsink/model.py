@@ -13,6 +13,7 @@ from pointsink.blocks import (
     SetAttentionBlock,
 )
 from pointsink.embedding import EdgeConvEmbedding, SetAbstraction
+from pointsink.validation import check_int
 
 __all__ = ["DEFAULT_N_ITER", "SetSinkformer"]
 
@@ -82,16 +83,12 @@ class SetSinkformer(nn.Module):
         group_size: int = 32,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2; got {num_classes}.")
+        check_int("num_classes", num_classes, minimum=2)
         if encoder not in ("isab", "sab"):
             raise ValueError(f"encoder must be 'isab' or 'sab'; got {encoder!r}.")
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be at least 1; got {num_blocks}.")
-        if local_neighbors < 0:
-            raise ValueError(f"local_neighbors must be 0 or more; got {local_neighbors}.")
-        if num_groups < 0:
-            raise ValueError(f"num_groups must be 0 or more; got {num_groups}.")
+        check_int("num_blocks", num_blocks, minimum=1)
+        check_int("local_neighbors", local_neighbors, minimum=0)
+        check_int("num_groups", num_groups, minimum=0)
         check_attention_kind(attention, n_iter)
         self.in_channels = in_channels
         embeddings: list[EdgeConvEmbedding | SetAbstraction] = []

@@ -22,13 +22,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["check_n_iter", "log_sinkhorn", "sinkhorn", "sinkhorn_potentials"]
+from pointsink.validation import check_int
 
-
-def check_n_iter(n_iter: int) -> None:
-    """Raises a ValueError unless ``n_iter`` is a positive integer (bools rejected)."""
-    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
-        raise ValueError(f"n_iter must be a positive integer; got {n_iter!r}.")
+__all__ = ["log_sinkhorn", "sinkhorn", "sinkhorn_potentials"]
 
 
 def _check(logits: Tensor, n_iter: int) -> None:
@@ -36,7 +32,7 @@ def _check(logits: Tensor, n_iter: int) -> None:
         raise ValueError(
             f"Sinkhorn needs logits of shape (..., n, m); got shape {tuple(logits.shape)}."
         )
-    check_n_iter(n_iter)
+    check_int("n_iter", n_iter)
 
 
 def sinkhorn_potentials(logits: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:

@@ -64,7 +64,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from pointsink.sinkhorn import check_n_iter, sinkhorn
+from pointsink.sinkhorn import sinkhorn
+from pointsink.validation import check_int
 
 __all__ = ["Backend", "dense_sinkhorn_attention", "sinkhorn_attention", "triton_available"]
 
@@ -482,7 +483,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, n_iter: int) -> None:
         raise TypeError(
             f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}."
         )
-    check_n_iter(n_iter)
+    check_int("n_iter", n_iter)
 
 
 def _choose_backend(backend: Backend, q: Tensor) -> str:

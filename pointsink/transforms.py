@@ -18,6 +18,7 @@ import trimesh
 from torch import Tensor
 
 from pointsink.io import as_shape, load_shape
+from pointsink.validation import check_int
 
 __all__ = [
     "PointCloudAugmentation",
@@ -109,10 +110,7 @@ def _sample_points_float64(
     shape: trimesh.Trimesh | np.ndarray, num_points: int, seed: int
 ) -> np.ndarray:
     """Implements :func:`sample_points` on a validated shape, returning float64 ``(N, 3)``."""
-    if isinstance(num_points, bool) or not isinstance(num_points, (int, np.integer)):
-        raise TypeError(f"num_points must be an int; got {type(num_points).__name__}.")
-    if num_points < 1:
-        raise ValueError(f"num_points must be at least 1; got {num_points}.")
+    check_int("num_points", num_points)
     if isinstance(shape, trimesh.Trimesh):
         points, _ = trimesh.sample.sample_surface(shape, int(num_points), seed=seed)
         return np.asarray(points, dtype=np.float64)
