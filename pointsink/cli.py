@@ -7,10 +7,11 @@ from tests as ``main([...])``.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from pointsink.callbacks import ConfusionMatrixReport, PredictionWriter
 from pointsink.data import DatasetNotFoundError, ShapeFolderDataModule
@@ -25,6 +26,14 @@ class SinkformerCLI(LightningCLI):
     The data module's class names, point count and augmentation settings are linked to the
     model's hyperparameters, so every checkpoint records them.
     """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parses ``args`` (or ``sys.argv``) into ``self.config``, as LightningCLI does."""
+        with warnings.catch_warnings():
+            # `main(args)` is how tests and benchmarks/reproduce.py run the CLI while their own
+            # options fill sys.argv; Lightning's warning against mixing the two does not apply.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Adds the checkpoint, prediction and report callbacks and the data → model links."""

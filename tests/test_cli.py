@@ -1,6 +1,8 @@
 """End to end through the CLI entry point, as a user runs it."""
 
 import json
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,12 @@ def test_weight_averaged_checkpoint_serves_the_averaged_weights(tmp_path: Path) 
     test_cli = main(["test", *_tiny_args(tmp_path), *ema, "--ckpt_path", str(best)])
     for key, value in test_cli.model.state_dict().items():
         torch.testing.assert_close(value, averaged[key], rtol=0, atol=0)
+
+
+def test_main_with_args_ignores_the_callers_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`main(args)` under another program's argv (reproduce.py, pytest) parses args quietly."""
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--seeds", "0"])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        main(["fit", "--config", str(REPO / "configs" / "synthetic.yaml"), "--print_config"])
+    assert not [w for w in caught if "args parameter" in str(w.message)]
