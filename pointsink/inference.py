@@ -509,14 +509,14 @@ class ShapeClassifier:
         augmentation: PointCloudAugmentation | None = None,
         device: str | torch.device = "auto",
     ) -> None:
-        check_int("num_points", num_points)
+        num_points = check_int("num_points", num_points)
         names = [str(name) for name in class_names]
         if len(names) < 2:
             raise ValueError(f"need at least two class names; got {names}.")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self._class_names = names
-        self.num_points = int(num_points)
+        self.num_points = num_points
         self.augmentation = augmentation if augmentation is not None else PointCloudAugmentation()
 
     @property

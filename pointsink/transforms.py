@@ -110,9 +110,9 @@ def _sample_points_float64(
     shape: trimesh.Trimesh | np.ndarray, num_points: int, seed: int
 ) -> np.ndarray:
     """Implements :func:`sample_points` on a validated shape, returning float64 ``(N, 3)``."""
-    check_int("num_points", num_points)
+    num_points = check_int("num_points", num_points)
     if isinstance(shape, trimesh.Trimesh):
-        points, _ = trimesh.sample.sample_surface(shape, int(num_points), seed=seed)
+        points, _ = trimesh.sample.sample_surface(shape, num_points, seed=seed)
         return np.asarray(points, dtype=np.float64)
 
     rng = np.random.default_rng(seed)

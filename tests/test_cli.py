@@ -118,7 +118,7 @@ def test_offline_modelnet_fails_with_one_sentence(
 
 
 def test_weight_averaged_checkpoint_serves_the_averaged_weights(tmp_path: Path) -> None:
-    """The recipe's EMA callback: checkpoints, `test` and inference all use the averaged weights."""
+    """With the optional EMA callback, checkpoints, `test` and inference use averaged weights."""
     from pointsink.inference import ShapeClassifier
 
     ema = [
