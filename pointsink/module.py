@@ -48,6 +48,13 @@ class SinkformerClassifier(pl.LightningModule):
         warmup_epochs: Linear warm-up length for ``"cosine"``.
         min_lr_ratio: Final learning rate as a fraction of ``lr`` for ``"cosine"``.
         label_smoothing: Cross-entropy label smoothing.
+        logit_adjustment: Strength ``tau`` of the logit-adjusted loss (Menon et al.,
+            "Long-tail learning via logit adjustment", ICLR 2021): the training loss is
+            ``cross_entropy(logits + tau * log(prior), target)`` with the class prior
+            counted on the training split at the start of fitting, so that the raw logits
+            aim at balanced (mean per-class) accuracy rather than the training split's class
+            mix. ``0`` turns it off; ``1`` is the value the theory gives. Predictions,
+            metrics and evaluation losses always use the raw logits.
         augmentation: Settings of the training augmentation
             (:meth:`~pointsink.transforms.PointCloudAugmentation.settings`, linked from the
             data module by the CLI). Not used by the model; stored so that test-time
@@ -77,6 +84,7 @@ class SinkformerClassifier(pl.LightningModule):
         warmup_epochs: int = 1,
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.0,
+        logit_adjustment: float = 0.0,
         local_neighbors: int = 0,
         local_channels: int = 64,
         num_groups: int = 0,
@@ -94,6 +102,8 @@ class SinkformerClassifier(pl.LightningModule):
             num_classes = len(class_names)
         if num_classes is None:
             raise ValueError("give class_names (preferred) or num_classes.")
+        if logit_adjustment < 0:
+            raise ValueError(f"logit_adjustment must be >= 0, got {logit_adjustment}.")
         self.save_hyperparameters()
         self.class_names = class_names or [str(index) for index in range(num_classes)]
         self.num_classes = num_classes
@@ -133,6 +143,9 @@ class SinkformerClassifier(pl.LightningModule):
         # ConfusionMatrixReport) after testing through `test_confusion_matrix`.
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion_matrix: Tensor | None = None
+        # Counted from the training data in on_fit_start; not saved, since only the
+        # training loss uses it.
+        self.register_buffer("log_class_prior", torch.zeros(num_classes), persistent=False)
 
     def forward(self, points: Tensor) -> Tensor:
         """``(B, N, 3)`` points -> ``(B, C)`` logits."""
@@ -144,7 +157,10 @@ class SinkformerClassifier(pl.LightningModule):
         """Loss and logits of one batch; updates and logs the stage's metrics."""
         logits = self(batch["points"])
         target = batch["label"]
-        loss = F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
+        loss_logits = logits
+        if stage == "train" and self.hparams.logit_adjustment:
+            loss_logits = logits + self.hparams.logit_adjustment * self.log_class_prior
+        loss = F.cross_entropy(loss_logits, target, label_smoothing=self.hparams.label_smoothing)
         batch_size = target.shape[0]
         metrics.update(logits, target)
         if stage == "train":
@@ -162,6 +178,27 @@ class SinkformerClassifier(pl.LightningModule):
             self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(metrics, batch_size=batch_size, on_step=False, on_epoch=True, prog_bar=True)
         return loss, logits
+
+    def on_fit_start(self) -> None:
+        """Counts the training split's class prior for the logit-adjusted loss."""
+        if not self.hparams.logit_adjustment:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        labels = getattr(getattr(datamodule, "train_dataset", None), "labels", None)
+        if labels is None:
+            raise ValueError(
+                "logit_adjustment needs the class prior of the training data: fit with a "
+                "data module whose train_dataset has a `labels` tensor."
+            )
+        labels = torch.as_tensor(labels).long()
+        counts = torch.bincount(labels, minlength=self.num_classes)[: self.num_classes]
+        if bool((counts == 0).any()):
+            missing = [self.class_names[i] for i in range(self.num_classes) if counts[i] == 0]
+            raise ValueError(
+                f"logit_adjustment needs every class in the training data; none of: {missing}."
+            )
+        prior = counts.double() / counts.sum()
+        self.log_class_prior.copy_(prior.log().to(self.log_class_prior))
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         """One optimization step's loss."""

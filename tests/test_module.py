@@ -114,3 +114,72 @@ def test_confusion_report_accuracies() -> None:
     # The class without test samples does not drag the mean down.
     assert report["mean_class_accuracy"] == pytest.approx((0.8 + 0.75) / 2)
     assert report["support"] == {"cone": 10, "cube": 4, "sphere": 0}
+
+
+class _LabelledData(pl.LightningDataModule):
+    """Training data with a known class mix: 6 cones, 3 cubes, 1 sphere."""
+
+    def __init__(self, counts: tuple[int, ...] = (6, 3, 1)) -> None:
+        super().__init__()
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        points = torch.randn(len(labels), 16, 3, generator=torch.Generator().manual_seed(0))
+        self.train_dataset = type("Labelled", (), {"labels": labels})()
+        self.samples = [
+            {"points": p, "label": y, "index": i}
+            for i, (p, y) in enumerate(zip(points, labels, strict=True))
+        ]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.samples, batch_size=5)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.train_dataloader()
+
+
+def _fit_one_step(module: SinkformerClassifier, datamodule: pl.LightningDataModule, tmp_path):
+    trainer = pl.Trainer(
+        max_steps=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+def test_logit_adjustment_uses_the_training_prior(tmp_path) -> None:
+    module = _module(logit_adjustment=0.5)
+    _fit_one_step(module, _LabelledData(), tmp_path)
+    expected = torch.tensor([0.6, 0.3, 0.1]).log()
+    torch.testing.assert_close(module.log_class_prior, expected)
+
+    # Only the training loss sees the shift: tau * log(prior) added to the logits.
+    batch = {"points": torch.randn(4, 16, 3), "label": torch.tensor([0, 1, 2, 2])}
+    module.eval()
+    logits = module(batch["points"])
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    train_loss, _ = module._shared_step(batch, "train", module.train_metrics)
+    val_loss, _ = module._shared_step(batch, "val", module.val_metrics)
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(train_loss, ce(logits + 0.5 * expected, batch["label"]))
+    torch.testing.assert_close(val_loss, ce(logits, batch["label"]))
+    assert not torch.allclose(train_loss, val_loss)
+    # The prior is not part of the checkpoint: inference never uses it.
+    assert "log_class_prior" not in module.state_dict()
+
+
+def test_logit_adjustment_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        _module(logit_adjustment=-1.0)
+    with pytest.raises(ValueError, match=r"every class.*sphere"):
+        _fit_one_step(_module(logit_adjustment=1.0), _LabelledData((6, 3, 0)), tmp_path)
+    plain = _LabelledData()
+    plain.train_dataset = None
+    with pytest.raises(ValueError, match="class prior"):
+        _fit_one_step(_module(logit_adjustment=1.0), plain, tmp_path)
+    # Off by default: nothing is counted and the data module needs no labels.
+    module = _module()
+    _fit_one_step(module, plain, tmp_path)
+    assert torch.equal(module.log_class_prior, torch.zeros(3))
