@@ -1,3 +1,6 @@
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -123,7 +126,7 @@ class _LabelledData(pl.LightningDataModule):
         super().__init__()
         labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
         points = torch.randn(len(labels), 16, 3, generator=torch.Generator().manual_seed(0))
-        self.train_dataset = type("Labelled", (), {"labels": labels})()
+        self.train_dataset = SimpleNamespace(labels=labels)
         self.samples = [
             {"points": p, "label": y, "index": i}
             for i, (p, y) in enumerate(zip(points, labels, strict=True))
@@ -136,7 +139,9 @@ class _LabelledData(pl.LightningDataModule):
         return self.train_dataloader()
 
 
-def _fit_one_step(module: SinkformerClassifier, datamodule: pl.LightningDataModule, tmp_path):
+def _fit_one_step(
+    module: SinkformerClassifier, datamodule: pl.LightningDataModule, tmp_path: Path
+) -> pl.Trainer:
     trainer = pl.Trainer(
         max_steps=1,
         default_root_dir=tmp_path,
