@@ -23,6 +23,17 @@ def _loader(num_samples: int = 24, num_points: int = 16) -> DataLoader:
     return DataLoader(samples, batch_size=8)
 
 
+def _quiet_trainer(tmp_path: Path, **kwargs: object) -> pl.Trainer:
+    """A trainer without logger, progress bar or model summary, writing under ``tmp_path``."""
+    quiet = {
+        "default_root_dir": tmp_path,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**quiet, **kwargs})
+
+
 def _module(**kwargs: object) -> SinkformerClassifier:
     defaults = {"class_names": CLASSES, "channels": 16, "num_heads": 2, "num_inducing_points": 4}
     return SinkformerClassifier(**{**defaults, **kwargs})
@@ -52,13 +63,8 @@ def test_fit_checkpoint_reload_weights_only(tmp_path) -> None:
         num_groups=8,
         group_size=4,
     )
-    trainer = pl.Trainer(
-        max_epochs=2,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[DoublyStochasticMonitor(plot=False)],
+    trainer = _quiet_trainer(
+        tmp_path, max_epochs=2, callbacks=[DoublyStochasticMonitor(plot=False)]
     )
     trainer.fit(module, _loader(), _loader())
     path = tmp_path / "model.ckpt"
@@ -81,7 +87,7 @@ def test_fit_checkpoint_reload_weights_only(tmp_path) -> None:
 
 def test_metrics_are_overall_and_mean_per_class(tmp_path) -> None:
     module = _module()
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = _quiet_trainer(tmp_path)
     (result,) = trainer.test(module, _loader())
     assert set(result) >= {"test/oa", "test/macc", "test/loss"}
     # Recompute both accuracies by hand from the predictions.
@@ -142,14 +148,7 @@ class _LabelledData(pl.LightningDataModule):
 def _fit_one_step(
     module: SinkformerClassifier, datamodule: pl.LightningDataModule, tmp_path: Path
 ) -> pl.Trainer:
-    trainer = pl.Trainer(
-        max_steps=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = _quiet_trainer(tmp_path, max_steps=1, enable_checkpointing=False)
     trainer.fit(module, datamodule=datamodule)
     return trainer
 
