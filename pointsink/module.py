@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from pointsink.attention import AttentionKind
 from pointsink.model import DEFAULT_N_ITER, SetSinkformer
+from pointsink.transforms import mix_point_regions
 
 __all__ = ["SinkformerClassifier"]
 
@@ -55,6 +56,13 @@ class SinkformerClassifier(pl.LightningModule):
             aim at balanced (mean per-class) accuracy rather than the training split's class
             mix. ``0`` turns it off; ``1`` is the value the theory gives. Predictions,
             metrics and evaluation losses always use the raw logits.
+        mix_probability: Chance that a training batch is mixed by region
+            (:func:`~pointsink.transforms.mix_point_regions`, PointCutMix-K/RSMix style):
+            each shape swaps the ``K`` points nearest one of its points for the same region
+            of a partner shape from the batch, ``K / N ~ Beta(mix_alpha, mix_alpha)`` per
+            batch, and the loss weighs the two labels by ``1 - K/N`` and ``K/N``. ``0``
+            turns it off. Training metrics on a mixed batch count the first label.
+        mix_alpha: Both parameters of the Beta distribution of the mixing ratio (> 0).
         augmentation: Settings of the training augmentation
             (:meth:`~pointsink.transforms.PointCloudAugmentation.settings`, linked from the
             data module by the CLI). Not used by the model; stored so that test-time
@@ -85,6 +93,8 @@ class SinkformerClassifier(pl.LightningModule):
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.0,
         logit_adjustment: float = 0.0,
+        mix_probability: float = 0.0,
+        mix_alpha: float = 1.0,
         local_neighbors: int = 0,
         local_channels: int = 64,
         num_groups: int = 0,
@@ -104,6 +114,10 @@ class SinkformerClassifier(pl.LightningModule):
             raise ValueError("give class_names (preferred) or num_classes.")
         if logit_adjustment < 0:
             raise ValueError(f"logit_adjustment must be >= 0, got {logit_adjustment}.")
+        if not 0.0 <= mix_probability <= 1.0:
+            raise ValueError(f"mix_probability must be in [0, 1], got {mix_probability}.")
+        if not mix_alpha > 0.0:
+            raise ValueError(f"mix_alpha must be > 0, got {mix_alpha}.")
         self.save_hyperparameters()
         self.class_names = class_names or [str(index) for index in range(num_classes)]
         self.num_classes = num_classes
@@ -155,12 +169,19 @@ class SinkformerClassifier(pl.LightningModule):
         self, batch: Batch, stage: str, metrics: MetricCollection
     ) -> tuple[Tensor, Tensor]:
         """Loss and logits of one batch; updates and logs the stage's metrics."""
-        logits = self(batch["points"])
-        target = batch["label"]
+        points, target = batch["points"], batch["label"]
+        partner_target, partner_weight = None, 0.0
+        if stage == "train" and self._mix_this_batch():
+            points, partner_target, partner_weight = self._mix_regions(points, target)
+        logits = self(points)
         loss_logits = logits
         if stage == "train" and self.hparams.logit_adjustment:
             loss_logits = logits + self.hparams.logit_adjustment * self.log_class_prior
-        loss = F.cross_entropy(loss_logits, target, label_smoothing=self.hparams.label_smoothing)
+        smoothing = self.hparams.label_smoothing
+        loss = F.cross_entropy(loss_logits, target, label_smoothing=smoothing)
+        if partner_target is not None:
+            partner_loss = F.cross_entropy(loss_logits, partner_target, label_smoothing=smoothing)
+            loss = (1.0 - partner_weight) * loss + partner_weight * partner_loss
         batch_size = target.shape[0]
         metrics.update(logits, target)
         if stage == "train":
@@ -178,6 +199,23 @@ class SinkformerClassifier(pl.LightningModule):
             self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(metrics, batch_size=batch_size, on_step=False, on_epoch=True, prog_bar=True)
         return loss, logits
+
+    def _mix_this_batch(self) -> bool:
+        # Drawn on the CPU from torch's seeded global RNG: no device sync.
+        probability = self.hparams.mix_probability
+        return probability > 0.0 and bool(torch.rand(()) < probability)
+
+    def _mix_regions(self, points: Tensor, target: Tensor) -> tuple[Tensor, Tensor, float]:
+        """Region-mixed points ``(B, N, 3)``, the partners' labels ``(B,)`` and their weight."""
+        batch_size, num_points, _ = points.shape
+        alpha = self.hparams.mix_alpha
+        ratio = float(torch.distributions.Beta(alpha, alpha).sample())
+        num_replaced = round(ratio * num_points)
+        partner = torch.randperm(batch_size).to(points.device)
+        center_index = torch.randint(num_points, (batch_size,)).to(points.device)
+        centers = points[torch.arange(batch_size, device=points.device), center_index]
+        mixed = mix_point_regions(points, points[partner], num_replaced, centers)
+        return mixed, target[partner], num_replaced / num_points
 
     def on_fit_start(self) -> None:
         """Counts the training split's class prior for the logit-adjusted loss."""

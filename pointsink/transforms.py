@@ -17,11 +17,13 @@ import torch
 import trimesh
 from torch import Tensor
 
+from pointsink.embedding import knn_indices
 from pointsink.io import as_shape, load_shape
 from pointsink.validation import check_int
 
 __all__ = [
     "PointCloudAugmentation",
+    "mix_point_regions",
     "normalize_points",
     "preprocess_shape",
     "sample_points",
@@ -244,3 +246,50 @@ class PointCloudAugmentation(torch.nn.Module):
             f"jitter_sigma={self.jitter_sigma}, jitter_clip={self.jitter_clip}, "
             f"shuffle={self.shuffle}"
         )
+
+
+def mix_point_regions(
+    points: Tensor, partner_points: Tensor, num_replaced: int, centers: Tensor
+) -> Tensor:
+    """Replaces a local region of each point set by the same region of a partner set.
+
+    The batch-level mixing of PointCutMix-K and RSMix (Zhang et al., "PointCutMix", 2021;
+    Lee et al., "Regularization Strategy for Point Cloud via Rigidly Mixed Sample", 2021):
+    the ``K`` points of ``points[b]`` nearest ``centers[b]`` are dropped and the ``K``
+    points of ``partner_points[b]`` nearest the same centre take their place. Both sets are
+    normalized alike, so the region is the same part of space in both and the mixed set
+    stays locally coherent (a set abstraction's neighbourhoods mostly see one shape). The
+    label weight of the partner is ``K / N``.
+
+    Args:
+        points: ``(B, N, 3)`` point sets; not modified.
+        partner_points: ``(B, N', 3)`` sets that give the replacement regions, ``N' >= K``.
+        num_replaced: ``K``, points replaced per set, ``0 <= K <= N``.
+        centers: ``(B, 3)`` region centres.
+
+    Returns:
+        ``(B, N, 3)`` mixed point sets.
+    """
+    if points.dim() != 3 or partner_points.dim() != 3 or points.shape[0] != partner_points.shape[0]:
+        raise ValueError(
+            "points and partner_points must be (B, N, 3) with the same B; got "
+            f"{tuple(points.shape)} and {tuple(partner_points.shape)}."
+        )
+    if centers.shape != (points.shape[0], points.shape[-1]):
+        raise ValueError(
+            f"centers must have shape {(points.shape[0], points.shape[-1])}; "
+            f"got {tuple(centers.shape)}."
+        )
+    if not 0 <= num_replaced <= min(points.shape[1], partner_points.shape[1]):
+        raise ValueError(
+            f"num_replaced must be between 0 and the number of points; got {num_replaced}."
+        )
+    mixed = points.clone()
+    if num_replaced == 0:
+        return mixed
+    queries = centers.unsqueeze(1)
+    dropped = knn_indices(points, num_replaced, queries).squeeze(1)
+    taken = knn_indices(partner_points, num_replaced, queries).squeeze(1)
+    rows = torch.arange(points.shape[0], device=points.device).unsqueeze(1)
+    mixed[rows, dropped] = partner_points[rows, taken]
+    return mixed
