@@ -187,3 +187,40 @@ def test_logit_adjustment_errors(tmp_path) -> None:
     module = _module()
     _fit_one_step(module, plain, tmp_path)
     assert torch.equal(module.log_class_prior, torch.zeros(3))
+
+
+def test_region_mixing_weighs_both_labels_in_the_training_loss() -> None:
+    module = _module(mix_probability=1.0, num_groups=8, group_size=4).eval()
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    points = torch.randn(6, 16, 3, generator=torch.Generator().manual_seed(1))
+    batch = {"points": points, "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    ce = torch.nn.functional.cross_entropy
+
+    torch.manual_seed(3)
+    train_loss, _ = module._shared_step(batch, "train", module.train_metrics)
+    torch.manual_seed(3)
+    assert torch.rand(()) < 1.0  # the draw that decides to mix
+    mixed, partner_label, weight = module._mix_regions(points, batch["label"])
+    assert 0.0 < weight < 1.0 and not torch.equal(partner_label, batch["label"])
+    logits = module(mixed)
+    expected = (1 - weight) * ce(logits, batch["label"]) + weight * ce(logits, partner_label)
+    torch.testing.assert_close(train_loss, expected)
+    assert not torch.allclose(train_loss, ce(logits, batch["label"]))
+
+    # Evaluation never mixes, and neither does training with the default probability 0.
+    val_loss, _ = module._shared_step(batch, "val", module.val_metrics)
+    torch.testing.assert_close(val_loss, ce(module(points), batch["label"]))
+    plain = _module(num_groups=8, group_size=4).eval()
+    plain.load_state_dict(module.state_dict())
+    plain.log = plain.log_dict = lambda *args, **kwargs: None
+    plain_loss, _ = plain._shared_step(batch, "train", plain.train_metrics)
+    torch.testing.assert_close(plain_loss, ce(module(points), batch["label"]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"mix_probability": 1.5}, "mix_probability"), ({"mix_alpha": 0.0}, "mix_alpha")],
+)
+def test_region_mixing_rejects_bad_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _module(**kwargs)

@@ -9,6 +9,7 @@ import trimesh
 
 from pointsink.transforms import (
     PointCloudAugmentation,
+    mix_point_regions,
     normalize_points,
     preprocess_shape,
     sample_points,
@@ -217,3 +218,39 @@ def test_generators_and_global_rng_drive_the_randomness():
 def test_augmentation_rejects_invalid_settings(kwargs):
     with pytest.raises(ValueError):
         PointCloudAugmentation(**kwargs)
+
+
+def test_region_mixing_swaps_the_same_region_of_both_sets():
+    generator = torch.Generator().manual_seed(0)
+    points = torch.rand(3, 50, 3, generator=generator)
+    partner = torch.rand(3, 40, 3, generator=generator)
+    centers = points[:, 7]
+    mixed = mix_point_regions(points, partner, 12, centers)
+    assert mixed.shape == points.shape
+    for b in range(3):
+        # The 12 points nearest the centre are gone; the rest stay where they were.
+        order = (points[b] - centers[b]).norm(dim=-1).argsort()
+        kept, dropped = order[12:], order[:12]
+        torch.testing.assert_close(mixed[b, kept], points[b, kept])
+        # In their places: the partner's 12 points nearest the same centre.
+        nearest = (partner[b] - centers[b]).norm(dim=-1).argsort()[:12]
+        expected = partner[b, nearest]
+        got = mixed[b, dropped]
+        assert torch.equal(got[got[:, 0].argsort()], expected[expected[:, 0].argsort()]), (
+            "replacement region differs from the partner's"
+        )
+    # The inputs are untouched; K = 0 and K = N are the two sets themselves.
+    assert not torch.equal(mixed, points)
+    torch.testing.assert_close(mix_point_regions(points, partner, 0, centers), points)
+    whole = mix_point_regions(points[:, :40], partner, 40, centers)
+    torch.testing.assert_close(whole.sort(dim=1).values, partner.sort(dim=1).values)
+
+
+def test_region_mixing_rejects_bad_arguments():
+    points = torch.rand(2, 10, 3)
+    with pytest.raises(ValueError, match="num_replaced"):
+        mix_point_regions(points, points, 11, points[:, 0])
+    with pytest.raises(ValueError, match="centers"):
+        mix_point_regions(points, points, 3, points[0])
+    with pytest.raises(ValueError, match="same B"):
+        mix_point_regions(points, points[:1], 3, points[:, 0])
