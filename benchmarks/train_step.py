@@ -1,0 +1,114 @@
+"""Time one training step of a config's model, and the parts of its set abstraction.
+
+Builds the model from a training config's ``model:`` section (the ModelNet10 recipe by
+default) and times, on random point sets of the config's batch size and point count:
+
+* ``farthest_point_sampling``: choosing the set abstraction's centres;
+* ``knn_indices``: the ``group_size`` points nearest each centre;
+* ``set abstraction fwd+bwd``: the whole embedding, forward and backward;
+* ``training step``: forward, cross-entropy, backward and the optimizer step of the whole
+  model, which is what an epoch repeats (data loading and validation excluded).
+
+Under the config's precision (``bf16-mixed`` runs the model under CPU/CUDA bf16 autocast).
+Each line reports the minimum and the median over ``--repeats`` runs after ``--warmup``; on
+a shared or virtual machine the minimum is the steadier number.
+
+Example (the setting of the CPU training runs: one intra-op thread per run)::
+
+    python benchmarks/train_step.py --config configs/modelnet10.yaml --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+import yaml
+
+from pointsink.embedding import SetAbstraction, farthest_point_sampling, knn_indices
+from pointsink.module import SinkformerClassifier
+
+
+def _timings(run: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float]:
+    """(minimum, median) seconds of ``run()`` over ``repeats`` calls after ``warmup``."""
+    for _ in range(warmup):
+        run()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds), statistics.median(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/modelnet10.yaml")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    with open(args.config) as file:
+        config = yaml.safe_load(file)
+    model_args = dict(config["model"])
+    data_args = config["data"].get("init_args", config["data"])
+    batch_size, num_points = int(data_args["batch_size"]), int(data_args["num_points"])
+    bf16 = "bf16" in str(config.get("trainer", {}).get("precision", ""))
+    module = SinkformerClassifier(num_classes=10, **model_args)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    embedding = next(m for m in module.modules() if isinstance(m, SetAbstraction))
+
+    points = F.normalize(torch.randn(batch_size, num_points, 3), dim=-1)
+    labels = torch.randint(10, (batch_size,))
+    centers = embedding.num_groups
+    center_points = points[:, :centers]
+
+    @contextlib.contextmanager
+    def precision() -> Iterator[None]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            yield
+
+    def embedding_step() -> None:
+        with precision():
+            tokens = embedding(points)
+        tokens.float().sum().backward()
+
+    def training_step() -> None:
+        with precision():
+            loss = F.cross_entropy(module(points), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    parts: list[tuple[str, Callable[[], object]]] = [
+        (f"farthest_point_sampling ({centers} of {num_points})",
+         lambda: farthest_point_sampling(points, centers)),
+        (f"knn_indices ({embedding.group_size} per centre)",
+         lambda: knn_indices(points, embedding.group_size, queries=center_points)),
+        ("set abstraction fwd+bwd", embedding_step),
+        ("training step (fwd, loss, bwd, AdamW)", training_step),
+    ]  # fmt: skip
+    module.train()
+    print(
+        f"config {args.config}, batch {batch_size} x {num_points} points, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}, {args.threads} thread(s), "
+        f"min / median of {args.repeats} after {args.warmup} warm-up"
+    )
+    print("| part | min (ms) | median (ms) |")
+    print("|---|---|---|")
+    for name, run in parts:
+        fastest, median = _timings(run, args.warmup, args.repeats)
+        print(f"| {name} | {fastest * 1e3:.0f} | {median * 1e3:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
