@@ -34,6 +34,12 @@ def _quiet_trainer(tmp_path: Path, **kwargs: object) -> pl.Trainer:
     return pl.Trainer(**{**quiet, **kwargs})
 
 
+def _without_logging(module: SinkformerClassifier) -> SinkformerClassifier:
+    """Lets ``_shared_step`` run outside a trainer: ``self.log`` would need one."""
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    return module
+
+
 def _module(**kwargs: object) -> SinkformerClassifier:
     defaults = {"class_names": CLASSES, "channels": 16, "num_heads": 2, "num_inducing_points": 4}
     return SinkformerClassifier(**{**defaults, **kwargs})
@@ -163,7 +169,7 @@ def test_logit_adjustment_uses_the_training_prior(tmp_path) -> None:
     batch = {"points": torch.randn(4, 16, 3), "label": torch.tensor([0, 1, 2, 2])}
     module.eval()
     logits = module(batch["points"])
-    module.log = module.log_dict = lambda *args, **kwargs: None
+    _without_logging(module)
     train_loss, _ = module._shared_step(batch, "train", module.train_metrics)
     val_loss, _ = module._shared_step(batch, "val", module.val_metrics)
     ce = torch.nn.functional.cross_entropy
@@ -190,8 +196,7 @@ def test_logit_adjustment_errors(tmp_path) -> None:
 
 
 def test_region_mixing_weighs_both_labels_in_the_training_loss() -> None:
-    module = _module(mix_probability=1.0, num_groups=8, group_size=4).eval()
-    module.log = module.log_dict = lambda *args, **kwargs: None
+    module = _without_logging(_module(mix_probability=1.0, num_groups=8, group_size=4).eval())
     points = torch.randn(6, 16, 3, generator=torch.Generator().manual_seed(1))
     batch = {"points": points, "label": torch.tensor([0, 1, 2, 0, 1, 2])}
     ce = torch.nn.functional.cross_entropy
@@ -210,9 +215,8 @@ def test_region_mixing_weighs_both_labels_in_the_training_loss() -> None:
     # Evaluation never mixes, and neither does training with the default probability 0.
     val_loss, _ = module._shared_step(batch, "val", module.val_metrics)
     torch.testing.assert_close(val_loss, ce(module(points), batch["label"]))
-    plain = _module(num_groups=8, group_size=4).eval()
+    plain = _without_logging(_module(num_groups=8, group_size=4).eval())
     plain.load_state_dict(module.state_dict())
-    plain.log = plain.log_dict = lambda *args, **kwargs: None
     plain_loss, _ = plain._shared_step(batch, "train", plain.train_metrics)
     torch.testing.assert_close(plain_loss, ce(module(points), batch["label"]))
 
