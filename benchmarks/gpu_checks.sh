@@ -6,9 +6,9 @@
 #      5 iterations, forward + backward, B=8, H=4, d=64, N = 1024 ... 16384, fp32 and bf16;
 #   3. with DATA=<ModelNet10 dir>: the configs/modelnet10.yaml recipe, Sinkhorn-5, seeds
 #      0 1 2 trained at once on the one GPU (benchmarks/reproduce.py --jobs 3).
-# On one H200 (2026-11-28, benchmarks/RESULTS.md) checks 1 and 2 took about 4 minutes, and one
-# seed of the recipe alone 7.0 s per epoch (60 epochs: about 7 minutes); three at once were
-# not timed.
+# On one H200 (2026-11-28, benchmarks/RESULTS.md): 32 of check 1's tests (-k "cuda or sm90 or
+# chunked_matches or one_iteration") took 128 s, check 2 took 107 s, and one seed of the recipe
+# alone 7.0 s per epoch (60 epochs: about 7 minutes); three seeds at once were not timed.
 # Logs and tables go to ${OUT:-outputs/gpu-checks}; the tables are printed last.
 #
 #   bash benchmarks/gpu_checks.sh                 # checks 1 and 2 (a few minutes)
