@@ -32,9 +32,24 @@ potential computed at iteration ``t`` and ``h^t = (m / n) g^t`` for even ``t``::
 
 The reverse sweep runs ``t = T, ..., 2``; every step is one row or column reduction over
 tiles that needs only the potentials and the complete gradient of the step after it. A
-last pass assembles ``dS`` tile by tile (``T`` exponentials per element) and accumulates
-``dQ`` and ``dK``. Saved for backward: ``q, k, v``, the output and the potentials
-(``ceil(T / 2)`` row and ``floor(T / 2) + 1`` column vectors per head).
+last pass assembles ``dS`` tile by tile and accumulates ``dQ`` and ``dK``. All ``T``
+matrices in ``dS`` are ``exp(S)`` times row and column factors, so with the shifts
+``c_i = max_t u^t_i`` and ``d_j = max_t v^t_j`` and ``E = exp(S + c_i + d_j)``::
+
+    dS = E * (alpha_i beta_j dP_ij - sum_{k < T} a^k_i b^k_j)
+
+where ``alpha = exp(u_final - c)``, ``beta = exp(v_final - d)`` and the rank-``T`` sum
+collects the ``g`` terms (:func:`score_gradient_factors`): one exponential per element
+instead of ``T``. The exponential factors are at most 1, so ``E`` bounds every matrix
+entrywise and loses no term to underflow. Potentials fall by at most ``log n`` (rows) and
+``log m`` (columns) per normalization, since entries of a normalized matrix are at most 1
+(rows) or ``n / m`` (columns), so ``log E <= log max(1, n / m) + (ceil(T / 2) - 1) log n
++ floor(T / 2) log m`` whatever the logits; where that exceeds 85 (float32 overflows at
+88.7; at ``T = 9`` for ``n = m`` above about 41,000, at ``T = 5`` never in practice), each
+matrix is exponentiated on its own instead (:func:`factored_ds_is_safe`).
+
+Saved for backward: ``q, k, v``, the output and the potentials (``ceil(T / 2)`` row and
+``floor(T / 2) + 1`` column vectors per head).
 
 Backends:
 
@@ -293,6 +308,66 @@ def _chunked_forward(
     return out, us, vs
 
 
+# Largest log E = S + max_t u^t + max_t v^t for which dS is assembled in factored form
+# (score_gradient_factors): float32 overflows at exp(88.7).
+FACTORED_LOG_BOUND = 85.0
+
+# Rows of the packed factor tensors of score_gradient_factors.
+SHIFT, FINAL_SCALE, FIRST_FACTOR = 0, 1, 2
+
+
+def factored_ds_is_safe(n: int, m: int, n_iter: int) -> bool:
+    """Whether ``E = exp(S + c_i + d_j)`` provably stays below ``exp(85)`` for any logits.
+
+    Row potentials fall by at most ``log n`` per row normalization and column potentials by
+    at most ``log m`` per column normalization (they rise without bound), and ``P <= max(1,
+    n / m)``, so ``log E <= log max(1, n / m) + (ceil(T / 2) - 1) log n + floor(T / 2) log m``.
+    """
+    n_u, n_v = (n_iter + 1) // 2, n_iter // 2
+    bound = max(0.0, math.log(n / m)) + (n_u - 1) * math.log(n) + n_v * math.log(m)
+    return bound <= FACTORED_LOG_BOUND
+
+
+def score_gradient_factors(
+    us: Tensor, vs: Tensor, gu: Tensor, gv: Tensor, n_iter: int
+) -> tuple[Tensor, Tensor]:
+    r"""Row and column factors of the logit gradient ``dS`` (the module docstring's notation).
+
+    With ``E = exp(S + c_i + d_j)``, ``dS = E * (alpha_i beta_j dP_ij - sum_k a^k_i b^k_j)``
+    and ``P = E * alpha_i beta_j``; the ``T`` terms of the sum are the final matrix's
+    ``g_final`` term and the ``g^t A^t`` and ``h^t B^t`` terms of the earlier iterations.
+
+    Args:
+        us: Row potentials ``(ceil(T / 2), G, n)``, ``us[i] = u^{2i+1}``.
+        vs: Column potentials ``(floor(T / 2) + 1, G, m)``, ``vs[i] = v^{2i}``, ``vs[0] = 0``.
+        gu: Complete gradients with respect to ``us``, same shape.
+        gv: Complete gradients with respect to ``vs`` times ``m / n``, same shape.
+        n_iter: Number of Sinkhorn iterations ``T``.
+
+    Returns:
+        ``(rows, cols)`` of shapes ``(T + 2, G, n)`` and ``(T + 2, G, m)``: index
+        :data:`SHIFT` holds ``c`` (``d``), :data:`FINAL_SCALE` ``alpha`` (``beta``) and
+        ``FIRST_FACTOR + k`` the factors ``a^k`` (``b^k``).
+    """
+    n_u, n_v = (n_iter + 1) // 2, n_iter // 2
+    odd = n_iter % 2 == 1
+    row_shift, col_shift = us.amax(0), vs.amax(0)
+    row_scales, col_scales = (us - row_shift).exp(), (vs - col_shift).exp()
+    alpha, beta = row_scales[n_u - 1], col_scales[n_v]
+    # The final matrix's term: g_final is a row vector for odd T, a column vector for even T.
+    row_factors = [alpha * gu[n_u - 1] if odd else alpha]
+    col_factors = [beta if odd else beta * gv[n_v]]
+    for i in range(n_u - 1 if odd else n_u):  # A^{2i+1} = exp(S + u^{2i+1} + v^{2i})
+        row_factors.append(row_scales[i] * gu[i])
+        col_factors.append(col_scales[i])
+    for j in range(1, n_v + 1 if odd else n_v):  # B^{2j} = exp(S + u^{2j-1} + v^{2j})
+        row_factors.append(row_scales[j - 1])
+        col_factors.append(col_scales[j] * gv[j])
+    rows = torch.stack([row_shift, alpha, *row_factors])
+    cols = torch.stack([col_shift, beta, *col_factors])
+    return rows, cols
+
+
 def _chunked_backward(
     qs: Tensor,
     k: Tensor,
@@ -345,29 +420,44 @@ def _chunked_backward(
     if odd:
         gu[n_u - 1] = delta
 
-    def final_tile(q0: int, q1: int, k0: int, k1: int, s: Tensor) -> None:
+    factored = n_iter > 1 and factored_ds_is_safe(n, m, n_iter)
+
+    def final_tile(
+        q0: int, q1: int, k0: int, k1: int, s: Tensor, factors: tuple[Tensor, Tensor] | None
+    ) -> None:
         """Assembles dS on one tile and accumulates dQ, dK (and dV for T = 1)."""
         dout_c = dout[:, q0:q1]
-        p = _exp_plus(s, u_fin[:, q0:q1], v_fin[:, k0:k1], ws(1, s.shape))
         ds = torch.bmm(dout_c, v[:, k0:k1].transpose(1, 2), out=ws(2, s.shape))  # dP
-        # The last iteration's matrix is P itself: fold its term into P * (dP - g).
-        ds.sub_(gu[n_u - 1, :, q0:q1, None] if odd else gv[n_v, :, None, k0:k1]).mul_(p)
-        tmp = ws(3, s.shape)
-        for i in range(n_u - 1 if odd else n_u):  # A^{2i+1} = exp(S + u^{2i+1} + v^{2i})
-            a = _exp_plus(s, us[i, :, q0:q1], vs[i, :, k0:k1], tmp)
-            ds.sub_(a.mul_(gu[i, :, q0:q1, None]))
-        for j in range(1, n_v + 1 if odd else n_v):  # B^{2j} = exp(S + u^{2j-1} + v^{2j})
-            b = _exp_plus(s, us[j - 1, :, q0:q1], vs[j, :, k0:k1], tmp)
-            ds.sub_(b.mul_(gv[j, :, None, k0:k1]))
-        if n_iter == 1:
-            dv[:, k0:k1].baddbmm_(p.transpose(1, 2), dout_c)
+        if factors is not None:  # dS = E * (alpha beta dP - a b^T): one exponential
+            rows, cols = factors[0], factors[1][:, :, k0:k1]
+            e = _exp_plus(s, rows[SHIFT], cols[SHIFT], ws(1, s.shape))
+            ds.mul_(rows[FINAL_SCALE].unsqueeze(-1)).mul_(cols[FINAL_SCALE].unsqueeze(-2))
+            rank_terms = torch.bmm(
+                rows[FIRST_FACTOR:].permute(1, 2, 0),
+                cols[FIRST_FACTOR:].permute(1, 0, 2),
+                out=ws(3, s.shape),
+            )
+            ds.sub_(rank_terms).mul_(e)
+        else:  # one exponential per matrix
+            p = _exp_plus(s, u_fin[:, q0:q1], v_fin[:, k0:k1], ws(1, s.shape))
+            # The last iteration's matrix is P itself: fold its term into P * (dP - g).
+            ds.sub_(gu[n_u - 1, :, q0:q1, None] if odd else gv[n_v, :, None, k0:k1]).mul_(p)
+            tmp = ws(3, s.shape)
+            for i in range(n_u - 1 if odd else n_u):  # A^{2i+1} = exp(S + u^{2i+1} + v^{2i})
+                a = _exp_plus(s, us[i, :, q0:q1], vs[i, :, k0:k1], tmp)
+                ds.sub_(a.mul_(gu[i, :, q0:q1, None]))
+            for j in range(1, n_v + 1 if odd else n_v):  # B^{2j} = exp(S + u^{2j-1} + v^{2j})
+                b = _exp_plus(s, us[j - 1, :, q0:q1], vs[j, :, k0:k1], tmp)
+                ds.sub_(b.mul_(gv[j, :, None, k0:k1]))
+            if n_iter == 1:
+                dv[:, k0:k1].baddbmm_(p.transpose(1, 2), dout_c)
         dq_unscaled[:, q0:q1].baddbmm_(ds, k[:, k0:k1])
         dk[:, k0:k1].baddbmm_(ds.transpose(1, 2), qs[:, q0:q1])
 
     if n_v == 0:  # T = 1: softmax attention, dS = P * (dP - D)
         for q0, q1 in query_blocks:
             for k0, k1, s in _Tiles(qs[:, q0:q1], k_t, key_blocks, ws):
-                final_tile(q0, q1, k0, k1, s)
+                final_tile(q0, q1, k0, k1, s, None)  # one matrix: nothing to factor
         return dq_unscaled, dk, dv
 
     # Pass 1: dV = P^T dO and the complete gradient of v_final,
@@ -395,9 +485,12 @@ def _chunked_backward(
                 b = _exp_plus(s, us[j - 1, :, q0:q1], vs[j, :, k0:k1], ws(1, s.shape))
                 row.sub_(torch.bmm(b, gv[j, :, k0:k1, None]).squeeze(-1))
             gu[j - 1, :, q0:q1] = row
+            factors = None
+            if final and factored:  # gu[0] is complete on this chunk now
+                factors = score_gradient_factors(us[:, :, q0:q1], vs, gu[:, :, q0:q1], gv, n_iter)
             for k0, k1, s in tiles:
                 if final:
-                    final_tile(q0, q1, k0, k1, s)
+                    final_tile(q0, q1, k0, k1, s, factors)
                 else:
                     a = _exp_plus(s, us[j - 1, :, q0:q1], vs[j - 1, :, k0:k1], ws(1, s.shape))
                     gv[j - 1, :, k0:k1].sub_(torch.bmm(row[:, None, :], a).squeeze(1))

@@ -28,9 +28,11 @@ Backward, reverse-mode through the unrolled iterations: ``T - 1`` (odd ``T``) or
 * :func:`_bwd_row_kernel`: ``ROW_i = [HAS_INIT] INIT_i - sum_j exp(S_ij + ROWP_i + COLP_j)
   GCOL_j``.
 * :func:`_bwd_dq_kernel` and :func:`_bwd_dkdv_kernel` assemble
-  ``dS = P * dP - sum_t g^t * (iteration-t matrix)`` tile by tile (``T`` exponentials per
-  element) and accumulate ``dQ = scale dS K``, ``dK = scale dS^T Q`` (and ``dV`` for
-  ``T = 1``).
+  ``dS = P * dP - sum_t g^t * (iteration-t matrix)`` tile by tile and accumulate
+  ``dQ = scale dS K``, ``dK = scale dS^T Q`` (and ``dV`` for ``T = 1``). Where
+  :func:`~pointsink.sinkhorn_attention.factored_ds_is_safe` allows (always for ``T <= 7``
+  at any practical size), ``dS = E * (alpha beta dP - a b^T)`` from rank-``T`` row and
+  column factors computed once per call, one exponential per element; else ``T``.
 
 Inputs may be float32, float16 or bfloat16; logits, potentials, reductions and
 accumulators are float32. Float32 ``tl.dot`` uses TF32 exactly when
@@ -50,6 +52,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
+
+from pointsink.sinkhorn_attention import factored_ds_is_safe, score_gradient_factors
 
 __all__ = ["triton_sinkhorn_attention"]
 
@@ -317,50 +321,70 @@ def _bwd_row_kernel(
 @triton.jit
 def _ds_tile(
     s, dp, offs_m, offs_n, valid, g, n, m, stride_u, stride_v,
-    US, VS, GU, GV, n_u, n_v, ODD: tl.constexpr,
+    US, VS, GU, GV, ROWF, COLF, n_u, n_v,
+    ODD: tl.constexpr, FACTORED: tl.constexpr, N_TERMS: tl.constexpr,
 ):  # fmt: skip
     """``(P, dS)`` on one tile from the logits ``s`` and ``dp = dO V^T`` (both float32).
 
     ``dS = P * (dP - g_T) - sum_{t < T odd} g^t_i A^t_ij - sum_{t < T even} h^t_j B^t_ij``;
-    entries outside ``valid`` are 0.
+    entries outside ``valid`` are 0. With ``FACTORED``, from the packed factors of
+    :func:`~pointsink.sinkhorn_attention.score_gradient_factors` (``ROWF``, ``COLF``):
+    ``dS = E * (alpha_i beta_j dP_ij - sum_k a^k_i b^k_j)``, one exponential per element;
+    else one exponential per matrix and element.
     """
     s = tl.where(valid, s, float("-inf"))
     row_off = g * n + offs_m
     col_off = g * m + offs_n
-    u_fin = tl.load(US + (n_u - 1) * stride_u + row_off)
-    v_fin = tl.load(VS + n_v * stride_v + col_off)
-    p = tl.exp(s + u_fin[:, None] + v_fin[None, :])
-    if ODD:
-        g_fin = tl.load(GU + (n_u - 1) * stride_u + row_off)
-        ds = p * (dp - g_fin[:, None])
-        n_a = n_u - 1
-        n_b = n_v
+    if FACTORED:
+        c = tl.load(ROWF + row_off)
+        d = tl.load(COLF + col_off)
+        e = tl.exp(s + c[:, None] + d[None, :])
+        alpha = tl.load(ROWF + stride_u + row_off)
+        beta = tl.load(COLF + stride_v + col_off)
+        final_scale = alpha[:, None] * beta[None, :]
+        p = e * final_scale
+        acc = dp * final_scale
+        for t in tl.static_range(N_TERMS):
+            a = tl.load(ROWF + (2 + t) * stride_u + row_off)
+            b = tl.load(COLF + (2 + t) * stride_v + col_off)
+            acc -= a[:, None] * b[None, :]
+        ds = e * acc
     else:
-        g_fin = tl.load(GV + n_v * stride_v + col_off)
-        ds = p * (dp - g_fin[None, :])
-        n_a = n_u
-        n_b = n_v - 1
-    for i in range(0, n_a):  # A^{2i+1} = exp(S + u^{2i+1} + v^{2i})
-        ui = tl.load(US + i * stride_u + row_off)
-        vi = tl.load(VS + i * stride_v + col_off)
-        gi = tl.load(GU + i * stride_u + row_off)
-        ds -= gi[:, None] * tl.exp(s + ui[:, None] + vi[None, :])
-    for j in range(1, n_b + 1):  # B^{2j} = exp(S + u^{2j-1} + v^{2j})
-        uj = tl.load(US + (j - 1) * stride_u + row_off)
-        vj = tl.load(VS + j * stride_v + col_off)
-        gj = tl.load(GV + j * stride_v + col_off)
-        ds -= gj[None, :] * tl.exp(s + uj[:, None] + vj[None, :])
+        u_fin = tl.load(US + (n_u - 1) * stride_u + row_off)
+        v_fin = tl.load(VS + n_v * stride_v + col_off)
+        p = tl.exp(s + u_fin[:, None] + v_fin[None, :])
+        if ODD:
+            g_fin = tl.load(GU + (n_u - 1) * stride_u + row_off)
+            ds = p * (dp - g_fin[:, None])
+            n_a = n_u - 1
+            n_b = n_v
+        else:
+            g_fin = tl.load(GV + n_v * stride_v + col_off)
+            ds = p * (dp - g_fin[None, :])
+            n_a = n_u
+            n_b = n_v - 1
+        for i in range(0, n_a):  # A^{2i+1} = exp(S + u^{2i+1} + v^{2i})
+            ui = tl.load(US + i * stride_u + row_off)
+            vi = tl.load(VS + i * stride_v + col_off)
+            gi = tl.load(GU + i * stride_u + row_off)
+            ds -= gi[:, None] * tl.exp(s + ui[:, None] + vi[None, :])
+        for j in range(1, n_b + 1):  # B^{2j} = exp(S + u^{2j-1} + v^{2j})
+            uj = tl.load(US + (j - 1) * stride_u + row_off)
+            vj = tl.load(VS + j * stride_v + col_off)
+            gj = tl.load(GV + j * stride_v + col_off)
+            ds -= gj[None, :] * tl.exp(s + uj[:, None] + vj[None, :])
     return p, ds
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, US, VS, GU, GV,
+    Q, K, V, DO, DQ, US, VS, GU, GV, ROWF, COLF,
     n, m, n_blocks, n_u, n_v, stride_u, stride_v, scale,
     D: tl.constexpr, E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    ODD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ODD: tl.constexpr, FACTORED: tl.constexpr, N_TERMS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """``dQ = scale * dS K`` for one query block."""
     pid = tl.program_id(0)
@@ -396,8 +420,9 @@ def _bwd_dq_kernel(
         valid = mask_m[:, None] & mask_n[None, :]
         cols = tl.where(mask_n, offs_n, 0)
         _, ds = _ds_tile(
-            s, dp, rows, cols, valid, g, n, m, stride_u, stride_v, US, VS, GU, GV, n_u, n_v, ODD
-        )
+            s, dp, rows, cols, valid, g, n, m, stride_u, stride_v,
+            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS,
+        )  # fmt: skip
         dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
     tl.store(
         DQ + g * n * D + offs_m[:, None] * D + offs_d[None, :],
@@ -408,12 +433,12 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, US, VS, GU, GV,
+    Q, K, V, DO, DK, DV, US, VS, GU, GV, ROWF, COLF,
     n, m, n_blocks, n_u, n_v, stride_u, stride_v, scale,
     D: tl.constexpr, E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    HAS_DV: tl.constexpr, ODD: tl.constexpr,
+    HAS_DV: tl.constexpr, ODD: tl.constexpr, FACTORED: tl.constexpr, N_TERMS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """``dK = scale * dS^T Q`` (and ``dV = P^T dO`` with ``HAS_DV``) for one key block."""
@@ -448,8 +473,9 @@ def _bwd_dkdv_kernel(
         valid = mask_m[:, None] & mask_n[None, :]
         rows = tl.where(mask_m, offs_m, 0)
         p, ds = _ds_tile(
-            s, dp, rows, cols, valid, g, n, m, stride_u, stride_v, US, VS, GU, GV, n_u, n_v, ODD
-        )
+            s, dp, rows, cols, valid, g, n, m, stride_u, stride_v,
+            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS,
+        )  # fmt: skip
         dk += _mm(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
         if HAS_DV:
             dv += _mm(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
@@ -617,13 +643,19 @@ class _TritonSinkhornAttention(torch.autograd.Function):
                         n, m, nbn, scale, col_factor,
                         D=d, E=e, BLOCK_E=block_e, HAS_DV=False, HAS_GROW=True, **common,
                     )  # fmt: skip
+        # dS from rank-T factors, one exponential per element, where E cannot overflow.
+        factored = n_iter > 1 and factored_ds_is_safe(n, m, n_iter)
+        rowf, colf = score_gradient_factors(us, vs, gu, gv, n_iter) if factored else (us, vs)
+        terms = {"ODD": odd, "FACTORED": factored, "N_TERMS": n_iter}
         _bwd_dq_kernel[(g * nbm,)](
-            q, k, v, dout, dq, us, vs, gu, gv, n, m, nbm, n_u, n_v, g * n, g * m, scale,
-            D=d, E=e, BLOCK_E=block_e, ODD=odd, **common,
+            q, k, v, dout, dq, us, vs, gu, gv, rowf, colf,
+            n, m, nbm, n_u, n_v, g * n, g * m, scale,
+            D=d, E=e, BLOCK_E=block_e, **terms, **common,
         )  # fmt: skip
         _bwd_dkdv_kernel[(g * nbn,)](
-            q, k, v, dout, dk, dv, us, vs, gu, gv, n, m, nbn, n_u, n_v, g * n, g * m, scale,
-            D=d, E=e, BLOCK_E=block_e, HAS_DV=n_iter == 1, ODD=odd, **common,
+            q, k, v, dout, dk, dv, us, vs, gu, gv, rowf, colf,
+            n, m, nbn, n_u, n_v, g * n, g * m, scale,
+            D=d, E=e, BLOCK_E=block_e, HAS_DV=n_iter == 1, **terms, **common,
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None
 

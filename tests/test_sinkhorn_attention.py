@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,9 +21,19 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from pointsink.sinkhorn import sinkhorn
-from pointsink.sinkhorn_attention import dense_sinkhorn_attention, sinkhorn_attention
+from pointsink.sinkhorn_attention import (
+    FINAL_SCALE,
+    FIRST_FACTOR,
+    SHIFT,
+    dense_sinkhorn_attention,
+    factored_ds_is_safe,
+    score_gradient_factors,
+    sinkhorn_attention,
+)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# The module itself: ``pointsink.sinkhorn_attention`` is also the package's function.
+attention_module = importlib.import_module("pointsink.sinkhorn_attention")
 
 
 @pytest.fixture(autouse=True)
@@ -145,6 +156,80 @@ def test_large_logits_stay_finite() -> None:
     torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("n_iter", [2, 3, 4, 5, 9])
+def test_score_gradient_factors_rebuild_ds(n_iter: int) -> None:
+    # dS = P * dP - sum_t g^t A^t - sum_t h^t B^t, each matrix exponentiated on its own,
+    # against E * (alpha beta dP - a b^T) from the factors, on random potentials.
+    gen = torch.Generator().manual_seed(n_iter)
+    g, n, m = 2, 7, 5
+    n_u, n_v = (n_iter + 1) // 2, n_iter // 2
+    s = torch.randn(g, n, m, generator=gen, dtype=torch.float64) * 3
+    us = torch.randn(n_u, g, n, generator=gen, dtype=torch.float64) * 4
+    vs = torch.randn(n_v + 1, g, m, generator=gen, dtype=torch.float64) * 4
+    vs[0] = 0
+    gu = torch.randn(us.shape, generator=gen, dtype=torch.float64)
+    gv = torch.randn(vs.shape, generator=gen, dtype=torch.float64)
+    dp = torch.randn(g, n, m, generator=gen, dtype=torch.float64)
+
+    def matrix(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (s + u[..., :, None] + v[..., None, :]).exp()
+
+    p = matrix(us[-1], vs[-1])
+    final_grad = gu[-1][..., :, None] if n_iter % 2 else gv[-1][..., None, :]
+    expected = p * (dp - final_grad)
+    for t in range(1, n_iter):
+        if t % 2:  # A^t = exp(S + u^t + v^{t-1})
+            i = (t - 1) // 2
+            expected -= gu[i][..., :, None] * matrix(us[i], vs[i])
+        else:  # B^t = exp(S + u^{t-1} + v^t)
+            j = t // 2
+            expected -= gv[j][..., None, :] * matrix(us[j - 1], vs[j])
+
+    rows, cols = score_gradient_factors(us, vs, gu, gv, n_iter)
+    assert rows.shape == (n_iter + 2, g, n) and cols.shape == (n_iter + 2, g, m)
+    e = matrix(rows[SHIFT], cols[SHIFT])
+    rank_terms = torch.einsum("kgi,kgj->gij", rows[FIRST_FACTOR:], cols[FIRST_FACTOR:])
+    got = e * (rows[FINAL_SCALE][..., :, None] * cols[FINAL_SCALE][..., None, :] * dp - rank_terms)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(
+        e * rows[FINAL_SCALE][..., :, None] * cols[FINAL_SCALE][..., None, :], p
+    )
+    # The shifts are the largest potentials, so no exponential factor exceeds 1.
+    assert (rows[FINAL_SCALE] <= 1).all() and (cols[FINAL_SCALE] <= 1).all()
+
+
+@pytest.mark.parametrize("factored", [True, False])
+@pytest.mark.parametrize("n_iter", [2, 5])
+def test_chunked_factored_and_per_matrix_ds_both_match_dense(
+    monkeypatch: pytest.MonkeyPatch, factored: bool, n_iter: int
+) -> None:
+    # Forces each way of assembling dS: factored, or one exponential per matrix.
+    monkeypatch.setattr(attention_module, "factored_ds_is_safe", lambda n, m, t: factored)
+    q, k, v = _qkv((2, 3), 17, 5)
+    _assert_matches_dense(q, k, v, n_iter, atol=1e-12, backend="chunked", chunk_size=(4, 3))
+
+
+@pytest.mark.parametrize(("n", "m"), [(40, 40), (60, 7), (7, 60)])
+@pytest.mark.parametrize("n_iter", [3, 5, 9])
+def test_factored_shift_bound_holds_for_extreme_logits(n: int, n_iter: int, m: int) -> None:
+    # log E = S_ij + max_t u^t_i + max_t v^t_j never exceeds the bound that
+    # factored_ds_is_safe relies on, even for logits of order 1e3 whose potentials rise
+    # by hundreds of nats between iterations.
+    n_u, n_v = (n_iter + 1) // 2, n_iter // 2
+    bound = max(0.0, math.log(n / m)) + (n_u - 1) * math.log(n) + n_v * math.log(m)
+    for seed, spread in ((0, 1.0), (1, 30.0), (2, 1e3)):
+        q, k, v = (t.detach() for t in _qkv((3,), n, m, seed=seed, spread=spread))
+        _, us, vs = attention_module._chunked_forward(q, k, v, n_iter, n, m)
+        s = q @ k.transpose(1, 2)
+        log_e = s + us.amax(0)[..., :, None] + vs.amax(0)[..., None, :]
+        assert log_e.max() <= bound + 1e-9
+        if spread == 1e3:  # the potentials' ranges alone would allow overflow
+            ranges = (us.amax(0) - us.amin(0)).amax() + (vs.amax(0) - vs.amin(0)).amax()
+            assert ranges > 100
+    assert factored_ds_is_safe(16384, 16384, 9) and factored_ds_is_safe(8192, 16, 9)
+    assert not factored_ds_is_safe(65536, 65536, 9)
+
+
 def test_no_saved_tensor_of_size_n_by_m() -> None:
     batch, n, m, n_iter = (2, 2), 64, 48, 9
     heads = batch[0] * batch[1]
@@ -250,7 +335,15 @@ import json
 import torch
 DEVICE = "__DEVICE__"
 from pointsink.sinkhorn import sinkhorn
-from pointsink.sinkhorn_attention import dense_sinkhorn_attention, sinkhorn_attention
+from pointsink.sinkhorn_attention import (
+    FINAL_SCALE,
+    FIRST_FACTOR,
+    SHIFT,
+    dense_sinkhorn_attention,
+    factored_ds_is_safe,
+    score_gradient_factors,
+    sinkhorn_attention,
+)
 from pointsink.triton_sinkhorn import triton_sinkhorn_attention
 
 def errors(fn, q, k, v, n_iter):
@@ -279,6 +372,17 @@ for n_iter in (1, 2, 3, 4, 5, 9):
                                                                block_m=16, block_n=16),
                      q, k, v, n_iter)
         results.append(["float32", n_iter, n, m, max(err)])
+# The same with dS assembled per matrix, the path beyond factored_ds_is_safe's bound.
+import pointsink.triton_sinkhorn as triton_module
+factored_ds_is_safe = triton_module.factored_ds_is_safe
+triton_module.factored_ds_is_safe = lambda n, m, n_iter: False
+for n_iter in (4, 5):
+    q, k, v = (torch.randn(2, s, c, generator=gen).to(DEVICE) for s, c in ((20, 8), (9, 8), (9, 5)))
+    err = errors(lambda a, b, c: triton_sinkhorn_attention(a, b, c, n_iter, 8 ** -0.5,
+                                                           block_m=16, block_n=16),
+                 q, k, v, n_iter)
+    results.append(["float32", n_iter, 20, 9, max(err)])
+triton_module.factored_ds_is_safe = factored_ds_is_safe
 # ISAB-like shapes through the public entry point, default blocks, leading dims.
 for n, m in ((200, 16), (16, 200)):
     q, k, v = (torch.randn(1, 2, s, 16, generator=gen).to(DEVICE) for s in (n, m, m))
@@ -306,14 +410,14 @@ print(json.dumps(results))
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_under_interpreter() -> None:
-    _check_triton_kernels("cpu", {"TRITON_INTERPRET": "1"}, expected_rows=12 + 2 + 6)
+    _check_triton_kernels("cpu", {"TRITON_INTERPRET": "1"}, expected_rows=12 + 2 + 2 + 6)
 
 
 @pytest.mark.skipif(
     not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA GPU"
 )
 def test_triton_kernels_on_cuda() -> None:
-    _check_triton_kernels("cuda", {"TRITON_INTERPRET": "0"}, expected_rows=12 + 2 + 6 + 8)
+    _check_triton_kernels("cuda", {"TRITON_INTERPRET": "0"}, expected_rows=12 + 2 + 2 + 6 + 8)
 
 
 def _check_triton_kernels(device: str, env: dict[str, str], expected_rows: int) -> None:
@@ -347,7 +451,8 @@ except Exception as error:
 INTS = {"n", "m", "n_blocks", "n_u", "n_v", "stride_u", "stride_v"}
 FLOATS = {"scale", "log_col_mass", "col_factor"}
 FLOAT32_POINTERS = {"VPREV", "U_OUT", "UPREV", "V_OUT", "U", "VC", "ROWP", "COLP", "GROW",
-                    "COL_OUT", "GCOL", "ROW_INIT", "ROW_OUT", "US", "VS", "GU", "GV"}
+                    "COL_OUT", "GCOL", "ROW_INIT", "ROW_OUT", "US", "VS", "GU", "GV",
+                    "ROWF", "COLF"}
 VARIANTS = [
     ("fwd", ts._row_lse_kernel, {"HAS_OUT": True}),
     ("fwd", ts._row_lse_kernel, {"HAS_OUT": False}),
@@ -358,10 +463,12 @@ VARIANTS = [
     ("bwd", ts._bwd_col_kernel, {"HAS_DV": False, "HAS_GROW": True}),
     ("bwd", ts._bwd_row_kernel, {"HAS_INIT": True}),
     ("bwd", ts._bwd_row_kernel, {"HAS_INIT": False}),
-    ("bwd", ts._bwd_dq_kernel, {"ODD": True}),
-    ("bwd", ts._bwd_dq_kernel, {"ODD": False}),
-    ("bwd", ts._bwd_dkdv_kernel, {"HAS_DV": True, "ODD": True}),
-    ("bwd", ts._bwd_dkdv_kernel, {"HAS_DV": False, "ODD": False}),
+    ("bwd", ts._bwd_dq_kernel, {"ODD": True, "FACTORED": True, "N_TERMS": 5}),
+    ("bwd", ts._bwd_dq_kernel, {"ODD": True, "FACTORED": False, "N_TERMS": 5}),
+    ("bwd", ts._bwd_dq_kernel, {"ODD": False, "FACTORED": True, "N_TERMS": 4}),
+    ("bwd", ts._bwd_dkdv_kernel, {"HAS_DV": True, "ODD": True, "FACTORED": False, "N_TERMS": 1}),
+    ("bwd", ts._bwd_dkdv_kernel, {"HAS_DV": False, "ODD": True, "FACTORED": True, "N_TERMS": 5}),
+    ("bwd", ts._bwd_dkdv_kernel, {"HAS_DV": False, "ODD": False, "FACTORED": False, "N_TERMS": 4}),
 ]
 head_dim = 64
 fwd, bwd = ts._blocks_for(head_dim)
@@ -402,5 +509,5 @@ def test_triton_kernels_compile_for_sm90() -> None:
     if result.stdout.startswith("SKIP"):
         pytest.skip(f"this triton's compiler API differs: {result.stdout.strip()}")
     compiled = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 13
+    assert len(compiled) == 15
     assert all(size > 0 for _, size in compiled)
