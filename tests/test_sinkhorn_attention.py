@@ -335,15 +335,7 @@ import json
 import torch
 DEVICE = "__DEVICE__"
 from pointsink.sinkhorn import sinkhorn
-from pointsink.sinkhorn_attention import (
-    FINAL_SCALE,
-    FIRST_FACTOR,
-    SHIFT,
-    dense_sinkhorn_attention,
-    factored_ds_is_safe,
-    score_gradient_factors,
-    sinkhorn_attention,
-)
+from pointsink.sinkhorn_attention import dense_sinkhorn_attention, sinkhorn_attention
 from pointsink.triton_sinkhorn import triton_sinkhorn_attention
 
 def errors(fn, q, k, v, n_iter):
