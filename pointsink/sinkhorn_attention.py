@@ -46,7 +46,7 @@ entrywise and loses no term to underflow. Potentials fall by at most ``log n`` (
 (rows) or ``n / m`` (columns), so ``log E <= log max(1, n / m) + (ceil(T / 2) - 1) log n
 + floor(T / 2) log m`` whatever the logits; where that exceeds 85 (float32 overflows at
 88.7; at ``T = 9`` for ``n = m`` above about 41,000, at ``T = 5`` never in practice), each
-matrix is exponentiated on its own instead (:func:`factored_ds_is_safe`).
+matrix is exponentiated on its own instead (:func:`use_factored_ds`).
 
 Saved for backward: ``q, k, v``, the output and the potentials (``ceil(T / 2)`` row and
 ``floor(T / 2) + 1`` column vectors per head).
@@ -316,16 +316,24 @@ FACTORED_LOG_BOUND = 85.0
 SHIFT, FINAL_SCALE, FIRST_FACTOR = 0, 1, 2
 
 
-def factored_ds_is_safe(n: int, m: int, n_iter: int) -> bool:
-    """Whether ``E = exp(S + c_i + d_j)`` provably stays below ``exp(85)`` for any logits.
+def factored_ds_log_bound(n: int, m: int, n_iter: int) -> float:
+    """Upper bound on ``log E = S_ij + max_t u^t_i + max_t v^t_j``, whatever the logits.
 
     Row potentials fall by at most ``log n`` per row normalization and column potentials by
     at most ``log m`` per column normalization (they rise without bound), and ``P <= max(1,
     n / m)``, so ``log E <= log max(1, n / m) + (ceil(T / 2) - 1) log n + floor(T / 2) log m``.
     """
     n_u, n_v = (n_iter + 1) // 2, n_iter // 2
-    bound = max(0.0, math.log(n / m)) + (n_u - 1) * math.log(n) + n_v * math.log(m)
-    return bound <= FACTORED_LOG_BOUND
+    return max(0.0, math.log(n / m)) + (n_u - 1) * math.log(n) + n_v * math.log(m)
+
+
+def use_factored_ds(n: int, m: int, n_iter: int) -> bool:
+    """Whether the backward pass assembles ``dS`` from :func:`score_gradient_factors`.
+
+    Yes when there is more than one matrix to combine (``T > 1``) and ``E`` provably stays
+    below ``exp(85)`` (:func:`factored_ds_log_bound`); else one exponential per matrix.
+    """
+    return n_iter > 1 and factored_ds_log_bound(n, m, n_iter) <= FACTORED_LOG_BOUND
 
 
 def score_gradient_factors(
@@ -420,7 +428,7 @@ def _chunked_backward(
     if odd:
         gu[n_u - 1] = delta
 
-    factored = n_iter > 1 and factored_ds_is_safe(n, m, n_iter)
+    factored = use_factored_ds(n, m, n_iter)
 
     def final_tile(
         q0: int, q1: int, k0: int, k1: int, s: Tensor, factors: tuple[Tensor, Tensor] | None

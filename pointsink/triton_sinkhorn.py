@@ -30,7 +30,7 @@ Backward, reverse-mode through the unrolled iterations: ``T - 1`` (odd ``T``) or
 * :func:`_bwd_dq_kernel` and :func:`_bwd_dkdv_kernel` assemble
   ``dS = P * dP - sum_t g^t * (iteration-t matrix)`` tile by tile and accumulate
   ``dQ = scale dS K``, ``dK = scale dS^T Q`` (and ``dV`` for ``T = 1``). Where
-  :func:`~pointsink.sinkhorn_attention.factored_ds_is_safe` allows (always for ``T <= 7``
+  :func:`~pointsink.sinkhorn_attention.use_factored_ds` allows (always for ``T <= 7``
   at any practical size), ``dS = E * (alpha beta dP - a b^T)`` from rank-``T`` row and
   column factors computed once per call, one exponential per element; else ``T``.
 
@@ -53,7 +53,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from pointsink.sinkhorn_attention import factored_ds_is_safe, score_gradient_factors
+from pointsink.sinkhorn_attention import score_gradient_factors, use_factored_ds
 
 __all__ = ["triton_sinkhorn_attention"]
 
@@ -644,7 +644,7 @@ class _TritonSinkhornAttention(torch.autograd.Function):
                         D=d, E=e, BLOCK_E=block_e, HAS_DV=False, HAS_GROW=True, **common,
                     )  # fmt: skip
         # dS from rank-T factors, one exponential per element, where E cannot overflow.
-        factored = n_iter > 1 and factored_ds_is_safe(n, m, n_iter)
+        factored = use_factored_ds(n, m, n_iter)
         rowf, colf = score_gradient_factors(us, vs, gu, gv, n_iter) if factored else (us, vs)
         terms = {"ODD": odd, "FACTORED": factored, "N_TERMS": n_iter}
         _bwd_dq_kernel[(g * nbm,)](

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -26,9 +25,10 @@ from pointsink.sinkhorn_attention import (
     FIRST_FACTOR,
     SHIFT,
     dense_sinkhorn_attention,
-    factored_ds_is_safe,
+    factored_ds_log_bound,
     score_gradient_factors,
     sinkhorn_attention,
+    use_factored_ds,
 )
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -204,7 +204,7 @@ def test_chunked_factored_and_per_matrix_ds_both_match_dense(
     monkeypatch: pytest.MonkeyPatch, factored: bool, n_iter: int
 ) -> None:
     # Forces each way of assembling dS: factored, or one exponential per matrix.
-    monkeypatch.setattr(attention_module, "factored_ds_is_safe", lambda n, m, t: factored)
+    monkeypatch.setattr(attention_module, "use_factored_ds", lambda n, m, t: factored)
     q, k, v = _qkv((2, 3), 17, 5)
     _assert_matches_dense(q, k, v, n_iter, atol=1e-12, backend="chunked", chunk_size=(4, 3))
 
@@ -213,10 +213,9 @@ def test_chunked_factored_and_per_matrix_ds_both_match_dense(
 @pytest.mark.parametrize("n_iter", [3, 5, 9])
 def test_factored_shift_bound_holds_for_extreme_logits(n: int, n_iter: int, m: int) -> None:
     # log E = S_ij + max_t u^t_i + max_t v^t_j never exceeds the bound that
-    # factored_ds_is_safe relies on, even for logits of order 1e3 whose potentials rise
-    # by hundreds of nats between iterations.
-    n_u, n_v = (n_iter + 1) // 2, n_iter // 2
-    bound = max(0.0, math.log(n / m)) + (n_u - 1) * math.log(n) + n_v * math.log(m)
+    # use_factored_ds relies on, even for logits of order 1e3 whose potentials rise by
+    # hundreds of nats between iterations.
+    bound = factored_ds_log_bound(n, m, n_iter)
     for seed, spread in ((0, 1.0), (1, 30.0), (2, 1e3)):
         q, k, v = (t.detach() for t in _qkv((3,), n, m, seed=seed, spread=spread))
         _, us, vs = attention_module._chunked_forward(q, k, v, n_iter, n, m)
@@ -226,8 +225,9 @@ def test_factored_shift_bound_holds_for_extreme_logits(n: int, n_iter: int, m: i
         if spread == 1e3:  # the potentials' ranges alone would allow overflow
             ranges = (us.amax(0) - us.amin(0)).amax() + (vs.amax(0) - vs.amin(0)).amax()
             assert ranges > 100
-    assert factored_ds_is_safe(16384, 16384, 9) and factored_ds_is_safe(8192, 16, 9)
-    assert not factored_ds_is_safe(65536, 65536, 9)
+    assert use_factored_ds(16384, 16384, 9) and use_factored_ds(8192, 16, 9)
+    assert not use_factored_ds(65536, 65536, 9)
+    assert not use_factored_ds(n, m, 1)  # a single matrix: nothing to factor
 
 
 def test_no_saved_tensor_of_size_n_by_m() -> None:
@@ -364,17 +364,17 @@ for n_iter in (1, 2, 3, 4, 5, 9):
                                                                block_m=16, block_n=16),
                      q, k, v, n_iter)
         results.append(["float32", n_iter, n, m, max(err)])
-# The same with dS assembled per matrix, the path beyond factored_ds_is_safe's bound.
+# The same with dS assembled per matrix, the path beyond use_factored_ds's bound.
 import pointsink.triton_sinkhorn as triton_module
-factored_ds_is_safe = triton_module.factored_ds_is_safe
-triton_module.factored_ds_is_safe = lambda n, m, n_iter: False
+use_factored_ds = triton_module.use_factored_ds
+triton_module.use_factored_ds = lambda n, m, n_iter: False
 for n_iter in (4, 5):
     q, k, v = (torch.randn(2, s, c, generator=gen).to(DEVICE) for s, c in ((20, 8), (9, 8), (9, 5)))
     err = errors(lambda a, b, c: triton_sinkhorn_attention(a, b, c, n_iter, 8 ** -0.5,
                                                            block_m=16, block_n=16),
                  q, k, v, n_iter)
     results.append(["float32", n_iter, 20, 9, max(err)])
-triton_module.factored_ds_is_safe = factored_ds_is_safe
+triton_module.use_factored_ds = use_factored_ds
 # ISAB-like shapes through the public entry point, default blocks, leading dims.
 for n, m in ((200, 16), (16, 200)):
     q, k, v = (torch.randn(1, 2, s, 16, generator=gen).to(DEVICE) for s in (n, m, m))
