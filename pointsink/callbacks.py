@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from pointsink.attention import MultiheadAttention
@@ -20,6 +20,7 @@ __all__ = [
     "ConfusionMatrixReport",
     "DoublyStochasticMonitor",
     "PredictionWriter",
+    "ResumableModelCheckpoint",
     "doubly_stochastic_deviation",
     "run_directory",
 ]
@@ -33,6 +34,30 @@ def run_directory(trainer: pl.Trainer) -> Path:
     once the others have exited).
     """
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+class ResumableModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that keeps its best score when a resumed fit logs elsewhere.
+
+    ``fit --ckpt_path last.ckpt`` writes to a new logger version (``version_1``, …), so the
+    checkpoint folder changes. Lightning then restores only ``best_model_path`` and forgets
+    the best score and the top-k record: the first validation after resuming becomes the
+    new "best" even when it is worse than an earlier epoch. This class restores them as if
+    the folder had not changed, so selection covers the whole run: ``best_model_path`` stays
+    in the earlier version's folder until a better epoch is saved in the new one (Lightning
+    deletes old checkpoints only inside the current folder, so the earlier file stays).
+    """
+
+    @property
+    def state_key(self) -> str:
+        """``ModelCheckpoint``'s key, so checkpoints written by either class resume with either."""
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the state saved in a checkpoint, whatever folder it was written to."""
+        if self.dirpath is not None:
+            state_dict = {**state_dict, "dirpath": self.dirpath}
+        super().load_state_dict(state_dict)
 
 
 def doubly_stochastic_deviation(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,10 +10,13 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from pointsink.callbacks import ConfusionMatrixReport, PredictionWriter
+from pointsink.callbacks import (
+    ConfusionMatrixReport,
+    PredictionWriter,
+    ResumableModelCheckpoint,
+)
 from pointsink.data import DatasetNotFoundError, ShapeFolderDataModule
 from pointsink.module import SinkformerClassifier
 
@@ -37,10 +40,11 @@ class SinkformerCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Adds the checkpoint, prediction and report callbacks and the data → model links."""
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Resumable: `fit --ckpt_path` logs to a new version folder and keeps the best val/oa.
+        parser.add_lightning_class_args(ResumableModelCheckpoint, "checkpoint")
         # last.ckpt after every epoch, for resuming. A second callback because Lightning 2.6's
         # `save_last` only rewrites last.ckpt when a best checkpoint is saved at the same step.
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(ResumableModelCheckpoint, "last_checkpoint")
         # Writes the records of `predict` (a no-op in the other subcommands).
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         # Writes confusion_matrix.png and test_report.json after `test`.

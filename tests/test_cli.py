@@ -1,5 +1,6 @@
 """End to end through the CLI entry point, as a user runs it."""
 
+import csv
 import json
 import sys
 import warnings
@@ -72,6 +73,34 @@ def test_last_checkpoint_is_the_last_epoch(tmp_path: Path) -> None:
     assert torch.load(directory / "best.ckpt", weights_only=True)["epoch"] == 0
     last = torch.load(directory / "last.ckpt", weights_only=True)
     assert last["epoch"] == 2
+
+
+def test_resumed_fit_keeps_the_best_checkpoint(tmp_path: Path) -> None:
+    # `fit --ckpt_path last.ckpt` logs to a new version folder. Plain ModelCheckpoint then
+    # forgets the best score, and the first epoch after resuming counts as best whatever
+    # its accuracy.
+    first = main(["fit", *_tiny_args(tmp_path)]).trainer.checkpoint_callback
+    last = Path(first.dirpath) / "last.ckpt"
+    # max_epochs is reached already: this fit only restores the state.
+    restored = main(["fit", *_tiny_args(tmp_path), "--ckpt_path", str(last)])
+    callback = restored.trainer.checkpoint_callback
+    assert callback.dirpath != first.dirpath
+    assert callback.best_model_score == first.best_model_score
+    assert callback.best_model_path == first.best_model_path
+
+    # One more epoch: the best checkpoint is the best epoch of the whole run.
+    resumed = main(
+        ["fit", *_tiny_args(tmp_path), "--trainer.max_epochs", "3", "--ckpt_path", str(last)]
+    )
+    callback = resumed.trainer.checkpoint_callback
+    scores = []
+    for metrics in sorted((tmp_path / "run").rglob("metrics.csv")):
+        with metrics.open() as handle:
+            scores += [float(row["val/oa"]) for row in csv.DictReader(handle) if row.get("val/oa")]
+    assert len(scores) == 3
+    assert float(callback.best_model_score) == pytest.approx(max(scores))
+    best = torch.load(callback.best_model_path, weights_only=True)
+    assert best["epoch"] == scores.index(max(scores))
 
 
 def test_help_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
