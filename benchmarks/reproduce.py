@@ -21,7 +21,9 @@ Extra arguments after ``--`` go to every ``train.py fit`` call (e.g.
 ``--jobs N`` trains N runs at once, each in its own process with its log in
 ``OUT/runs/<variant>-seed<k>/log.txt``; the CPU cores are split evenly between them and, with
 several CUDA devices, each job gets its own. Every finished run leaves a ``result.json``; a
-rerun with the same config and arguments reuses it, so an interrupted grid resumes.
+rerun with the same config and arguments reuses it, and resumes an unfinished run from its
+``last.ckpt`` (the best-validation selection covers the whole run), so an interrupted grid
+resumes. ``--rerun`` trains every run from scratch.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from pointsink.cli import SinkformerCLI
 from pointsink.cli import main as cli_main
@@ -64,7 +69,8 @@ def _read_logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     The fit and the later test write separate logger versions; only the fit logs these.
     """
     curves: dict[str, list[tuple[int, float]]] = {}
-    for metrics in sorted(run_dir.rglob("metrics.csv")):
+    # A resumed fit logs its later epochs to the next version: read the versions in order.
+    for metrics in sorted(run_dir.rglob("metrics.csv"), key=lambda path: _version(path.parent)):
         with metrics.open() as handle:
             for row in csv.DictReader(handle):
                 for key, value in row.items():
@@ -72,6 +78,12 @@ def _read_logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
                     if wanted and value:
                         curves.setdefault(key, []).append((int(row["epoch"]), float(value)))
     return curves
+
+
+def _version(log_dir: Path) -> int:
+    """The number of a ``version_<k>`` logger folder (-1 for other names)."""
+    number = log_dir.name.removeprefix("version_")
+    return int(number) if number.isdigit() else -1
 
 
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
@@ -130,6 +142,18 @@ def _plot_doubly_stochastic(by_variant: dict[str, list[dict]], path: Path, plt) 
     plt.close(figure)
 
 
+def resumable_checkpoint(run_dir: Path, arguments: dict) -> Path | None:
+    """The ``last.ckpt`` an unfinished run with the same arguments resumes from, or ``None``.
+
+    Its newest logger version's, since every resumed fit logs to a new version.
+    """
+    recorded = run_dir / "arguments.json"
+    if not recorded.is_file() or json.loads(recorded.read_text()) != arguments:
+        return None
+    found = list(run_dir.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    return max(found, key=lambda path: _version(path.parents[1])) if found else None
+
+
 def run_one(
     config: str,
     data_root: str | None,
@@ -139,9 +163,25 @@ def run_one(
     n_iter: int,
     seed: int,
     extra: list[str],
+    rerun: bool = False,
 ) -> dict:
-    """Fits one variant with one seed, tests its best checkpoint, writes ``result.json``."""
+    """Fits one variant with one seed, tests its best checkpoint, writes ``result.json``.
+
+    An unfinished run with the same arguments resumes from its ``last.ckpt`` unless
+    ``rerun``; a fresh start first deletes the run's earlier logs and checkpoints, so that
+    they do not mix into its curves.
+    """
     run_dir = _run_dir(out, name, seed)
+    arguments = _arguments(config, data_root, extra)
+    resume_from = None if rerun else resumable_checkpoint(run_dir, arguments)
+    first_epoch = 0
+    if resume_from is None:
+        shutil.rmtree(run_dir / "lightning_logs", ignore_errors=True)
+    else:
+        first_epoch = torch.load(resume_from, map_location="cpu", weights_only=True)["epoch"] + 1
+        print(f"resuming {name} seed {seed} at epoch {first_epoch}: {resume_from}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "arguments.json").write_text(json.dumps(arguments, indent=2) + "\n")
     common = ["--config", config, "--seed_everything", str(seed),
               "--trainer.default_root_dir", str(run_dir),
               "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(run_dir),
@@ -149,8 +189,9 @@ def run_one(
     if data_root:
         common += ["--data.root", data_root]
     model = ["--model.attention", attention, "--model.n_iter", str(n_iter)]
+    resume = ["--ckpt_path", str(resume_from)] if resume_from is not None else []
     start = time.perf_counter()
-    fit = cli_main(["fit", *common, *model, *extra])
+    fit = cli_main(["fit", *common, *model, *extra, *resume])
     seconds = time.perf_counter() - start
     epochs = max(1, fit.trainer.current_epoch)
     best = fit.trainer.checkpoint_callback.best_model_path
@@ -162,13 +203,14 @@ def run_one(
         "n_iter": n_iter,
         "seed": seed,
         "epochs": epochs,
-        "seconds_per_epoch": seconds / epochs,
+        # Over the epochs trained in this call: a resumed run's earlier time is not known.
+        "seconds_per_epoch": seconds / max(1, epochs - first_epoch),
         "test_oa": float(metrics["test/oa"]),
         "test_macc": float(metrics["test/macc"]),
         "best_checkpoint": best,
         "run_dir": str(run_dir),
     }
-    result = {"arguments": _arguments(config, data_root, extra), "row": row}
+    result = {"arguments": arguments, "row": row}
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return row
 
@@ -214,8 +256,6 @@ def _job_environment(slot: int, jobs: int) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     if "CUDA_VISIBLE_DEVICES" not in env:
-        import torch
-
         if torch.cuda.device_count() > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % torch.cuda.device_count())
     return env
@@ -251,7 +291,7 @@ def run_parallel(
             if args.rerun:
                 command.append("--rerun")
             command += ["--", *extra]
-            with (run_dir / "log.txt").open("w") as log:
+            with (run_dir / "log.txt").open("a") as log:  # a resumed run's log goes on
                 process = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT,
                     env=_job_environment(slot, args.jobs),
@@ -357,7 +397,9 @@ def main(argv: list[str] | None = None) -> str:
         help="runs at once, each in its own process (default 1: one after another here)",
     )
     parser.add_argument(
-        "--rerun", action="store_true", help="retrain runs that already have a result.json"
+        "--rerun",
+        action="store_true",
+        help="train every run from scratch, even one with a result.json or a last.ckpt",
     )
     # Internal: a child of --jobs writes its result.json and leaves the summary to the parent.
     parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
@@ -387,8 +429,9 @@ def main(argv: list[str] | None = None) -> str:
             row = done.get((name, seed))
             if row is None:
                 row = run_one(
-                    args.config, args.data_root, args.out, name, attention, n_iter, seed, extra
-                )
+                    args.config, args.data_root, args.out, name, attention, n_iter, seed, extra,
+                    rerun=args.rerun,
+                )  # fmt: skip
             rows.append(row)
             if not args.no_summary:
                 summarize(rows, args.out)  # partial results survive an interrupted grid

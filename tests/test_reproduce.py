@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +77,54 @@ def test_parallel_grid_writes_results_and_resumes(
     # Other training arguments make it a different run: it is trained again.
     recorded = json.loads(result.read_text())["arguments"]["extra"]
     assert reproduce.load_result(out, "sinkhorn-3", 0, argv[1], None, [*recorded, "-x"]) is None
+
+
+class _KilledError(Exception):
+    """Stands for the process being killed between two epochs."""
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(
+    reproduce, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = [
+        "--config", str(REPO / "tests" / "conf" / "tiny.yaml"),
+        "--out", str(out), "--seeds", "0", "--variants", "sinkhorn-3",
+        "--", "--data.init_args.root", str(tmp_path / "synthetic"), "--trainer.max_epochs", "3",
+    ]  # fmt: skip
+    run_dir = out / "runs" / "sinkhorn-3-seed0"
+    fit_and_test = reproduce.cli_main
+
+    def killed_after_one_epoch(args: list[str]):
+        if args[0] == "fit":
+            fit_and_test([*args, "--trainer.max_epochs", "1"])
+            raise _KilledError
+        return fit_and_test(args)
+
+    monkeypatch.setattr(reproduce, "cli_main", killed_after_one_epoch)
+    with pytest.raises(_KilledError):
+        reproduce.main(argv)
+    monkeypatch.setattr(reproduce, "cli_main", fit_and_test)
+    assert not (run_dir / "result.json").exists()
+    assert (run_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+    # The same command trains the two remaining epochs only, in the next logger version.
+    capsys.readouterr()
+    reproduce.main(argv)
+    assert "resuming sinkhorn-3 seed 0 at epoch 1" in capsys.readouterr().out
+    row = json.loads((run_dir / "result.json").read_text())["row"]
+    assert row["epochs"] == 3
+    assert [epoch for epoch, _ in reproduce._read_logged(run_dir)["val/oa"]] == [0, 1, 2]
+    best = Path(row["best_checkpoint"])
+    assert best.is_file() and best.name == "best.ckpt"
+    # Selection covered all three epochs, the one before the interruption included.
+    scores = [score for _, score in reproduce._read_logged(run_dir)["val/oa"]]
+    assert torch.load(best, weights_only=True)["epoch"] == scores.index(max(scores))
+
+    # --rerun starts afresh: the earlier versions are gone, so the curve has each epoch once.
+    reproduce.main([*argv[: argv.index("--")], "--rerun", *argv[argv.index("--") :]])
+    assert [epoch for epoch, _ in reproduce._read_logged(run_dir)["val/oa"]] == [0, 1, 2]
+    assert json.loads((run_dir / "result.json").read_text())["row"]["epochs"] == 3
 
 
 def test_bad_jobs_is_a_usage_error(reproduce) -> None:
