@@ -12,11 +12,7 @@ from collections.abc import Sequence
 
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from pointsink.callbacks import (
-    ConfusionMatrixReport,
-    PredictionWriter,
-    ResumableModelCheckpoint,
-)
+from pointsink.callbacks import ConfusionMatrixReport, PredictionWriter, ResumableModelCheckpoint
 from pointsink.data import DatasetNotFoundError, ShapeFolderDataModule
 from pointsink.module import SinkformerClassifier
 
