@@ -60,6 +60,8 @@ class SetSinkformer(nn.Module):
             max-pooled MLP features of the ``group_size`` points nearest a farthest-point
             sample; ``0`` (the paper) attends over the points themselves.
         group_size: ``k`` points per token of the set abstraction.
+        normalize_offsets: Divide the set abstraction's coordinate offsets by the shape's
+            RMS group radius (see :class:`~pointsink.embedding.SetAbstraction`).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class SetSinkformer(nn.Module):
         local_channels: int = 64,
         num_groups: int = 0,
         group_size: int = 32,
+        normalize_offsets: bool = False,
     ) -> None:
         super().__init__()
         check_int("num_classes", num_classes, minimum=2)
@@ -97,7 +100,15 @@ class SetSinkformer(nn.Module):
             embeddings.append(EdgeConvEmbedding(encoder_in, local_channels, local_neighbors))
             encoder_in = embeddings[-1].out_channels
         if num_groups > 0:
-            embeddings.append(SetAbstraction(encoder_in, channels, num_groups, group_size))
+            embeddings.append(
+                SetAbstraction(
+                    encoder_in,
+                    channels,
+                    num_groups,
+                    group_size,
+                    normalize_offsets=normalize_offsets,
+                )
+            )
             encoder_in = embeddings[-1].out_channels
         self.embedding = nn.Sequential(*embeddings)
         blocks: list[nn.Module] = []

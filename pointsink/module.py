@@ -38,7 +38,7 @@ class SinkformerClassifier(pl.LightningModule):
             by the CLI); stored so that inference samples shapes the same way.
         channels, num_heads, num_blocks, encoder, num_inducing_points, num_seeds,
             attention, n_iter, layer_norm, pooling_attention, dropout, local_neighbors,
-            local_channels, num_groups, group_size: see
+            local_channels, num_groups, group_size, normalize_offsets: see
             :class:`~pointsink.model.SetSinkformer`.
         optimizer: ``"adamw"`` or ``"adam"``.
         lr: Peak learning rate.
@@ -99,6 +99,7 @@ class SinkformerClassifier(pl.LightningModule):
         local_channels: int = 64,
         num_groups: int = 0,
         group_size: int = 32,
+        normalize_offsets: bool = False,
         augmentation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -138,6 +139,7 @@ class SinkformerClassifier(pl.LightningModule):
             local_channels=local_channels,
             num_groups=num_groups,
             group_size=group_size,
+            normalize_offsets=normalize_offsets,
         )
         metrics = MetricCollection(
             {

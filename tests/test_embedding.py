@@ -164,23 +164,34 @@ def test_farthest_point_sampling_ignores_the_order_of_the_points() -> None:
 
 
 def _explicit_set_abstraction(layer: SetAbstraction, x: torch.Tensor) -> torch.Tensor:
-    """max_j W2 ReLU(LN(Theta (x_j - c_i) + Phi c_i + b1)) + b2, one centre at a time."""
+    """max_j W2 ReLU(LN(Theta (x_j - c_i) + Phi c_i + b1)) + b2, one centre at a time.
+
+    With ``normalize_offsets``, the xyz part of every offset is divided by the RMS length
+    of the shape's ``M k`` xyz offsets.
+    """
     tokens = []
     for shape in x:
         centers = _reference_farthest_point_sampling(shape[:, :3].detach(), layer.num_groups)
-        shape_tokens = []
+        groups = []
         for c in centers:
             distances = (shape[:, :3] - shape[c, :3]).norm(dim=-1).detach()
-            group = shape[distances.argsort()[: layer.group_size]]
-            hidden = layer.lin_offset(group - shape[c]) + layer.lin_center(shape[c])
+            groups.append(shape[distances.argsort()[: layer.group_size]] - shape[c])
+        scale = torch.ones(shape.shape[1], dtype=shape.dtype)
+        if layer.normalize_offsets:
+            radius = torch.cat([offsets[:, :3] for offsets in groups]).detach()
+            scale[:3] = 1 / radius.square().sum(dim=1).mean().sqrt()
+        shape_tokens = []
+        for c, offsets in zip(centers, groups, strict=True):
+            hidden = layer.lin_offset(offsets * scale) + layer.lin_center(shape[c])
             shape_tokens.append(layer.lin_out(torch.relu(layer.norm(hidden))).amax(dim=0))
         tokens.append(torch.stack(shape_tokens))
     return torch.stack(tokens)
 
 
-def test_set_abstraction_equals_its_formula_and_its_gradient() -> None:
+@pytest.mark.parametrize("normalize_offsets", [False, True])
+def test_set_abstraction_equals_its_formula_and_its_gradient(normalize_offsets: bool) -> None:
     """Projecting before gathering equals the MLP over explicit offsets, values and gradients."""
-    layer = SetAbstraction(4, 8, num_groups=6, group_size=5)
+    layer = SetAbstraction(4, 8, num_groups=6, group_size=5, normalize_offsets=normalize_offsets)
     torch.nn.init.normal_(layer.norm.weight)
     torch.nn.init.normal_(layer.norm.bias)
     x = torch.randn(2, 25, 4, requires_grad=True)
@@ -206,6 +217,23 @@ def test_set_abstraction_is_permutation_invariant_and_local() -> None:
     moved_member[0, member] *= 0.9
     torch.testing.assert_close(layer(moved_outside), tokens)
     assert not torch.allclose(layer(moved_member)[0, 0], tokens[0, 0])
+
+
+def test_normalized_offsets_make_the_local_term_independent_of_the_shape_size() -> None:
+    """Without the centre term, normalized tokens ignore the shape's size; raw ones do not."""
+    x = torch.randn(2, 40, 3)
+    for normalize_offsets in (True, False):
+        layer = SetAbstraction(
+            3, 8, num_groups=5, group_size=6, normalize_offsets=normalize_offsets
+        )
+        torch.nn.init.zeros_(layer.lin_center.weight)
+        torch.nn.init.uniform_(layer.lin_center.bias, -1.0, 1.0)
+        same = torch.allclose(layer(x * 0.05), layer(x), atol=1e-5)
+        assert same == normalize_offsets
+    # Coinciding points (zero radius) give finite tokens.
+    assert layer.normalize_offsets is False
+    layer = SetAbstraction(3, 8, num_groups=2, group_size=3, normalize_offsets=True)
+    assert torch.isfinite(layer(torch.ones(1, 4, 3))).all()
 
 
 def test_set_abstraction_gradients() -> None:
