@@ -222,13 +222,13 @@ class SetAbstraction(nn.Module):
     With ``normalize_offsets``, the coordinate part of every offset :math:`x_j - c_i` is
     divided by :math:`\sigma`, the shape's root-mean-square distance from a group's points to
     its centre (one scalar per shape, over all ``M k`` offsets). Why: in a unit-sphere shape
-    the offsets of 32-point groups are about 0.1 long, so at initialization
-    :math:`\Theta (x_j - c_i)` varies about 4 times less than :math:`\Phi c_i`, and in a
-    model trained without it :math:`\Theta` stayed near its initial size (weight decay holds
-    it there). Dividing by :math:`\sigma` brings the local term to the centre term's scale
-    and makes it independent of the shape's size (PointMLP's geometric affine, Ma et al.,
-    2022, normalizes by a batch statistic instead; a per-shape one keeps a shape's tokens
-    independent of the batch it is in).
+    the offsets of 32-point groups are about 0.1 long, so across a shape
+    :math:`\Theta (x_j - c_i)` varies 4 to 5 times less than :math:`\Phi c_i`, at
+    initialization and in a model trained without the option, whose :math:`\Theta` stayed
+    near its initial size (weight decay holds it there). Dividing by :math:`\sigma` brings
+    the local term to the centre term's scale and makes it independent of the shape's size
+    (PointMLP's geometric affine, Ma et al., 2022, normalizes by a batch statistic instead;
+    a per-shape one keeps a shape's tokens independent of the batch it is in).
 
     Args:
         in_channels: Per-point input features (3 for xyz).

@@ -92,6 +92,10 @@ class SetSinkformer(nn.Module):
         check_int("num_blocks", num_blocks, minimum=1)
         check_int("local_neighbors", local_neighbors, minimum=0)
         check_int("num_groups", num_groups, minimum=0)
+        if normalize_offsets and num_groups == 0:
+            raise ValueError(
+                "normalize_offsets applies to the set abstraction; set num_groups > 0 too."
+            )
         check_attention_kind(attention, n_iter)
         self.in_channels = in_channels
         embeddings: list[EdgeConvEmbedding | SetAbstraction] = []

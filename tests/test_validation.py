@@ -33,3 +33,5 @@ def test_callers_report_the_argument_they_were_given() -> None:
         sinkhorn(torch.zeros(2, 2), n_iter=True)
     with pytest.raises(ValueError, match="num_classes must be at least 2"):
         SetSinkformer(num_classes=1)
+    with pytest.raises(ValueError, match="normalize_offsets applies to the set abstraction"):
+        SetSinkformer(num_classes=2, normalize_offsets=True)
