@@ -1,0 +1,67 @@
+"""The shipped checkpoints: they load safely, match their configs and reproduce their accuracy."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pointsink.cli import main
+from pointsink.module import SinkformerClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+MODELNET10_DIR = REPO.parent / "shared" / "data" / "ModelNet10"
+
+# checkpoint -> (its config, test OA and mAcc stated in the README)
+SHIPPED = {
+    "modelnet10-sinkformer.ckpt": ("modelnet10.yaml", 0.9295, 0.9271),
+    "modelnet10-cpu-sinkformer.ckpt": ("modelnet10-cpu.yaml", 0.9130, 0.9075),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_checkpoint_matches_its_config(name: str) -> None:
+    """The README's `test --config C --ckpt_path K` builds the model that K was trained as."""
+    config_name, _, _ = SHIPPED[name]
+    path = REPO / "checkpoints" / name
+    assert path.stat().st_size < 20 * 2**20
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    config = yaml.safe_load((REPO / "configs" / config_name).read_text())
+    saved = checkpoint["hyper_parameters"]
+    differing = {
+        key: (value, saved.get(key, "<missing>"))
+        for key, value in config["model"].items()
+        if key not in saved or saved[key] != value
+    }
+    assert differing == {}, f"{config_name} and {name} disagree (config, checkpoint): {differing}"
+    assert saved["num_points"] == config["data"]["init_args"]["num_points"]
+
+    # Rebuilt from the file alone, with every weight in place.
+    model = SinkformerClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    assert model.state_dict().keys() == checkpoint["state_dict"].keys()
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_readme_states_the_shipped_accuracy(name: str) -> None:
+    _, oa, macc = SHIPPED[name]
+    readme = (REPO / "README.md").read_text()
+    assert f"{100 * oa:.2f} %" in readme and f"{100 * macc:.2f} %" in readme
+
+
+@pytest.mark.skipif(not MODELNET10_DIR.is_dir(), reason="real ModelNet10 data not available")
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_checkpoint_reproduces_its_accuracy(name: str, tmp_path: Path) -> None:
+    """The README's reproduce command, on the real test split."""
+    config_name, oa, macc = SHIPPED[name]
+    cli = main([
+        "test",
+        "--config", str(REPO / "configs" / config_name),
+        "--data.root", str(MODELNET10_DIR),
+        "--ckpt_path", str(REPO / "checkpoints" / name),
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+    ])  # fmt: skip
+    metrics = cli.trainer.callback_metrics
+    # 908 test shapes: one shape is 0.11 points; allow for bf16 rounding on other CPUs.
+    assert float(metrics["test/oa"]) == pytest.approx(oa, abs=0.0025)
+    assert float(metrics["test/macc"]) == pytest.approx(macc, abs=0.0035)
