@@ -46,6 +46,8 @@ from pointsink.cli import main as cli_main
 from pointsink.data import ShapeFolderDataModule
 from pointsink.module import SinkformerClassifier
 
+VALIDATION_KEYS = ("val/oa", "val/macc")
+
 
 def _variants(n_iters: list[int]) -> list[tuple[str, str, int]]:
     # One Sinkhorn iteration is softmax attention exactly, so n_iter = 1 is the softmax run.
@@ -64,7 +66,7 @@ def _parse_variant(name: str) -> tuple[str, str, int]:
 
 
 def _read_logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-epoch curves of ``val/oa`` and of each ``ds/<layer>/col_dev`` of one run.
+    """Per-epoch curves of ``val/oa``, ``val/macc`` and each ``ds/<layer>/col_dev`` of one run.
 
     The fit and the later test write separate logger versions; only the fit logs these.
     """
@@ -74,10 +76,26 @@ def _read_logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         with metrics.open() as handle:
             for row in csv.DictReader(handle):
                 for key, value in row.items():
-                    wanted = key == "val/oa" or (key.startswith("ds/") and key.endswith("/col_dev"))
+                    wanted = key in VALIDATION_KEYS or (
+                        key.startswith("ds/") and key.endswith("/col_dev")
+                    )
                     if wanted and value:
                         curves.setdefault(key, []).append((int(row["epoch"]), float(value)))
     return curves
+
+
+def best_validation(logged: dict[str, list[tuple[int, float]]]) -> tuple[float, float] | None:
+    """The best ``val/oa`` of one run and its ``val/macc`` at the first epoch reaching it.
+
+    That epoch is the one ``best.ckpt`` holds: the checkpoint callback replaces its file only
+    on a strictly higher score. ``None`` for a run without validation.
+    """
+    scores = logged.get("val/oa", [])
+    if not scores:
+        return None
+    best_epoch, best_score = max(scores, key=lambda item: item[1])  # the first maximum
+    macc = dict(logged.get("val/macc", [])).get(best_epoch, float("nan"))
+    return best_score, macc
 
 
 def _version(log_dir: Path) -> int:
@@ -333,19 +351,27 @@ def summarize(rows: list[dict], out: Path) -> str:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    # Validation columns beside test: compare recipes on validation, report them on test.
     lines = [
-        "| variant | seeds | test OA (%) | test mAcc (%) | s / epoch |",
-        "|---|---|---|---|---|",
+        "| variant | seeds | test OA (%) | test mAcc (%) | best val OA (%) | val mAcc there (%) "
+        "| s / epoch |",
+        "|---|---|---|---|---|---|---|",
     ]
     by_variant: dict[str, list[dict]] = {}  # each run's metrics.csv read once
     for name in dict.fromkeys(row["variant"] for row in rows):
         group = [row for row in rows if row["variant"] == name]
+        by_variant[name] = [_read_logged(Path(r["run_dir"])) for r in group]
+        validation = [best_validation(logged) for logged in by_variant[name]]
+        if all(validation):
+            val_oa = mean_std([oa for oa, _ in validation])
+            val_macc = mean_std([macc for _, macc in validation])
+        else:
+            val_oa = val_macc = "-"
         lines.append(
             f"| {name} | {len(group)} | {mean_std([r['test_oa'] for r in group])} | "
-            f"{mean_std([r['test_macc'] for r in group])} | "
+            f"{mean_std([r['test_macc'] for r in group])} | {val_oa} | {val_macc} | "
             f"{statistics.mean(r['seconds_per_epoch'] for r in group):.1f} |"
         )
-        by_variant[name] = [_read_logged(Path(r["run_dir"])) for r in group]
     table = "\n".join(lines)
     doubly_stochastic = doubly_stochastic_table(by_variant)
     summary = table + "\n"

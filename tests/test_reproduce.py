@@ -50,6 +50,11 @@ def test_parallel_grid_writes_results_and_resumes(
         assert Path(row["best_checkpoint"]).is_file()
         assert (Path(row["run_dir"]) / "log.txt").is_file()
     assert (out / "learning_curves.png").stat().st_size > 1000
+    # Validation beside test, from each run's own log (one seed: a std of 0).
+    for row in rows:
+        logged = reproduce._read_logged(Path(row["run_dir"]))
+        best_oa, macc_there = reproduce.best_validation(logged)
+        assert f"| {100 * best_oa:.2f} ± 0.00 | {100 * macc_there:.2f} ± 0.00 |" in table
     # The monitor's measurements are summarized per variant and layer: Sinkhorn with 3
     # iterations ends on columns, so its column sums are exact; softmax's are not.
     summary = (out / "summary.md").read_text()
@@ -77,6 +82,16 @@ def test_parallel_grid_writes_results_and_resumes(
     # Other training arguments make it a different run: it is trained again.
     recorded = json.loads(result.read_text())["arguments"]["extra"]
     assert reproduce.load_result(out, "sinkhorn-3", 0, argv[1], None, [*recorded, "-x"]) is None
+
+
+def test_best_validation_is_the_epoch_best_ckpt_keeps(reproduce) -> None:
+    logged = {
+        "val/oa": [(0, 0.5), (1, 0.8), (2, 0.8)],
+        "val/macc": [(0, 0.4), (1, 0.7), (2, 0.9)],
+    }
+    # A tie keeps the earlier epoch, as the checkpoint callback does.
+    assert reproduce.best_validation(logged) == (0.8, 0.7)
+    assert reproduce.best_validation({"ds/pool.mab/col_dev": [(0, 0.1)]}) is None
 
 
 class _KilledError(Exception):
