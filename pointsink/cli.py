@@ -14,6 +14,7 @@ from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from pointsink.callbacks import ConfusionMatrixReport, PredictionWriter, ResumableModelCheckpoint
 from pointsink.data import DatasetNotFoundError, ShapeFolderDataModule
+from pointsink.inference import CheckpointError
 from pointsink.module import SinkformerClassifier
 
 __all__ = ["SinkformerCLI", "main"]
@@ -69,8 +70,11 @@ def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
         args: Command-line arguments; ``None`` reads ``sys.argv``.
 
     Returns:
-        The CLI object (its ``trainer``, ``model`` and ``datamodule`` hold the run's state),
-        or ``None`` when the data could not be found (the reason is printed).
+        The CLI object (its ``trainer``, ``model`` and ``datamodule`` hold the run's state).
+
+    Raises:
+        SystemExit: Code 2, after printing one line, when the data are missing or the
+            checkpoint given to fine-tune from (``--model.weights``) is unusable.
     """
     try:
         return SinkformerCLI(
@@ -81,7 +85,8 @@ def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
             trainer_defaults={"default_root_dir": "checkpoints"},
             args=None if args is None else list(args),
         )
-    except DatasetNotFoundError as error:
-        # One sentence, not a traceback: the user has to fetch or place the data.
+    except (DatasetNotFoundError, CheckpointError) as error:
+        # One sentence, not a traceback: the user has to fetch or place the data, or give
+        # `--model.weights` a checkpoint that fits the model.
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

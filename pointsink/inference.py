@@ -58,6 +58,7 @@ __all__ = [
     "make_prediction",
     "preprocess_views",
     "resolve_device",
+    "state_dict_differences",
 ]
 
 #: Points per shape when the checkpoint does not record the training's ``num_points``.
@@ -81,7 +82,7 @@ _AUGMENTATION_HPARAMS = {
 
 
 class CheckpointError(ValueError):
-    """A checkpoint cannot be used for inference; the message says why in one sentence."""
+    """A checkpoint cannot be used (for inference or fine-tuning); the message says why."""
 
 
 # --------------------------------------------------------------------------------------
@@ -743,10 +744,13 @@ def _flatten_inputs(inputs: Any) -> Iterator[_Item]:
             yield _Item(None, item, None)
 
 
-def _check_state_dict(
-    path: str | os.PathLike[str], expected: dict[str, Tensor], found: dict[str, Any]
-) -> None:
-    """Raises :class:`CheckpointError` naming what differs between two state dicts."""
+def state_dict_differences(expected: dict[str, Tensor], found: dict[str, Any]) -> list[str]:
+    """What keeps ``found`` from loading into a model whose state dict is ``expected``.
+
+    Returns:
+        One phrase per kind of problem (missing, unexpected or differently shaped weights,
+        each with up to three names); empty when ``found`` fits.
+    """
     problems = []
     missing = [key for key in expected if key not in found]
     unexpected = [key for key in found if key not in expected]
@@ -764,6 +768,14 @@ def _check_state_dict(
         if keys:
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             problems.append(f"{len(keys)} weight(s) {description} ({shown})")
+    return problems
+
+
+def _check_state_dict(
+    path: str | os.PathLike[str], expected: dict[str, Tensor], found: dict[str, Any]
+) -> None:
+    """Raises :class:`CheckpointError` naming what differs between two state dicts."""
+    problems = state_dict_differences(expected, found)
     if problems:
         raise CheckpointError(
             f"{path}: the weights do not fit the model described by the checkpoint's "

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F  # noqa: N812
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from pointsink.attention import AttentionKind
+from pointsink.inference import CheckpointError, load_checkpoint, state_dict_differences
 from pointsink.model import DEFAULT_N_ITER, SetSinkformer
 from pointsink.transforms import mix_point_regions
 
@@ -67,6 +71,12 @@ class SinkformerClassifier(pl.LightningModule):
             (:meth:`~pointsink.transforms.PointCloudAugmentation.settings`, linked from the
             data module by the CLI). Not used by the model; stored so that test-time
             voting at inference augments its views the way training did.
+        weights: A pointsink checkpoint (``.ckpt``) to fine-tune from: its weights replace
+            the initial ones when fitting starts (:meth:`load_pretrained`). Not read when
+            resuming with ``ckpt_path`` (the resumed weights win) nor when loading a
+            checkpoint, so a fine-tuned checkpoint does not need this file.
+        freeze_backbone: Train only the classification head (a linear probe), e.g. on top
+            of ``weights``.
     """
 
     def __init__(
@@ -101,6 +111,8 @@ class SinkformerClassifier(pl.LightningModule):
         group_size: int = 32,
         normalize_offsets: bool = False,
         augmentation: dict[str, Any] | None = None,
+        weights: str | None = None,
+        freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
         if class_names is not None:
@@ -141,6 +153,9 @@ class SinkformerClassifier(pl.LightningModule):
             group_size=group_size,
             normalize_offsets=normalize_offsets,
         )
+        if freeze_backbone:
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_(name.startswith("head."))
         metrics = MetricCollection(
             {
                 "oa": MulticlassAccuracy(num_classes, average="micro"),
@@ -220,9 +235,87 @@ class SinkformerClassifier(pl.LightningModule):
         return mixed, target[partner], num_replaced / num_points
 
     def on_fit_start(self) -> None:
+        """Loads ``weights`` to fine-tune from; counts the class prior for logit adjustment."""
+        # trainer.ckpt_path is set when resuming: the restored weights must stay.
+        if self.hparams.get("weights") and self.trainer.ckpt_path is None:
+            carried = self.load_pretrained(self.hparams.weights)
+            rank_zero_info(
+                f"Fine-tuning from {self.hparams.weights}: head rows carried over for "
+                f"{len(carried)} of {self.num_classes} classes"
+                + (f" ({', '.join(carried)})." if carried else "; the head starts fresh.")
+            )
+        if self.hparams.logit_adjustment:
+            self._count_class_prior()
+
+    def load_pretrained(self, path: str | os.PathLike[str]) -> list[str]:
+        """Starts from another pointsink checkpoint's weights (fine-tuning).
+
+        Every weight but the classification head must fit this model, i.e. the checkpoint
+        has the same architecture hyperparameters (``channels``, ``num_heads``, ...;
+        ``attention`` and ``n_iter`` may differ, they have no weights). The head's rows are
+        carried over by class name for the classes both know; the others keep their fresh
+        initialization, so a model trained on ModelNet10 can start a classifier of other
+        classes. Read with a weights-only ``torch.load``.
+
+        Args:
+            path: A ``.ckpt`` written by ``train.py fit``.
+
+        Returns:
+            The class names whose head rows came from the checkpoint, in label order.
+
+        Raises:
+            CheckpointError: The file is unreadable, has no weights, or its weights do not
+                fit this model (the message names the differing hyperparameters).
+        """
+        checkpoint = load_checkpoint(path)
+        found = checkpoint.get("state_dict")
+        if not isinstance(found, dict) or not found:
+            raise CheckpointError(f"{path}: the checkpoint has no model weights ('state_dict').")
+        found = {
+            key.removeprefix("model."): value
+            for key, value in found.items()
+            if key.startswith("model.")
+        }
+        own = self.model.state_dict()
+        weights = _without_head(found)
+        problems = state_dict_differences(_without_head(own), weights)
+        saved = checkpoint.get("hyper_parameters")
+        saved = saved if isinstance(saved, dict) else {}
+        if problems:
+            architecture = inspect.signature(SetSinkformer.__init__).parameters
+            differing = [
+                f"{key}={saved[key]!r} there, {self.hparams.get(key)!r} here"
+                for key in architecture
+                if key in saved and key != "num_classes" and saved[key] != self.hparams.get(key)
+            ]
+            raise CheckpointError(
+                f"{path}: its weights do not fit this model ({'; '.join(problems)}); give the "
+                "model the checkpoint's architecture"
+                + (f" ({', '.join(differing)})." if differing else ".")
+            )
+        head_weight = own["head.weight"].clone()
+        head_bias = own["head.bias"].clone()
+        old_names = saved.get("class_names")
+        old_weight, old_bias = found.get("head.weight"), found.get("head.bias")
+        carried = []
+        if (
+            isinstance(old_names, (list, tuple))
+            and isinstance(old_weight, Tensor)
+            and isinstance(old_bias, Tensor)
+            and old_weight.shape == (len(old_names), head_weight.shape[1])
+        ):
+            old_rows = {str(name): row for row, name in enumerate(old_names)}
+            for row, name in enumerate(self.class_names):
+                if name in old_rows:
+                    head_weight[row] = old_weight[old_rows[name]]
+                    head_bias[row] = old_bias[old_rows[name]]
+                    carried.append(name)
+        weights.update({"head.weight": head_weight, "head.bias": head_bias})
+        self.model.load_state_dict(weights, strict=True)
+        return carried
+
+    def _count_class_prior(self) -> None:
         """Counts the training split's class prior for the logit-adjusted loss."""
-        if not self.hparams.logit_adjustment:
-            return
         datamodule = getattr(self.trainer, "datamodule", None)
         labels = getattr(getattr(datamodule, "train_dataset", None), "labels", None)
         if labels is None:
@@ -289,6 +382,11 @@ class SinkformerClassifier(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
         }
+
+
+def _without_head(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A :class:`~pointsink.model.SetSinkformer` state dict without the classification head."""
+    return {key: value for key, value in state_dict.items() if not key.startswith("head.")}
 
 
 class _WarmupCosine:

@@ -1,0 +1,125 @@
+"""Fine-tuning from a checkpoint: ``--model.weights`` and ``--model.freeze_backbone``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from _inference_utils import CLASSES, build_tiny_checkpoint
+
+from pointsink.cli import main
+from pointsink.inference import CheckpointError, ShapeClassifier
+from pointsink.module import SinkformerClassifier
+
+# The architecture of build_tiny_checkpoint's model; everything else at its default.
+TINY = {"channels": 16, "num_heads": 2, "num_inducing_points": 4, "dropout": 0.0}
+NEW_CLASSES = ["cone", "lamp", "box"]  # two of CLASSES, in another order, and a new one
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("pretrained") / "tiny.ckpt")
+
+
+def _model_weights(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return {key.removeprefix("model."): value for key, value in state.items()}
+
+
+def _assert_same_body(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    body = [key for key in expected if not key.startswith("head.")]
+    assert body and sorted(body) == sorted(key for key in found if not key.startswith("head."))
+    for key in body:
+        torch.testing.assert_close(found[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_load_pretrained_keeps_the_body_and_carries_head_rows_by_name(pretrained: Path) -> None:
+    torch.manual_seed(1)
+    # attention and n_iter have no weights: a softmax model can start a Sinkhorn one.
+    module = SinkformerClassifier(class_names=NEW_CLASSES, attention="softmax", **TINY)
+    fresh = {key: value.clone() for key, value in module.model.state_dict().items()}
+    old = _model_weights(pretrained)
+
+    assert module.load_pretrained(pretrained) == ["cone", "box"]
+
+    new = module.model.state_dict()
+    _assert_same_body(new, old)
+    for row, name in enumerate(NEW_CLASSES):
+        source = (old, CLASSES.index(name)) if name in CLASSES else (fresh, row)
+        torch.testing.assert_close(new["head.weight"][row], source[0]["head.weight"][source[1]])
+        torch.testing.assert_close(new["head.bias"][row], source[0]["head.bias"][source[1]])
+    assert not torch.equal(new["head.weight"][1], old["head.weight"][1])
+
+
+def test_load_pretrained_names_the_differing_architecture(pretrained: Path, tmp_path: Path) -> None:
+    module = SinkformerClassifier(class_names=NEW_CLASSES, **{**TINY, "channels": 8})
+    with pytest.raises(CheckpointError, match=r"channels=16 there, 8 here"):
+        module.load_pretrained(pretrained)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        module.load_pretrained(tmp_path / "missing.ckpt")
+
+
+def _fit_args(
+    root: Path, run: Path, weights: Path, make_shape_folder: Callable[..., Path]
+) -> list[str]:
+    make_shape_folder(root, class_names=tuple(NEW_CLASSES), train_per_class=4, test_per_class=1)
+    return [
+        "--data", "pointsink.data.ShapeFolderDataModule",
+        "--data.root", str(root),
+        "--data.class_names", "[" + ", ".join(NEW_CLASSES) + "]",
+        "--data.num_points", "32",
+        "--data.batch_size", "4",
+        "--data.val_fraction", "0.25",
+        "--data.preprocess_workers", "1",
+        "--model.channels", "16",
+        "--model.num_heads", "2",
+        "--model.num_inducing_points", "4",
+        "--model.dropout", "0.0",
+        "--model.weights", str(weights),
+        "--trainer.max_epochs", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(run),
+    ]  # fmt: skip
+
+
+def _last_checkpoint(run: Path) -> Path:
+    """The newest ``last.ckpt`` under ``run`` (a resumed fit writes to the next version)."""
+    return max(run.rglob("last.ckpt"), key=lambda path: path.stat().st_mtime_ns)
+
+
+def test_fine_tune_a_linear_probe_through_the_cli(
+    pretrained: Path, tmp_path: Path, make_shape_folder: Callable[..., Path]
+) -> None:
+    weights = tmp_path / "pretrained.ckpt"
+    weights.write_bytes(pretrained.read_bytes())
+    args = _fit_args(tmp_path / "shapes", tmp_path / "run", weights, make_shape_folder)
+    main(["fit", *args, "--model.freeze_backbone", "true"])
+    last = _last_checkpoint(tmp_path / "run")
+    old, tuned = _model_weights(pretrained), _model_weights(last)
+    _assert_same_body(tuned, old)  # frozen: the body is the pretrained one
+    assert not torch.equal(tuned["head.weight"][0], old["head.weight"][CLASSES.index("cone")])
+
+    # The fine-tuned checkpoint stands alone: inference and resuming do not read `weights`
+    # (a resumed fit keeps its own weights; reading the deleted file would fail).
+    weights.unlink()
+    assert ShapeClassifier.from_checkpoint(last, device="cpu").class_names == NEW_CLASSES
+    resumed = main([
+        "fit", *args, "--model.freeze_backbone", "true",
+        "--trainer.max_epochs", "2", "--ckpt_path", str(last),
+    ])  # fmt: skip
+    assert resumed.trainer.current_epoch == 2
+    _assert_same_body(_model_weights(_last_checkpoint(tmp_path / "run")), old)
+
+
+def test_unusable_weights_fail_with_one_sentence(
+    tmp_path: Path, make_shape_folder: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope.ckpt"
+    args = _fit_args(tmp_path / "shapes", tmp_path / "run", missing, make_shape_folder)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "nope.ckpt: no such checkpoint file" in errors[0]
