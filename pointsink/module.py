@@ -291,7 +291,7 @@ class SinkformerClassifier(pl.LightningModule):
             raise CheckpointError(
                 f"{path}: its weights do not fit this model ({'; '.join(problems)}); give the "
                 "model the checkpoint's architecture"
-                + (f" ({', '.join(differing)})." if differing else ".")
+                + (f". Model settings that differ: {'; '.join(differing)}." if differing else ".")
             )
         head_weight = own["head.weight"].clone()
         head_bias = own["head.bias"].clone()
