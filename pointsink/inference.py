@@ -52,6 +52,7 @@ __all__ = [
     "Prediction",
     "ShapeClassifier",
     "ShapePredictionDataset",
+    "checkpoint_state_dict",
     "expand_paths",
     "format_predictions",
     "load_checkpoint",
@@ -448,6 +449,18 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return checkpoint
 
 
+def checkpoint_state_dict(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> dict:
+    """The model weights of a checkpoint read by :func:`load_checkpoint`.
+
+    Raises:
+        CheckpointError: The checkpoint holds no (or an empty) ``state_dict``.
+    """
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise CheckpointError(f"{path}: the checkpoint has no model weights ('state_dict').")
+    return state_dict
+
+
 def _unpickler_reason(exc: BaseException) -> str:
     """The useful part of torch's long weights-only error message."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -576,9 +589,7 @@ class ShapeClassifier:
                 "(hyper_parameters['class_names'] is missing or not a list of names), so "
                 "predictions could not be named."
             )
-        state_dict = checkpoint.get("state_dict")
-        if not isinstance(state_dict, dict) or not state_dict:
-            raise CheckpointError(f"{path}: the checkpoint has no model weights ('state_dict').")
+        state_dict = checkpoint_state_dict(checkpoint, path)
 
         accepted = inspect.signature(SinkformerClassifier.__init__).parameters
         kwargs = {key: value for key, value in hparams.items() if key in accepted}

@@ -16,7 +16,12 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from pointsink.attention import AttentionKind
-from pointsink.inference import CheckpointError, load_checkpoint, state_dict_differences
+from pointsink.inference import (
+    CheckpointError,
+    checkpoint_state_dict,
+    load_checkpoint,
+    state_dict_differences,
+)
 from pointsink.model import DEFAULT_N_ITER, SetSinkformer
 from pointsink.transforms import mix_point_regions
 
@@ -154,8 +159,8 @@ class SinkformerClassifier(pl.LightningModule):
             normalize_offsets=normalize_offsets,
         )
         if freeze_backbone:
-            for name, parameter in self.model.named_parameters():
-                parameter.requires_grad_(name.startswith("head."))
+            self.model.requires_grad_(False)
+            self.model.head.requires_grad_(True)
         metrics = MetricCollection(
             {
                 "oa": MulticlassAccuracy(num_classes, average="micro"),
@@ -268,12 +273,9 @@ class SinkformerClassifier(pl.LightningModule):
                 fit this model (the message names the differing hyperparameters).
         """
         checkpoint = load_checkpoint(path)
-        found = checkpoint.get("state_dict")
-        if not isinstance(found, dict) or not found:
-            raise CheckpointError(f"{path}: the checkpoint has no model weights ('state_dict').")
         found = {
             key.removeprefix("model."): value
-            for key, value in found.items()
+            for key, value in checkpoint_state_dict(checkpoint, path).items()
             if key.startswith("model.")
         }
         own = self.model.state_dict()
