@@ -1,0 +1,48 @@
+"""benchmarks/train_step.py: times the step of any training config, grouped or not."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "conf" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    path = REPO / "benchmarks" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(output: str) -> list[str]:
+    return [line.split("|")[1].strip() for line in output.splitlines() if line.startswith("| ")]
+
+
+def test_config_without_grouping_times_the_step_only(
+    train_step, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_step.main(["--config", str(TINY), "--warmup", "0", "--repeats", "1"])
+    assert _rows(capsys.readouterr().out)[1:] == ["training step (fwd, loss, bwd, AdamW)"]
+
+
+def test_grouped_config_times_the_set_abstraction_parts(
+    train_step, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = yaml.safe_load(TINY.read_text())
+    config["model"].update(num_groups=8, group_size=4)
+    path = tmp_path / "grouped.yaml"
+    path.write_text(yaml.safe_dump(config))
+    train_step.main(["--config", str(path), "--warmup", "0", "--repeats", "1"])
+    assert _rows(capsys.readouterr().out)[1:] == [
+        "farthest_point_sampling (8 of 32)",
+        "knn_indices (4 per centre)",
+        "set abstraction fwd+bwd",
+        "training step (fwd, loss, bwd, AdamW)",
+    ]
