@@ -1,0 +1,104 @@
+"""Test-time voting: accuracy of a checkpoint on a test split with 1, 2, 4, ... views.
+
+Every test shape goes through :func:`pointsink.inference.preprocess_views`, the function
+``pointsink-predict --votes V`` uses: view 0 is the training preprocessing, views 1.. are
+resampled and augmented as in training. The probabilities of the first ``V`` views are
+averaged for each ``V`` in ``--votes``, so one pass over the largest ``V`` serves all rows.
+The model runs in float32 (as ``pointsink-predict`` does), so the one-view row can differ
+slightly from ``train.py test`` under a bf16 config.
+
+The issue's accuracy target is without voting; this measures what voting adds on top.
+
+Example::
+
+    python benchmarks/voting.py --ckpt checkpoints/modelnet10-sinkformer.ckpt \\
+        --data-root ../shared/data/ModelNet10 --votes 1 2 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchmetrics.classification import MulticlassAccuracy
+
+from pointsink.inference import ShapeClassifier, expand_paths, preprocess_views
+
+
+def test_files(root: Path, class_names: list[str], split: str) -> list[tuple[str, int]]:
+    """``(path, label)`` of every shape file in ``root/<class>/<split>/``, by class name."""
+    files = []
+    for label, name in enumerate(class_names):
+        folder = root / name / split
+        if not folder.is_dir():
+            raise SystemExit(f"error: {folder} does not exist; is --data-root the dataset?")
+        files += [(entry.path, label) for entry in expand_paths([folder])]
+    return files
+
+
+def view_probabilities(
+    classifier: ShapeClassifier, paths: list[str], seed: int, views: int, batch_size: int
+) -> torch.Tensor:
+    """Class probabilities ``(S, V, C)`` of each file's ``V`` views, in file order."""
+    num_points, augmentation = classifier.num_points, classifier.augmentation
+    probabilities = []
+    for first in range(0, len(paths), batch_size):
+        chunk = paths[first : first + batch_size]
+        sets = [preprocess_views(path, num_points, seed, views, augmentation)[0] for path in chunk]
+        flat = classifier.predict_probabilities(np.concatenate(sets))  # (b V, N, 3) -> (b V, C)
+        probabilities.append(flat.reshape(len(chunk), views, -1))
+    return torch.cat(probabilities)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py fit")
+    parser.add_argument("--data-root", required=True, type=Path)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--votes", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--limit", type=int, default=None, help="first N shapes (for tests)")
+    args = parser.parse_args(argv)
+    if min(args.votes) < 1:
+        parser.error("--votes must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    classifier = ShapeClassifier.from_checkpoint(args.ckpt, device="cpu")
+    names = classifier.class_names
+    files = test_files(args.data_root, names, args.split)[: args.limit]
+    most = max(args.votes)
+    start = time.perf_counter()
+    views_probabilities = view_probabilities(
+        classifier, [path for path, _ in files], args.seed, most, args.batch_size
+    )
+    seconds = time.perf_counter() - start
+    labels = torch.tensor([label for _, label in files])
+
+    lines = [
+        f"{args.ckpt} on {len(files)} {args.split} shapes of {args.data_root}, seed "
+        f"{args.seed}, {classifier.num_points} points, float32 on the CPU, "
+        f"{seconds:.0f} s for {most} view(s) per shape",
+        "| views | OA (%) | mAcc (%) |",
+        "|---:|---:|---:|",
+    ]
+    for votes in sorted(set(args.votes)):
+        predicted = views_probabilities[:, :votes].mean(dim=1)
+        overall = MulticlassAccuracy(num_classes=len(names), average="micro")(predicted, labels)
+        per_class = MulticlassAccuracy(num_classes=len(names), average=None)(predicted, labels)
+        # Mean over the classes present, as test_report.json does (matters with --limit).
+        present = torch.bincount(labels, minlength=len(names)) > 0
+        mean_class = per_class[present].mean()
+        lines.append(f"| {votes} | {100 * float(overall):.2f} | {100 * float(mean_class):.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""benchmarks/voting.py: its accuracies are those of ``ShapeClassifier.predict(votes=V)``."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from _inference_utils import CLASSES, build_tiny_checkpoint
+
+from pointsink.inference import ShapeClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def voting():
+    spec = importlib.util.spec_from_file_location("voting", REPO / "benchmarks" / "voting.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_averaged_views_are_what_predict_reports(voting, tmp_path: Path, make_shape_folder) -> None:
+    checkpoint = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    root = make_shape_folder(tmp_path / "shapes", class_names=tuple(CLASSES), test_per_class=4)
+    classifier = ShapeClassifier.from_checkpoint(checkpoint, device="cpu")
+    files = voting.test_files(root, CLASSES, "test")
+    assert [label for _, label in files] == [0] * 4 + [1] * 4 + [2] * 4
+    paths = [path for path, _ in files]
+    views = voting.view_probabilities(classifier, paths, seed=0, views=3, batch_size=5)
+    assert views.shape == (12, 3, len(CLASSES))
+    assert not torch.allclose(views[:, 0], views[:, 1])  # the views differ
+    for votes in (1, 3):
+        expected = views[:, :votes].mean(dim=1)
+        predictions = classifier.predict(paths, top_k=len(CLASSES), votes=votes, seed=0)
+        for prediction, row in zip(predictions, expected, strict=True):
+            found = torch.tensor([dict(prediction.topk)[name] for name in CLASSES])
+            torch.testing.assert_close(found, row, atol=1e-6, rtol=0)
+
+
+def test_table_reports_overall_and_mean_class_accuracy(
+    voting, tmp_path: Path, make_shape_folder
+) -> None:
+    checkpoint = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    root = make_shape_folder(tmp_path / "shapes", class_names=tuple(CLASSES), test_per_class=4)
+    for path in sorted((root / CLASSES[0] / "test").iterdir())[1:]:
+        path.unlink()  # 1, 4 and 4 test shapes: overall and mean class accuracy differ
+    table = voting.main(["--ckpt", str(checkpoint), "--data-root", str(root), "--votes", "1", "2"])
+    classifier = ShapeClassifier.from_checkpoint(checkpoint, device="cpu")
+    files = voting.test_files(root, CLASSES, "test")
+    predictions = classifier.predict([path for path, _ in files], votes=2, seed=0)
+    right, support = [0] * len(CLASSES), [0] * len(CLASSES)
+    for prediction, (_, label) in zip(predictions, files, strict=True):
+        right[label] += prediction.label == CLASSES[label]
+        support[label] += 1
+    assert support == [1, 4, 4]
+    overall = 100 * sum(right) / len(files)
+    mean_class = 100 * sum(r / n for r, n in zip(right, support, strict=True)) / len(CLASSES)
+    assert abs(overall - mean_class) > 1  # else the check below could not tell them apart
+    assert f"| 2 | {overall:.2f} | {mean_class:.2f} |" in table.splitlines()
+
+
+def test_missing_class_folder_is_a_clear_error(voting, tmp_path: Path) -> None:
+    checkpoint = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    with pytest.raises(SystemExit, match="does not exist; is --data-root the dataset"):
+        voting.main(["--ckpt", str(checkpoint), "--data-root", str(tmp_path)])
