@@ -1,13 +1,15 @@
-"""Test-time voting: accuracy of a checkpoint on a test split with 1, 2, 4, ... views.
+"""Test-time voting: accuracy of a checkpoint with 1, 2, 4, ... views per shape.
 
-Every test shape goes through :func:`pointsink.inference.preprocess_views`, the function
+Every shape goes through :func:`pointsink.inference.preprocess_views`, the function
 ``pointsink-predict --votes V`` uses: view 0 is the training preprocessing, views 1.. are
 resampled and augmented as in training. The probabilities of the first ``V`` views are
 averaged for each ``V`` in ``--votes``, so one pass over the largest ``V`` serves all rows.
 The model runs in float32 (as ``pointsink-predict`` does), so the one-view row can differ
 slightly from ``train.py test`` under a bf16 config.
 
-The issue's accuracy target is without voting; this measures what voting adds on top.
+``--split val`` scores the validation shapes carved out of the training split (the data
+module's stratified split, ``--val-fraction`` and ``--split-seed`` as in training), so
+choices about voting can be made without the test split.
 
 Example::
 
@@ -25,18 +27,36 @@ import numpy as np
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
+from pointsink.data import ShapeFolderDataModule
 from pointsink.inference import ShapeClassifier, expand_paths, preprocess_views
 
 
 def test_files(root: Path, class_names: list[str], split: str) -> list[tuple[str, int]]:
     """``(path, label)`` of every shape file in ``root/<class>/<split>/``, by class name."""
-    files = []
+    files: list[tuple[str, int]] = []
     for label, name in enumerate(class_names):
         folder = root / name / split
         if not folder.is_dir():
             raise SystemExit(f"error: {folder} does not exist; is --data-root the dataset?")
         files += [(entry.path, label) for entry in expand_paths([folder])]
     return files
+
+
+def validation_files(
+    root: Path, class_names: list[str], val_fraction: float, split_seed: int
+) -> list[tuple[str, int]]:
+    """``(path, label)`` of the validation shapes that training carves out of ``train/``.
+
+    The split is the data module's own (stratified, seeded), from its preprocessing cache.
+    """
+    data = ShapeFolderDataModule(
+        str(root), class_names=class_names, val_fraction=val_fraction, split_seed=split_seed
+    )
+    data.prepare_data()
+    data.setup("fit")
+    assert data.val_dataset is not None
+    labels = data.val_dataset.labels.tolist()
+    return list(zip(data.val_dataset.paths, labels, strict=True))
 
 
 def view_probabilities(
@@ -57,7 +77,11 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py fit")
     parser.add_argument("--data-root", required=True, type=Path)
-    parser.add_argument("--split", default="test")
+    parser.add_argument(
+        "--split", default="test", help="test, or val: the training's validation shapes"
+    )
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="with --split val")
+    parser.add_argument("--split-seed", type=int, default=0, help="with --split val")
     parser.add_argument("--votes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -71,7 +95,11 @@ def main(argv: list[str] | None = None) -> str:
 
     classifier = ShapeClassifier.from_checkpoint(args.ckpt, device="cpu")
     names = classifier.class_names
-    files = test_files(args.data_root, names, args.split)[: args.limit]
+    if args.split == "val":
+        files = validation_files(args.data_root, names, args.val_fraction, args.split_seed)
+    else:
+        files = test_files(args.data_root, names, args.split)
+    files = files[: args.limit]
     most = max(args.votes)
     start = time.perf_counter()
     views_probabilities = view_probabilities(

@@ -9,6 +9,7 @@ import pytest
 import torch
 from _inference_utils import CLASSES, build_tiny_checkpoint
 
+from pointsink.data import ShapeFolderDataModule
 from pointsink.inference import ShapeClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,3 +67,21 @@ def test_missing_class_folder_is_a_clear_error(voting, tmp_path: Path) -> None:
     checkpoint = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
     with pytest.raises(SystemExit, match="does not exist; is --data-root the dataset"):
         voting.main(["--ckpt", str(checkpoint), "--data-root", str(tmp_path)])
+
+
+def test_val_split_is_the_training_validation_split(
+    voting, tmp_path: Path, make_shape_folder
+) -> None:
+    checkpoint = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    root = make_shape_folder(tmp_path / "shapes", class_names=tuple(CLASSES), train_per_class=10)
+    files = voting.validation_files(root, CLASSES, val_fraction=0.2, split_seed=3)
+    data = ShapeFolderDataModule(str(root), class_names=CLASSES, val_fraction=0.2, split_seed=3)
+    data.prepare_data()
+    data.setup("fit")
+    assert [path for path, _ in files] == data.val_dataset.paths
+    assert len(files) == 6  # 2 of each class's 10 training shapes
+    for path, label in files:
+        assert Path(path).parent == root / CLASSES[label] / "train"
+    split = ["--split", "val", "--val-fraction", "0.2", "--split-seed", "3"]
+    table = voting.main(["--ckpt", str(checkpoint), "--data-root", str(root), *split])
+    assert "on 6 val shapes" in table
