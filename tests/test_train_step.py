@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
+from _benchmark_utils import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "conf" / "tiny.yaml"
@@ -14,11 +14,7 @@ TINY = REPO / "tests" / "conf" / "tiny.yaml"
 
 @pytest.fixture(scope="module")
 def train_step():
-    path = REPO / "benchmarks" / "train_step.py"
-    spec = importlib.util.spec_from_file_location("train_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_step")
 
 
 def _rows(output: str) -> list[str]:

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from _benchmark_utils import load_benchmark
 from _inference_utils import CLASSES, build_tiny_checkpoint
 
 from pointsink.data import ShapeFolderDataModule
 from pointsink.inference import ShapeClassifier
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def voting():
-    spec = importlib.util.spec_from_file_location("voting", REPO / "benchmarks" / "voting.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("voting")
 
 
 def test_averaged_views_are_what_predict_reports(voting, tmp_path: Path, make_shape_folder) -> None:
