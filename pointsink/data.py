@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ __all__ = [
 ]
 
 #: Bump when the preprocessing changes, so existing caches are rebuilt.
-CACHE_VERSION = 2  # 2: every file sampled with sample_seed (1: a seed per relative path)
+CACHE_VERSION = 1
 SPLITS = ("train", "test")
 
 MODELNET10_CLASSES: tuple[str, ...] = (
@@ -299,11 +300,8 @@ def build_point_cache(
     lock and writes atomically, so concurrent runs on one machine neither corrupt the cache
     nor build it twice. Files that cannot be read are skipped with a warning naming them.
 
-    Every file is preprocessed with seed ``sample_seed``, the seed with which prediction
-    (:meth:`pointsink.inference.ShapeClassifier.predict`, ``pointsink-predict --seed``,
-    both 0 by default) samples a shape's plain view: a dataset file gets the same points
-    in ``train.py test`` as in ``pointsink-predict``, whether given as a file or loaded
-    into memory, and independently of the other files.
+    Each file is preprocessed with seed ``sample_seed * 2**32 + crc32(relative path)``, so
+    its points do not change when other files are added or removed.
 
     Args:
         root: Dataset folder in ModelNet layout.
@@ -338,7 +336,8 @@ def build_point_cache(
         if cache_path.exists():  # another process built it while we waited for the lock
             return cache_path
         paths = [path for path, _ in files]
-        tasks = [(str(path), num_points, sample_seed) for path in paths]
+        seeds = [sample_seed * 2**32 + zlib.crc32(rel.encode()) for rel in relative_paths]
+        tasks = [(str(path), num_points, seed) for path, seed in zip(paths, seeds, strict=True)]
         results = _preprocess_all(tasks, workers, description=f"Preprocessing {root.name}/{split}")
 
         kept = [i for i, (points, _, _) in enumerate(results) if points is not None]

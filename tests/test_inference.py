@@ -15,7 +15,6 @@ from _inference_utils import (
 )
 
 from pointsink import Prediction, ShapeClassifier
-from pointsink.data import build_point_cache, load_point_cache
 from pointsink.inference import (
     CheckpointError,
     ShapePredictionDataset,
@@ -296,26 +295,3 @@ def test_output_formats(classifier: ShapeClassifier, format_files: dict[str, Pat
     table = format_predictions(predictions, "table")
     assert "ERROR" in table and predictions[0].label in table
     assert "1 classified, 1 failed." in table
-
-
-@pytest.mark.parametrize("seed", [0, 3])
-def test_view_zero_of_a_dataset_file_is_its_training_cache_sample(
-    tmp_path: Path, make_shape_folder, seed: int
-) -> None:
-    """``predict`` on a dataset's files scores the points ``train.py test`` scores."""
-    root = make_shape_folder(tmp_path / "shapes", class_names=("alpha", "beta"), test_per_class=3)
-    cache = load_point_cache(
-        build_point_cache(
-            root, ["alpha", "beta"], "test", num_points=48, sample_seed=seed,
-            cache_dir=tmp_path / "cache", workers=1,
-        )
-    )  # fmt: skip
-    assert len(cache.paths) == 6
-    for relative, cached in zip(cache.paths, cache.points, strict=True):
-        views, _ = preprocess_views(root / relative, 48, seed=seed)
-        np.testing.assert_array_equal(views[0], cached.numpy())
-    # An in-memory shape has no file name: its seed is the base seed itself.
-    mesh = trimesh.creation.box()
-    np.testing.assert_array_equal(
-        preprocess_views(mesh, 48, seed=seed)[0][0], preprocess_shape(mesh, 48, seed=seed)
-    )
