@@ -31,7 +31,7 @@ from pointsink.data import ShapeFolderDataModule
 from pointsink.inference import ShapeClassifier, expand_paths, preprocess_views
 
 
-def test_files(root: Path, class_names: list[str], split: str) -> list[tuple[str, int]]:
+def split_files(root: Path, class_names: list[str], split: str) -> list[tuple[str, int]]:
     """``(path, label)`` of every shape file in ``root/<class>/<split>/``, by class name."""
     files: list[tuple[str, int]] = []
     for label, name in enumerate(class_names):
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.split == "val":
         files = validation_files(args.data_root, names, args.val_fraction, args.split_seed)
     else:
-        files = test_files(args.data_root, names, args.split)
+        files = split_files(args.data_root, names, args.split)
     files = files[: args.limit]
     most = max(args.votes)
     start = time.perf_counter()

@@ -22,7 +22,7 @@ def test_averaged_views_are_what_predict_reports(voting, tmp_path: Path, make_sh
     checkpoint = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
     root = make_shape_folder(tmp_path / "shapes", class_names=tuple(CLASSES), test_per_class=4)
     classifier = ShapeClassifier.from_checkpoint(checkpoint, device="cpu")
-    files = voting.test_files(root, CLASSES, "test")
+    files = voting.split_files(root, CLASSES, "test")
     assert [label for _, label in files] == [0] * 4 + [1] * 4 + [2] * 4
     paths = [path for path, _ in files]
     views = voting.view_probabilities(classifier, paths, seed=0, views=3, batch_size=5)
@@ -45,7 +45,7 @@ def test_table_reports_overall_and_mean_class_accuracy(
         path.unlink()  # 1, 4 and 4 test shapes: overall and mean class accuracy differ
     table = voting.main(["--ckpt", str(checkpoint), "--data-root", str(root), "--votes", "1", "2"])
     classifier = ShapeClassifier.from_checkpoint(checkpoint, device="cpu")
-    files = voting.test_files(root, CLASSES, "test")
+    files = voting.split_files(root, CLASSES, "test")
     predictions = classifier.predict([path for path, _ in files], votes=2, seed=0)
     right, support = [0] * len(CLASSES), [0] * len(CLASSES)
     for prediction, (_, label) in zip(predictions, files, strict=True):
