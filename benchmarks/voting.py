@@ -25,21 +25,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassConfusionMatrix
 
-from pointsink.data import ShapeFolderDataModule
-from pointsink.inference import ShapeClassifier, expand_paths, preprocess_views
+from pointsink.callbacks import confusion_report
+from pointsink.data import ShapeFolderDataModule, find_shape_files
+from pointsink.inference import ShapeClassifier, preprocess_views
 
 
 def split_files(root: Path, class_names: list[str], split: str) -> list[tuple[str, int]]:
-    """``(path, label)`` of every shape file in ``root/<class>/<split>/``, by class name."""
-    files: list[tuple[str, int]] = []
-    for label, name in enumerate(class_names):
+    """``(path, label)`` of the files of ``root/<class>/<split>/`` that training would use.
+
+    The data module's own listing (:func:`pointsink.data.find_shape_files`), so these are
+    the shapes ``train.py test`` scores.
+    """
+    for name in class_names:
         folder = root / name / split
         if not folder.is_dir():
             raise SystemExit(f"error: {folder} does not exist; is --data-root the dataset?")
-        files += [(entry.path, label) for entry in expand_paths([folder])]
-    return files
+    return [(str(path), label) for path, label in find_shape_files(root, class_names, split)]
 
 
 def validation_files(
@@ -117,12 +120,11 @@ def main(argv: list[str] | None = None) -> str:
     ]
     for votes in sorted(set(args.votes)):
         predicted = views_probabilities[:, :votes].mean(dim=1)
-        overall = MulticlassAccuracy(num_classes=len(names), average="micro")(predicted, labels)
-        per_class = MulticlassAccuracy(num_classes=len(names), average=None)(predicted, labels)
-        # Mean over the classes present, as test_report.json does (matters with --limit).
-        present = torch.bincount(labels, minlength=len(names)) > 0
-        mean_class = per_class[present].mean()
-        lines.append(f"| {votes} | {100 * float(overall):.2f} | {100 * float(mean_class):.2f} |")
+        matrix = MulticlassConfusionMatrix(num_classes=len(names))(predicted, labels)
+        # The numbers of train.py test's test_report.json (mean over the classes present).
+        report = confusion_report(matrix, names)
+        overall, mean_class = report["overall_accuracy"], report["mean_class_accuracy"]
+        lines.append(f"| {votes} | {100 * overall:.2f} | {100 * mean_class:.2f} |")
     table = "\n".join(lines)
     print(table)
     return table
