@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -37,9 +36,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 from tqdm.auto import tqdm
 
 from pointsink.inference import ShapePredictionDataset
-from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, exclusive_lock, file_extension
+from pointsink.io import (
+    SUPPORTED_EXTENSIONS,
+    ShapeLoadError,
+    exclusive_lock,
+    file_extension,
+    load_shape,
+)
 from pointsink.synthetic import SYNTHETIC_CLASSES, generate_synthetic_shapes
-from pointsink.transforms import PointCloudAugmentation, preprocess_shape
+from pointsink.transforms import PointCloudAugmentation, file_sample_seed, preprocess_shape
 from pointsink.validation import check_int
 
 __all__ = [
@@ -61,8 +66,9 @@ __all__ = [
     "stratified_split",
 ]
 
-#: Bump when the preprocessing changes, so existing caches are rebuilt.
-CACHE_VERSION = 1
+#: Bump when the preprocessing changes, so existing caches are rebuilt. (3 follows 1: a
+#: reverted commit wrote version-2 caches with one seed for all files.)
+CACHE_VERSION = 3
 SPLITS = ("train", "test")
 
 MODELNET10_CLASSES: tuple[str, ...] = (
@@ -300,8 +306,9 @@ def build_point_cache(
     lock and writes atomically, so concurrent runs on one machine neither corrupt the cache
     nor build it twice. Files that cannot be read are skipped with a warning naming them.
 
-    Each file is preprocessed with seed ``sample_seed * 2**32 + crc32(relative path)``, so
-    its points do not change when other files are added or removed.
+    Each file is sampled with :func:`pointsink.transforms.file_sample_seed` (``sample_seed``
+    and a checksum of the file's contents), the seed prediction uses too, so its points
+    do not change when other files are added or removed.
 
     Args:
         root: Dataset folder in ModelNet layout.
@@ -336,8 +343,7 @@ def build_point_cache(
         if cache_path.exists():  # another process built it while we waited for the lock
             return cache_path
         paths = [path for path, _ in files]
-        seeds = [sample_seed * 2**32 + zlib.crc32(rel.encode()) for rel in relative_paths]
-        tasks = [(str(path), num_points, seed) for path, seed in zip(paths, seeds, strict=True)]
+        tasks = [(str(path), num_points, sample_seed) for path in paths]
         results = _preprocess_all(tasks, workers, description=f"Preprocessing {root.name}/{split}")
 
         kept = [i for i, (points, _, _) in enumerate(results) if points is not None]
@@ -464,11 +470,12 @@ def _preprocess_file(task: tuple[str, int, int]) -> tuple[np.ndarray | None, str
     Errors and warnings are returned rather than raised or printed, so that a bad file
     never stops the build and worker-process warnings reach the parent.
     """
-    path, num_points, seed = task
+    path, num_points, sample_seed = task
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            points = preprocess_shape(path, num_points, seed=seed)
+            shape = load_shape(path)
+            points = preprocess_shape(shape, num_points, file_sample_seed(path, sample_seed))
         except ShapeLoadError as exc:
             return None, str(exc), []
         except Exception as exc:  # an unexpected failure in one file must not stop the run
@@ -739,8 +746,9 @@ class ShapeFolderDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Batches of the ``predict_files`` (files, folders, glob patterns), in order.
 
-        Each file is loaded and preprocessed on the fly with ``num_points`` points and seed
-        ``sample_seed`` (see :class:`pointsink.inference.ShapePredictionDataset`); a file
+        Each file is loaded and preprocessed on the fly with ``num_points`` points and the
+        cache's per-file seed from ``sample_seed`` (see
+        :class:`pointsink.inference.ShapePredictionDataset`); a file
         that cannot be used yields an item with an ``error`` instead of stopping the run.
         Under DDP every rank gets an equal, non-empty share (padded by repeating files,
         which :class:`pointsink.callbacks.PredictionWriter` drops by dataset index).

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, as_shape, file_extension, load_shape
-from pointsink.transforms import PointCloudAugmentation, preprocess_shape
+from pointsink.transforms import PointCloudAugmentation, file_sample_seed, preprocess_shape
 from pointsink.validation import check_int
 
 __all__ = [
@@ -287,10 +287,13 @@ def preprocess_views(
 ) -> tuple[np.ndarray, list[str]]:
     """Loads a shape once and makes the point sets that the classifier averages over.
 
-    View 0 is exactly ``preprocess_shape(source, num_points, seed)``, the training
-    pipeline's sampling and normalization. Each further view ``v`` is sampled with its own
-    seed derived from ``(seed, v)`` and, if ``augmentation`` is given, augmented with a
-    generator seeded the same way, so the result depends only on the arguments.
+    View 0 is the training pipeline's sampling and normalization,
+    ``preprocess_shape(shape, num_points, s)``, where ``s`` is ``seed`` for an in-memory
+    shape and :func:`pointsink.transforms.file_sample_seed` of ``(source, seed)`` for a
+    file: a file's view 0 is the sample the training cache holds for it with
+    ``sample_seed = seed``. Each further view ``v`` is sampled with its own seed derived
+    from ``(s, v)`` and, if ``augmentation`` is given, augmented with a generator seeded
+    the same way, so the result depends only on the arguments and the file's contents.
 
     Args:
         source: A file path or an in-memory shape (see :func:`pointsink.io.as_shape`).
@@ -310,6 +313,7 @@ def preprocess_views(
         warnings.simplefilter("always")
         if isinstance(source, (str, os.PathLike)):
             shape = load_shape(source)
+            seed = file_sample_seed(source, seed)
         else:
             shape = as_shape(source)
         views = [preprocess_shape(shape, num_points, seed)]
@@ -348,7 +352,8 @@ class ShapePredictionDataset(Dataset):
 
     Folders and glob patterns are expanded with :func:`expand_paths`. Each item is one
     file, sampled and normalized with :func:`pointsink.transforms.preprocess_shape` (one
-    view, seed ``seed``), like :meth:`ShapeClassifier.predict` with ``votes=1``. A file that
+    view, the file's :func:`pointsink.transforms.file_sample_seed` of ``seed``, as in the
+    training cache), like :meth:`ShapeClassifier.predict` with ``votes=1``. A file that
     cannot be used (or an argument that matched no file) is an item too: its points are
     zeros and its ``error`` says what is wrong, so one bad file never stops the run.
 

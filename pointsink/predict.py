@@ -101,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to run the model (default: auto, CUDA when available)",
     )
     parser.add_argument(
-        "--seed", type=_non_negative_int, default=0, metavar="S", help="sampling seed"
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        metavar="S",
+        help="sampling seed (default: 0); a file gets the points that a training cache "
+        "built with data.sample_seed S holds for it",
     )
     parser.add_argument(
         "--batch-size", type=_positive_int, default=32, metavar="B", help="shapes per batch"

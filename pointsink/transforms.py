@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import zlib
 from typing import Any
 
 import numpy as np
@@ -78,6 +79,30 @@ def normalize_points(points: np.ndarray) -> np.ndarray:
     if radius == 0.0:
         raise ValueError("normalize_points cannot scale points that all coincide.")
     return (centred / radius).astype(np.float32)
+
+
+def file_sample_seed(path: str | os.PathLike[str], seed: int) -> int:
+    """Sampling seed of one shape file: ``seed * 2**32 + crc32(file contents)``.
+
+    The training cache and prediction both sample a file with this seed, so
+    ``pointsink-predict`` sees the points that ``train.py test`` scores. Seeding from the
+    contents gives every file its own draw (one seed for all files would give meshes that
+    share a triangulation the same face picks, i.e. correlated samples) and keeps a file's
+    points when it is renamed or moved or when other files are added.
+
+    Args:
+        path: Shape file to read.
+        seed: Base seed (>= 0).
+
+    Returns:
+        Non-negative integer seed.
+    """
+    seed = check_int("seed", seed, minimum=0)
+    checksum = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            checksum = zlib.crc32(chunk, checksum)
+    return seed * 2**32 + checksum
 
 
 def preprocess_shape(

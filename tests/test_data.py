@@ -26,8 +26,9 @@ from pointsink.data import (
     load_point_cache,
     stratified_split,
 )
+from pointsink.inference import ShapePredictionDataset, preprocess_views
 from pointsink.synthetic import SYNTHETIC_CLASSES
-from pointsink.transforms import PointCloudAugmentation, preprocess_shape
+from pointsink.transforms import PointCloudAugmentation, file_sample_seed, preprocess_shape
 
 MODELNET10_DIR = Path("/work/shared/data/ModelNet10")
 CLASSES = ["alpha", "beta", "gamma"]
@@ -79,9 +80,38 @@ def test_cache_holds_normalized_points_labels_and_relative_paths(tmp_path, make_
     norms = cache.points.norm(dim=-1).max(dim=1).values
     torch.testing.assert_close(norms, torch.ones(12))
     # Matches the one preprocessing path with the documented per-file seed.
-    seed = 2 * 2**32 + data_module.zlib.crc32(cache.paths[5].encode())
+    seed = file_sample_seed(root / cache.paths[5], 2)
     expected = preprocess_shape(root / cache.paths[5], 32, seed=seed)
     np.testing.assert_array_equal(cache.points[5].numpy(), expected)
+
+
+def test_prediction_sees_the_points_the_cache_holds(tmp_path, make_shape_folder):
+    root = make_shape_folder(tmp_path / "shapes")
+    cache = load_point_cache(_build(root, tmp_path, sample_seed=2))
+    paths = [root / relative for relative in cache.paths]
+
+    # pointsink-predict / ShapeClassifier.predict (view 0) and Trainer.predict's dataset.
+    for row in (0, 7):
+        views, _ = preprocess_views(paths[row], 32, seed=2, votes=2)
+        np.testing.assert_array_equal(views[0], cache.points[row].numpy())
+    dataset = ShapePredictionDataset(paths, 32, seed=2)
+    torch.testing.assert_close(torch.stack([item["points"] for item in dataset]), cache.points)
+    # Another base seed draws other points.
+    other, _ = preprocess_views(paths[0], 32, seed=3)
+    assert not np.allclose(other[0], cache.points[0].numpy())
+
+
+def test_file_seed_follows_contents_not_names(tmp_path, make_shape_folder):
+    root = make_shape_folder(tmp_path / "shapes")
+    first, second = root / "alpha/train/alpha_0001.off", root / "alpha/train/alpha_0002.off"
+    renamed = tmp_path / "elsewhere.off"
+    renamed.write_bytes(first.read_bytes())
+
+    assert file_sample_seed(renamed, 0) == file_sample_seed(first, 0)
+    assert file_sample_seed(second, 0) != file_sample_seed(first, 0)
+    assert file_sample_seed(first, 1) - file_sample_seed(first, 0) == 2**32
+    with pytest.raises(ValueError, match="seed"):
+        file_sample_seed(first, -1)
 
 
 def test_second_build_reuses_the_cache(tmp_path, make_shape_folder, count_preprocessing):

@@ -22,7 +22,7 @@ from pointsink.inference import (
     format_predictions,
     preprocess_views,
 )
-from pointsink.transforms import preprocess_shape
+from pointsink.transforms import file_sample_seed, preprocess_shape
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +138,8 @@ def test_bad_inputs_give_errors_and_never_stop_the_batch(
 def test_in_memory_inputs(classifier: ShapeClassifier, format_files: dict[str, Path]) -> None:
     mesh = trimesh.load(format_files["off"], process=False)
     from_file = classifier.predict(format_files["off"])[0]
-    from_mesh = classifier.predict(mesh)[0]
+    # A file is sampled with its per-file seed; the same seed gives a mesh the same points.
+    from_mesh = classifier.predict(mesh, seed=file_sample_seed(format_files["off"], 0))[0]
     assert from_mesh.path is None
     assert from_mesh.probability == pytest.approx(from_file.probability, abs=1e-4)
 
@@ -196,7 +197,8 @@ def test_seeded_and_reproducible_votes(classifier: ShapeClassifier, format_files
         path, NUM_POINTS, seed=3, votes=3, augmentation=classifier.augmentation
     )
     assert views.shape == (3, NUM_POINTS, 3)
-    np.testing.assert_array_equal(views[0], preprocess_shape(path, NUM_POINTS, seed=3))
+    file_seed = file_sample_seed(path, 3)
+    np.testing.assert_array_equal(views[0], preprocess_shape(path, NUM_POINTS, seed=file_seed))
     assert not np.allclose(views[1], views[2])
     # The vote is the mean of the views' probabilities.
     expected = classifier.predict_probabilities(torch.from_numpy(views)).mean(dim=0)
@@ -275,7 +277,8 @@ def test_prediction_dataset_carries_errors(format_files: dict[str, Path], tmp_pa
     )
     good, bad = dataset[0], dataset[1]
     np.testing.assert_array_equal(
-        good["points"].numpy(), preprocess_shape(format_files["off"], NUM_POINTS, seed=0)
+        good["points"].numpy(),
+        preprocess_shape(format_files["off"], NUM_POINTS, file_sample_seed(format_files["off"], 0)),
     )
     assert good["error"] == "" and good["index"] == 0
     assert "no such file" in bad["error"]
