@@ -748,8 +748,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
 
         Each file is loaded and preprocessed on the fly with ``num_points`` points and the
         cache's per-file seed from ``sample_seed`` (see
-        :class:`pointsink.inference.ShapePredictionDataset`); a file
-        that cannot be used yields an item with an ``error`` instead of stopping the run.
+        :class:`pointsink.inference.ShapePredictionDataset`); a file that cannot be used
+        yields an item with an ``error`` instead of stopping the run.
         Under DDP every rank gets an equal, non-empty share (padded by repeating files,
         which :class:`pointsink.callbacks.PredictionWriter` drops by dataset index).
 

@@ -110,7 +110,9 @@ def preprocess_shape(
 ) -> np.ndarray:
     """Loads (if given a path), samples and normalizes a shape.
 
-    This is the one preprocessing function shared by the training cache and prediction.
+    This is the one preprocessing function shared by the training cache and prediction,
+    which load each file first and sample it with :func:`file_sample_seed`; called with a
+    path, it samples with ``seed`` itself.
 
     Args:
         shape_or_path: A file path (see :func:`pointsink.io.load_shape`) or an in-memory
