@@ -36,12 +36,15 @@ CLASSES = ["alpha", "beta", "gamma"]
 
 @pytest.fixture
 def count_preprocessing(monkeypatch):
-    """Counts calls of the preprocessing function used by the cache (built in-process)."""
-    calls: list[str] = []
+    """Counts calls of the preprocessing function used by the cache (built in-process).
 
-    def counting(path, num_points, seed=0):
-        calls.append(str(path))
-        return preprocess_shape(path, num_points, seed=seed)
+    The cache loads each file first, so the calls receive loaded shapes, not paths.
+    """
+    calls: list[object] = []
+
+    def counting(shape, num_points, seed=0):
+        calls.append(shape)
+        return preprocess_shape(shape, num_points, seed=seed)
 
     monkeypatch.setattr(data_module, "preprocess_shape", counting)
     return calls
