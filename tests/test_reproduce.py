@@ -51,7 +51,11 @@ def test_parallel_grid_writes_results_and_resumes(
     for row in rows:
         logged = reproduce._read_logged(Path(row["run_dir"]))
         best_oa, macc_there = reproduce.best_validation(logged)
-        assert f"| {100 * best_oa:.2f} ± 0.00 | {100 * macc_there:.2f} ± 0.00 |" in table
+        final_loss, final_oa = reproduce.final_validation(logged)
+        assert (
+            f"| {100 * best_oa:.2f} ± 0.00 | {100 * macc_there:.2f} ± 0.00 "
+            f"| {final_loss:.4f} ± 0.0000 | {100 * final_oa:.2f} ± 0.00 |"
+        ) in table
     # The monitor's measurements are summarized per variant and layer: Sinkhorn with 3
     # iterations ends on columns, so its column sums are exact; softmax's are not.
     summary = (out / "summary.md").read_text()
@@ -89,6 +93,21 @@ def test_best_validation_is_the_epoch_best_ckpt_keeps(reproduce) -> None:
     # A tie keeps the earlier epoch, as the checkpoint callback does.
     assert reproduce.best_validation(logged) == (0.8, 0.7)
     assert reproduce.best_validation({"ds/pool.mab/col_dev": [(0, 0.1)]}) is None
+
+
+def test_final_validation_averages_the_last_epochs_once_each(reproduce) -> None:
+    logged = {
+        "val/loss": [(0, 2.0), (1, 1.0), (2, 0.8), (2, 0.6), (3, 0.4)],
+        "val/oa": [(0, 0.1), (1, 0.5), (2, 0.7), (2, 0.9), (3, 0.7)],
+    }
+    # Epoch 2 was validated twice (killed before its checkpoint, then resumed): the later
+    # value counts, once.
+    loss, accuracy = reproduce.final_validation(logged, epochs=2)
+    assert loss == pytest.approx(0.5) and accuracy == pytest.approx(0.8)
+    loss, accuracy = reproduce.final_validation(logged, epochs=10)
+    assert loss == pytest.approx((2.0 + 1.0 + 0.6 + 0.4) / 4)
+    assert accuracy == pytest.approx((0.1 + 0.5 + 0.9 + 0.7) / 4)
+    assert reproduce.final_validation({"val/oa": [(0, 0.5)]}) is None
 
 
 class _KilledError(Exception):
