@@ -41,10 +41,9 @@ from pointsink.io import (
     ShapeLoadError,
     exclusive_lock,
     file_extension,
-    load_shape,
 )
 from pointsink.synthetic import SYNTHETIC_CLASSES, generate_synthetic_shapes
-from pointsink.transforms import PointCloudAugmentation, file_sample_seed, preprocess_shape
+from pointsink.transforms import PointCloudAugmentation, load_for_sampling, preprocess_shape
 from pointsink.validation import check_int
 
 __all__ = [
@@ -474,8 +473,8 @@ def _preprocess_file(task: tuple[str, int, int]) -> tuple[np.ndarray | None, str
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            shape = load_shape(path)
-            points = preprocess_shape(shape, num_points, file_sample_seed(path, sample_seed))
+            shape, shape_seed = load_for_sampling(path, sample_seed)
+            points = preprocess_shape(shape, num_points, shape_seed)
         except ShapeLoadError as exc:
             return None, str(exc), []
         except Exception as exc:  # an unexpected failure in one file must not stop the run

@@ -41,8 +41,8 @@ import trimesh
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, as_shape, file_extension, load_shape
-from pointsink.transforms import PointCloudAugmentation, file_sample_seed, preprocess_shape
+from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, file_extension
+from pointsink.transforms import PointCloudAugmentation, load_for_sampling, preprocess_shape
 from pointsink.validation import check_int
 
 __all__ = [
@@ -311,11 +311,7 @@ def preprocess_views(
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if isinstance(source, (str, os.PathLike)):
-            shape = load_shape(source)
-            seed = file_sample_seed(source, seed)
-        else:
-            shape = as_shape(source)
+        shape, seed = load_for_sampling(source, seed)
         views = [preprocess_shape(shape, num_points, seed)]
         for view in range(1, votes):
             view_seed = _view_seed(seed, view)

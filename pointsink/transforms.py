@@ -105,14 +105,39 @@ def file_sample_seed(path: str | os.PathLike[str], seed: int) -> int:
     return seed * 2**32 + checksum
 
 
+def load_for_sampling(
+    source: str | os.PathLike[str] | Any, seed: int = 0
+) -> tuple[trimesh.Trimesh | np.ndarray, int]:
+    """Loads a shape and the seed that the training cache and prediction sample it with.
+
+    ``preprocess_shape(*load_for_sampling(source, seed)...)`` is the training sample of a
+    file (the cache's, with ``sample_seed = seed``) and prediction's first view of it.
+
+    Args:
+        source: A file path (see :func:`pointsink.io.load_shape`) or an in-memory shape
+            (see :func:`pointsink.io.as_shape`).
+        seed: Base seed (>= 0).
+
+    Returns:
+        ``(shape, sampling_seed)``: the validated shape, and :func:`file_sample_seed` of
+        ``(source, seed)`` for a file or ``seed`` itself for an in-memory shape.
+
+    Raises:
+        pointsink.io.ShapeLoadError: The file or object is not a usable shape.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return load_shape(source), file_sample_seed(source, seed)
+    return as_shape(source), check_int("seed", seed, minimum=0)
+
+
 def preprocess_shape(
     shape_or_path: str | os.PathLike[str] | Any, num_points: int, seed: int = 0
 ) -> np.ndarray:
     """Loads (if given a path), samples and normalizes a shape.
 
     This is the one preprocessing function shared by the training cache and prediction,
-    which load each file first and sample it with :func:`file_sample_seed`; called with a
-    path, it samples with ``seed`` itself.
+    which load each file with :func:`load_for_sampling` first (a file's own seed comes from
+    :func:`file_sample_seed`); called with a path, it samples with ``seed`` itself.
 
     Args:
         shape_or_path: A file path (see :func:`pointsink.io.load_shape`) or an in-memory

@@ -9,6 +9,8 @@ import trimesh
 
 from pointsink.transforms import (
     PointCloudAugmentation,
+    file_sample_seed,
+    load_for_sampling,
     mix_point_regions,
     normalize_points,
     preprocess_shape,
@@ -114,6 +116,23 @@ def test_preprocess_shape_path_and_object_agree(tmp_path):
     assert from_path.dtype == np.float32
     np.testing.assert_allclose(from_path, from_object, atol=1e-6)
     np.testing.assert_array_equal(from_path, from_str)
+
+
+def test_load_for_sampling_seeds_a_file_by_its_contents(tmp_path):
+    path = tmp_path / "box.off"
+    BOX.export(path)
+    copy = tmp_path / "renamed.off"
+    copy.write_bytes(path.read_bytes())
+
+    shape, seed = load_for_sampling(path, 2)
+    assert isinstance(shape, trimesh.Trimesh) and len(shape.faces) == len(BOX.faces)
+    # A file's own seed, the same under another name; another base seed gives another.
+    assert seed == file_sample_seed(path, 2) == load_for_sampling(copy, 2)[1]
+    assert seed != load_for_sampling(path, 3)[1]
+    # An in-memory shape has no contents to hash: the base seed is its seed.
+    assert load_for_sampling(BOX, 2) == (BOX, 2)
+    with pytest.raises(ValueError, match="seed"):
+        load_for_sampling(BOX, -1)
 
 
 def test_sample_points_validates_num_points():
