@@ -24,6 +24,8 @@ from pointsink.validation import check_int
 
 __all__ = [
     "PointCloudAugmentation",
+    "file_sample_seed",
+    "load_for_sampling",
     "mix_point_regions",
     "normalize_points",
     "preprocess_shape",
