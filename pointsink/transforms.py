@@ -112,8 +112,9 @@ def load_for_sampling(
 ) -> tuple[trimesh.Trimesh | np.ndarray, int]:
     """Loads a shape and the seed that the training cache and prediction sample it with.
 
-    ``preprocess_shape(*load_for_sampling(source, seed)...)`` is the training sample of a
-    file (the cache's, with ``sample_seed = seed``) and prediction's first view of it.
+    With ``shape, s = load_for_sampling(source, seed)``, ``preprocess_shape(shape, N, s)``
+    is the training sample of a file (the cache's, with ``sample_seed = seed``) and
+    prediction's first view of it.
 
     Args:
         source: A file path (see :func:`pointsink.io.load_shape`) or an in-memory shape
