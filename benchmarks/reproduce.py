@@ -107,8 +107,9 @@ def final_validation(
     """Mean ``val/loss`` and ``val/oa`` of one run over its last ``epochs`` epochs.
 
     The best epoch's OA moves by one shape at a time (0.25 points on ModelNet10's 399
-    validation shapes) and is the maximum of a noisy curve; the mean of the last epochs,
-    and the loss above all, vary less from run to run, so recipes are compared on these.
+    validation shapes) and, as the maximum of a noisy curve, is biased upward; a mean over
+    the last epochs does not hang on one epoch, and the loss counts every shape's
+    confidence, not only whether it is right.
     An epoch logged twice (a run killed after validation and resumed) counts once, with
     its later value. ``None`` for a run without validation.
     """
