@@ -71,8 +71,7 @@ def view_probabilities(
     for first in range(0, len(paths), batch_size):
         chunk = paths[first : first + batch_size]
         sets = [preprocess_views(path, num_points, seed, views, augmentation)[0] for path in chunk]
-        flat = classifier.predict_probabilities(np.concatenate(sets))  # (b V, N, 3) -> (b V, C)
-        probabilities.append(flat.reshape(len(chunk), views, -1))
+        probabilities.append(classifier.view_probabilities(np.stack(sets)))
     return torch.cat(probabilities)
 
 

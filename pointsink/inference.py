@@ -702,6 +702,22 @@ class ShapeClassifier:
             logits = self.model(batch.to(self.device, torch.float32))
         return logits.float().softmax(dim=-1).cpu()
 
+    def view_probabilities(self, views: Tensor | np.ndarray) -> Tensor:
+        """Class probabilities of every view of every shape, one forward pass for all.
+
+        Args:
+            views: ``(S, V, N, 3)`` preprocessed views, e.g. a stack of
+                :func:`preprocess_views` outputs.
+
+        Returns:
+            Float32 CPU tensor ``(S, V, C)``; averaging over ``V`` is voting.
+        """
+        views = torch.as_tensor(views)
+        if views.dim() != 4:
+            raise ValueError(f"views must have shape (S, V, N, 3); got {tuple(views.shape)}.")
+        flat = self.predict_probabilities(views.reshape(-1, *views.shape[2:]))
+        return flat.reshape(*views.shape[:2], -1)
+
     def _predict_chunk(
         self, chunk: list[_Item], top_k: int, votes: int, seed: int
     ) -> list[Prediction]:
@@ -716,9 +732,7 @@ class ShapeClassifier:
         valid = [views for views, _, _ in prepared if views is not None]
         probabilities = None
         if valid:
-            stacked = torch.from_numpy(np.stack(valid))  # (b, V, N, 3)
-            flat = self.predict_probabilities(stacked.reshape(-1, self.num_points, 3))
-            probabilities = flat.reshape(len(valid), votes, -1).mean(dim=1)  # (b, C)
+            probabilities = self.view_probabilities(np.stack(valid)).mean(dim=1)  # (b, C)
         predictions = []
         row = 0
         for item, (views, error, warning) in zip(chunk, prepared, strict=True):

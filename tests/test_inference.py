@@ -205,6 +205,23 @@ def test_seeded_and_reproducible_votes(classifier: ShapeClassifier, format_files
     assert first.probability == pytest.approx(float(expected.max()), abs=1e-5)
 
 
+def test_view_probabilities_keep_shapes_and_views_apart(
+    classifier: ShapeClassifier, format_files
+) -> None:
+    shapes = [format_files["obj"], format_files["ply_points"]]
+    views = np.stack(
+        [preprocess_views(path, NUM_POINTS, seed=1, votes=3)[0] for path in shapes]
+    )  # (S, V, N, 3)
+    probabilities = classifier.view_probabilities(views)
+    assert probabilities.shape == (2, 3, classifier.model.num_classes)
+    for shape in range(2):
+        for view in range(3):
+            alone = classifier.predict_probabilities(views[shape, view])[0]
+            torch.testing.assert_close(probabilities[shape, view], alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\(S, V, N, 3\)"):
+        classifier.view_probabilities(views[0])
+
+
 def test_num_points_override_and_fallback(checkpoint: Path, tmp_path: Path) -> None:
     assert ShapeClassifier.from_checkpoint(checkpoint, num_points=32).num_points == 32
     content = torch.load(checkpoint, weights_only=True)
