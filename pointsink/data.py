@@ -542,6 +542,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         jitter_sigma: Augmentation: standard deviation of the point jitter.
         jitter_clip: Augmentation: clipping of the point jitter.
         shuffle_points: Augmentation: whether to permute the points.
+        max_translation: Augmentation: largest shift per axis (0: none).
         cache_dir: Folder of the preprocessed caches (None: ``root/processed``, or a user
             cache folder if ``root`` is read-only; see :func:`default_cache_dir`).
         preprocess_workers: Processes used to build the caches (None: up to 8).
@@ -568,6 +569,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         jitter_sigma: float = 0.01,
         jitter_clip: float = 0.05,
         shuffle_points: bool = True,
+        max_translation: float = 0.0,
         cache_dir: str | None = None,
         preprocess_workers: int | None = None,
         predict_files: list[str] | str | None = None,
@@ -607,6 +609,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             jitter_sigma=jitter_sigma,
             jitter_clip=jitter_clip,
             shuffle=shuffle_points,
+            max_translation=max_translation,
         )
         self.augmentation: PointCloudAugmentation | None = augmentation if augment else None
         # Recorded in checkpoints (linked to the model by the CLI) so that test-time voting

@@ -79,6 +79,7 @@ _AUGMENTATION_HPARAMS = {
     "jitter_sigma": "jitter_sigma",
     "jitter_clip": "jitter_clip",
     "shuffle_points": "shuffle",
+    "max_translation": "max_translation",
 }
 
 

@@ -193,7 +193,8 @@ class PointCloudAugmentation(torch.nn.Module):
     """Random training-time augmentation of one point set.
 
     In order: anisotropic scaling (one factor per axis), a small rotation about the up
-    axis, clipped Gaussian jitter and a random permutation of the points. Random numbers
+    axis, an optional translation (one shift per axis, as in DGCNN's ModelNet training),
+    clipped Gaussian jitter and a random permutation of the points. Random numbers
     come from torch's global RNG unless a generator is passed, so Lightning's per-worker
     and per-rank seeding gives each worker and rank its own stream.
 
@@ -206,6 +207,9 @@ class PointCloudAugmentation(torch.nn.Module):
         jitter_sigma: Standard deviation of the per-coordinate Gaussian noise (>= 0).
         jitter_clip: Noise is clipped to ``[-jitter_clip, jitter_clip]`` (>= 0).
         shuffle: Whether to permute the order of the points.
+        max_translation: Each axis is shifted by a draw from
+            ``[-max_translation, max_translation]`` (>= 0; 0 turns it off and draws
+            nothing, so the other draws stay as without the option).
     """
 
     def __init__(
@@ -217,6 +221,7 @@ class PointCloudAugmentation(torch.nn.Module):
         jitter_sigma: float = 0.01,
         jitter_clip: float = 0.05,
         shuffle: bool = True,
+        max_translation: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 < scale_low <= scale_high:
@@ -238,7 +243,10 @@ class PointCloudAugmentation(torch.nn.Module):
         self.up_axis = int(up_axis)
         self.jitter_sigma = float(jitter_sigma)
         self.jitter_clip = float(jitter_clip)
+        if max_translation < 0.0:
+            raise ValueError(f"max_translation must be >= 0; got {max_translation}.")
         self.shuffle = bool(shuffle)
+        self.max_translation = float(max_translation)
 
     def forward(self, points: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Returns an augmented copy of ``points``.
@@ -269,6 +277,9 @@ class PointCloudAugmentation(torch.nn.Module):
         rotation[second, first], rotation[second, second] = sin, cos
 
         augmented = (points * scale) @ rotation.T
+        if self.max_translation > 0.0:
+            shift = torch.rand(3, generator=generator, **options)
+            augmented = augmented + self.max_translation * (2.0 * shift - 1.0)
         if self.jitter_sigma > 0.0:
             noise = self.jitter_sigma * torch.randn(points.shape, generator=generator, **options)
             augmented = augmented + noise.clamp(-self.jitter_clip, self.jitter_clip)
@@ -291,6 +302,7 @@ class PointCloudAugmentation(torch.nn.Module):
             "jitter_sigma": self.jitter_sigma,
             "jitter_clip": self.jitter_clip,
             "shuffle": self.shuffle,
+            "max_translation": self.max_translation,
         }
 
     def extra_repr(self) -> str:
@@ -299,7 +311,7 @@ class PointCloudAugmentation(torch.nn.Module):
             f"scale=[{self.scale_low}, {self.scale_high}], "
             f"max_rotation_degrees={self.max_rotation_degrees}, up_axis={self.up_axis}, "
             f"jitter_sigma={self.jitter_sigma}, jitter_clip={self.jitter_clip}, "
-            f"shuffle={self.shuffle}"
+            f"shuffle={self.shuffle}, max_translation={self.max_translation}"
         )
 
 

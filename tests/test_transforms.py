@@ -210,6 +210,25 @@ def test_jitter_is_clipped_and_shuffle_permutes():
     assert torch.equal(shuffled.sort(dim=0).values, points.sort(dim=0).values)
 
 
+def test_translation_shifts_each_axis_within_range():
+    points = _cloud()
+    settings = {"max_rotation_degrees": 15.0, "jitter_sigma": 0.0, "shuffle": False}
+    plain = PointCloudAugmentation(**settings)
+    shifted = PointCloudAugmentation(**settings, max_translation=0.2)
+    shifts = []
+    for seed in range(20):
+        moved = shifted(points, generator=torch.Generator().manual_seed(seed))
+        # Scale and rotation draw first, so the same generator gives the same scaled and
+        # rotated points; the translation is one shift per axis on top.
+        offset = moved - plain(points, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(offset, offset[:1].expand_as(offset))
+        shifts.append(offset[0])
+    shifts = torch.stack(shifts)
+    assert shifts.abs().max() <= 0.2 and shifts.abs().max() > 0.1
+    assert (shifts > 0).any() and (shifts < 0).any()
+    assert PointCloudAugmentation(**shifted.settings()).max_translation == 0.2
+
+
 def test_generators_and_global_rng_drive_the_randomness():
     points = _cloud()
     augment = PointCloudAugmentation()
@@ -232,6 +251,7 @@ def test_generators_and_global_rng_drive_the_randomness():
         {"max_rotation_degrees": -1.0},
         {"up_axis": 3},
         {"jitter_sigma": -0.1},
+        {"max_translation": -0.1},
     ],
 )
 def test_augmentation_rejects_invalid_settings(kwargs):
