@@ -237,14 +237,14 @@ class PointCloudAugmentation(torch.nn.Module):
             raise ValueError(
                 f"jitter_sigma and jitter_clip must be >= 0; got {jitter_sigma}, {jitter_clip}."
             )
+        if max_translation < 0.0:
+            raise ValueError(f"max_translation must be >= 0; got {max_translation}.")
         self.scale_low = float(scale_low)
         self.scale_high = float(scale_high)
         self.max_rotation_degrees = float(max_rotation_degrees)
         self.up_axis = int(up_axis)
         self.jitter_sigma = float(jitter_sigma)
         self.jitter_clip = float(jitter_clip)
-        if max_translation < 0.0:
-            raise ValueError(f"max_translation must be >= 0; got {max_translation}.")
         self.shuffle = bool(shuffle)
         self.max_translation = float(max_translation)
 
