@@ -17,7 +17,7 @@ from pointsink.data import DatasetNotFoundError, ShapeFolderDataModule
 from pointsink.inference import CheckpointError
 from pointsink.module import SinkformerClassifier
 
-__all__ = ["SinkformerCLI", "main"]
+__all__ = ["SinkformerCLI", "main", "run"]
 
 
 class SinkformerCLI(LightningCLI):
@@ -90,3 +90,12 @@ def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
         # `--model.weights` a checkpoint that fits the model.
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run() -> None:
+    """The ``pointsink-train`` command: :func:`main` on ``sys.argv``, exit status 0 on success.
+
+    A console script hands its function's return value to ``sys.exit``, which would print
+    the CLI object that :func:`main` returns and exit with status 1.
+    """
+    main()

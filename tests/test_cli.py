@@ -4,6 +4,7 @@ import csv
 import json
 import sys
 import warnings
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,18 @@ def test_weight_averaged_checkpoint_serves_the_averaged_weights(tmp_path: Path) 
     test_cli = main(["test", *_tiny_args(tmp_path), *ema, "--ckpt_path", str(best)])
     for key, value in test_cli.model.state_dict().items():
         torch.testing.assert_close(value, averaged[key], rtol=0, atol=0)
+
+
+def test_console_command_exits_with_status_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pointsink-train` (pyproject [project.scripts]) ends a successful run with status 0."""
+    (script,) = entry_points(group="console_scripts", name="pointsink-train")
+    monkeypatch.setattr(sys, "argv", ["pointsink-train", "validate", *_tiny_args(tmp_path)])
+    # What the generated console script does with the function's return value.
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(script.load()())
+    assert exit_info.value.code in (None, 0)
 
 
 def test_main_with_args_ignores_the_callers_argv(monkeypatch: pytest.MonkeyPatch) -> None:
