@@ -255,12 +255,13 @@ class SinkformerClassifier(pl.LightningModule):
     def load_pretrained(self, path: str | os.PathLike[str]) -> list[str]:
         """Starts from another pointsink checkpoint's weights (fine-tuning).
 
-        Every weight but the classification head must fit this model, i.e. the checkpoint
-        has the same architecture hyperparameters (``channels``, ``num_heads``, ...;
-        ``attention`` and ``n_iter`` may differ, they have no weights). The head's rows are
-        carried over by class name for the classes both know; the others keep their fresh
-        initialization, so a model trained on ModelNet10 can start a classifier of other
-        classes. Read with a weights-only ``torch.load``.
+        Every weight but the classification head must fit this model, and the checkpoint
+        must have the same architecture hyperparameters (``channels``, ``num_groups``,
+        ``normalize_offsets``, ...); ``attention``, ``pooling_attention``, ``n_iter`` and
+        ``dropout`` may differ. The head's rows are carried over by class name for the
+        classes both know; the others keep their fresh initialization, so a model trained on
+        ModelNet10 can start a classifier of other classes. Read with a weights-only
+        ``torch.load``.
 
         Args:
             path: A ``.ckpt`` written by ``train.py fit``.
@@ -269,8 +270,9 @@ class SinkformerClassifier(pl.LightningModule):
             The class names whose head rows came from the checkpoint, in label order.
 
         Raises:
-            CheckpointError: The file is unreadable, has no weights, or its weights do not
-                fit this model (the message names the differing hyperparameters).
+            CheckpointError: The file is unreadable, has no weights, or its weights or
+                architecture hyperparameters differ from this model's (the message names the
+                differing hyperparameters).
         """
         checkpoint = load_checkpoint(path)
         found = {
@@ -283,16 +285,25 @@ class SinkformerClassifier(pl.LightningModule):
         problems = state_dict_differences(_without_head(own), weights)
         saved = checkpoint.get("hyper_parameters")
         saved = saved if isinstance(saved, dict) else {}
-        if problems:
-            architecture = inspect.signature(SetSinkformer.__init__).parameters
-            differing = [
-                f"{key}={saved[key]!r} there, {self.hparams.get(key)!r} here"
-                for key in architecture
-                if key in saved and key != "num_classes" and saved[key] != self.hparams.get(key)
-            ]
+        architecture = inspect.signature(SetSinkformer.__init__).parameters
+        # Settings without weights still shape what the weights see (the grouping of the
+        # points, the offsets' scale), so they must match too; these may differ.
+        free = {"num_classes", "attention", "pooling_attention", "n_iter", "dropout"}
+        differing = [
+            f"{key}={saved[key]!r} there, {self.hparams.get(key)!r} here"
+            for key in architecture
+            if key in saved and key not in free and saved[key] != self.hparams.get(key)
+        ]
+        if problems or differing:
             raise CheckpointError(
-                f"{path}: its weights do not fit this model ({'; '.join(problems)}); give the "
-                "model the checkpoint's architecture"
+                f"{path}: "
+                + (
+                    f"its weights do not fit this model ({'; '.join(problems)})"
+                    if problems
+                    else "it was trained with other model settings"
+                )
+                + "; give the model the checkpoint's architecture (only attention, "
+                "pooling_attention, n_iter and dropout may differ)"
                 + (f". Model settings that differ: {'; '.join(differing)}." if differing else ".")
             )
         head_weight = own["head.weight"].clone()

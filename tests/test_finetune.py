@@ -61,6 +61,23 @@ def test_load_pretrained_names_the_differing_architecture(pretrained: Path, tmp_
         module.load_pretrained(tmp_path / "missing.ckpt")
 
 
+def test_load_pretrained_refuses_other_weight_free_settings(tmp_path: Path) -> None:
+    # The grouping has no weights of its own but decides what the weights see.
+    grouped = {**TINY, "num_groups": 4, "group_size": 4, "normalize_offsets": True}
+    source = SinkformerClassifier(class_names=CLASSES, num_points=16, **grouped)
+    path = tmp_path / "grouped.ckpt"
+    torch.save({"state_dict": source.state_dict(), "hyper_parameters": dict(source.hparams)}, path)
+    free = {"attention": "softmax", "pooling_attention": "sinkhorn", "n_iter": 3, "dropout": 0.3}
+    module = SinkformerClassifier(class_names=NEW_CLASSES, **{**grouped, **free})
+    assert module.load_pretrained(path) == ["cone", "box"]
+    for key, value in (("group_size", 8), ("normalize_offsets", False)):
+        module = SinkformerClassifier(class_names=NEW_CLASSES, **{**grouped, key: value})
+        with pytest.raises(
+            CheckpointError, match=rf"other model settings.*{key}=\S+ there, {value!r} here"
+        ):
+            module.load_pretrained(path)
+
+
 def _fit_args(
     root: Path, run: Path, weights: Path, make_shape_folder: Callable[..., Path]
 ) -> list[str]:
