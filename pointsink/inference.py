@@ -511,10 +511,15 @@ class ShapeClassifier:
         model: Module mapping points ``(B, N, 3)`` to logits ``(B, C)``, e.g. a
             :class:`~pointsink.module.SinkformerClassifier`.
         class_names: The ``C`` class names in label order.
-        num_points: Points sampled per shape (use the training's number).
+        num_points: Points sampled per shape (use the training's number); at least the
+            model's ``min_points`` when it has one.
         augmentation: Augmentation of the extra views when ``votes > 1``; None: the
             default :class:`~pointsink.transforms.PointCloudAugmentation`.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or a torch device.
+
+    Raises:
+        ValueError: Bad ``num_points`` (too few for the model), ``class_names`` or
+            ``device``.
     """
 
     def __init__(
@@ -526,6 +531,12 @@ class ShapeClassifier:
         device: str | torch.device = "auto",
     ) -> None:
         num_points = check_int("num_points", num_points)
+        fewest = getattr(model, "min_points", 1)
+        if num_points < fewest:
+            raise ValueError(
+                f"num_points={num_points} is too few for this model: it needs at least "
+                f"{fewest} points per shape (its neighbourhoods and groups)."
+            )
         names = [str(name) for name in class_names]
         if len(names) < 2:
             raise ValueError(f"need at least two class names; got {names}.")

@@ -62,6 +62,11 @@ class SetSinkformer(nn.Module):
         group_size: ``k`` points per token of the set abstraction.
         normalize_offsets: Divide the set abstraction's coordinate offsets by the shape's
             RMS group radius (see :class:`~pointsink.embedding.SetAbstraction`).
+
+    Attributes:
+        min_points: The fewest points per set the model takes: the nearest-neighbour
+            searches and the farthest-point sampling need at least ``local_neighbors``,
+            ``num_groups`` and ``group_size`` points.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class SetSinkformer(nn.Module):
             )
         check_attention_kind(attention, n_iter)
         self.in_channels = in_channels
+        self.min_points = max(1, local_neighbors, num_groups, group_size if num_groups else 0)
         embeddings: list[EdgeConvEmbedding | SetAbstraction] = []
         encoder_in = in_channels
         if local_neighbors > 0:

@@ -183,6 +183,11 @@ class SinkformerClassifier(pl.LightningModule):
         # training loss uses it.
         self.register_buffer("log_class_prior", torch.zeros(num_classes), persistent=False)
 
+    @property
+    def min_points(self) -> int:
+        """The fewest points per shape the model takes (:attr:`SetSinkformer.min_points`)."""
+        return self.model.min_points
+
     def forward(self, points: Tensor) -> Tensor:
         """``(B, N, 3)`` points -> ``(B, C)`` logits."""
         return self.model(points)

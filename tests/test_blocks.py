@@ -169,6 +169,20 @@ def test_training_step_lowers_loss(attention: str, n_iter: int) -> None:
     assert F.cross_entropy(model(x), y) < 0.5 * first
 
 
+@pytest.mark.parametrize(
+    ("settings", "fewest"),
+    [({}, 1), ({"local_neighbors": 10}, 10), ({"num_groups": 4, "group_size": 16}, 16),
+     ({"num_groups": 12, "group_size": 5}, 12)],
+)  # fmt: skip
+def test_min_points_is_the_fewest_points_the_model_takes(settings: dict, fewest: int) -> None:
+    model = SetSinkformer(num_classes=2, channels=8, num_heads=2, num_inducing_points=2, **settings)
+    assert model.min_points == fewest
+    assert model(torch.randn(2, fewest, 3)).shape == (2, 2)
+    if fewest > 1:
+        with pytest.raises(ValueError, match=r"number of points|at least that many points"):
+            model(torch.randn(2, fewest - 1, 3))
+
+
 def test_reset_parameters_reinitializes() -> None:
     model = SetSinkformer(3, channels=16, num_heads=2, num_inducing_points=4)
     before = [p.clone() for p in model.parameters()]

@@ -22,6 +22,7 @@ from pointsink.inference import (
     format_predictions,
     preprocess_views,
 )
+from pointsink.module import SinkformerClassifier
 from pointsink.transforms import file_sample_seed, preprocess_shape
 
 
@@ -237,6 +238,19 @@ def test_num_points_override_and_fallback(checkpoint: Path, tmp_path: Path) -> N
         restored = ShapeClassifier.from_checkpoint(stripped)
     assert restored.num_points == 48
     assert restored.augmentation.up_axis == 1
+
+
+def test_too_few_points_for_the_model_are_refused() -> None:
+    module = SinkformerClassifier(
+        class_names=CLASSES, channels=8, num_heads=2, num_inducing_points=2, num_groups=8,
+        group_size=4,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="needs at least 8 points"):
+        ShapeClassifier(module, CLASSES, num_points=7, device="cpu")
+    classifier = ShapeClassifier(module, CLASSES, num_points=8, device="cpu")
+    cloud = np.random.default_rng(0).normal(size=(50, 3))
+    (prediction,) = classifier.predict([cloud])
+    assert prediction.error is None and prediction.label in CLASSES
 
 
 class _NotAllowed:

@@ -85,6 +85,15 @@ def test_unusable_checkpoint_exits_2_without_traceback(files, tmp_path, capsys) 
     assert err.startswith("pointsink-predict: error: ") and "not a readable PyTorch" in err
 
 
+def test_too_few_points_for_the_model_exit_2(files, capsys) -> None:
+    # The shipped model groups 1024 points into 256 groups of 32: it cannot take 100.
+    shipped = REPO / "checkpoints" / "modelnet10-sinkformer.ckpt"
+    assert main([str(shipped), str(files["off"]), "--points", "100", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pointsink-predict: error: ") and "needs at least 256 points" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "arguments",
     [["--top-k", "0"], ["--votes", "x"], ["--format", "xml"], ["--device", "tpu"], []],
