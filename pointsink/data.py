@@ -674,12 +674,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         return self.cache_dir if self.cache_dir is not None else default_cache_dir(self.root)
 
     def _cache_path(self, split: str) -> Path:
-        if split == "train" and not find_shape_files(self.root, self.class_names, "train"):
-            raise ValueError(
-                f"Found no training shapes in {self.root}: expected files "
-                f"<class>/train/<class>_*.<ext> for the classes {self.class_names} with an "
-                f"extension in {sorted(SUPPORTED_EXTENSIONS)}."
-            )
+        if split == "train":
+            self._check_training_files()
         return build_point_cache(
             self.root,
             self.class_names,
@@ -688,6 +684,41 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             sample_seed=self.sample_seed,
             cache_dir=self._resolved_cache_dir(),
             workers=self.preprocess_workers,
+        )
+
+    def _check_training_files(self) -> None:
+        """Raises unless every class has training files (a class never seen is a mistake)."""
+        labels = {label for _, label in find_shape_files(self.root, self.class_names, "train")}
+        missing = [name for label, name in enumerate(self.class_names) if label not in labels]
+        if not missing:
+            return
+        expected = (
+            f"expected files <class>/train/<class>_*.<ext> with an extension in "
+            f"{sorted(SUPPORTED_EXTENSIONS)}"
+        )
+        if not labels:
+            raise ValueError(
+                f"Found no training shapes in {self.root}: {expected} for the classes "
+                f"{self.class_names}."
+            )
+        misnamed = {
+            name: sorted(
+                path.name
+                for path in (self.root / name / "train").iterdir()
+                if path.is_file() and file_extension(path) in SUPPORTED_EXTENSIONS
+            )
+            for name in missing
+            if (self.root / name / "train").is_dir()
+        }
+        hint = "; ".join(
+            f"{name}/train has {len(files)} shape files whose names do not start with '{name}_' "
+            f"(e.g. {files[0]})"
+            for name, files in misnamed.items()
+            if files
+        )
+        raise ValueError(
+            f"Found no training shapes for the classes {missing} in {self.root}: {expected}"
+            + (f". {hint}." if hint else ".")
         )
 
     def _load_split(self, split: str) -> PointCloudDataset:

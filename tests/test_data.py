@@ -364,6 +364,17 @@ def test_root_without_class_folders_says_what_it_looked_for(tmp_path):
         datamodule.prepare_data()
 
 
+def test_a_class_without_training_files_is_an_error_naming_misnamed_files(
+    tmp_path, make_shape_folder
+):
+    root = make_shape_folder(tmp_path / "shapes", class_names=("mug", "vase"))
+    for path in (root / "vase" / "train").iterdir():
+        path.rename(path.with_name(f"IMG_{path.name}"))  # not `vase_*`: not a vase shape
+    with pytest.raises(ValueError, match=r"for the classes \['vase'\]") as error:
+        _datamodule(root, tmp_path).prepare_data()
+    assert "vase/train has 4 shape files whose names do not start with 'vase_'" in str(error.value)
+
+
 def test_read_only_root_gets_a_user_cache_dir(tmp_path, make_shape_folder, monkeypatch):
     root = make_shape_folder(tmp_path / "shapes", train_per_class=1, test_per_class=0)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
