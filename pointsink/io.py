@@ -35,7 +35,7 @@ __all__ = [
 MESH_EXTENSIONS: frozenset[str] = frozenset({"off", "obj", "stl", "ply", "glb", "gltf", "3mf"})
 #: Whitespace- or comma-separated text, one point per row (extra columns are ignored).
 TEXT_POINT_EXTENSIONS: frozenset[str] = frozenset({"xyz", "pts", "txt"})
-#: NumPy ``.npy`` arrays of shape ``(P, 3)``.
+#: NumPy ``.npy`` arrays of shape ``(P, C)``, ``C >= 3`` (extra columns are ignored).
 POINT_ARRAY_EXTENSIONS: frozenset[str] = frozenset({"npy"})
 #: Every extension :func:`load_shape` accepts, lower-case without the dot.
 SUPPORTED_EXTENSIONS: frozenset[str] = (
@@ -96,6 +96,8 @@ def load_shape(path: str | os.PathLike[str]) -> trimesh.Trimesh | np.ndarray:
         if extension in POINT_ARRAY_EXTENSIONS:
             # allow_pickle=False: an .npy file must never be able to run code.
             loaded: Any = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.ndarray) and loaded.ndim == 2 and loaded.shape[1] > 3:
+                loaded = loaded[:, :3]  # normals, colours...: ignored, as in text files
         elif extension in TEXT_POINT_EXTENSIONS:
             loaded = _read_point_text(path)
         else:

@@ -93,8 +93,9 @@ def test_text_and_npy_point_clouds(tmp_path):
     rows = [",".join(f"{v:.17g}" for v in [*point, 0.0, 0.0, 1.0]) for point in points]
     (tmp_path / "cloud.pts").write_text("# scan\n20\n" + "\n".join(rows) + "\n")
     np.save(tmp_path / "cloud.npy", points)
+    np.save(tmp_path / "normals.npy", np.hstack([points, np.ones_like(points)]))
 
-    for name in ("cloud.xyz", "cloud.pts", "cloud.npy"):
+    for name in ("cloud.xyz", "cloud.pts", "cloud.npy", "normals.npy"):
         loaded = load_shape(tmp_path / name)
         np.testing.assert_allclose(loaded, points, rtol=1e-12, err_msg=name)
 
