@@ -47,6 +47,39 @@ def test_multihead_blocks_identical_for_one_iteration() -> None:
     torch.testing.assert_close(softmax_block(x, y), sinkhorn_block(x, y))
 
 
+def _alternating_scaling(logits: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """Sinkhorn from first principles: rescale exp(S)'s rows to 1, then columns to n/m, ..."""
+    n, m = logits.shape[-2:]
+    kernel = logits.exp()
+    for iteration in range(n_iter):
+        if iteration % 2 == 0:
+            kernel = kernel / kernel.sum(-1, keepdim=True)
+        else:
+            kernel = kernel / kernel.sum(-2, keepdim=True) * (n / m)
+    return kernel
+
+
+@pytest.mark.parametrize(("attention", "n_iter"), [*ATTENTIONS, ("sinkhorn", 2)])
+def test_multihead_attention_output_is_its_heads_attention(attention: str, n_iter: int) -> None:
+    """Each head returns W V for W the softmax or Sinkhorn weights of Q K^T / sqrt(d)."""
+    attn = MultiheadAttention(3, 3, 16, 2, attention, n_iter)
+    x, y = torch.randn(2, 6, 3), torch.randn(2, 4, 3)
+    _, heads = attn(x, y)
+
+    def split(features: torch.Tensor) -> torch.Tensor:  # (B, L, 16) -> (B, 2 heads, L, 8)
+        return features.view(2, -1, 2, 8).transpose(1, 2)
+
+    q, k, v = split(attn.lin_query(x)), split(attn.lin_key(y)), split(attn.lin_value(y))
+    logits = q @ k.transpose(-2, -1) / 8**0.5
+    weights = logits.softmax(-1) if attention == "softmax" else _alternating_scaling(logits, n_iter)
+    expected = (weights @ v).transpose(1, 2).reshape(2, 6, 16)
+    torch.testing.assert_close(heads, expected)
+    if n_iter > 1:  # and Sinkhorn is not softmax here
+        assert not torch.allclose(
+            heads, (logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 6, 16), atol=1e-4
+        )
+
+
 def test_sinkhorn_attention_columns_are_balanced() -> None:
     attn = MultiheadAttention(3, 3, 16, 2, "sinkhorn", 8)
     attn.record_marginals = True
@@ -110,9 +143,12 @@ def test_single_seed_sinkhorn_pooling_is_mean_pooling() -> None:
     """Documented degenerate case: one seed and >= 2 iterations give uniform weights."""
     attn = MultiheadAttention(8, 8, 8, 2, "sinkhorn", 3)
     attn.record_marginals = True
-    attn(torch.randn(2, 1, 8), torch.randn(2, 9, 8))
+    y = torch.randn(2, 9, 8)
+    _, heads = attn(torch.randn(2, 1, 8), y)
     # With one query row, the column sums are the weights themselves.
     torch.testing.assert_close(attn.last_marginals[1], torch.full((2, 2, 9), 1 / 9))
+    # And the output is the mean of the values.
+    torch.testing.assert_close(heads, attn.lin_value(y).mean(1, keepdim=True))
 
 
 @pytest.mark.parametrize(("local_neighbors", "num_groups"), [(0, 0), (4, 0), (0, 6), (4, 6)])

@@ -142,7 +142,10 @@ def test_in_memory_inputs(classifier: ShapeClassifier, format_files: dict[str, P
     # A file is sampled with its per-file seed; the same seed gives a mesh the same points.
     from_mesh = classifier.predict(mesh, seed=file_sample_seed(format_files["off"], 0))[0]
     assert from_mesh.path is None
-    assert from_mesh.probability == pytest.approx(from_file.probability, abs=1e-4)
+    # Same points, same batch size: the same numbers (the tiny model's outputs vary by only
+    # ~1e-4 between samplings, so a looser tolerance would miss a wrong seed).
+    assert [name for name, _ in from_mesh.topk] == [name for name, _ in from_file.topk]
+    assert [p for _, p in from_mesh.topk] == pytest.approx([p for _, p in from_file.topk], abs=1e-7)
 
     points = np.random.default_rng(1).normal(size=(4, 300, 3))
     batch = classifier.predict(torch.from_numpy(points))

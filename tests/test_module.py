@@ -12,9 +12,13 @@ from pointsink.module import SinkformerClassifier
 CLASSES = ["cone", "cube", "sphere"]
 
 
-def _loader(num_samples: int = 24, num_points: int = 16) -> DataLoader:
+def _loader(
+    num_samples: int = 24, num_points: int = 16, labels: torch.Tensor | None = None
+) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(num_samples) % len(CLASSES)
+    if labels is None:
+        labels = torch.arange(num_samples) % len(CLASSES)
+    num_samples = len(labels)
     # Class-dependent scale makes the toy problem learnable.
     points = torch.randn(num_samples, num_points, 3, generator=generator) * (labels + 1).view(
         -1, 1, 1
@@ -92,13 +96,16 @@ def test_fit_checkpoint_reload_weights_only(tmp_path) -> None:
 
 
 def test_metrics_are_overall_and_mean_per_class(tmp_path) -> None:
+    torch.manual_seed(0)  # an untrained model whose errors make the two accuracies differ
     module = _module()
     trainer = _quiet_trainer(tmp_path)
-    (result,) = trainer.test(module, _loader())
+    # 12, 8 and 4 shapes: with unequal classes the two accuracies differ.
+    labels = torch.tensor([0, 1, 0, 2, 0, 1] * 4)
+    (result,) = trainer.test(module, _loader(labels=labels))
     assert set(result) >= {"test/oa", "test/macc", "test/loss"}
     # Recompute both accuracies by hand from the predictions.
     module.eval()
-    batches = list(_loader())
+    batches = list(_loader(labels=labels))
     with torch.no_grad():
         preds = torch.cat([module(b["points"]).argmax(-1) for b in batches])
     labels = torch.cat([b["label"] for b in batches])
@@ -106,6 +113,7 @@ def test_metrics_are_overall_and_mean_per_class(tmp_path) -> None:
     per_class = [(preds[labels == c] == c).float().mean().item() for c in range(3)]
     assert result["test/oa"] == pytest.approx(overall, abs=1e-6)
     assert result["test/macc"] == pytest.approx(sum(per_class) / 3, abs=1e-6)
+    assert overall != pytest.approx(sum(per_class) / 3, abs=1e-3)
 
 
 def test_doubly_stochastic_deviation() -> None:
@@ -207,6 +215,16 @@ def test_region_mixing_weighs_both_labels_in_the_training_loss() -> None:
     assert torch.rand(()) < 1.0  # the draw that decides to mix
     mixed, partner_label, weight = module._mix_regions(points, batch["label"])
     assert 0.0 < weight < 1.0 and not torch.equal(partner_label, batch["label"])
+    # The partner's weight is its share of the points, and its label is the one of the
+    # shape the new points came from.
+    for index in range(6):
+        new = [p for p in mixed[index] if not (p == points[index]).all(-1).any()]
+        if not new:  # partnered with itself
+            assert partner_label[index] == batch["label"][index]
+            continue
+        assert len(new) == round(weight * 16)
+        (source,) = {j for p in new for j in range(6) if (p == points[j]).all(-1).any()}
+        assert batch["label"][source] == partner_label[index]
     logits = module(mixed)
     expected = (1 - weight) * ce(logits, batch["label"]) + weight * ce(logits, partner_label)
     torch.testing.assert_close(train_loss, expected)

@@ -45,8 +45,16 @@ def test_matches_naive_matrix_scaling() -> None:
         kernel = kernel / kernel.sum(-1, keepdim=True)
         kernel = kernel / kernel.sum(-2, keepdim=True) * (6 / 4)
     torch.testing.assert_close(sinkhorn(logits, 6), kernel)
+    torch.testing.assert_close(log_sinkhorn(logits, 6).exp(), kernel)
+    # The potentials are the logs of the row and column scalings a, b of
+    # diag(a) exp(S) diag(b), updated in turn from b = 1 as in the brief's recursion.
+    a, b = torch.ones(6, 1, dtype=torch.float64), torch.ones(1, 4, dtype=torch.float64)
+    for _ in range(3):
+        a = 1 / (logits.exp() * b).sum(-1, keepdim=True)
+        b = (6 / 4) / (a * logits.exp()).sum(-2, keepdim=True)
     u, v = sinkhorn_potentials(logits, 6)
-    torch.testing.assert_close(log_sinkhorn(logits, 6), logits + u + v)
+    torch.testing.assert_close(u, a.log())
+    torch.testing.assert_close(v, b.log())
 
 
 def test_gradcheck_float64() -> None:
