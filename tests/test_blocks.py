@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from _sinkhorn_reference import alternating_scaling
 
 from pointsink.attention import (
     MultiheadAttention,
@@ -47,18 +48,6 @@ def test_multihead_blocks_identical_for_one_iteration() -> None:
     torch.testing.assert_close(softmax_block(x, y), sinkhorn_block(x, y))
 
 
-def _alternating_scaling(logits: torch.Tensor, n_iter: int) -> torch.Tensor:
-    """Sinkhorn from first principles: rescale exp(S)'s rows to 1, then columns to n/m, ..."""
-    n, m = logits.shape[-2:]
-    kernel = logits.exp()
-    for iteration in range(n_iter):
-        if iteration % 2 == 0:
-            kernel = kernel / kernel.sum(-1, keepdim=True)
-        else:
-            kernel = kernel / kernel.sum(-2, keepdim=True) * (n / m)
-    return kernel
-
-
 @pytest.mark.parametrize(("attention", "n_iter"), [*ATTENTIONS, ("sinkhorn", 2)])
 def test_multihead_attention_output_is_its_heads_attention(attention: str, n_iter: int) -> None:
     """Each head returns W V for W the softmax or Sinkhorn weights of Q K^T / sqrt(d)."""
@@ -71,7 +60,7 @@ def test_multihead_attention_output_is_its_heads_attention(attention: str, n_ite
 
     q, k, v = split(attn.lin_query(x)), split(attn.lin_key(y)), split(attn.lin_value(y))
     logits = q @ k.transpose(-2, -1) / 8**0.5
-    weights = logits.softmax(-1) if attention == "softmax" else _alternating_scaling(logits, n_iter)
+    weights = logits.softmax(-1) if attention == "softmax" else alternating_scaling(logits, n_iter)
     expected = (weights @ v).transpose(1, 2).reshape(2, 6, 16)
     torch.testing.assert_close(heads, expected)
     if n_iter > 1:  # and Sinkhorn is not softmax here
