@@ -308,26 +308,27 @@ class SetAbstraction(nn.Module):
         # lost about 2 % (relative) of the tokens of a trained model.
         offsets = gather_neighbors(x, groups) - center_features.unsqueeze(2)
         if self.normalize_offsets:
-            scale = self._offset_scale(coordinates, center_xyz, groups).to(x.dtype)
-            offsets = offsets * scale.unsqueeze(1)
+            offsets = offsets * self._offset_scale(offsets)
         hidden = self.lin_offset(offsets) + self.lin_center(center_features).unsqueeze(2)
         edges = self.lin_out(torch.relu(self.norm(hidden)))
         # max with indices, not amax: its backward scatters to one winner per channel instead
         # of building tie masks over all M k edges (1.4x faster for fwd+bwd on a CPU).
         return edges.max(dim=2).values
 
-    def _offset_scale(self, coordinates: Tensor, center_xyz: Tensor, groups: Tensor) -> Tensor:
-        """Per-shape factors ``(B, 1, in_channels)``: ``1 / sigma`` on xyz, ``1`` elsewhere.
+    def _offset_scale(self, offsets: Tensor) -> Tensor:
+        """Per-shape factors ``(B, 1, 1, in_channels)``: ``1 / sigma`` on xyz, ``1`` elsewhere.
 
-        ``sigma`` is the RMS of the ``(B, M, k, 3)`` offsets from each centre to its group.
+        Args:
+            offsets: ``(B, M, k, in_channels)``, each group's points minus its centre.
+                ``sigma`` is the RMS length of their xyz part, without gradient.
         """
         with torch.no_grad():
-            offsets = gather_neighbors(coordinates, groups) - center_xyz.unsqueeze(2)
-            sigma = offsets.square().sum(dim=-1).mean(dim=(1, 2)).sqrt()
-            scale = coordinates.new_ones(coordinates.shape[0], 1, self.in_channels)
+            xyz = offsets[..., :3].float()
+            sigma = xyz.square().sum(dim=-1).mean(dim=(1, 2)).sqrt()
+            scale = xyz.new_ones(offsets.shape[0], 1, 1, self.in_channels)
             # A shape whose points all coincide has sigma 0 and offsets 0: leave them at 0.
-            scale[:, :, :3] = 1.0 / sigma.clamp_min(1e-12).view(-1, 1, 1)
-        return scale
+            scale[..., :3] = 1.0 / sigma.clamp_min(1e-12).view(-1, 1, 1, 1)
+        return scale.to(offsets.dtype)
 
     def extra_repr(self) -> str:
         """Sizes shown in the module's ``repr``."""
