@@ -183,10 +183,15 @@ def test_console_command_exits_with_status_zero(
     assert exit_info.value.code in (None, 0)
 
 
-def test_main_with_args_ignores_the_callers_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_main_with_args_ignores_the_callers_argv(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`main(args)` under another program's argv (reproduce.py, pytest) parses args quietly."""
     monkeypatch.setattr(sys, "argv", ["reproduce.py", "--seeds", "0"])
-    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit):
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as exit_info:
         warnings.simplefilter("always")
         main(["fit", "--config", str(REPO / "configs" / "synthetic.yaml"), "--print_config"])
+    # Parsing sys.argv instead would exit with a usage error (code 2) on --seeds.
+    assert exit_info.value.code in (None, 0)
+    assert "pointsink.data.SyntheticShapesDataModule" in capsys.readouterr().out
     assert not [w for w in caught if "args parameter" in str(w.message)]

@@ -158,7 +158,12 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(
     assert json.loads((run_dir / "result.json").read_text())["row"]["epochs"] == 3
 
 
-def test_bad_jobs_is_a_usage_error(reproduce) -> None:
+def test_bad_jobs_is_a_usage_error(
+    reproduce, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
     with pytest.raises(SystemExit) as raised:
-        reproduce.main(["--jobs", "0"])
+        reproduce.main(["--jobs", "0", "--out", str(out)])
     assert raised.value.code == 2
+    assert "--jobs must be at least 1; got 0" in capsys.readouterr().err
+    assert not out.exists()  # rejected before anything was started

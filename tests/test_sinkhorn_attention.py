@@ -266,10 +266,16 @@ def test_autocast_bfloat16_on_cpu() -> None:
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
-def test_inputs_without_grad_and_dense_backend() -> None:
+def test_inputs_without_grad_and_dense_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v = (t.detach() for t in _qkv((3,), 7, 9))
     ref = dense_sinkhorn_attention(q, k, v, 6)
     torch.testing.assert_close(sinkhorn_attention(q, k, v, 6), ref, atol=1e-12, rtol=0)
+    # The chunked result would pass the comparison too: make sure it is not what runs.
+    monkeypatch.setattr(
+        attention_module._ChunkedSinkhornAttention,
+        "apply",
+        lambda *args: pytest.fail("backend='dense' ran the chunked kernel"),
+    )
     torch.testing.assert_close(sinkhorn_attention(q, k, v, 6, backend="dense"), ref)
 
 
@@ -291,10 +297,20 @@ def test_invalid_arguments() -> None:
         sinkhorn_attention(q, k, v, 1, chunk_size=2.5)  # type: ignore[arg-type]
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_backend_needs_cuda_or_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = (t.detach().float() for t in _qkv((2,), 4, 3))
-    with pytest.raises(RuntimeError, match="triton"):
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        sinkhorn_attention(q, k, v, 2, backend="triton")
+
+
+def test_triton_backend_without_triton_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(attention_module, "triton_available", lambda: False)
+    q, k, v = (t.detach().float() for t in _qkv((2,), 4, 3))
+    with pytest.raises(RuntimeError, match="needs the triton package"):
         sinkhorn_attention(q, k, v, 2, backend="triton")
 
 
