@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch_geometric.data
+from _modelnet10 import MODELNET10_DIR, requires_modelnet10
 
 import pointsink.data as data_module
 from pointsink.data import (
@@ -30,7 +31,6 @@ from pointsink.inference import ShapePredictionDataset, preprocess_views
 from pointsink.synthetic import SYNTHETIC_CLASSES
 from pointsink.transforms import PointCloudAugmentation, file_sample_seed, preprocess_shape
 
-MODELNET10_DIR = Path("/work/shared/data/ModelNet10")
 CLASSES = ["alpha", "beta", "gamma"]
 
 
@@ -468,7 +468,7 @@ def test_modelnet_download_is_extracted_into_root(tmp_path, monkeypatch, make_sh
     assert len(requested) == 1
 
 
-@pytest.mark.skipif(not MODELNET10_DIR.is_dir(), reason="real ModelNet10 data not available")
+@requires_modelnet10
 def test_real_modelnet10_folder(tmp_path):
     datamodule = ModelNetDataModule(root=str(MODELNET10_DIR), cache_dir=str(tmp_path))
     assert datamodule.class_names == sorted(p.name for p in MODELNET10_DIR.iterdir() if p.is_dir())

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _modelnet10 import MODELNET10_DIR, requires_modelnet10
 
 from pointsink.cli import main
 from pointsink.module import SinkformerClassifier
 
 REPO = Path(__file__).resolve().parents[1]
-MODELNET10_DIR = REPO.parent / "shared" / "data" / "ModelNet10"
 
 # checkpoint -> (its config, test OA and mAcc, and how the README states them)
 SHIPPED = {
@@ -53,7 +53,7 @@ def test_readme_states_the_shipped_accuracy(name: str) -> None:
     assert statement.format(oa=f"{100 * oa:.2f}", macc=f"{100 * macc:.2f}") in readme
 
 
-@pytest.mark.skipif(not MODELNET10_DIR.is_dir(), reason="real ModelNet10 data not available")
+@requires_modelnet10
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_checkpoint_reproduces_its_accuracy(name: str, tmp_path: Path) -> None:
     """The README's reproduce command, on the real test split."""
