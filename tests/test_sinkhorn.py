@@ -72,11 +72,17 @@ def test_extreme_logits_in_half_precision(dtype: torch.dtype) -> None:
     torch.testing.assert_close(weights.float().sum(-1), torch.ones(2, 8), atol=1e-2, rtol=0)
 
 
-def test_finite_under_autocast() -> None:
-    logits = torch.randn(2, 16, 8) * 1e4
+def test_autocast_keeps_float32_logits_in_float32() -> None:
+    logits = torch.randn(2, 16, 8) * 30
+    expected = sinkhorn(logits, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        weights = sinkhorn(logits.bfloat16(), 5)
-    assert torch.isfinite(weights).all()
+        weights = sinkhorn(logits, 5)
+        from_bf16 = sinkhorn(logits.bfloat16(), 5)
+    assert weights.dtype == torch.float32
+    # bfloat16 anywhere inside would be off by about 1e-2 here.
+    torch.testing.assert_close(weights, expected, atol=1e-6, rtol=0)
+    assert from_bf16.dtype == torch.bfloat16
+    assert (from_bf16.float() - expected).abs().max() > 1e-4  # the check above can fail
 
 
 def test_rectangular_column_mass() -> None:
