@@ -73,8 +73,9 @@ def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
         The CLI object (its ``trainer``, ``model`` and ``datamodule`` hold the run's state).
 
     Raises:
-        SystemExit: Code 2, after printing one line, when the data are missing or the
-            checkpoint given to fine-tune from (``--model.weights``) is unusable.
+        SystemExit: Code 2, after printing one line, when the data are missing, the
+            checkpoint given to fine-tune from (``--model.weights``) is unusable, or the
+            one given as ``--ckpt_path`` was trained on other classes than the data's.
     """
     try:
         return SinkformerCLI(
@@ -87,7 +88,7 @@ def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
         )
     except (DatasetNotFoundError, CheckpointError) as error:
         # One sentence, not a traceback: the user has to fetch or place the data, or give
-        # `--model.weights` a checkpoint that fits the model.
+        # a checkpoint that fits the model and the data's classes.
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

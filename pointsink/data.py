@@ -575,15 +575,17 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         predict_files: list[str] | str | None = None,
     ) -> None:
         super().__init__()
-        check_int("num_points", num_points, minimum=1)
-        check_int("batch_size", batch_size, minimum=1)
+        # Kept as the Python ints check_int returns: num_points reaches the model's
+        # hyperparameters (a NumPy integer there would break weights-only loading).
+        num_points = check_int("num_points", num_points, minimum=1)
+        batch_size = check_int("batch_size", batch_size, minimum=1)
         if eval_batch_size is not None:
-            check_int("eval_batch_size", eval_batch_size, minimum=1)
-        check_int("num_workers", num_workers, minimum=0)
-        check_int("split_seed", split_seed, minimum=0)
-        check_int("sample_seed", sample_seed, minimum=0)
+            eval_batch_size = check_int("eval_batch_size", eval_batch_size, minimum=1)
+        num_workers = check_int("num_workers", num_workers, minimum=0)
+        split_seed = check_int("split_seed", split_seed, minimum=0)
+        sample_seed = check_int("sample_seed", sample_seed, minimum=0)
         if preprocess_workers is not None:
-            check_int("preprocess_workers", preprocess_workers, minimum=1)
+            preprocess_workers = check_int("preprocess_workers", preprocess_workers, minimum=1)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}.")
 

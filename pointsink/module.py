@@ -5,12 +5,13 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from collections import Counter
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F  # noqa: N812
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -24,6 +25,7 @@ from pointsink.inference import (
 )
 from pointsink.model import DEFAULT_N_ITER, SetSinkformer
 from pointsink.transforms import mix_point_regions
+from pointsink.validation import plain_value
 
 __all__ = ["SinkformerClassifier"]
 
@@ -136,7 +138,16 @@ class SinkformerClassifier(pl.LightningModule):
             raise ValueError(f"mix_probability must be in [0, 1], got {mix_probability}.")
         if not mix_alpha > 0.0:
             raise ValueError(f"mix_alpha must be > 0, got {mix_alpha}.")
-        self.save_hyperparameters()
+        # Saved as plain Python values (no NumPy scalars or paths), so that every checkpoint
+        # loads with torch.load(weights_only=True).
+        arguments = locals()
+        self.save_hyperparameters(
+            {
+                name: plain_value(arguments[name])
+                for name in inspect.signature(SinkformerClassifier.__init__).parameters
+                if name != "self"
+            }
+        )
         self.class_names = class_names or [str(index) for index in range(num_classes)]
         self.num_classes = num_classes
         self.model = SetSinkformer(
@@ -375,7 +386,8 @@ class SinkformerClassifier(pl.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Class probabilities ``(B, C)`` with the batch's ``index`` for mapping to files."""
-        probabilities = self(batch["points"]).softmax(dim=-1)
+        # float32 before the softmax: under bf16 autocast it would round to steps of 2**-8.
+        probabilities = self(batch["points"]).float().softmax(dim=-1)
         return {"index": batch["index"], "probabilities": probabilities}
 
     def configure_optimizers(self) -> Any:
@@ -387,19 +399,85 @@ class SinkformerClassifier(pl.LightningModule):
         )
         if hparams.scheduler == "none":
             return optimizer
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else 100
         if hparams.scheduler == "step":
             scheduler = torch.optim.lr_scheduler.MultiStepLR(
-                optimizer, milestones=[max(1, int(0.75 * max_epochs))], gamma=0.1
+                optimizer, milestones=[self._step_milestone()], gamma=0.1
             )
         else:
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, _WarmupCosine(hparams.warmup_epochs, max_epochs, hparams.min_lr_ratio)
-            )
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._cosine_factor())
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
         }
+
+    def _schedule_epochs(self) -> int:
+        """The epochs the per-epoch schedules span: the trainer's ``max_epochs``."""
+        max_epochs = self.trainer.max_epochs
+        if max_epochs in (None, -1):
+            rank_zero_warn(
+                "trainer.max_epochs is not set (a run limited by max_steps): the learning-rate "
+                "schedule, which is per epoch, assumes 100 epochs. Set --trainer.max_epochs."
+            )
+            return 100
+        return max_epochs
+
+    def _step_milestone(self) -> int:
+        return max(1, int(0.75 * self._schedule_epochs()))
+
+    def _cosine_factor(self) -> _WarmupCosine:
+        hparams = self.hparams
+        return _WarmupCosine(hparams.warmup_epochs, self._schedule_epochs(), hparams.min_lr_ratio)
+
+    def on_train_start(self) -> None:
+        """Fits a restored schedule to this run's ``max_epochs``.
+
+        Resuming restores the scheduler's state, which holds the epoch count it was built
+        for; a run extended with a larger ``--trainer.max_epochs`` would otherwise stay on
+        the old schedule (e.g. at the cosine's floor for every added epoch). Nothing changes
+        when the count is the same.
+        """
+        if self.trainer.max_epochs in (None, -1):
+            return  # no epoch count to fit to (configure_optimizers warned)
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                factor = self._cosine_factor()
+                if not isinstance(scheduler.lr_lambdas[0], _WarmupCosine) or (
+                    vars(scheduler.lr_lambdas[0]) == vars(factor)
+                ):
+                    continue
+                scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)
+                values = [base * factor(scheduler.last_epoch) for base in scheduler.base_lrs]
+            elif isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR):
+                milestone = self._step_milestone()
+                if list(scheduler.milestones) == [milestone]:
+                    continue
+                scheduler.milestones = Counter([milestone])
+                decays = int(scheduler.last_epoch >= milestone)
+                values = [base * scheduler.gamma**decays for base in scheduler.base_lrs]
+            else:
+                continue
+            for group, value in zip(scheduler.optimizer.param_groups, values, strict=True):
+                group["lr"] = value
+            rank_zero_info(
+                f"Learning-rate schedule refitted to max_epochs={self._schedule_epochs()} "
+                f"(the restored one was built for another count)."
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses a checkpoint trained on other classes, or on these in another order.
+
+        Under ``train.py test/validate/fit --ckpt_path`` the model is built from the data's
+        class names and only the weights come from the checkpoint: a reordered or renamed
+        class list would silently score head row ``i`` as the data's class ``i``.
+        """
+        saved = (checkpoint.get("hyper_parameters") or {}).get("class_names")
+        if saved is not None and [str(name) for name in saved] != self.class_names:
+            raise CheckpointError(
+                f"The checkpoint was trained on the classes {list(saved)} (in this label "
+                f"order), but the model was built for {self.class_names} from the data. Give "
+                "--data.class_names in the checkpoint's order, or the data it was trained on."
+            )
 
 
 def _without_head(state_dict: dict[str, Any]) -> dict[str, Any]:

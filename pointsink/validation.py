@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
-__all__ = ["check_int"]
+__all__ = ["check_int", "plain_value"]
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -31,3 +32,30 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}; got {value}.")
     return int(value)
+
+
+def plain_value(value: Any) -> Any:
+    """``value`` as plain Python data, which ``torch.load(..., weights_only=True)`` reads back.
+
+    NumPy scalars become Python numbers, paths become strings, tuples and NumPy arrays
+    become lists, recursively inside lists and dicts; anything else is returned as is.
+    Hyperparameters pass through it before they are saved, so a checkpoint never holds an
+    object that a weights-only load refuses (e.g. ``lr=np.float64(1e-3)`` from a sweep).
+
+    Args:
+        value: A hyperparameter value.
+
+    Returns:
+        The same value built from Python scalars, strings, lists and dicts.
+    """
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [plain_value(item) for item in value]
+    if isinstance(value, dict):
+        return {plain_value(key): plain_value(item) for key, item in value.items()}
+    return value

@@ -352,6 +352,14 @@ def test_invalid_arguments_raise_clear_errors(tmp_path, make_shape_folder, kwarg
         _datamodule(root, tmp_path, **kwargs)
 
 
+def test_numpy_integers_are_kept_as_python_ints(tmp_path, make_shape_folder):
+    # num_points goes into the model's hyperparameters, which must load weights-only.
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=1, test_per_class=0)
+    datamodule = _datamodule(root, tmp_path, num_points=np.int64(64), batch_size=np.int32(4))
+    assert type(datamodule.num_points) is int and datamodule.num_points == 64
+    assert type(datamodule.batch_size) is int
+
+
 def test_root_without_class_folders_says_what_it_looked_for(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"<class>/train or <class>/test") as error:

@@ -1,12 +1,14 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
 from pointsink.callbacks import DoublyStochasticMonitor, doubly_stochastic_deviation
+from pointsink.inference import CheckpointError
 from pointsink.module import SinkformerClassifier
 
 CLASSES = ["cone", "cube", "sphere"]
@@ -55,6 +57,68 @@ def test_hyperparameters_are_plain_values() -> None:
         assert value is None or isinstance(value, (int, float, str, bool, list))
     assert module.hparams.class_names == CLASSES
     assert module.num_classes == 3
+
+
+def test_numpy_and_path_arguments_are_saved_as_plain_values(tmp_path: Path) -> None:
+    # As a sweep or a script passes them: NumPy scalars and a path.
+    module = _module(lr=np.float64(3e-4), num_points=np.int64(64), weights=tmp_path / "w.ckpt")
+    assert type(module.hparams.lr) is float and module.hparams.lr == 3e-4
+    assert type(module.hparams.num_points) is int
+    assert module.hparams.weights == str(tmp_path / "w.ckpt")
+    path = tmp_path / "hparams.pt"
+    torch.save({"hyper_parameters": dict(module.hparams)}, path)
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["lr"] == 3e-4
+
+
+def test_checkpoint_of_other_classes_is_refused(tmp_path: Path) -> None:
+    module = _module()
+    trainer = _quiet_trainer(tmp_path, max_epochs=1, enable_checkpointing=False)
+    trainer.fit(module, _loader(), _loader())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    # What `train.py test --ckpt_path` builds when the data lists the classes in another order.
+    reordered = _module(class_names=list(reversed(CLASSES)))
+    with pytest.raises(CheckpointError, match=r"trained on the classes \['cone', 'cube'"):
+        _quiet_trainer(tmp_path).test(reordered, _loader(), ckpt_path=path)
+    _quiet_trainer(tmp_path).test(_module(), _loader(), ckpt_path=path)  # same classes: fine
+
+
+class _LearningRates(pl.Callback):
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, float] = {}
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.by_epoch[trainer.current_epoch] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "step"])
+def test_resumed_fit_follows_a_larger_max_epochs(tmp_path: Path, scheduler: str) -> None:
+    settings = {"scheduler": scheduler, "warmup_epochs": 0, "lr": 1e-2}
+    short = _quiet_trainer(tmp_path, max_epochs=2, enable_checkpointing=False)
+    short.fit(_module(**settings), _loader(num_samples=8))
+    path = tmp_path / "short.ckpt"
+    short.save_checkpoint(path)
+
+    resumed_rates, fresh_rates = _LearningRates(), _LearningRates()
+    resumed = _quiet_trainer(tmp_path, max_epochs=8, callbacks=[resumed_rates])
+    resumed.fit(_module(**settings), _loader(num_samples=8), ckpt_path=path)
+    fresh = _quiet_trainer(tmp_path, max_epochs=8, callbacks=[fresh_rates])
+    fresh.fit(_module(**settings), _loader(num_samples=8))
+    # The extended run's learning rates are those of a run planned for 8 epochs from the start.
+    assert sorted(resumed_rates.by_epoch) == list(range(2, 8))
+    for epoch, rate in resumed_rates.by_epoch.items():
+        assert rate == pytest.approx(fresh_rates.by_epoch[epoch], rel=1e-9), epoch
+    # The old schedule (2 epochs) is at its end by epoch 2, which the check above would catch.
+    assert resumed_rates.by_epoch[2] > 0.2 * 1e-2
+
+
+def test_predicted_probabilities_are_float32_under_bf16_autocast() -> None:
+    module = _module().eval()
+    batch = next(iter(_loader()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        probabilities = module.predict_step(batch, 0)["probabilities"]
+    assert probabilities.dtype == torch.float32
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(len(probabilities)))
 
 
 def test_class_names_and_num_classes_must_agree() -> None:
