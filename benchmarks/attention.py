@@ -10,7 +10,9 @@ Implementations, all on inputs q, k, v of shape (batch, heads, N, dim):
 * ``triton``: the fused Triton kernels (``backend="triton"``, CUDA only).
 
 Time: median over ``--repeats`` runs of forward + ``out.backward(grad)`` after ``--warmup``
-runs (at least one; with ``torch.cuda.synchronize`` on CUDA).
+runs (at least one; with ``torch.cuda.synchronize`` on CUDA), with the fastest and slowest
+run beside it, so that a noisy median shows. ``--repeats`` defaults to 20 on CUDA (a run
+takes milliseconds; three left outliers in the first GPU table) and 3 on a CPU.
 
 Memory, "extra peak": the peak memory during one forward + backward (after the warm-up)
 minus the memory held just before it (inputs already allocated; input gradients are freed
@@ -153,6 +155,7 @@ def measure(
             run()
             times.append(time.perf_counter() - start)
         result["time_ms"] = 1e3 * statistics.median(times)
+        result["time_min_ms"], result["time_max_ms"] = 1e3 * min(times), 1e3 * max(times)
     return result
 
 
@@ -200,14 +203,14 @@ def format_table(args: argparse.Namespace, rows: list[dict]) -> str:
     baseline = {r["N"]: r for r in rows if r["impl"] == "sdpa" and "error" not in r}
     lines = [
         "| implementation | N | iterations | device | dtype | fwd+bwd time (ms, median) "
-        "| extra peak memory (MiB) | time / sdpa | memory / sdpa |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|",
+        "| min to max (ms) | extra peak memory (MiB) | time / sdpa | memory / sdpa |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         iters = "-" if r["impl"] == "sdpa" else str(args.n_iter)
         head = f"| {r['impl']} | {r['N']} | {iters} | {args.device} | {args.dtype} |"
         if "error" in r:
-            lines.append(f"{head} {r['error']} | {r['error']} | - | - |")
+            lines.append(f"{head} {r['error']} | - | {r['error']} | - | - |")
             continue
         base = baseline.get(r["N"])
         time_ratio = f"{r['time_ms'] / base['time_ms']:.2f}" if base else "-"
@@ -216,8 +219,10 @@ def format_table(args: argparse.Namespace, rows: list[dict]) -> str:
             if base and base["extra_peak_mib"] > 0
             else "-"
         )
+        spread = f"{r['time_min_ms']:.1f} to {r['time_max_ms']:.1f}" if "time_min_ms" in r else "-"
         lines.append(
-            f"{head} {r['time_ms']:.1f} | {r['extra_peak_mib']:.1f} | {time_ratio} | {mem_ratio} |"
+            f"{head} {r['time_ms']:.1f} | {spread} | {r['extra_peak_mib']:.1f} | {time_ratio} "
+            f"| {mem_ratio} |"
         )
     return "\n".join(lines)
 
@@ -231,7 +236,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed runs (default: 20 on CUDA, 3 on a CPU)"
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument(
@@ -248,6 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 20 if args.device.startswith("cuda") else 3
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.worker is not None:
