@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -129,11 +131,20 @@ def _version(log_dir: Path) -> int:
     return int(number) if number.isdigit() else -1
 
 
+def _by_epoch(curve: list[tuple[int, float]]) -> dict[int, float]:
+    """A logged curve as ``{epoch: value}``; an epoch logged twice keeps its later value."""
+    return dict(curve)
+
+
 def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
-    """Epochs and the mean over runs, up to the shortest run."""
-    length = min(len(curve) for curve in curves)
-    epochs = [epoch for epoch, _ in curves[0][:length]]
-    return epochs, [statistics.mean(curve[i][1] for curve in curves) for i in range(length)]
+    """The epochs every run logged, and the mean over runs at each.
+
+    Matched by epoch, not by position, so an epoch logged twice by a resumed run does not
+    shift the rest of its curve.
+    """
+    by_epoch = [_by_epoch(curve) for curve in curves]
+    epochs = sorted(set.intersection(*(set(curve) for curve in by_epoch)))
+    return epochs, [statistics.mean(curve[epoch] for curve in by_epoch) for epoch in epochs]
 
 
 def _doubly_stochastic_layers(logged: list[dict[str, list[tuple[int, float]]]]) -> list[str]:
@@ -152,9 +163,9 @@ def doubly_stochastic_table(by_variant: dict[str, list[dict]]) -> str:
     lines = []
     for name, logged in by_variant.items():
         for key in _doubly_stochastic_layers(logged):
-            curves = [run[key] for run in logged if run.get(key)]
-            first = statistics.mean(curve[0][1] for curve in curves)
-            last = statistics.mean(curve[-1][1] for curve in curves)
+            curves = [_by_epoch(run[key]) for run in logged if run.get(key)]
+            first = statistics.mean(curve[min(curve)] for curve in curves)
+            last = statistics.mean(curve[max(curve)] for curve in curves)
             layer = key.removeprefix("ds/").removesuffix("/col_dev")
             lines.append(f"| {name} | {layer} | {len(curves)} | {first:.3f} | {last:.3f} |")
     if not lines:
@@ -191,7 +202,7 @@ def resumable_checkpoint(run_dir: Path, arguments: dict) -> Path | None:
     Its newest logger version's, since every resumed fit logs to a new version.
     """
     recorded = run_dir / "arguments.json"
-    if not recorded.is_file() or json.loads(recorded.read_text()) != arguments:
+    if not recorded.is_file() or not _same_arguments(json.loads(recorded.read_text()), arguments):
         return None
     found = list(run_dir.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
     return max(found, key=lambda path: _version(path.parents[1])) if found else None
@@ -237,6 +248,7 @@ def run_one(
     fit = cli_main(["fit", *common, *model, *extra, *resume])
     seconds = time.perf_counter() - start
     epochs = max(1, fit.trainer.current_epoch)
+    trained = epochs - first_epoch
     best = fit.trainer.checkpoint_callback.best_model_path
     test = cli_main(["test", *common, *model, *extra, "--ckpt_path", best])
     metrics = test.trainer.callback_metrics
@@ -246,8 +258,13 @@ def run_one(
         "n_iter": n_iter,
         "seed": seed,
         "epochs": epochs,
-        # Over the epochs trained in this call: a resumed run's earlier time is not known.
-        "seconds_per_epoch": seconds / max(1, epochs - first_epoch),
+        # Over the epochs trained in this call (setup and validation included): a resumed
+        # run's earlier time is not known, and a call that trained nothing has none.
+        "seconds_per_epoch": seconds / trained if trained > 0 else float("nan"),
+        "resumed_from_epoch": first_epoch,
+        "threads": torch.get_num_threads(),
+        "device": str(fit.trainer.strategy.root_device),
+        "commit": _git_commit(),
         "test_oa": float(metrics["test/oa"]),
         "test_macc": float(metrics["test/macc"]),
         "best_checkpoint": best,
@@ -263,7 +280,36 @@ def _run_dir(out: Path, name: str, seed: int) -> Path:
 
 
 def _arguments(config: str, data_root: str | None, extra: list[str]) -> dict:
-    return {"config": config, "data_root": data_root, "extra": extra}
+    """What makes two runs the same run: the config's path and contents, data, extra flags."""
+    digest = hashlib.sha256(Path(config).read_bytes()).hexdigest()
+    return {"config": config, "config_sha256": digest, "data_root": data_root, "extra": extra}
+
+
+def _same_arguments(recorded: dict, arguments: dict) -> bool:
+    """Whether a run recorded with ``recorded`` is the run ``arguments`` describe.
+
+    A config edited in place is another run (its result is not reused, its checkpoint not
+    resumed). Records written before the contents were hashed match on the other fields.
+    """
+    if "config_sha256" not in recorded:
+        arguments = {key: value for key, value in arguments.items() if key != "config_sha256"}
+    return recorded == arguments
+
+
+def _git_commit() -> str:
+    """The checkout's commit (with ``+dirty`` for uncommitted changes), or ``unknown``."""
+    try:
+
+        def git(*command: str) -> str:
+            return subprocess.run(
+                ["git", *command], cwd=Path(__file__).resolve().parent, capture_output=True,
+                text=True, check=True, timeout=10,
+            ).stdout.strip()  # fmt: skip
+
+        dirty = "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+        return git("rev-parse", "--short", "HEAD") + dirty
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def load_result(
@@ -274,7 +320,7 @@ def load_result(
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    if result.get("arguments") != _arguments(config, data_root, extra):
+    if not _same_arguments(result.get("arguments") or {}, _arguments(config, data_root, extra)):
         return None
     return result["row"]
 
@@ -374,7 +420,9 @@ def mean_std(values: list[float], digits: int = 2, scale: float = 100.0) -> str:
 def summarize(rows: list[dict], out: Path) -> str:
     """Writes the CSV, the markdown summary and the learning-curve plot."""
     with (out / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        # Every field of every row (rows written by older versions of this script lack some).
+        fields = list(dict.fromkeys(field for row in rows for field in row))
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     # Validation columns beside test: compare recipes on validation, report them on test.
@@ -400,11 +448,12 @@ def summarize(rows: list[dict], out: Path) -> str:
             final_oa = mean_std([oa for _, oa in final])
         else:
             final_loss = final_oa = "-"
+        timed = [r["seconds_per_epoch"] for r in group if math.isfinite(r["seconds_per_epoch"])]
         lines.append(
             f"| {name} | {len(group)} | {mean_std([r['test_oa'] for r in group])} | "
             f"{mean_std([r['test_macc'] for r in group])} | {val_oa} | {val_macc} | "
             f"{final_loss} | {final_oa} | "
-            f"{statistics.mean(r['seconds_per_epoch'] for r in group):.1f} |"
+            f"{f'{statistics.mean(timed):.1f}' if timed else '-'} |"
         )
     table = "\n".join(lines)
     doubly_stochastic = doubly_stochastic_table(by_variant)
@@ -484,6 +533,9 @@ def main(argv: list[str] | None = None) -> str:
         done.update(run_parallel(todo, args, extra))
         rows = [done[(name, seed)] for name, _, _, seed in runs if (name, seed) in done]
     else:
+        if todo:
+            # As run_parallel does: data preparation is not counted in the first run's time.
+            prepare_data(args.config, args.data_root, extra)
         rows = []
         for name, attention, n_iter, seed in runs:
             row = done.get((name, seed))

@@ -110,6 +110,28 @@ def test_final_validation_averages_the_last_epochs_once_each(reproduce) -> None:
     assert reproduce.final_validation({"val/oa": [(0, 0.5)]}) is None
 
 
+def test_mean_curve_matches_runs_by_epoch(reproduce) -> None:
+    # The second run validated epoch 1 twice (killed, resumed) and has not reached epoch 3.
+    first = [(0, 0.2), (1, 0.4), (2, 0.6), (3, 0.8)]
+    second = [(0, 0.4), (1, 0.5), (1, 0.6), (2, 0.8)]
+    epochs, means = reproduce._mean_curve([first, second])
+    assert epochs == [0, 1, 2]
+    assert means == pytest.approx([0.3, 0.5, 0.7])
+
+
+def test_a_config_edited_in_place_is_another_run(reproduce, tmp_path: Path) -> None:
+    config = tmp_path / "recipe.yaml"
+    config.write_text("trainer:\n  max_epochs: 60\n")
+    recorded = reproduce._arguments(str(config), "data", [])
+    assert reproduce._same_arguments(recorded, reproduce._arguments(str(config), "data", []))
+    config.write_text("trainer:\n  max_epochs: 100\n")
+    assert not reproduce._same_arguments(recorded, reproduce._arguments(str(config), "data", []))
+    # Records from before the contents were hashed still match on path, data and flags.
+    old_record = {key: value for key, value in recorded.items() if key != "config_sha256"}
+    assert reproduce._same_arguments(old_record, reproduce._arguments(str(config), "data", []))
+    assert not reproduce._same_arguments(old_record, reproduce._arguments(str(config), "x", []))
+
+
 class _KilledError(Exception):
     """Stands for the process being killed between two epochs."""
 
