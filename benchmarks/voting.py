@@ -82,8 +82,16 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--split", default="test", help="test, or val: the training's validation shapes"
     )
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="with --split val")
-    parser.add_argument("--split-seed", type=int, default=0, help="with --split val")
+    # Checkpoints do not record the split they were trained with: these must repeat the
+    # training run's data.val_fraction and data.split_seed, or "val" holds training shapes.
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.1,
+        help="with --split val: the training run's data.val_fraction (must match it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--split-seed", type=int, default=0,
+        help="with --split val: the training run's data.split_seed (must match it)",
+    )  # fmt: skip
     parser.add_argument("--votes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
