@@ -469,8 +469,13 @@ class SinkformerClassifier(pl.LightningModule):
 
         Under ``train.py test/validate/fit --ckpt_path`` the model is built from the data's
         class names and only the weights come from the checkpoint: a reordered or renamed
-        class list would silently score head row ``i`` as the data's class ``i``.
+        class list would silently score head row ``i`` as the data's class ``i``. Under
+        ``predict`` there are no labels to score: the prediction writer names the outputs
+        after the checkpoint's classes (and warns), so nothing is refused there.
         """
+        trainer = self._trainer  # None when loaded outside a trainer (load_from_checkpoint)
+        if trainer is not None and trainer.predicting:
+            return
         saved = (checkpoint.get("hyper_parameters") or {}).get("class_names")
         if saved is not None and [str(name) for name in saved] != self.class_names:
             raise CheckpointError(
