@@ -10,7 +10,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 
 from pointsink.attention import MultiheadAttention
 from pointsink.inference import Prediction, format_predictions, make_prediction
@@ -330,7 +330,8 @@ class PredictionWriter(BasePredictionWriter):
 
     The class names are the model's; when ``Trainer.predict`` restores a checkpoint whose
     class names differ (e.g. a data module that discovered other class folders), the
-    checkpoint's names are used, with a warning.
+    :class:`~pointsink.module.SinkformerClassifier` has taken the checkpoint's names, with a
+    warning, before the first batch.
 
     Args:
         output: File to write; None: ``<trainer.log_dir or default_root_dir>/predictions.<ext>``
@@ -364,21 +365,9 @@ class PredictionWriter(BasePredictionWriter):
 
     @staticmethod
     def _resolve_class_names(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        # A restored checkpoint's names are the module's by now: its on_load_checkpoint
+        # adopts them (and warns) before predict starts.
         names = [str(name) for name in getattr(pl_module, "class_names", None) or []]
-        ckpt_path = trainer.ckpt_path
-        if ckpt_path and Path(ckpt_path).is_file():
-            try:
-                checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-                saved = checkpoint.get("hyper_parameters", {}).get("class_names")
-            except Exception:  # the weights were loaded already; this is a cross-check only
-                saved = None
-            if isinstance(saved, list) and saved and [str(n) for n in saved] != names:
-                rank_zero_warn(
-                    f"The checkpoint {ckpt_path} was trained with the classes {saved}, but the "
-                    f"model was built with {names}; predictions are named after the "
-                    "checkpoint's classes."
-                )
-                names = [str(name) for name in saved]
         if not names:
             num_classes = getattr(pl_module, "num_classes", 0)
             names = [str(index) for index in range(num_classes)]

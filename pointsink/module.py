@@ -465,24 +465,31 @@ class SinkformerClassifier(pl.LightningModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuses a checkpoint trained on other classes, or on these in another order.
+        """Checks a restored checkpoint's class names (and order) against the model's.
 
         Under ``train.py test/validate/fit --ckpt_path`` the model is built from the data's
         class names and only the weights come from the checkpoint: a reordered or renamed
         class list would silently score head row ``i`` as the data's class ``i``. Under
-        ``predict`` there are no labels to score: the prediction writer names the outputs
-        after the checkpoint's classes (and warns), so nothing is refused there.
+        ``predict`` there are no labels to score: the model takes the checkpoint's class
+        names (with a warning), so that predictions are named as the weights were trained.
         """
+        saved = (checkpoint.get("hyper_parameters") or {}).get("class_names")
+        if saved is None or [str(name) for name in saved] == self.class_names:
+            return
         trainer = self._trainer  # None when loaded outside a trainer (load_from_checkpoint)
         if trainer is not None and trainer.predicting:
-            return
-        saved = (checkpoint.get("hyper_parameters") or {}).get("class_names")
-        if saved is not None and [str(name) for name in saved] != self.class_names:
-            raise CheckpointError(
-                f"The checkpoint was trained on the classes {list(saved)} (in this label "
-                f"order), but the model was built for {self.class_names} from the data. Give "
-                "--data.class_names in the checkpoint's order, or the data it was trained on."
+            rank_zero_warn(
+                f"The checkpoint was trained with the classes {list(saved)}, but the model was "
+                f"built with {self.class_names}; predictions are named after the checkpoint's "
+                "classes."
             )
+            self.class_names = [str(name) for name in saved]
+            return
+        raise CheckpointError(
+            f"The checkpoint was trained on the classes {list(saved)} (in this label "
+            f"order), but the model was built for {self.class_names} from the data. Give "
+            "--data.class_names in the checkpoint's order, or the data it was trained on."
+        )
 
 
 def _without_head(state_dict: dict[str, Any]) -> dict[str, Any]:

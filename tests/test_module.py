@@ -81,9 +81,11 @@ def test_checkpoint_of_other_classes_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"trained on the classes \['cone', 'cube'"):
         _quiet_trainer(tmp_path).test(reordered, _loader(), ckpt_path=path)
     _quiet_trainer(tmp_path).test(_module(), _loader(), ckpt_path=path)  # same classes: fine
-    # predict scores nothing: its writer names the outputs after the checkpoint's classes.
-    predicted = _quiet_trainer(tmp_path).predict(reordered, _loader(), ckpt_path=path)
+    # predict scores nothing: the model takes the checkpoint's names, so outputs carry them.
+    with pytest.warns(UserWarning, match="named after the checkpoint's classes"):
+        predicted = _quiet_trainer(tmp_path).predict(reordered, _loader(), ckpt_path=path)
     assert len(predicted) == len(_loader())
+    assert reordered.class_names == CLASSES
 
 
 class _LearningRates(pl.Callback):
