@@ -8,8 +8,9 @@ The model runs in float32 (as ``pointsink-predict`` does), so the one-view row c
 slightly from ``train.py test`` under a bf16 config.
 
 ``--split val`` scores the validation shapes carved out of the training split (the data
-module's stratified split, ``--val-fraction`` and ``--split-seed`` as in training), so
-choices about voting can be made without the test split.
+module's stratified split, with the ``val_fraction`` and ``split_seed`` the checkpoint
+records; ``--val-fraction`` and ``--split-seed`` for older checkpoints), so choices about
+voting can be made without the test split.
 
 Example::
 
@@ -28,8 +29,8 @@ import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from pointsink.callbacks import confusion_report
-from pointsink.data import ShapeFolderDataModule, find_shape_files
-from pointsink.inference import ShapeClassifier, preprocess_views
+from pointsink.data import ShapeFolderDataModule, find_shape_files, recorded_split
+from pointsink.inference import ShapeClassifier, load_checkpoint, preprocess_views
 
 
 def split_files(root: Path, class_names: list[str], split: str) -> list[tuple[str, int]]:
@@ -62,6 +63,29 @@ def validation_files(
     return list(zip(data.val_dataset.paths, labels, strict=True))
 
 
+def training_split(
+    ckpt: str, val_fraction: float | None, split_seed: int | None
+) -> tuple[float, int]:
+    """The validation split of the run that wrote ``ckpt``; given values must agree with it."""
+    recorded = recorded_split(load_checkpoint(ckpt))
+    if recorded is None:
+        print(f"note: {ckpt} does not record its validation split; using the given or default")
+        return (
+            0.1 if val_fraction is None else val_fraction,
+            0 if split_seed is None else split_seed,
+        )
+    given = (
+        recorded[0] if val_fraction is None else val_fraction,
+        recorded[1] if split_seed is None else split_seed,
+    )
+    if given != recorded:
+        raise SystemExit(
+            f"error: {ckpt} was trained with val_fraction={recorded[0]} and "
+            f"split_seed={recorded[1]}; --split val with {given} would score training shapes."
+        )
+    return recorded
+
+
 def view_probabilities(
     classifier: ShapeClassifier, paths: list[str], seed: int, views: int, batch_size: int
 ) -> torch.Tensor:
@@ -82,15 +106,17 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--split", default="test", help="test, or val: the training's validation shapes"
     )
-    # Checkpoints do not record the split they were trained with: these must repeat the
+    # Checkpoints record their split; older ones do not, and then these must repeat the
     # training run's data.val_fraction and data.split_seed, or "val" holds training shapes.
     parser.add_argument(
-        "--val-fraction", type=float, default=0.1,
-        help="with --split val: the training run's data.val_fraction (must match it)",
+        "--val-fraction", type=float, default=None,
+        help="with --split val: the training run's data.val_fraction (default: the "
+        "checkpoint's, else 0.1)",
     )  # fmt: skip
     parser.add_argument(
-        "--split-seed", type=int, default=0,
-        help="with --split val: the training run's data.split_seed (must match it)",
+        "--split-seed", type=int, default=None,
+        help="with --split val: the training run's data.split_seed (default: the "
+        "checkpoint's, else 0)",
     )  # fmt: skip
     parser.add_argument("--votes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--seed", type=int, default=0)
@@ -106,7 +132,8 @@ def main(argv: list[str] | None = None) -> str:
     classifier = ShapeClassifier.from_checkpoint(args.ckpt, device="cpu")
     names = classifier.class_names
     if args.split == "val":
-        files = validation_files(args.data_root, names, args.val_fraction, args.split_seed)
+        val_fraction, split_seed = training_split(args.ckpt, args.val_fraction, args.split_seed)
+        files = validation_files(args.data_root, names, val_fraction, split_seed)
     else:
         files = split_files(args.data_root, names, args.split)
     files = files[: args.limit]

@@ -75,7 +75,8 @@ def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
     Raises:
         SystemExit: Code 2, after printing one line, when the data are missing, the
             checkpoint given to fine-tune from (``--model.weights``) is unusable, or the
-            one given as ``--ckpt_path`` was trained on other classes than the data's.
+            one given as ``--ckpt_path`` was trained on other classes than the data's (or,
+            when resuming a fit, with another validation split).
     """
     try:
         return SinkformerCLI(

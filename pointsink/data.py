@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 from tqdm.auto import tqdm
 
-from pointsink.inference import ShapePredictionDataset
+from pointsink.inference import CheckpointError, ShapePredictionDataset
 from pointsink.io import (
     SUPPORTED_EXTENSIONS,
     ShapeLoadError,
@@ -449,6 +449,19 @@ def stratified_split(
     return train_indices, val_indices
 
 
+def recorded_split(checkpoint: Mapping[str, Any]) -> tuple[float, int] | None:
+    """The ``(val_fraction, split_seed)`` of the run that wrote a checkpoint, if recorded.
+
+    :class:`ShapeFolderDataModule` records them through its ``state_dict``, which Lightning
+    stores under the data module's class name; checkpoints written before they were
+    recorded give None.
+    """
+    for value in checkpoint.values():
+        if isinstance(value, Mapping) and {"val_fraction", "split_seed"} <= set(value):
+            return float(value["val_fraction"]), int(value["split_seed"])
+    return None
+
+
 def derive_seed(*entropy: int) -> int:
     """Mixes non-negative integers (a base seed, a rank, ...) into one 64-bit seed.
 
@@ -754,6 +767,49 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             self.val_dataset = full_train.subset(val_indices, transform=None)
         if stage in (None, "test") and self.test_dataset is None:
             self.test_dataset = self._load_split("test")
+
+    # -- checkpointed state -------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The validation split, which Lightning records in every checkpoint it writes.
+
+        A resumed fit must carve the same validation shapes out of ``train/``: with another
+        split it would score shapes it has trained on as validation, and its best epoch
+        would compare two splits. :func:`recorded_split` reads it back (e.g. for
+        ``benchmarks/voting.py --split val``).
+        """
+        return {"val_fraction": self.val_fraction, "split_seed": self.split_seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Checks a restored checkpoint's split: refused when fitting, a warning when validating.
+
+        ``test`` and ``predict`` do not use the split, so they accept any.
+
+        Raises:
+            CheckpointError: ``fit`` resumes a checkpoint trained with another split.
+        """
+        recorded = recorded_split({"split": state_dict})
+        current = (self.val_fraction, self.split_seed)
+        if recorded is None or recorded == current:
+            return
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        message = (
+            f"The checkpoint was trained with val_fraction={recorded[0]} and "
+            f"split_seed={recorded[1]}, but the data module has val_fraction={current[0]} "
+            f"and split_seed={current[1]}"
+        )
+        if stage == TrainerFn.FITTING:
+            raise CheckpointError(
+                f"{message}: resuming would validate on shapes the run has trained on. Give "
+                "the checkpoint's --data.val_fraction and --data.split_seed, or start a new "
+                "run (--model.weights fine-tunes from its weights)."
+            )
+        if stage == TrainerFn.VALIDATING:
+            warnings.warn(
+                f"{message}: part of this validation split may be shapes the model was trained on.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # -- loaders ------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pointsink.cli import main
+from pointsink.data import recorded_split
 from pointsink.module import SinkformerClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,27 @@ def test_resumed_fit_keeps_the_best_checkpoint(tmp_path: Path) -> None:
     assert float(callback.best_model_score) == pytest.approx(max(scores))
     best = torch.load(callback.best_model_path, weights_only=True)
     assert best["epoch"] == scores.index(max(scores))
+
+
+def test_resume_and_validate_check_the_validation_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = main(["fit", *_tiny_args(tmp_path)]).trainer.checkpoint_callback
+    last = Path(first.dirpath) / "last.ckpt"
+    assert recorded_split(torch.load(last, weights_only=True)) == (0.15, 0)
+    other_split = ["--data.split_seed", "1"]
+    # Another split would put shapes the run has trained on into validation.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_tiny_args(tmp_path), *other_split, "--trainer.max_epochs", "3",
+              "--ckpt_path", str(last)])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "trained with val_fraction=0.15 and split_seed=0" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="may be shapes the model was trained on"):
+        main(["validate", *_tiny_args(tmp_path), *other_split, "--ckpt_path", str(last)])
+    # The test split does not depend on it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*split_seed.*")
+        main(["test", *_tiny_args(tmp_path), *other_split, "--ckpt_path", str(last)])
 
 
 def test_help_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:

@@ -80,3 +80,21 @@ def test_val_split_is_the_training_validation_split(
     split = ["--split", "val", "--val-fraction", "0.2", "--split-seed", "3"]
     table = voting.main(["--ckpt", str(checkpoint), "--data-root", str(root), *split])
     assert "on 6 val shapes" in table
+
+
+def test_val_split_defaults_to_the_checkpoints_and_refuses_another(
+    voting, tmp_path: Path, make_shape_folder
+) -> None:
+    path = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    content = torch.load(path, weights_only=True)
+    # Where Lightning stores ShapeFolderDataModule.state_dict().
+    content["ShapeFolderDataModule"] = {"val_fraction": 0.2, "split_seed": 3}
+    torch.save(content, path)
+    root = make_shape_folder(tmp_path / "shapes", class_names=tuple(CLASSES), train_per_class=10)
+    table = voting.main(["--ckpt", str(path), "--data-root", str(root), "--split", "val"])
+    assert "on 6 val shapes" in table  # 0.2 of 10 per class, not the default 0.1
+    assert voting.training_split(str(path), None, None) == (0.2, 3)
+    with pytest.raises(SystemExit, match=r"trained with val_fraction=0\.2 and split_seed=3"):
+        voting.main(
+            ["--ckpt", str(path), "--data-root", str(root), "--split", "val", "--split-seed", "0"]
+        )
