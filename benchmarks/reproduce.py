@@ -4,9 +4,9 @@ Trains every variant (softmax, Sinkhorn with each ``n_iter``) for every seed wit
 config and budget, evaluates the best-validation checkpoint on the test split, and writes
 
 * ``OUT/results.csv``: one row per run,
-* ``OUT/summary.md``: mean ± std of test overall / mean per-class accuracy and time per epoch,
-  and, if the config has ``DoublyStochasticMonitor``, each attention layer's distance to
-  doubly stochastic after the first and the last epoch,
+* ``OUT/summary.md``: mean ± sample std of test overall / mean per-class accuracy and time
+  per epoch, and, if the config has ``DoublyStochasticMonitor``, each attention layer's
+  distance to doubly stochastic after the first and the last epoch,
 * ``OUT/learning_curves.png``: validation accuracy per epoch, mean over seeds,
 * ``OUT/doubly_stochastic.png``: that distance per layer and epoch, mean over seeds.
 
@@ -412,8 +412,13 @@ def run_parallel(
 
 
 def mean_std(values: list[float], digits: int = 2, scale: float = 100.0) -> str:
-    """``mean ± std`` of ``values * scale`` (by default, fractions in percent)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    """``mean ± std`` of ``values * scale`` (by default, fractions in percent).
+
+    The sample standard deviation (``n - 1``); one value is shown alone, since it has none.
+    """
+    if len(values) == 1:
+        return f"{scale * values[0]:.{digits}f}"
+    std = statistics.stdev(values)
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}"
 
 
@@ -457,7 +462,7 @@ def summarize(rows: list[dict], out: Path) -> str:
         )
     table = "\n".join(lines)
     doubly_stochastic = doubly_stochastic_table(by_variant)
-    summary = table + "\n"
+    summary = table + "\n\nMean ± sample standard deviation (n - 1) over the seeds.\n"
     if doubly_stochastic:
         summary += (
             "\nDistance of the attention to doubly stochastic (relative mean absolute "
