@@ -790,8 +790,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         """
         recorded = recorded_split({"split": state_dict})
         current = (self.val_fraction, self.split_seed)
-        if recorded is None or recorded == current:
-            return
+        if recorded is None or recorded == current or recorded[0] == current[0] == 0.0:
+            return  # the same split (with no validation the seed does not matter)
         stage = self.trainer.state.fn if self.trainer is not None else None
         message = (
             f"The checkpoint was trained with val_fraction={recorded[0]} and "

@@ -7,12 +7,14 @@ import urllib.error
 import warnings
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch_geometric.data
 from _modelnet10 import MODELNET10_DIR, requires_modelnet10
+from pytorch_lightning.trainer.states import TrainerFn
 
 import pointsink.data as data_module
 from pointsink.data import (
@@ -25,9 +27,10 @@ from pointsink.data import (
     SyntheticShapesDataModule,
     build_point_cache,
     load_point_cache,
+    recorded_split,
     stratified_split,
 )
-from pointsink.inference import ShapePredictionDataset, preprocess_views
+from pointsink.inference import CheckpointError, ShapePredictionDataset, preprocess_views
 from pointsink.synthetic import SYNTHETIC_CLASSES
 from pointsink.transforms import PointCloudAugmentation, file_sample_seed, preprocess_shape
 
@@ -273,6 +276,39 @@ def test_stratified_split_properties():
     assert len(stratified_split(labels, 0.0, seed=0)[1]) == 0
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         stratified_split(labels, 1.0, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("stage", "recorded", "outcome"),
+    [
+        (TrainerFn.FITTING, (0.1, 1), "refused"),
+        (TrainerFn.FITTING, (0.2, 0), "refused"),
+        (TrainerFn.VALIDATING, (0.1, 1), "warned"),
+        (TrainerFn.TESTING, (0.1, 1), "accepted"),
+        (TrainerFn.FITTING, (0.1, 0), "accepted"),
+    ],
+)
+def test_restored_split_is_checked_by_stage(stage, recorded, outcome):
+    data = ShapeFolderDataModule("unused", class_names=["a", "b"], val_fraction=0.1)
+    data.trainer = SimpleNamespace(state=SimpleNamespace(fn=stage))  # what Lightning sets
+    saved = dict(zip(("val_fraction", "split_seed"), recorded, strict=True))
+    if outcome == "refused":
+        with pytest.raises(CheckpointError, match="resuming would validate on shapes"):
+            data.load_state_dict(saved)
+    elif outcome == "warned":
+        with pytest.warns(UserWarning, match="may be shapes the model was trained on"):
+            data.load_state_dict(saved)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            data.load_state_dict(saved)
+    assert recorded_split({"ShapeFolderDataModule": data.state_dict()}) == (0.1, 0)
+
+
+def test_without_validation_the_split_seed_does_not_matter():
+    data = ShapeFolderDataModule("unused", class_names=["a", "b"], val_fraction=0.0)
+    data.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))
+    data.load_state_dict({"val_fraction": 0.0, "split_seed": 7})  # no validation shapes either way
 
 
 def test_datamodule_splits_and_loaders(tmp_path, make_shape_folder):
