@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 # checkpoint -> (its config, test OA and mAcc, and how the README states them)
 SHIPPED = {
     "modelnet10-sinkformer.ckpt": (
-        "modelnet10.yaml", 0.9240, 0.9213,
+        "modelnet10.yaml", 0.9361, 0.9341,
         "Overall test accuracy **{oa} %**, mean per-class accuracy **{macc} %**",
     ),
     "modelnet10-cpu-sinkformer.ckpt": (
