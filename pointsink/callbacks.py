@@ -361,10 +361,10 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Resets the records and settles the class names."""
         self._records = []
-        self._class_names = self._resolve_class_names(trainer, pl_module)
+        self._class_names = self._resolve_class_names(pl_module)
 
     @staticmethod
-    def _resolve_class_names(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+    def _resolve_class_names(pl_module: pl.LightningModule) -> list[str]:
         # A restored checkpoint's names are the module's by now: its on_load_checkpoint
         # adopts them (and warns) before predict starts.
         names = [str(name) for name in getattr(pl_module, "class_names", None) or []]

@@ -457,8 +457,16 @@ def recorded_split(checkpoint: Mapping[str, Any]) -> tuple[float, int] | None:
     recorded give None.
     """
     for value in checkpoint.values():
-        if isinstance(value, Mapping) and {"val_fraction", "split_seed"} <= set(value):
-            return float(value["val_fraction"]), int(value["split_seed"])
+        split = _split_of(value)
+        if split is not None:
+            return split
+    return None
+
+
+def _split_of(state: Any) -> tuple[float, int] | None:
+    """``(val_fraction, split_seed)`` from a data module's saved state, or None."""
+    if isinstance(state, Mapping) and {"val_fraction", "split_seed"} <= set(state):
+        return float(state["val_fraction"]), int(state["split_seed"])
     return None
 
 
@@ -788,7 +796,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         Raises:
             CheckpointError: ``fit`` resumes a checkpoint trained with another split.
         """
-        recorded = recorded_split({"split": state_dict})
+        recorded = _split_of(state_dict)
         current = (self.val_fraction, self.split_seed)
         if recorded is None or recorded == current or recorded[0] == current[0] == 0.0:
             return  # the same split (with no validation the seed does not matter)

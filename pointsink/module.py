@@ -474,19 +474,22 @@ class SinkformerClassifier(pl.LightningModule):
         names (with a warning), so that predictions are named as the weights were trained.
         """
         saved = (checkpoint.get("hyper_parameters") or {}).get("class_names")
-        if saved is None or [str(name) for name in saved] == self.class_names:
+        if saved is None:
+            return
+        saved = [str(name) for name in saved]
+        if saved == self.class_names:
             return
         trainer = self._trainer  # None when loaded outside a trainer (load_from_checkpoint)
         if trainer is not None and trainer.predicting:
             rank_zero_warn(
-                f"The checkpoint was trained with the classes {list(saved)}, but the model was "
+                f"The checkpoint was trained with the classes {saved}, but the model was "
                 f"built with {self.class_names}; predictions are named after the checkpoint's "
                 "classes."
             )
-            self.class_names = [str(name) for name in saved]
+            self.class_names = saved
             return
         raise CheckpointError(
-            f"The checkpoint was trained on the classes {list(saved)} (in this label "
+            f"The checkpoint was trained on the classes {saved} (in this label "
             f"order), but the model was built for {self.class_names} from the data. Give "
             "--data.class_names in the checkpoint's order, or the data it was trained on."
         )
