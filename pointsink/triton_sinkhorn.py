@@ -71,6 +71,35 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(PTR, g, offs_r, offs_c, num_rows, C: tl.constexpr):
+    """Rows ``offs_r``, columns ``offs_c`` of the ``g``-th ``(num_rows, C)`` matrix; 0 outside."""
+    mask = (offs_r < num_rows)[:, None] & (offs_c < C)[None, :]
+    return tl.load(
+        PTR + g * num_rows * C + offs_r[:, None] * C + offs_c[None, :], mask=mask, other=0.0
+    )
+
+
+@triton.jit
+def _store_tile(PTR, g, offs_r, offs_c, num_rows, C: tl.constexpr, tile):
+    """Writes ``tile``, in ``PTR``'s dtype, where :func:`_load_tile` reads."""
+    mask = (offs_r < num_rows)[:, None] & (offs_c < C)[None, :]
+    ptrs = PTR + g * num_rows * C + offs_r[:, None] * C + offs_c[None, :]
+    tl.store(ptrs, tile.to(PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_vector(PTR, g, offs, length):
+    """Entries ``offs`` of the ``g``-th vector of ``length`` at ``PTR``; 0 past its end."""
+    return tl.load(PTR + g * length + offs, mask=offs < length, other=0.0)
+
+
+@triton.jit
+def _store_vector(PTR, g, offs, length, values):
+    """Writes ``values`` where :func:`_load_vector` reads."""
+    tl.store(PTR + g * length + offs, values, mask=offs < length)
+
+
+@triton.jit
 def _row_lse_kernel(
     Q, K, V, VPREV, U_OUT, OUT,
     n, m, n_blocks, scale,
@@ -85,45 +114,28 @@ def _row_lse_kernel(
     offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
-    mask_m = offs_m < n
-    q = tl.load(
-        Q + g * n * D + offs_m[:, None] * D + offs_d[None, :],
-        mask=mask_m[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    q = _load_tile(Q, g, offs_m, offs_d, n, D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
     for start in range(0, m, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < m
-        k = tl.load(
-            K + g * m * D + offs_n[:, None] * D + offs_d[None, :],
-            mask=mask_n[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
+        k = _load_tile(K, g, offs_n, offs_d, m, D)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-        vp = tl.load(VPREV + g * m + offs_n, mask=mask_n, other=0.0)
+        vp = _load_vector(VPREV, g, offs_n, m)
         s = tl.where(mask_n[None, :], s + vp[None, :], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_OUT:
-            val = tl.load(
-                V + g * m * E + offs_n[:, None] * E + offs_e[None, :],
-                mask=mask_n[:, None] & (offs_e[None, :] < E),
-                other=0.0,
-            )
+            val = _load_tile(V, g, offs_n, offs_e, m, E)
             acc = acc * alpha[:, None] + _mm(p.to(val.dtype), val, PRECISION, UPCAST)
         m_i = m_new
-    tl.store(U_OUT + g * n + offs_m, -(m_i + tl.log(l_i)), mask=mask_m)
+    _store_vector(U_OUT, g, offs_m, n, -(m_i + tl.log(l_i)))
     if HAS_OUT:
-        tl.store(
-            OUT + g * n * E + offs_m[:, None] * E + offs_e[None, :],
-            (acc / l_i[:, None]).to(OUT.dtype.element_ty),
-            mask=mask_m[:, None] & (offs_e[None, :] < E),
-        )
+        _store_tile(OUT, g, offs_m, offs_e, n, E, acc / l_i[:, None])
 
 
 @triton.jit
@@ -139,29 +151,20 @@ def _col_lse_kernel(
     g = (pid // n_blocks).to(tl.int64)
     offs_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < m
-    k = tl.load(
-        K + g * m * D + offs_n[:, None] * D + offs_d[None, :],
-        mask=mask_n[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    k = _load_tile(K, g, offs_n, offs_d, m, D)
     m_j = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_j = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, n, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < n
-        q = tl.load(
-            Q + g * n * D + offs_m[:, None] * D + offs_d[None, :],
-            mask=mask_m[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
+        q = _load_tile(Q, g, offs_m, offs_d, n, D)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-        up = tl.load(UPREV + g * n + offs_m, mask=mask_m, other=0.0)
+        up = _load_vector(UPREV, g, offs_m, n)
         s = tl.where(mask_m[:, None], s + up[:, None], float("-inf"))
         m_new = tl.maximum(m_j, tl.max(s, 0))
         l_j = l_j * tl.exp(m_j - m_new) + tl.sum(tl.exp(s - m_new[None, :]), 0)
         m_j = m_new
-    tl.store(V_OUT + g * m + offs_n, log_col_mass - (m_j + tl.log(l_j)), mask=mask_n)
+    _store_vector(V_OUT, g, offs_n, m, log_col_mass - (m_j + tl.log(l_j)))
 
 
 @triton.jit
@@ -179,36 +182,19 @@ def _out_kernel(
     offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
-    mask_m = offs_m < n
-    q = tl.load(
-        Q + g * n * D + offs_m[:, None] * D + offs_d[None, :],
-        mask=mask_m[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    u = tl.load(U + g * n + offs_m, mask=mask_m, other=0.0)
+    q = _load_tile(Q, g, offs_m, offs_d, n, D)
+    u = _load_vector(U, g, offs_m, n)
     acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
     for start in range(0, m, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < m
-        k = tl.load(
-            K + g * m * D + offs_n[:, None] * D + offs_d[None, :],
-            mask=mask_n[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
-        val = tl.load(
-            V + g * m * E + offs_n[:, None] * E + offs_e[None, :],
-            mask=mask_n[:, None] & (offs_e[None, :] < E),
-            other=0.0,
-        )
+        k = _load_tile(K, g, offs_n, offs_d, m, D)
+        val = _load_tile(V, g, offs_n, offs_e, m, E)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-        vc = tl.load(VC + g * m + offs_n, mask=mask_n, other=0.0)
+        vc = _load_vector(VC, g, offs_n, m)
         s = tl.where(mask_n[None, :], s + u[:, None] + vc[None, :], float("-inf"))
         acc += _mm(tl.exp(s).to(val.dtype), val, PRECISION, UPCAST)
-    tl.store(
-        OUT + g * n * E + offs_m[:, None] * E + offs_e[None, :],
-        acc.to(OUT.dtype.element_ty),
-        mask=mask_m[:, None] & (offs_e[None, :] < E),
-    )
+    _store_tile(OUT, g, offs_m, offs_e, n, E, acc)
 
 
 @triton.jit
@@ -232,49 +218,30 @@ def _bwd_col_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     mask_n = offs_n < m
-    k = tl.load(
-        K + g * m * D + offs_n[:, None] * D + offs_d[None, :],
-        mask=mask_n[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    colp = tl.load(COLP + g * m + offs_n, mask=mask_n, other=0.0)
+    k = _load_tile(K, g, offs_n, offs_d, m, D)
+    colp = _load_vector(COLP, g, offs_n, m)
     col = tl.zeros([BLOCK_N], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     for start in range(0, n, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < n
-        q = tl.load(
-            Q + g * n * D + offs_m[:, None] * D + offs_d[None, :],
-            mask=mask_m[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
+        q = _load_tile(Q, g, offs_m, offs_d, n, D)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-        rowp = tl.load(ROWP + g * n + offs_m, mask=mask_m, other=0.0)
+        rowp = _load_vector(ROWP, g, offs_m, n)
         valid = mask_m[:, None] & mask_n[None, :]
         w = tl.exp(tl.where(valid, s + rowp[:, None] + colp[None, :], float("-inf")))
         if HAS_GROW:
-            grow = tl.load(GROW + g * n + offs_m, mask=mask_m, other=0.0)
+            grow = _load_vector(GROW, g, offs_m, n)
             col += tl.sum(w * grow[:, None], 0)
         if HAS_DV:
-            do = tl.load(
-                DO + g * n * E + offs_m[:, None] * E + offs_e[None, :],
-                mask=mask_m[:, None] & (offs_e[None, :] < E),
-                other=0.0,
-            )
+            do = _load_tile(DO, g, offs_m, offs_e, n, E)
             dv += _mm(tl.trans(w).to(do.dtype), do, PRECISION, UPCAST)
     res = -col
     if HAS_DV:
-        mask_ne = mask_n[:, None] & (offs_e[None, :] < E)
-        val = tl.load(
-            V + g * m * E + offs_n[:, None] * E + offs_e[None, :], mask=mask_ne, other=0.0
-        )
+        val = _load_tile(V, g, offs_n, offs_e, m, E)
         res += tl.sum(dv * val.to(tl.float32), 1)
-        tl.store(
-            DV + g * m * E + offs_n[:, None] * E + offs_e[None, :],
-            dv.to(DV.dtype.element_ty),
-            mask=mask_ne,
-        )
-    tl.store(COL_OUT + g * m + offs_n, res * col_factor, mask=mask_n)
+        _store_tile(DV, g, offs_n, offs_e, m, E, dv)
+    _store_vector(COL_OUT, g, offs_n, m, res * col_factor)
 
 
 @triton.jit
@@ -291,31 +258,23 @@ def _bwd_row_kernel(
     offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < n
-    q = tl.load(
-        Q + g * n * D + offs_m[:, None] * D + offs_d[None, :],
-        mask=mask_m[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    rowp = tl.load(ROWP + g * n + offs_m, mask=mask_m, other=0.0)
+    q = _load_tile(Q, g, offs_m, offs_d, n, D)
+    rowp = _load_vector(ROWP, g, offs_m, n)
     row = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, m, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < m
-        k = tl.load(
-            K + g * m * D + offs_n[:, None] * D + offs_d[None, :],
-            mask=mask_n[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
+        k = _load_tile(K, g, offs_n, offs_d, m, D)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-        colp = tl.load(COLP + g * m + offs_n, mask=mask_n, other=0.0)
-        gcol = tl.load(GCOL + g * m + offs_n, mask=mask_n, other=0.0)
+        colp = _load_vector(COLP, g, offs_n, m)
+        gcol = _load_vector(GCOL, g, offs_n, m)
         valid = mask_m[:, None] & mask_n[None, :]
         w = tl.exp(tl.where(valid, s + rowp[:, None] + colp[None, :], float("-inf")))
         row += tl.sum(w * gcol[None, :], 1)
     res = -row
     if HAS_INIT:
-        res += tl.load(ROW_INIT + g * n + offs_m, mask=mask_m, other=0.0)
-    tl.store(ROW_OUT + g * n + offs_m, res, mask=mask_m)
+        res += _load_vector(ROW_INIT, g, offs_m, n)
+    _store_vector(ROW_OUT, g, offs_m, n, res)
 
 
 @triton.jit
@@ -393,28 +352,15 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     mask_m = offs_m < n
-    mask_md = mask_m[:, None] & (offs_d[None, :] < D)
-    q = tl.load(Q + g * n * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_md, other=0.0)
-    do = tl.load(
-        DO + g * n * E + offs_m[:, None] * E + offs_e[None, :],
-        mask=mask_m[:, None] & (offs_e[None, :] < E),
-        other=0.0,
-    )
+    q = _load_tile(Q, g, offs_m, offs_d, n, D)
+    do = _load_tile(DO, g, offs_m, offs_e, n, E)
     rows = tl.where(mask_m, offs_m, 0)  # in-range indices for the potential loads
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, m, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < m
-        k = tl.load(
-            K + g * m * D + offs_n[:, None] * D + offs_d[None, :],
-            mask=mask_n[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
-        val = tl.load(
-            V + g * m * E + offs_n[:, None] * E + offs_e[None, :],
-            mask=mask_n[:, None] & (offs_e[None, :] < E),
-            other=0.0,
-        )
+        k = _load_tile(K, g, offs_n, offs_d, m, D)
+        val = _load_tile(V, g, offs_n, offs_e, m, E)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
         dp = _mm(do, tl.trans(val), PRECISION, UPCAST)
         valid = mask_m[:, None] & mask_n[None, :]
@@ -424,11 +370,7 @@ def _bwd_dq_kernel(
             US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS,
         )  # fmt: skip
         dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
-    tl.store(
-        DQ + g * n * D + offs_m[:, None] * D + offs_d[None, :],
-        (dq * scale).to(DQ.dtype.element_ty),
-        mask=mask_md,
-    )
+    _store_tile(DQ, g, offs_m, offs_d, n, D, dq * scale)
 
 
 @triton.jit
@@ -448,26 +390,16 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     mask_n = offs_n < m
-    mask_nd = mask_n[:, None] & (offs_d[None, :] < D)
-    mask_ne = mask_n[:, None] & (offs_e[None, :] < E)
-    k = tl.load(K + g * m * D + offs_n[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
-    val = tl.load(V + g * m * E + offs_n[:, None] * E + offs_e[None, :], mask=mask_ne, other=0.0)
+    k = _load_tile(K, g, offs_n, offs_d, m, D)
+    val = _load_tile(V, g, offs_n, offs_e, m, E)
     cols = tl.where(mask_n, offs_n, 0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     for start in range(0, n, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < n
-        q = tl.load(
-            Q + g * n * D + offs_m[:, None] * D + offs_d[None, :],
-            mask=mask_m[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
-        do = tl.load(
-            DO + g * n * E + offs_m[:, None] * E + offs_e[None, :],
-            mask=mask_m[:, None] & (offs_e[None, :] < E),
-            other=0.0,
-        )
+        q = _load_tile(Q, g, offs_m, offs_d, n, D)
+        do = _load_tile(DO, g, offs_m, offs_e, n, E)
         s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
         dp = _mm(do, tl.trans(val), PRECISION, UPCAST)
         valid = mask_m[:, None] & mask_n[None, :]
@@ -479,17 +411,9 @@ def _bwd_dkdv_kernel(
         dk += _mm(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
         if HAS_DV:
             dv += _mm(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
-    tl.store(
-        DK + g * m * D + offs_n[:, None] * D + offs_d[None, :],
-        (dk * scale).to(DK.dtype.element_ty),
-        mask=mask_nd,
-    )
+    _store_tile(DK, g, offs_n, offs_d, m, D, dk * scale)
     if HAS_DV:
-        tl.store(
-            DV + g * m * E + offs_n[:, None] * E + offs_e[None, :],
-            dv.to(DV.dtype.element_ty),
-            mask=mask_ne,
-        )
+        _store_tile(DV, g, offs_n, offs_e, m, E, dv)
 
 
 def _interpreting() -> bool:
