@@ -279,11 +279,15 @@ def _bwd_row_kernel(
 
 @triton.jit
 def _ds_tile(
-    s, dp, offs_m, offs_n, valid, g, n, m, stride_u, stride_v,
+    q, k, do, val, offs_m, offs_n, mask_m, mask_n, g, n, m, stride_u, stride_v, scale,
     US, VS, GU, GV, ROWF, COLF, n_u, n_v,
     ODD: tl.constexpr, FACTORED: tl.constexpr, N_TERMS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """``(P, dS)`` on one tile from the logits ``s`` and ``dp = dO V^T`` (both float32).
+    """``(P, dS)``, both float32, on the tile of queries ``offs_m`` and keys ``offs_n``.
+
+    Recomputes the logits ``S = scale * q k^T`` and ``dP = dO V^T`` from the loaded tiles;
+    the dQ and the dK/dV kernels share this whole inner step.
 
     ``dS = P * (dP - g_T) - sum_{t < T odd} g^t_i A^t_ij - sum_{t < T even} h^t_j B^t_ij``;
     entries outside ``valid`` are 0. With ``FACTORED``, from the packed factors of
@@ -291,9 +295,13 @@ def _ds_tile(
     ``dS = E * (alpha_i beta_j dP_ij - sum_k a^k_i b^k_j)``, one exponential per element;
     else one exponential per matrix and element.
     """
+    s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
+    dp = _mm(do, tl.trans(val), PRECISION, UPCAST)
+    valid = mask_m[:, None] & mask_n[None, :]
     s = tl.where(valid, s, float("-inf"))
-    row_off = g * n + offs_m
-    col_off = g * m + offs_n
+    # In-range indices for the potential loads; the masked entries are zeroed by ``valid``.
+    row_off = g * n + tl.where(mask_m, offs_m, 0)
+    col_off = g * m + tl.where(mask_n, offs_n, 0)
     if FACTORED:
         c = tl.load(ROWF + row_off)
         d = tl.load(COLF + col_off)
@@ -354,20 +362,15 @@ def _bwd_dq_kernel(
     mask_m = offs_m < n
     q = _load_tile(Q, g, offs_m, offs_d, n, D)
     do = _load_tile(DO, g, offs_m, offs_e, n, E)
-    rows = tl.where(mask_m, offs_m, 0)  # in-range indices for the potential loads
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, m, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < m
         k = _load_tile(K, g, offs_n, offs_d, m, D)
         val = _load_tile(V, g, offs_n, offs_e, m, E)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-        dp = _mm(do, tl.trans(val), PRECISION, UPCAST)
-        valid = mask_m[:, None] & mask_n[None, :]
-        cols = tl.where(mask_n, offs_n, 0)
         _, ds = _ds_tile(
-            s, dp, rows, cols, valid, g, n, m, stride_u, stride_v,
-            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS,
+            q, k, do, val, offs_m, offs_n, mask_m, mask_n, g, n, m, stride_u, stride_v, scale,
+            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS, PRECISION, UPCAST,
         )  # fmt: skip
         dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
     _store_tile(DQ, g, offs_m, offs_d, n, D, dq * scale)
@@ -392,7 +395,6 @@ def _bwd_dkdv_kernel(
     mask_n = offs_n < m
     k = _load_tile(K, g, offs_n, offs_d, m, D)
     val = _load_tile(V, g, offs_n, offs_e, m, E)
-    cols = tl.where(mask_n, offs_n, 0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     for start in range(0, n, BLOCK_M):
@@ -400,13 +402,9 @@ def _bwd_dkdv_kernel(
         mask_m = offs_m < n
         q = _load_tile(Q, g, offs_m, offs_d, n, D)
         do = _load_tile(DO, g, offs_m, offs_e, n, E)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-        dp = _mm(do, tl.trans(val), PRECISION, UPCAST)
-        valid = mask_m[:, None] & mask_n[None, :]
-        rows = tl.where(mask_m, offs_m, 0)
         p, ds = _ds_tile(
-            s, dp, rows, cols, valid, g, n, m, stride_u, stride_v,
-            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS,
+            q, k, do, val, offs_m, offs_n, mask_m, mask_n, g, n, m, stride_u, stride_v, scale,
+            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS, PRECISION, UPCAST,
         )  # fmt: skip
         dk += _mm(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
         if HAS_DV:
