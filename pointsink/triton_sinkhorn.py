@@ -7,8 +7,12 @@ imported), which the tests use.
 
 Every kernel recomputes tiles ``S = scale * Q K^T`` of ``BLOCK_M`` queries by ``BLOCK_N``
 keys in registers (``tl.dot`` with float32 accumulation) and never writes an ``n x m``
-matrix. Notation as in :mod:`pointsink.sinkhorn_attention` (``T = n_iter``,
-``us[i] = u^{2i+1}``, ``vs[i] = v^{2i}`` with ``vs[0] = 0``, ``c = log(n / m)``).
+matrix; the kernels that reduce over queries (one program per key block) compute the
+transposed tile ``S^T``, so that their reductions run along the rows of a matrix product's
+result, within a few threads. Exponentials are base 2 (see ``_LOG2E``). Each kernel has its
+own launch configuration (:func:`_blocks_for`). Notation as in
+:mod:`pointsink.sinkhorn_attention` (``T = n_iter``, ``us[i] = u^{2i+1}``, ``vs[i] = v^{2i}``
+with ``vs[0] = 0``, ``c = log(n / m)``).
 
 Forward, ``T`` potential passes (for odd ``T`` the last one also produces the output; even
 ``T`` needs one more output pass):
@@ -58,6 +62,13 @@ from pointsink.sinkhorn_attention import score_gradient_factors, use_factored_ds
 __all__ = ["triton_sinkhorn_attention"]
 
 
+# Exponentials are base 2: ``exp2`` is one MUFU.EX2 instruction, where ``exp`` adds a multiply
+# and denormal handling, and the scale folds into the logits' multiply. Logits and potentials
+# are multiplied by log2(e) where they are made or loaded, and results go back by ln(2).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
 def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``tl.dot(a, b)`` with float32 accumulation.
@@ -94,6 +105,17 @@ def _load_vector(PTR, g, offs, length):
 
 
 @triton.jit
+def _load_log2(PTR, g, offs, length):
+    """Like :func:`_load_vector`, times log2(e), and ``-inf`` past the end.
+
+    A potential of ``-inf`` makes every logit of its row or column vanish under ``exp2``,
+    so the kernels need no other mask on the logits tile.
+    """
+    values = tl.load(PTR + g * length + offs, mask=offs < length, other=float("-inf"))
+    return values * _LOG2E
+
+
+@triton.jit
 def _store_vector(PTR, g, offs, length, values):
     """Writes ``values`` where :func:`_load_vector` reads."""
     tl.store(PTR + g * length + offs, values, mask=offs < length)
@@ -115,25 +137,25 @@ def _row_lse_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     q = _load_tile(Q, g, offs_m, offs_d, n, D)
+    scale_log2 = scale * _LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
     for start in range(0, m, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < m
         k = _load_tile(K, g, offs_n, offs_d, m, D)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-        vp = _load_vector(VPREV, g, offs_n, m)
-        s = tl.where(mask_n[None, :], s + vp[None, :], float("-inf"))
+        vp = _load_log2(VPREV, g, offs_n, m)
+        # Base-2 logits; every tile holds at least one key, so m_new is finite.
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale_log2 + vp[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_OUT:
             val = _load_tile(V, g, offs_n, offs_e, m, E)
             acc = acc * alpha[:, None] + _mm(p.to(val.dtype), val, PRECISION, UPCAST)
         m_i = m_new
-    _store_vector(U_OUT, g, offs_m, n, -(m_i + tl.log(l_i)))
+    _store_vector(U_OUT, g, offs_m, n, -(m_i + tl.log2(l_i)) * _LN2)
     if HAS_OUT:
         _store_tile(OUT, g, offs_m, offs_e, n, E, acc / l_i[:, None])
 
@@ -152,19 +174,20 @@ def _col_lse_kernel(
     offs_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(K, g, offs_n, offs_d, m, D)
+    scale_log2 = scale * _LOG2E
     m_j = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_j = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, n, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < n
         q = _load_tile(Q, g, offs_m, offs_d, n, D)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-        up = _load_vector(UPREV, g, offs_m, n)
-        s = tl.where(mask_m[:, None], s + up[:, None], float("-inf"))
-        m_new = tl.maximum(m_j, tl.max(s, 0))
-        l_j = l_j * tl.exp(m_j - m_new) + tl.sum(tl.exp(s - m_new[None, :]), 0)
+        up = _load_log2(UPREV, g, offs_m, n)
+        # The transposed tile S^T (keys by queries): reductions along a row of a matrix
+        # product's result stay within a few threads, along a column they cross warps.
+        s_t = _mm(k, tl.trans(q), PRECISION, UPCAST) * scale_log2 + up[None, :]
+        m_new = tl.maximum(m_j, tl.max(s_t, 1))
+        l_j = l_j * tl.exp2(m_j - m_new) + tl.sum(tl.exp2(s_t - m_new[:, None]), 1)
         m_j = m_new
-    _store_vector(V_OUT, g, offs_n, m, log_col_mass - (m_j + tl.log(l_j)))
+    _store_vector(V_OUT, g, offs_n, m, log_col_mass - (m_j + tl.log2(l_j)) * _LN2)
 
 
 @triton.jit
@@ -183,17 +206,16 @@ def _out_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     q = _load_tile(Q, g, offs_m, offs_d, n, D)
-    u = _load_vector(U, g, offs_m, n)
+    scale_log2 = scale * _LOG2E
+    u = _load_log2(U, g, offs_m, n)
     acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
     for start in range(0, m, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < m
         k = _load_tile(K, g, offs_n, offs_d, m, D)
         val = _load_tile(V, g, offs_n, offs_e, m, E)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-        vc = _load_vector(VC, g, offs_n, m)
-        s = tl.where(mask_n[None, :], s + u[:, None] + vc[None, :], float("-inf"))
-        acc += _mm(tl.exp(s).to(val.dtype), val, PRECISION, UPCAST)
+        vc = _load_log2(VC, g, offs_n, m)
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale_log2 + vc[None, :] + u[:, None]
+        acc += _mm(tl.exp2(s).to(val.dtype), val, PRECISION, UPCAST)
     _store_tile(OUT, g, offs_m, offs_e, n, E, acc)
 
 
@@ -217,25 +239,24 @@ def _bwd_col_kernel(
     offs_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
-    mask_n = offs_n < m
     k = _load_tile(K, g, offs_n, offs_d, m, D)
-    colp = _load_vector(COLP, g, offs_n, m)
+    scale_log2 = scale * _LOG2E
+    colp = _load_log2(COLP, g, offs_n, m)
     col = tl.zeros([BLOCK_N], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     for start in range(0, n, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < n
         q = _load_tile(Q, g, offs_m, offs_d, n, D)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-        rowp = _load_vector(ROWP, g, offs_m, n)
-        valid = mask_m[:, None] & mask_n[None, :]
-        w = tl.exp(tl.where(valid, s + rowp[:, None] + colp[None, :], float("-inf")))
+        rowp = _load_log2(ROWP, g, offs_m, n)
+        # W^T (keys by queries), as in _col_lse_kernel.
+        s_t = _mm(k, tl.trans(q), PRECISION, UPCAST) * scale_log2 + colp[:, None]
+        w_t = tl.exp2(s_t + rowp[None, :])
         if HAS_GROW:
             grow = _load_vector(GROW, g, offs_m, n)
-            col += tl.sum(w * grow[:, None], 0)
+            col += tl.sum(w_t * grow[None, :], 1)
         if HAS_DV:
             do = _load_tile(DO, g, offs_m, offs_e, n, E)
-            dv += _mm(tl.trans(w).to(do.dtype), do, PRECISION, UPCAST)
+            dv += _mm(w_t.to(do.dtype), do, PRECISION, UPCAST)
     res = -col
     if HAS_DV:
         val = _load_tile(V, g, offs_n, offs_e, m, E)
@@ -257,19 +278,17 @@ def _bwd_row_kernel(
     g = (pid // n_blocks).to(tl.int64)
     offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < n
     q = _load_tile(Q, g, offs_m, offs_d, n, D)
-    rowp = _load_vector(ROWP, g, offs_m, n)
+    scale_log2 = scale * _LOG2E
+    rowp = _load_log2(ROWP, g, offs_m, n)
     row = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, m, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < m
         k = _load_tile(K, g, offs_n, offs_d, m, D)
-        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-        colp = _load_vector(COLP, g, offs_n, m)
+        colp = _load_log2(COLP, g, offs_n, m)
         gcol = _load_vector(GCOL, g, offs_n, m)
-        valid = mask_m[:, None] & mask_n[None, :]
-        w = tl.exp(tl.where(valid, s + rowp[:, None] + colp[None, :], float("-inf")))
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale_log2 + rowp[:, None]
+        w = tl.exp2(s + colp[None, :])
         row += tl.sum(w * gcol[None, :], 1)
     res = -row
     if HAS_INIT:
@@ -278,68 +297,94 @@ def _bwd_row_kernel(
 
 
 @triton.jit
+def _per_row(x, TRANSPOSED: tl.constexpr):
+    """A query-indexed vector broadcast over the tile (its columns when ``TRANSPOSED``)."""
+    if TRANSPOSED:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
+def _per_col(x, TRANSPOSED: tl.constexpr):
+    """A key-indexed vector broadcast over the tile (its rows when ``TRANSPOSED``)."""
+    if TRANSPOSED:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
 def _ds_tile(
     q, k, do, val, offs_m, offs_n, mask_m, mask_n, g, n, m, stride_u, stride_v, scale,
     US, VS, GU, GV, ROWF, COLF, n_u, n_v,
-    ODD: tl.constexpr, FACTORED: tl.constexpr, N_TERMS: tl.constexpr,
+    ODD: tl.constexpr, FACTORED: tl.constexpr, N_TERMS: tl.constexpr, TRANSPOSED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """``(P, dS)``, both float32, on the tile of queries ``offs_m`` and keys ``offs_n``.
 
     Recomputes the logits ``S = scale * q k^T`` and ``dP = dO V^T`` from the loaded tiles;
-    the dQ and the dK/dV kernels share this whole inner step.
+    the dQ and the dK/dV kernels share this whole inner step. With ``TRANSPOSED`` the
+    tiles are ``(P^T, dS^T)`` (keys by queries), the operands of ``dK = dS^T Q`` and
+    ``dV = P^T dO``, so that no tile is transposed in registers.
 
     ``dS = P * (dP - g_T) - sum_{t < T odd} g^t_i A^t_ij - sum_{t < T even} h^t_j B^t_ij``;
-    entries outside ``valid`` are 0. With ``FACTORED``, from the packed factors of
+    entries outside the ``n x m`` matrix are 0 (their potentials load as ``-inf``). With
+    ``FACTORED``, from the packed factors of
     :func:`~pointsink.sinkhorn_attention.score_gradient_factors` (``ROWF``, ``COLF``):
     ``dS = E * (alpha_i beta_j dP_ij - sum_k a^k_i b^k_j)``, one exponential per element;
     else one exponential per matrix and element.
     """
-    s = _mm(q, tl.trans(k), PRECISION, UPCAST) * scale
-    dp = _mm(do, tl.trans(val), PRECISION, UPCAST)
-    valid = mask_m[:, None] & mask_n[None, :]
-    s = tl.where(valid, s, float("-inf"))
-    # In-range indices for the potential loads; the masked entries are zeroed by ``valid``.
+    if TRANSPOSED:
+        s = _mm(k, tl.trans(q), PRECISION, UPCAST) * (scale * _LOG2E)
+        dp = _mm(val, tl.trans(do), PRECISION, UPCAST)
+    else:
+        s = _mm(q, tl.trans(k), PRECISION, UPCAST) * (scale * _LOG2E)
+        dp = _mm(do, tl.trans(val), PRECISION, UPCAST)
+    # In-range indices for the loads of factors, which only multiply exponentials: those
+    # are 0 outside the matrix, where the exponents' potentials load as -inf.
     row_off = g * n + tl.where(mask_m, offs_m, 0)
     col_off = g * m + tl.where(mask_n, offs_n, 0)
     if FACTORED:
-        c = tl.load(ROWF + row_off)
-        d = tl.load(COLF + col_off)
-        e = tl.exp(s + c[:, None] + d[None, :])
+        c = _load_log2(ROWF, g, offs_m, n)
+        d = _load_log2(COLF, g, offs_n, m)
+        e = tl.exp2(s + _per_row(c, TRANSPOSED) + _per_col(d, TRANSPOSED))
         alpha = tl.load(ROWF + stride_u + row_off)
         beta = tl.load(COLF + stride_v + col_off)
-        final_scale = alpha[:, None] * beta[None, :]
+        final_scale = _per_row(alpha, TRANSPOSED) * _per_col(beta, TRANSPOSED)
         p = e * final_scale
         acc = dp * final_scale
         for t in tl.static_range(N_TERMS):
             a = tl.load(ROWF + (2 + t) * stride_u + row_off)
             b = tl.load(COLF + (2 + t) * stride_v + col_off)
-            acc -= a[:, None] * b[None, :]
+            acc -= _per_row(a, TRANSPOSED) * _per_col(b, TRANSPOSED)
         ds = e * acc
     else:
-        u_fin = tl.load(US + (n_u - 1) * stride_u + row_off)
-        v_fin = tl.load(VS + n_v * stride_v + col_off)
-        p = tl.exp(s + u_fin[:, None] + v_fin[None, :])
+        u_fin = _load_log2(US + (n_u - 1) * stride_u, g, offs_m, n)
+        v_fin = _load_log2(VS + n_v * stride_v, g, offs_n, m)
+        p = tl.exp2(s + _per_row(u_fin, TRANSPOSED) + _per_col(v_fin, TRANSPOSED))
         if ODD:
             g_fin = tl.load(GU + (n_u - 1) * stride_u + row_off)
-            ds = p * (dp - g_fin[:, None])
+            ds = p * (dp - _per_row(g_fin, TRANSPOSED))
             n_a = n_u - 1
             n_b = n_v
         else:
             g_fin = tl.load(GV + n_v * stride_v + col_off)
-            ds = p * (dp - g_fin[None, :])
+            ds = p * (dp - _per_col(g_fin, TRANSPOSED))
             n_a = n_u
             n_b = n_v - 1
         for i in range(0, n_a):  # A^{2i+1} = exp(S + u^{2i+1} + v^{2i})
-            ui = tl.load(US + i * stride_u + row_off)
-            vi = tl.load(VS + i * stride_v + col_off)
+            ui = _load_log2(US + i * stride_u, g, offs_m, n)
+            vi = _load_log2(VS + i * stride_v, g, offs_n, m)
             gi = tl.load(GU + i * stride_u + row_off)
-            ds -= gi[:, None] * tl.exp(s + ui[:, None] + vi[None, :])
+            a_i = tl.exp2(s + _per_row(ui, TRANSPOSED) + _per_col(vi, TRANSPOSED))
+            ds -= _per_row(gi, TRANSPOSED) * a_i
         for j in range(1, n_b + 1):  # B^{2j} = exp(S + u^{2j-1} + v^{2j})
-            uj = tl.load(US + (j - 1) * stride_u + row_off)
-            vj = tl.load(VS + j * stride_v + col_off)
+            uj = _load_log2(US + (j - 1) * stride_u, g, offs_m, n)
+            vj = _load_log2(VS + j * stride_v, g, offs_n, m)
             gj = tl.load(GV + j * stride_v + col_off)
-            ds -= gj[None, :] * tl.exp(s + uj[:, None] + vj[None, :])
+            b_j = tl.exp2(s + _per_row(uj, TRANSPOSED) + _per_col(vj, TRANSPOSED))
+            ds -= _per_col(gj, TRANSPOSED) * b_j
     return p, ds
 
 
@@ -370,7 +415,8 @@ def _bwd_dq_kernel(
         val = _load_tile(V, g, offs_n, offs_e, m, E)
         _, ds = _ds_tile(
             q, k, do, val, offs_m, offs_n, mask_m, mask_n, g, n, m, stride_u, stride_v, scale,
-            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS, PRECISION, UPCAST,
+            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS, False,
+            PRECISION, UPCAST,
         )  # fmt: skip
         dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
     _store_tile(DQ, g, offs_m, offs_d, n, D, dq * scale)
@@ -402,13 +448,14 @@ def _bwd_dkdv_kernel(
         mask_m = offs_m < n
         q = _load_tile(Q, g, offs_m, offs_d, n, D)
         do = _load_tile(DO, g, offs_m, offs_e, n, E)
-        p, ds = _ds_tile(
+        p_t, ds_t = _ds_tile(
             q, k, do, val, offs_m, offs_n, mask_m, mask_n, g, n, m, stride_u, stride_v, scale,
-            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS, PRECISION, UPCAST,
+            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS, True,
+            PRECISION, UPCAST,
         )  # fmt: skip
-        dk += _mm(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
+        dk += _mm(ds_t.to(q.dtype), q, PRECISION, UPCAST)
         if HAS_DV:
-            dv += _mm(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
+            dv += _mm(p_t.to(do.dtype), do, PRECISION, UPCAST)
     _store_tile(DK, g, offs_n, offs_d, m, D, dk * scale)
     if HAS_DV:
         _store_tile(DV, g, offs_n, offs_e, m, E, dv)
@@ -418,32 +465,41 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _blocks_for(head_dim: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Default ``(BLOCK_M, BLOCK_N, num_warps)`` of the forward and the backward kernels.
+# The kernels by launch configuration: "row" (_row_lse_kernel and _out_kernel, one program
+# per query block), "col" (_col_lse_kernel), "bwd_col", "bwd_row", "dq" and "dkdv".
+KERNELS = ("row", "col", "bwd_col", "bwd_row", "dq", "dkdv")
+LaunchConfig = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 
-    Chosen so that the kernels compile for sm_90 (and sm_80) without register spills (or
-    almost none): checked with ptxas, not timed (no GPU was available when they were
-    written). Pass ``block_m``/``block_n`` to override.
+
+def _blocks_for(head_dim: int) -> dict[str, LaunchConfig]:
+    """Default launch configuration of each kernel (:data:`KERNELS`) for a head dimension.
+
+    ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``: queries and keys per tile, warps per
+    program and software-pipelining depth. Chosen so that the kernels compile for sm_90
+    (and sm_80) without register spills (or almost none), checked with ptxas; see
+    ``benchmarks/triton_tuning.py`` for how they are timed. Pass ``block_m``/``block_n``
+    to :func:`triton_sinkhorn_attention` to override the tile sizes.
     """
     if head_dim <= 64:
-        return (128, 64, 8), (64, 32, 4)
-    if head_dim <= 128:
-        return (64, 64, 8), (32, 32, 4)
-    return (32, 32, 4), (16, 16, 4)
+        fwd, bwd = (128, 64, 8, 3), (64, 32, 4, 3)
+    elif head_dim <= 128:
+        fwd, bwd = (64, 64, 8, 3), (32, 32, 4, 3)
+    else:
+        fwd, bwd = (32, 32, 4, 3), (16, 16, 4, 3)
+    return {"row": fwd, "col": fwd, "bwd_col": bwd, "bwd_row": bwd, "dq": bwd, "dkdv": bwd}
 
 
-def _config(
-    q: Tensor, e: int, block_m: int | None, block_n: int | None
-) -> dict[str, tuple[int, int, int] | int | str | bool]:
-    """Block sizes, warps and ``tl.dot`` settings for one call."""
+def _config(q: Tensor, e: int, block_m: int | None, block_n: int | None) -> dict:
+    """Launch configurations and ``tl.dot`` settings for one call."""
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value is not None and (value < 16 or value & (value - 1)):
             raise ValueError(f"{name} must be a power of two >= 16; got {value}.")
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     block_e = max(16, triton.next_power_of_2(e))
-    fwd, bwd = _blocks_for(max(block_d, block_e))
-    fwd = (block_m or fwd[0], block_n or fwd[1], fwd[2])
-    bwd = (block_m or bwd[0], block_n or bwd[1], bwd[2])
+    blocks = {
+        kernel: (block_m or bm, block_n or bn, num_warps, num_stages)
+        for kernel, (bm, bn, num_warps, num_stages) in _blocks_for(max(block_d, block_e)).items()
+    }
     tf32 = (
         q.dtype == torch.float32
         and q.is_cuda
@@ -451,8 +507,7 @@ def _config(
         and torch.backends.cuda.matmul.allow_tf32
     )
     return {
-        "fwd": fwd,
-        "bwd": bwd,
+        "blocks": blocks,
         "BLOCK_D": block_d,
         "BLOCK_E": block_e,
         "PRECISION": "tf32" if tf32 else "ieee",
@@ -461,9 +516,9 @@ def _config(
     }
 
 
-def _launch(cfg: dict, phase: str, n: int, m: int) -> tuple[int, int, dict]:
-    """Numbers of query and key blocks and the common launch arguments of a phase."""
-    block_m, block_n, num_warps = cfg[phase]
+def _launch(cfg: dict, kernel: str, n: int, m: int) -> tuple[int, int, dict]:
+    """Numbers of query and key blocks and the common launch arguments of a kernel."""
+    block_m, block_n, num_warps, num_stages = cfg["blocks"][kernel]
     common = {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
@@ -471,6 +526,7 @@ def _launch(cfg: dict, phase: str, n: int, m: int) -> tuple[int, int, dict]:
         "PRECISION": cfg["PRECISION"],
         "UPCAST": cfg["UPCAST"],
         "num_warps": num_warps,
+        "num_stages": num_stages,
     }
     return triton.cdiv(n, block_m), triton.cdiv(m, block_n), common
 
@@ -496,23 +552,24 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         us = q.new_empty(n_u, g, n, dtype=torch.float32)
         vs = q.new_zeros(n_v + 1, g, m, dtype=torch.float32)
         out = q.new_empty(g, n, e)
-        nbm, nbn, common = _launch(cfg, "fwd", n, m)
+        nbm, _, row = _launch(cfg, "row", n, m)
+        _, nbn, col = _launch(cfg, "col", n, m)
         block_e = cfg["BLOCK_E"]
         log_col_mass = math.log(n / m)
         for i in range(n_u):
             last = 2 * i + 1 == n_iter
             _row_lse_kernel[(g * nbm,)](
                 q, k, v, vs[i], us[i], out, n, m, nbm, scale,
-                D=d, E=e, BLOCK_E=block_e, HAS_OUT=last, **common,
+                D=d, E=e, BLOCK_E=block_e, HAS_OUT=last, **row,
             )  # fmt: skip
             if not last:
                 _col_lse_kernel[(g * nbn,)](
-                    q, k, us[i], vs[i + 1], n, m, nbn, scale, log_col_mass, D=d, **common
+                    q, k, us[i], vs[i + 1], n, m, nbn, scale, log_col_mass, D=d, **col
                 )
         if n_iter % 2 == 0:
             _out_kernel[(g * nbm,)](
                 q, k, v, us[n_u - 1], vs[n_v], out, n, m, nbm, scale,
-                D=d, E=e, BLOCK_E=block_e, **common,
+                D=d, E=e, BLOCK_E=block_e, **row,
             )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, us, vs)
         ctx.n_iter = n_iter  # type: ignore[attr-defined]
@@ -532,7 +589,10 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         m, e = v.shape[1], v.shape[2]
         n_u, n_v = (n_iter + 1) // 2, n_iter // 2
         odd = n_iter % 2 == 1
-        nbm, nbn, common = _launch(cfg, "bwd", n, m)
+        _, nbn_col, bwd_col = _launch(cfg, "bwd_col", n, m)
+        nbm_row, _, bwd_row = _launch(cfg, "bwd_row", n, m)
+        nbm_dq, _, dq_args = _launch(cfg, "dq", n, m)
+        _, nbn_dkdv, dkdv_args = _launch(cfg, "dkdv", n, m)
         block_e = cfg["BLOCK_E"]
         col_factor = m / n
 
@@ -546,38 +606,38 @@ class _TritonSinkhornAttention(torch.autograd.Function):
             gu[n_u - 1] = delta
         if n_v >= 1:
             # dV = P^T dO and gv[n_v] = (m/n) (dV_j . V_j - [T odd] sum_i D_i P_ij)
-            _bwd_col_kernel[(g * nbn,)](
+            _bwd_col_kernel[(g * nbn_col,)](
                 q, k, v, dout, dv, us[n_u - 1], vs[n_v], delta, gv[n_v],
-                n, m, nbn, scale, col_factor,
-                D=d, E=e, BLOCK_E=block_e, HAS_DV=True, HAS_GROW=odd, **common,
+                n, m, nbn_col, scale, col_factor,
+                D=d, E=e, BLOCK_E=block_e, HAS_DV=True, HAS_GROW=odd, **bwd_col,
             )  # fmt: skip
             for j in range(n_v, 0, -1):
                 # gu[j-1] = [u^{2j-1} final] D - B^{2j} gv[j]
-                _bwd_row_kernel[(g * nbm,)](
+                _bwd_row_kernel[(g * nbm_row,)](
                     q, k, us[j - 1], vs[j], gv[j], delta, gu[j - 1],
-                    n, m, nbm, scale,
-                    D=d, HAS_INIT=(not odd and j == n_v), **common,
+                    n, m, nbm_row, scale,
+                    D=d, HAS_INIT=(not odd and j == n_v), **bwd_row,
                 )  # fmt: skip
                 if j > 1:
                     # gv[j-1] = -(m/n) sum_i gu[j-1]_i A^{2j-1}_ij
-                    _bwd_col_kernel[(g * nbn,)](
+                    _bwd_col_kernel[(g * nbn_col,)](
                         q, k, v, dout, dv, us[j - 1], vs[j - 1], gu[j - 1], gv[j - 1],
-                        n, m, nbn, scale, col_factor,
-                        D=d, E=e, BLOCK_E=block_e, HAS_DV=False, HAS_GROW=True, **common,
+                        n, m, nbn_col, scale, col_factor,
+                        D=d, E=e, BLOCK_E=block_e, HAS_DV=False, HAS_GROW=True, **bwd_col,
                     )  # fmt: skip
         # dS from rank-T factors, one exponential per element, where E cannot overflow.
         factored = use_factored_ds(n, m, n_iter)
         rowf, colf = score_gradient_factors(us, vs, gu, gv, n_iter) if factored else (us, vs)
         terms = {"ODD": odd, "FACTORED": factored, "N_TERMS": n_iter}
-        _bwd_dq_kernel[(g * nbm,)](
+        _bwd_dq_kernel[(g * nbm_dq,)](
             q, k, v, dout, dq, us, vs, gu, gv, rowf, colf,
-            n, m, nbm, n_u, n_v, g * n, g * m, scale,
-            D=d, E=e, BLOCK_E=block_e, **terms, **common,
+            n, m, nbm_dq, n_u, n_v, g * n, g * m, scale,
+            D=d, E=e, BLOCK_E=block_e, **terms, **dq_args,
         )  # fmt: skip
-        _bwd_dkdv_kernel[(g * nbn,)](
+        _bwd_dkdv_kernel[(g * nbn_dkdv,)](
             q, k, v, dout, dk, dv, us, vs, gu, gv, rowf, colf,
-            n, m, nbn, n_u, n_v, g * n, g * m, scale,
-            D=d, E=e, BLOCK_E=block_e, HAS_DV=n_iter == 1, **terms, **common,
+            n, m, nbn_dkdv, n_u, n_v, g * n, g * m, scale,
+            D=d, E=e, BLOCK_E=block_e, HAS_DV=n_iter == 1, **terms, **dkdv_args,
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None
 

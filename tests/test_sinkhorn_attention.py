@@ -462,27 +462,28 @@ FLOAT32_POINTERS = {"VPREV", "U_OUT", "UPREV", "V_OUT", "U", "VC", "ROWP", "COLP
                     "COL_OUT", "GCOL", "ROW_INIT", "ROW_OUT", "US", "VS", "GU", "GV",
                     "ROWF", "COLF"}
 VARIANTS = [
-    ("fwd", ts._row_lse_kernel, {"HAS_OUT": True}),
-    ("fwd", ts._row_lse_kernel, {"HAS_OUT": False}),
-    ("fwd", ts._col_lse_kernel, {}),
-    ("fwd", ts._out_kernel, {}),
-    ("bwd", ts._bwd_col_kernel, {"HAS_DV": True, "HAS_GROW": True}),
-    ("bwd", ts._bwd_col_kernel, {"HAS_DV": True, "HAS_GROW": False}),
-    ("bwd", ts._bwd_col_kernel, {"HAS_DV": False, "HAS_GROW": True}),
-    ("bwd", ts._bwd_row_kernel, {"HAS_INIT": True}),
-    ("bwd", ts._bwd_row_kernel, {"HAS_INIT": False}),
-    ("bwd", ts._bwd_dq_kernel, {"ODD": True, "FACTORED": True, "N_TERMS": 5}),
-    ("bwd", ts._bwd_dq_kernel, {"ODD": True, "FACTORED": False, "N_TERMS": 5}),
-    ("bwd", ts._bwd_dq_kernel, {"ODD": False, "FACTORED": True, "N_TERMS": 4}),
-    ("bwd", ts._bwd_dkdv_kernel, {"HAS_DV": True, "ODD": True, "FACTORED": False, "N_TERMS": 1}),
-    ("bwd", ts._bwd_dkdv_kernel, {"HAS_DV": False, "ODD": True, "FACTORED": True, "N_TERMS": 5}),
-    ("bwd", ts._bwd_dkdv_kernel, {"HAS_DV": False, "ODD": False, "FACTORED": False, "N_TERMS": 4}),
+    ("row", ts._row_lse_kernel, {"HAS_OUT": True}),
+    ("row", ts._row_lse_kernel, {"HAS_OUT": False}),
+    ("col", ts._col_lse_kernel, {}),
+    ("row", ts._out_kernel, {}),
+    ("bwd_col", ts._bwd_col_kernel, {"HAS_DV": True, "HAS_GROW": True}),
+    ("bwd_col", ts._bwd_col_kernel, {"HAS_DV": True, "HAS_GROW": False}),
+    ("bwd_col", ts._bwd_col_kernel, {"HAS_DV": False, "HAS_GROW": True}),
+    ("bwd_row", ts._bwd_row_kernel, {"HAS_INIT": True}),
+    ("bwd_row", ts._bwd_row_kernel, {"HAS_INIT": False}),
+    ("dq", ts._bwd_dq_kernel, {"ODD": True, "FACTORED": True, "N_TERMS": 5}),
+    ("dq", ts._bwd_dq_kernel, {"ODD": True, "FACTORED": False, "N_TERMS": 5}),
+    ("dq", ts._bwd_dq_kernel, {"ODD": False, "FACTORED": True, "N_TERMS": 4}),
+    ("dkdv", ts._bwd_dkdv_kernel, {"HAS_DV": True, "ODD": True, "FACTORED": False, "N_TERMS": 1}),
+    ("dkdv", ts._bwd_dkdv_kernel, {"HAS_DV": False, "ODD": True, "FACTORED": True, "N_TERMS": 5}),
+    ("dkdv", ts._bwd_dkdv_kernel, {"HAS_DV": False, "ODD": False, "FACTORED": False, "N_TERMS": 4}),
 ]
 head_dim = 64
-fwd, bwd = ts._blocks_for(head_dim)
+blocks = ts._blocks_for(head_dim)
+assert set(blocks) == set(ts.KERNELS)
 compiled = []
-for phase, kernel, flags in VARIANTS:
-    block_m, block_n, num_warps = fwd if phase == "fwd" else bwd
+for name, kernel, flags in VARIANTS:
+    block_m, block_n, num_warps, num_stages = blocks[name]
     consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": head_dim,
               "BLOCK_E": head_dim, "D": head_dim, "E": head_dim, "PRECISION": "ieee",
               "UPCAST": False, **flags}
@@ -493,7 +494,8 @@ for phase, kernel, flags in VARIANTS:
         for a in kernel.arg_names
     }
     binary = triton.compile(ASTSource(kernel, signature, consts),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     compiled.append([kernel.fn.__name__, len(binary.asm["cubin"])])
 print(json.dumps(compiled))
 """

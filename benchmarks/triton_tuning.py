@@ -1,0 +1,348 @@
+"""Tune and time the Triton Sinkhorn-attention kernels' launch configurations (CUDA only).
+
+Three steps, one process (plus helpers that compile in parallel):
+
+1. Sweep. For each kernel of ``pointsink.triton_sinkhorn.KERNELS`` and each candidate
+   ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, that kernel takes the candidate and the
+   others keep their defaults; forward + backward of Sinkhorn attention (``--sweep-n``,
+   bfloat16) is timed with CUDA events (median of ``--repeats`` after a warm-up), so the
+   differences between candidates of one kernel are that kernel's. Candidates that do not
+   compile (e.g. too much shared memory) are reported as errors.
+2. Check. At N = 1024 the defaults and the best candidates are compared with float64 dense
+   autograd (outputs and the gradients of q, k, v), as ``tests/test_sinkhorn_attention.py``
+   does: largest error over ``1 + max |reference|``.
+3. Table. SDPA softmax, the defaults, the best candidates and, with ``--baseline``, another
+   copy of ``triton_sinkhorn.py`` (e.g. an earlier commit's), forward + backward at each
+   ``--sizes`` in bfloat16 and float32: median time (CUDA events, up to ``--repeats`` runs
+   or about 2 s) and extra peak memory (as ``benchmarks/attention.py`` measures it).
+
+Example (one H100/H200; a few minutes, most of it compiling)::
+
+    python benchmarks/triton_tuning.py --json outputs/tuning.json \\
+        --baseline outputs/base_triton_sinkhorn.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+CANDIDATES = [
+    (128, 64, 8, 3),
+    (64, 32, 4, 3),
+    (64, 64, 4, 3),
+    (128, 64, 4, 3),
+    (64, 128, 4, 3),
+    (64, 128, 8, 3),
+    (128, 128, 8, 3),
+    (128, 128, 8, 2),
+    (128, 32, 8, 3),
+    (128, 32, 4, 3),
+    (32, 64, 4, 3),
+    (32, 128, 4, 3),
+    (64, 64, 8, 3),
+    (128, 64, 8, 4),
+    (64, 64, 4, 4),
+    (64, 32, 4, 2),
+]
+Config = tuple[int, int, int, int]
+
+
+def _module() -> ModuleType:
+    import pointsink.triton_sinkhorn as ts
+
+    return ts
+
+
+def _load_baseline(path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("baseline_triton_sinkhorn", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _use_blocks(overrides: dict[str, Config]) -> None:
+    """Makes ``pointsink.triton_sinkhorn`` launch with ``overrides`` over its defaults."""
+    ts = _module()
+    defaults = getattr(ts, "_default_blocks_for", ts._blocks_for)
+    ts._default_blocks_for = defaults
+    ts._blocks_for = lambda head_dim: {**defaults(head_dim), **overrides}
+
+
+def _inputs(n: int, args: argparse.Namespace, dtype: torch.dtype, seed: int = 0) -> list:
+    gen = torch.Generator(device=args.device).manual_seed(seed)
+    shape = (args.batch * args.heads, n, args.dim)
+    q, k, v, grad = (
+        torch.randn(shape, generator=gen, device=args.device).to(dtype) for _ in range(4)
+    )
+    return [q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad]
+
+
+def _fwd_bwd(fn: Callable, q, k, v, grad) -> list[torch.Tensor]:
+    for t in (q, k, v):
+        t.grad = None
+    out = fn(q, k, v)
+    out.backward(grad)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _time(fn: Callable, q, k, v, grad, repeats: int, budget_s: float = 2.0) -> dict:
+    """Median, min and max of forward + backward (ms), CUDA events, after one warm-up.
+
+    At most ``repeats`` runs, and fewer (but at least 3) once ``budget_s`` has passed. On a
+    CPU (a smoke test under ``TRITON_INTERPRET=1``) a host clock times the runs.
+    """
+    cuda = q.is_cuda
+    _fwd_bwd(fn, q, k, v, grad)
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    started = time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - started < budget_s):
+        if not cuda:
+            tic = time.perf_counter()
+            _fwd_bwd(fn, q, k, v, grad)
+            times.append(1e3 * (time.perf_counter() - tic))
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        _fwd_bwd(fn, q, k, v, grad)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {
+        "ms": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+        "runs": len(times),
+    }
+
+
+def _extra_peak_mib(fn: Callable, q, k, v, grad) -> float:
+    if not q.is_cuda:
+        return float("nan")
+    for t in (q, k, v):
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    _fwd_bwd(fn, q, k, v, grad)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def _sinkhorn(module: ModuleType, n_iter: int, dim: int) -> Callable:
+    return lambda q, k, v: module.triton_sinkhorn_attention(q, k, v, n_iter, dim**-0.5)
+
+
+def _sdpa(args: argparse.Namespace) -> Callable:
+    def fn(q, k, v):
+        shape = (args.batch, args.heads, q.shape[1], args.dim)
+        out = F.scaled_dot_product_attention(q.view(shape), k.view(shape), v.view(shape))
+        return out.view(q.shape)
+
+    return fn
+
+
+def _compile_job(job: tuple[str, Config, dict]) -> str | None:
+    """Helper process: compiles one (kernel, candidate) by running it once."""
+    kernel, config, arg_dict = job
+    args = argparse.Namespace(**arg_dict)
+    _use_blocks({kernel: config})
+    try:
+        inputs = _inputs(args.sweep_n, args, torch.bfloat16)
+        _fwd_bwd(_sinkhorn(_module(), args.n_iter, args.dim), *inputs)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    except Exception as error:  # reported; the sweep goes on
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    return None
+
+
+def _errors(module: ModuleType, args: argparse.Namespace, dtype: torch.dtype) -> float:
+    """Largest error over (1 + max |ref|) against float64 dense autograd at ``--check-n``."""
+    from pointsink.sinkhorn_attention import dense_sinkhorn_attention
+
+    q, k, v, grad = _inputs(args.check_n, args, dtype, seed=1)
+    got = _fwd_bwd(_sinkhorn(module, args.n_iter, args.dim), q, k, v, grad)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = dense_sinkhorn_attention(*ref_in, args.n_iter)
+    ref.backward(grad.double())
+    want = [ref.detach()] + [t.grad for t in ref_in]
+    return max(
+        ((g.double() - w).abs().max() / (1 + w.abs().max())).item()
+        for g, w in zip(got, want, strict=True)
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweep-n", type=int, default=8192)
+    parser.add_argument("--check-n", type=int, default=1024, help="size of the float64 check")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--n-iter", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs in the table")
+    parser.add_argument("--sweep-repeats", type=int, default=10, help="timed runs per candidate")
+    parser.add_argument(
+        "--device", default="cuda", help="cpu: a smoke test under TRITON_INTERPRET=1"
+    )
+    parser.add_argument("--workers", type=int, default=8, help="parallel compiling helpers")
+    parser.add_argument("--kernels", nargs="+", default=None, help="default: all")
+    parser.add_argument("--baseline", help="another triton_sinkhorn.py to time beside")
+    parser.add_argument("--json", help="write everything measured here")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(
+            "error: benchmarks/triton_tuning.py needs a CUDA GPU (or --device cpu with "
+            "TRITON_INTERPRET=1 for a smoke test)"
+        )
+    ts = _module()
+    kernels = args.kernels or list(ts.KERNELS)
+    defaults = ts._blocks_for(args.dim)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    report: dict = {
+        "args": vars(args),
+        "device": device_name,
+        "torch": torch.__version__,
+        "defaults": defaults,
+    }
+    import triton
+
+    report["triton"] = triton.__version__
+    print(f"{report['device']} | torch {torch.__version__} | triton {triton.__version__}")
+
+    # 1. Compile every (kernel, candidate) in parallel helpers, then sweep in this process.
+    jobs = [
+        (kernel, c, vars(args)) for kernel in kernels for c in CANDIDATES if c != defaults[kernel]
+    ]
+    started = time.perf_counter()
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        compile_errors = dict(
+            zip([(j[0], j[1]) for j in jobs], pool.map(_compile_job, jobs), strict=True)
+        )
+    elapsed = time.perf_counter() - started
+    print(f"compiled {len(jobs)} (kernel, candidate) pairs in {elapsed:.0f} s", flush=True)
+    inputs = _inputs(args.sweep_n, args, torch.bfloat16)
+    _use_blocks({})
+    base = _time(_sinkhorn(ts, args.n_iter, args.dim), *inputs, args.sweep_repeats)
+    sweep: dict[str, list] = {}
+    best: dict[str, Config] = {}
+    for kernel in kernels:
+        rows = [[list(defaults[kernel]), base["ms"], "default"]]
+        for c in CANDIDATES:
+            if c == defaults[kernel]:
+                continue
+            if compile_errors.get((kernel, c)):
+                rows.append([list(c), None, compile_errors[(kernel, c)]])
+                continue
+            _use_blocks({kernel: c})
+            try:
+                timing = _time(_sinkhorn(ts, args.n_iter, args.dim), *inputs, args.sweep_repeats)
+                rows.append([list(c), timing["ms"], ""])
+            except Exception as error:
+                rows.append([list(c), None, f"{type(error).__name__}"])
+        sweep[kernel] = rows
+        timed = [r for r in rows if r[1] is not None]
+        best[kernel] = tuple(min(timed, key=lambda r: r[1])[0])  # type: ignore[assignment]
+        print(f"\n{kernel}: fwd+bwd ms at N={args.sweep_n}, bf16, this kernel's config varied")
+        for c, ms, note in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0)):
+            print(f"  {tuple(c)}  {'-' if ms is None else f'{ms:.2f}'}  {note}")
+    report["sweep"] = sweep
+    report["best"] = best
+    print("\nbest:", best)
+
+    # 2. Correctness of the defaults and of the best candidates.
+    checks = {}
+    for label, overrides in (("default", {}), ("tuned", best)):
+        _use_blocks(overrides)
+        for dtype_name in args.dtypes:
+            checks[f"{label}/{dtype_name}"] = _errors(ts, args, getattr(torch, dtype_name))
+    if args.baseline:
+        baseline = _load_baseline(args.baseline)
+        for dtype_name in args.dtypes:
+            checks[f"baseline/{dtype_name}"] = _errors(baseline, args, getattr(torch, dtype_name))
+    report["errors_vs_float64"] = checks
+    print(
+        f"errors vs float64 dense at N={args.check_n}:",
+        {k: f"{v:.1e}" for k, v in checks.items()},
+        flush=True,
+    )
+
+    # 3. The table.
+    variants: list[tuple[str, Callable[[], Callable]]] = [("sdpa", lambda: _sdpa(args))]
+    if args.baseline:
+        variants.append(("baseline", lambda: _sinkhorn(baseline, args.n_iter, args.dim)))
+    variants += [
+        ("default", lambda: _sinkhorn(ts, args.n_iter, args.dim)),
+        ("tuned", lambda: _sinkhorn(ts, args.n_iter, args.dim)),
+    ]
+    table = []
+    for dtype_name in args.dtypes:
+        for n in args.sizes:
+            try:
+                tensors = _inputs(n, args, getattr(torch, dtype_name))
+            except torch.OutOfMemoryError:
+                continue
+            for label, make in variants:
+                _use_blocks(best if label == "tuned" else {})
+                fn = make()
+                try:
+                    row = {
+                        "impl": label,
+                        "N": n,
+                        "dtype": dtype_name,
+                        **_time(fn, *tensors, args.repeats),
+                        "extra_peak_mib": _extra_peak_mib(fn, *tensors),
+                    }
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    row = {"impl": label, "N": n, "dtype": dtype_name, "error": "OOM"}
+                table.append(row)
+                print(row, file=sys.stderr, flush=True)
+            del tensors
+    report["table"] = table
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=2)
+    sdpa = {(r["N"], r["dtype"]): r for r in table if r["impl"] == "sdpa" and "ms" in r}
+    print(
+        f"\nbatch={args.batch} heads={args.heads} dim={args.dim} n_iter={args.n_iter}; "
+        "CUDA-event median; extra peak memory over inputs"
+    )
+    print(
+        "| implementation | dtype | N | fwd+bwd ms (median) | min to max | runs "
+        "| extra peak MiB | time / sdpa | memory / sdpa |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in table:
+        if "ms" not in r:
+            print(f"| {r['impl']} | {r['dtype']} | {r['N']} | {r['error']} | | | | | |")
+            continue
+        s = sdpa.get((r["N"], r["dtype"]))
+        ratio = f"{r['ms'] / s['ms']:.2f}" if s else "-"
+        mem = f"{r['extra_peak_mib'] / s['extra_peak_mib']:.2f}" if s else "-"
+        print(
+            f"| {r['impl']} | {r['dtype']} | {r['N']} | {r['ms']:.2f} | {r['min']:.2f} to "
+            f"{r['max']:.2f} | {r['runs']} | {r['extra_peak_mib']:.1f} | {ratio} | {mem} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
