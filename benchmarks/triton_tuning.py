@@ -55,6 +55,12 @@ CANDIDATES = [
     (128, 64, 8, 4),
     (64, 64, 4, 4),
     (64, 32, 4, 2),
+    (128, 128, 4, 3),
+    (128, 128, 4, 2),
+    (256, 64, 8, 3),
+    (64, 256, 8, 3),
+    (256, 128, 8, 2),
+    (128, 256, 8, 2),
 ]
 Config = tuple[int, int, int, int]
 
@@ -81,11 +87,20 @@ def _use_blocks(overrides: dict[str, Config]) -> None:
     ts._blocks_for = lambda head_dim: {**defaults(head_dim), **overrides}
 
 
-def _inputs(n: int, args: argparse.Namespace, dtype: torch.dtype, seed: int = 0) -> list:
+Shape = tuple[int, int, int, int]  # (n queries, m keys, heads in all G, head dim d)
+
+
+def _square(n: int, args: argparse.Namespace) -> Shape:
+    return (n, n, args.batch * args.heads, args.dim)
+
+
+def _inputs(shape: Shape, args: argparse.Namespace, dtype: torch.dtype, seed: int = 0) -> list:
+    """``q (G, n, d)``, ``k, v (G, m, d)`` and an output gradient, standard normal."""
+    n, m, heads, dim = shape
     gen = torch.Generator(device=args.device).manual_seed(seed)
-    shape = (args.batch * args.heads, n, args.dim)
     q, k, v, grad = (
-        torch.randn(shape, generator=gen, device=args.device).to(dtype) for _ in range(4)
+        torch.randn((heads, rows, dim), generator=gen, device=args.device).to(dtype)
+        for rows in (n, m, m, n)
     )
     return [q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad]
 
@@ -144,17 +159,12 @@ def _extra_peak_mib(fn: Callable, q, k, v, grad) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def _sinkhorn(module: ModuleType, n_iter: int, dim: int) -> Callable:
-    return lambda q, k, v: module.triton_sinkhorn_attention(q, k, v, n_iter, dim**-0.5)
+def _sinkhorn(module: ModuleType, n_iter: int) -> Callable:
+    return lambda q, k, v: module.triton_sinkhorn_attention(q, k, v, n_iter, q.shape[-1] ** -0.5)
 
 
-def _sdpa(args: argparse.Namespace) -> Callable:
-    def fn(q, k, v):
-        shape = (args.batch, args.heads, q.shape[1], args.dim)
-        out = F.scaled_dot_product_attention(q.view(shape), k.view(shape), v.view(shape))
-        return out.view(q.shape)
-
-    return fn
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
 
 
 def _compile_job(job: tuple[str, Config, dict]) -> str | None:
@@ -163,8 +173,8 @@ def _compile_job(job: tuple[str, Config, dict]) -> str | None:
     args = argparse.Namespace(**arg_dict)
     _use_blocks({kernel: config})
     try:
-        inputs = _inputs(args.sweep_n, args, torch.bfloat16)
-        _fwd_bwd(_sinkhorn(_module(), args.n_iter, args.dim), *inputs)
+        inputs = _inputs(_square(args.sweep_n, args), args, torch.bfloat16)
+        _fwd_bwd(_sinkhorn(_module(), args.n_iter), *inputs)
         if args.device == "cuda":
             torch.cuda.synchronize()
     except Exception as error:  # reported; the sweep goes on
@@ -173,19 +183,25 @@ def _compile_job(job: tuple[str, Config, dict]) -> str | None:
 
 
 def _errors(module: ModuleType, args: argparse.Namespace, dtype: torch.dtype) -> float:
-    """Largest error over (1 + max |ref|) against float64 dense autograd at ``--check-n``."""
+    """Largest error over (1 + max |ref|) against float64 dense autograd.
+
+    On ``--check-n`` squared and on the shapes of ``test_triton_kernels_on_cuda``
+    (1000 x 16, 16 x 1000, 2048 x 777; 8 heads of dim 64), outputs and input gradients.
+    """
     from pointsink.sinkhorn_attention import dense_sinkhorn_attention
 
-    q, k, v, grad = _inputs(args.check_n, args, dtype, seed=1)
-    got = _fwd_bwd(_sinkhorn(module, args.n_iter, args.dim), q, k, v, grad)
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = dense_sinkhorn_attention(*ref_in, args.n_iter)
-    ref.backward(grad.double())
-    want = [ref.detach()] + [t.grad for t in ref_in]
-    return max(
-        ((g.double() - w).abs().max() / (1 + w.abs().max())).item()
-        for g, w in zip(got, want, strict=True)
-    )
+    worst = 0.0
+    for shape in (_square(args.check_n, args), (1000, 16, 8, 64), (16, 1000, 8, 64),
+                  (2048, 777, 8, 64)):  # fmt: skip
+        q, k, v, grad = _inputs(shape, args, dtype, seed=1)
+        got = _fwd_bwd(_sinkhorn(module, args.n_iter), q, k, v, grad)
+        ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = dense_sinkhorn_attention(*ref_in, args.n_iter)
+        ref.backward(grad.double())
+        want = [ref.detach()] + [t.grad for t in ref_in]
+        for g, w in zip(got, want, strict=True):
+            worst = max(worst, ((g.double() - w).abs().max() / (1 + w.abs().max())).item())
+    return worst
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,6 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check-n", type=int, default=1024, help="size of the float64 check")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument(
+        "--shapes",
+        nargs="*",
+        default=["256,16,128,32", "16,256,128,32", "1024,16,128,32", "16,1024,128,32"],
+        help="more table rows, each 'n,m,G,d' (default: the recipe's ISAB attention, batch "
+        "32 x 4 heads of dim 32, at 256 and 1024 points)",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
@@ -239,9 +262,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     elapsed = time.perf_counter() - started
     print(f"compiled {len(jobs)} (kernel, candidate) pairs in {elapsed:.0f} s", flush=True)
-    inputs = _inputs(args.sweep_n, args, torch.bfloat16)
+    inputs = _inputs(_square(args.sweep_n, args), args, torch.bfloat16)
     _use_blocks({})
-    base = _time(_sinkhorn(ts, args.n_iter, args.dim), *inputs, args.sweep_repeats)
+    base = _time(_sinkhorn(ts, args.n_iter), *inputs, args.sweep_repeats)
     sweep: dict[str, list] = {}
     best: dict[str, Config] = {}
     for kernel in kernels:
@@ -254,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             _use_blocks({kernel: c})
             try:
-                timing = _time(_sinkhorn(ts, args.n_iter, args.dim), *inputs, args.sweep_repeats)
+                timing = _time(_sinkhorn(ts, args.n_iter), *inputs, args.sweep_repeats)
                 rows.append([list(c), timing["ms"], ""])
             except Exception as error:
                 rows.append([list(c), None, f"{type(error).__name__}"])
@@ -286,18 +309,21 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # 3. The table.
-    variants: list[tuple[str, Callable[[], Callable]]] = [("sdpa", lambda: _sdpa(args))]
+    variants: list[tuple[str, Callable[[], Callable]]] = [("sdpa", lambda: _sdpa)]
     if args.baseline:
-        variants.append(("baseline", lambda: _sinkhorn(baseline, args.n_iter, args.dim)))
+        variants.append(("baseline", lambda: _sinkhorn(baseline, args.n_iter)))
     variants += [
-        ("default", lambda: _sinkhorn(ts, args.n_iter, args.dim)),
-        ("tuned", lambda: _sinkhorn(ts, args.n_iter, args.dim)),
+        ("default", lambda: _sinkhorn(ts, args.n_iter)),
+        ("tuned", lambda: _sinkhorn(ts, args.n_iter)),
     ]
+    shapes = [_square(n, args) for n in args.sizes]
+    shapes += [tuple(int(x) for x in s.split(",")) for s in args.shapes]  # type: ignore[misc]
     table = []
     for dtype_name in args.dtypes:
-        for n in args.sizes:
+        for shape in shapes:
+            n = "x".join(str(x) for x in shape)
             try:
-                tensors = _inputs(n, args, getattr(torch, dtype_name))
+                tensors = _inputs(shape, args, getattr(torch, dtype_name))  # type: ignore[arg-type]
             except torch.OutOfMemoryError:
                 continue
             for label, make in variants:
@@ -323,11 +349,11 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(report, out, indent=2)
     sdpa = {(r["N"], r["dtype"]): r for r in table if r["impl"] == "sdpa" and "ms" in r}
     print(
-        f"\nbatch={args.batch} heads={args.heads} dim={args.dim} n_iter={args.n_iter}; "
+        f"\nn_iter={args.n_iter}; n x m x G x d: queries, keys, heads in all, head dim; "
         "CUDA-event median; extra peak memory over inputs"
     )
     print(
-        "| implementation | dtype | N | fwd+bwd ms (median) | min to max | runs "
+        "| implementation | dtype | n x m x G x d | fwd+bwd ms (median) | min to max | runs "
         "| extra peak MiB | time / sdpa | memory / sdpa |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -489,17 +489,22 @@ def _blocks_for(head_dim: int) -> dict[str, LaunchConfig]:
     return {"row": fwd, "col": fwd, "bwd_col": bwd, "bwd_row": bwd, "dq": bwd, "dkdv": bwd}
 
 
-def _config(q: Tensor, e: int, block_m: int | None, block_n: int | None) -> dict:
-    """Launch configurations and ``tl.dot`` settings for one call."""
+def _config(q: Tensor, m: int, e: int, block_m: int | None, block_n: int | None) -> dict:
+    """Launch configurations and ``tl.dot`` settings for one call (``m`` keys)."""
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value is not None and (value < 16 or value & (value - 1)):
             raise ValueError(f"{name} must be a power of two >= 16; got {value}.")
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     block_e = max(16, triton.next_power_of_2(e))
-    blocks = {
-        kernel: (block_m or bm, block_n or bn, num_warps, num_stages)
-        for kernel, (bm, bn, num_warps, num_stages) in _blocks_for(max(block_d, block_e)).items()
-    }
+    # A tile no larger than the matrix: with 16 inducing points (ISAB) a 128-key tile
+    # would be seven eighths padding.
+    max_m = max(16, triton.next_power_of_2(q.shape[1]))
+    max_n = max(16, triton.next_power_of_2(m))
+    blocks = {}
+    for kernel, (bm, bn, num_warps, num_stages) in _blocks_for(max(block_d, block_e)).items():
+        bm, bn = min(block_m or bm, max_m), min(block_n or bn, max_n)
+        # Fewer warps for a clamped tile: at least 512 logits per warp (a power of two).
+        blocks[kernel] = (bm, bn, min(num_warps, max(1, bm * bn // 512)), num_stages)
     tf32 = (
         q.dtype == torch.float32
         and q.is_cuda
@@ -547,7 +552,7 @@ class _TritonSinkhornAttention(torch.autograd.Function):
     ) -> Tensor:
         g, n, d = q.shape
         m, e = v.shape[1], v.shape[2]
-        cfg = _config(q, e, block_m, block_n)
+        cfg = _config(q, m, e, block_m, block_n)
         n_u, n_v = (n_iter + 1) // 2, n_iter // 2
         us = q.new_empty(n_u, g, n, dtype=torch.float32)
         vs = q.new_zeros(n_v + 1, g, m, dtype=torch.float32)
