@@ -204,6 +204,13 @@ def _errors(module: ModuleType, args: argparse.Namespace, dtype: torch.dtype) ->
     return worst
 
 
+def _save(report: dict, path: str | None) -> None:
+    """Writes what was measured so far (a later step may still fail)."""
+    if path:
+        with open(path, "w") as out:
+            json.dump(report, out, indent=2)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep-n", type=int, default=8192)
@@ -289,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {tuple(c)}  {'-' if ms is None else f'{ms:.2f}'}  {note}")
     report["sweep"] = sweep
     report["best"] = best
+    _save(report, args.json)
     print("\nbest:", best)
 
     # 2. Correctness of the defaults and of the best candidates.
@@ -302,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         for dtype_name in args.dtypes:
             checks[f"baseline/{dtype_name}"] = _errors(baseline, args, getattr(torch, dtype_name))
     report["errors_vs_float64"] = checks
+    _save(report, args.json)
     print(
         f"errors vs float64 dense at N={args.check_n}:",
         {k: f"{v:.1e}" for k, v in checks.items()},
@@ -342,11 +351,10 @@ def main(argv: list[str] | None = None) -> None:
                     row = {"impl": label, "N": n, "dtype": dtype_name, "error": "OOM"}
                 table.append(row)
                 print(row, file=sys.stderr, flush=True)
+                report["table"] = table
             del tensors
     report["table"] = table
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, indent=2)
+    _save(report, args.json)
     sdpa = {(r["N"], r["dtype"]): r for r in table if r["impl"] == "sdpa" and "ms" in r}
     print(
         f"\nn_iter={args.n_iter}; n x m x G x d: queries, keys, heads in all, head dim; "
