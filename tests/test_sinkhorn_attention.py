@@ -478,11 +478,14 @@ VARIANTS = [
     ("dkdv", ts._bwd_dkdv_kernel, {"HAS_DV": False, "ODD": True, "FACTORED": True, "N_TERMS": 5}),
     ("dkdv", ts._bwd_dkdv_kernel, {"HAS_DV": False, "ODD": False, "FACTORED": False, "N_TERMS": 4}),
 ]
+import torch
 head_dim = 64
-blocks = ts._blocks_for(head_dim)
-assert set(blocks) == set(ts.KERNELS)
+assert set(ts._blocks_for(head_dim)) == set(ts.KERNELS)
+# The default configurations, and those clamped to ISAB shapes (16 keys or 16 queries).
+configs = [ts._config(torch.empty(1, n, head_dim, dtype=torch.bfloat16), m, head_dim,
+                      None, None)["blocks"] for n, m in ((4096, 4096), (1000, 16), (16, 1000))]
 compiled = []
-for name, kernel, flags in VARIANTS:
+for (name, kernel, flags), blocks in [(v, b) for b in configs for v in VARIANTS]:
     block_m, block_n, num_warps, num_stages = blocks[name]
     consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": head_dim,
               "BLOCK_E": head_dim, "D": head_dim, "E": head_dim, "PRECISION": "ieee",
@@ -496,7 +499,7 @@ for name, kernel, flags in VARIANTS:
     binary = triton.compile(ASTSource(kernel, signature, consts),
                             target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
-    compiled.append([kernel.fn.__name__, len(binary.asm["cubin"])])
+    compiled.append([kernel.fn.__name__, blocks[name], len(binary.asm["cubin"])])
 print(json.dumps(compiled))
 """
 
@@ -513,11 +516,12 @@ def _bundled_ptxas() -> bool:
 @pytest.mark.skipif(not _bundled_ptxas(), reason="triton with its bundled ptxas is not installed")
 def test_triton_kernels_compile_for_sm90() -> None:
     # The interpreter accepts code that the compiler rejects: compile every kernel variant
-    # (bfloat16, head dim 64, default blocks) to a cubin for H100; no GPU needed.
+    # (bfloat16, head dim 64; default blocks and those of ISAB shapes) to a cubin for H100;
+    # no GPU needed.
     result = _run_python(_TRITON_COMPILE_SCRIPT, env={"TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     if result.stdout.startswith("SKIP"):
         pytest.skip(f"this triton's compiler API differs: {result.stdout.strip()}")
     compiled = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 15
-    assert all(size > 0 for _, size in compiled)
+    assert len(compiled) == 3 * 15
+    assert all(size > 0 for _, _, size in compiled)
