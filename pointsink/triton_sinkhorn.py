@@ -7,10 +7,12 @@ imported), which the tests use.
 
 Every kernel recomputes tiles ``S = scale * Q K^T`` of ``BLOCK_M`` queries by ``BLOCK_N``
 keys in registers (``tl.dot`` with float32 accumulation) and never writes an ``n x m``
-matrix; the kernels that reduce over queries (one program per key block) compute the
-transposed tile ``S^T``, so that their reductions run along the rows of a matrix product's
-result, within a few threads. Exponentials are base 2 (see ``_LOG2E``). Each kernel has its
-own launch configuration (:func:`_blocks_for`). Notation as in
+matrix. :func:`_col_lse_kernel` and :func:`_bwd_col_kernel`, which reduce over queries,
+compute the transposed tile ``S^T``, so that their reductions run along the rows of a
+matrix product's result, within a few threads (along columns they cross warps); the dQ
+kernel also works on transposed tiles, for the reason given in :func:`_ds_tile`.
+Exponentials are base 2 (see ``_LOG2E``). Each kernel has its own launch configuration
+(:func:`_blocks_for`). Notation as in
 :mod:`pointsink.sinkhorn_attention` (``T = n_iter``, ``us[i] = u^{2i+1}``, ``vs[i] = v^{2i}``
 with ``vs[0] = 0``, ``c = log(n / m)``).
 
@@ -325,8 +327,11 @@ def _ds_tile(
 
     Recomputes the logits ``S = scale * q k^T`` and ``dP = dO V^T`` from the loaded tiles;
     the dQ and the dK/dV kernels share this whole inner step. With ``TRANSPOSED`` the
-    tiles are ``(P^T, dS^T)`` (keys by queries), the operands of ``dK = dS^T Q`` and
-    ``dV = P^T dO``, so that no tile is transposed in registers.
+    tiles are ``(P^T, dS^T)`` (keys by queries). Each kernel puts the side it loops over on
+    the tile's rows: a thread holds two rows but ``BLOCK_N / 4`` columns of a matrix
+    product's result, so the potentials and factors it loads per iteration are then
+    fewest: 1.0 to 1.6 times fewer sm_90 instructions per logit than the other way round,
+    by tile size and Triton version (``benchmarks/triton_sass.py``; not yet timed).
 
     ``dS = P * (dP - g_T) - sum_{t < T odd} g^t_i A^t_ij - sum_{t < T even} h^t_j B^t_ij``;
     entries outside the ``n x m`` matrix are 0 (their potentials load as ``-inf``). With
@@ -415,10 +420,10 @@ def _bwd_dq_kernel(
         val = _load_tile(V, g, offs_n, offs_e, m, E)
         _, ds = _ds_tile(
             q, k, do, val, offs_m, offs_n, mask_m, mask_n, g, n, m, stride_u, stride_v, scale,
-            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS, False,
+            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS, True,
             PRECISION, UPCAST,
         )  # fmt: skip
-        dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
+        dq += _mm(tl.trans(ds).to(k.dtype), k, PRECISION, UPCAST)
     _store_tile(DQ, g, offs_m, offs_d, n, D, dq * scale)
 
 
@@ -448,14 +453,14 @@ def _bwd_dkdv_kernel(
         mask_m = offs_m < n
         q = _load_tile(Q, g, offs_m, offs_d, n, D)
         do = _load_tile(DO, g, offs_m, offs_e, n, E)
-        p_t, ds_t = _ds_tile(
+        p, ds = _ds_tile(
             q, k, do, val, offs_m, offs_n, mask_m, mask_n, g, n, m, stride_u, stride_v, scale,
-            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS, True,
+            US, VS, GU, GV, ROWF, COLF, n_u, n_v, ODD, FACTORED, N_TERMS, False,
             PRECISION, UPCAST,
         )  # fmt: skip
-        dk += _mm(ds_t.to(q.dtype), q, PRECISION, UPCAST)
+        dk += _mm(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST)
         if HAS_DV:
-            dv += _mm(p_t.to(do.dtype), do, PRECISION, UPCAST)
+            dv += _mm(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
     _store_tile(DK, g, offs_n, offs_d, m, D, dk * scale)
     if HAS_DV:
         _store_tile(DV, g, offs_n, offs_e, m, E, dv)
