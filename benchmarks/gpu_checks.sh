@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with one CUDA GPU, from the repository root:
 #   1. the Triton kernels compiled on the GPU and checked against float64 dense autograd
-#      (tests/test_sinkhorn_attention.py, including test_triton_kernels_on_cuda);
-#   2. benchmarks/attention.py: SDPA softmax vs dense / chunked / Triton Sinkhorn attention,
-#      5 iterations, forward + backward, B=8, H=4, d=64, N = 1024 ... 16384, fp32 and bf16;
+#      (tests/test_sinkhorn_attention.py -k cuda: test_triton_kernels_on_cuda);
+#   2. benchmarks/triton_tuning.py: each kernel's launch configuration swept at N = 8192 in
+#      bfloat16, the best ones checked against float64, then SDPA softmax vs the Triton
+#      kernels (defaults, best, and BASELINE if set: another triton_sinkhorn.py, e.g.
+#      `git show ed31184:pointsink/triton_sinkhorn.py > outputs/base.py`), 5 iterations,
+#      forward + backward, B=8, H=4, d=64, N = 1024 ... 16384, and the recipe's ISAB shapes,
+#      in bfloat16 and float32;
 #   3. with DATA=<ModelNet10 dir>: the configs/modelnet10.yaml recipe, Sinkhorn-5, seeds
 #      0 1 2 trained at once on the one GPU (benchmarks/reproduce.py --jobs 3).
-# On one H200 (2026-11-28, benchmarks/RESULTS.md): 32 of check 1's tests (-k "cuda or sm90 or
-# chunked_matches or one_iteration") took 128 s, check 2 took 107 s, and one seed of the recipe
-# alone 7.0 s per epoch (60 epochs: about 7 minutes); three seeds at once were not timed.
-# Logs and tables go to ${OUT:-outputs/gpu-checks}; the tables are printed last.
+# Check 2 replaced benchmarks/attention.py's run on 2026-12-04 and has not yet run on a GPU
+# (only its CPU smoke test under TRITON_INTERPRET=1). On one H200 (2026-11-28,
+# benchmarks/RESULTS.md) the earlier checks took 128 s (tests) and 107 s (attention.py), and
+# one seed of the recipe 7.0 s per epoch. Logs and tables go to ${OUT:-outputs/gpu-checks};
+# the tables are printed last.
 #
 #   bash benchmarks/gpu_checks.sh                 # checks 1 and 2 (a few minutes)
+#   BASELINE=outputs/base.py bash benchmarks/gpu_checks.sh
 #   DATA=../shared/data/ModelNet10 bash benchmarks/gpu_checks.sh
 #   DATA=... RECIPE_ARGS="--model.channels 256 --trainer.max_epochs 50" bash benchmarks/gpu_checks.sh
 #
@@ -32,14 +38,11 @@ fi
 triton.__version__, '|', torch.cuda.get_device_name())" | tee "$OUT/device.txt"
 
 status=0
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_sinkhorn_attention.py \
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_sinkhorn_attention.py -k cuda -rA \
     >"$OUT/tests.log" 2>&1 || status=1
 
-for dtype in float32 bfloat16; do
-    "$PYTHON" benchmarks/attention.py --device cuda --sizes 1024 2048 4096 8192 16384 \
-        --batch 8 --heads 4 --dim 64 --n-iter 5 --dtype "$dtype" \
-        --json "$OUT/attention-$dtype.json" >"$OUT/attention-$dtype.md" 2>&1 || status=1
-done
+"$PYTHON" benchmarks/triton_tuning.py --workers 12 ${BASELINE:+--baseline "$BASELINE"} \
+    --json "$OUT/tuning.json" >"$OUT/tuning.md" 2>"$OUT/tuning.err" || status=1
 
 if [ -n "${DATA:-}" ]; then
     "$PYTHON" benchmarks/reproduce.py --config configs/modelnet10.yaml --data-root "$DATA" \
@@ -49,10 +52,8 @@ fi
 
 echo "== tests (tail of $OUT/tests.log)"
 tail -n 3 "$OUT/tests.log"
-for dtype in float32 bfloat16; do
-    echo "== attention, $dtype"
-    grep '^|' "$OUT/attention-$dtype.md" || tail -n 5 "$OUT/attention-$dtype.md"
-done
+echo "== triton_tuning.py (best configurations, errors, table)"
+grep -E '^(best|errors|\|)' "$OUT/tuning.md" || tail -n 5 "$OUT/tuning.err"
 if [ -n "${DATA:-}" ]; then
     echo "== modelnet10.yaml recipe"
     cat "$OUT/recipe/summary.md" 2>/dev/null || tail -n 5 "$OUT/recipe.log"
