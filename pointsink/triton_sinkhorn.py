@@ -481,9 +481,10 @@ def _blocks_for(head_dim: int) -> dict[str, LaunchConfig]:
 
     ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``: queries and keys per tile, warps per
     program and software-pipelining depth. Chosen so that the kernels compile for sm_90
-    (and sm_80) without register spills (or almost none), checked with ptxas; see
-    ``benchmarks/triton_tuning.py`` for how they are timed. Pass ``block_m``/``block_n``
-    to :func:`triton_sinkhorn_attention` to override the tile sizes.
+    (and sm_80) without register spills (or almost none), checked with ptxas; not yet
+    timed against other choices: ``benchmarks/triton_tuning.py`` does that on a GPU. Pass
+    ``block_m``/``block_n`` to :func:`triton_sinkhorn_attention` to override the tile
+    sizes.
     """
     if head_dim <= 64:
         fwd, bwd = (128, 64, 8, 3), (64, 32, 4, 3)
@@ -501,8 +502,8 @@ def _config(q: Tensor, m: int, e: int, block_m: int | None, block_n: int | None)
             raise ValueError(f"{name} must be a power of two >= 16; got {value}.")
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     block_e = max(16, triton.next_power_of_2(e))
-    # A tile no larger than the matrix: with 16 inducing points (ISAB) a 128-key tile
-    # would be seven eighths padding.
+    # A tile no larger than the matrix: with 16 inducing points (ISAB) the default 64-key
+    # tile would be three quarters padding.
     max_m = max(16, triton.next_power_of_2(q.shape[1]))
     max_n = max(16, triton.next_power_of_2(m))
     blocks = {}

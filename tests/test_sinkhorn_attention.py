@@ -298,6 +298,24 @@ def test_invalid_arguments() -> None:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize(("n", "m"), [(4096, 4096), (1000, 16), (16, 1000), (20, 9)])
+def test_triton_tiles_never_exceed_the_matrix(n: int, m: int) -> None:
+    from pointsink import triton_sinkhorn
+
+    q = torch.empty(2, n, 64, dtype=torch.bfloat16)
+    blocks = triton_sinkhorn._config(q, m, 64, None, None)["blocks"]
+    defaults = triton_sinkhorn._blocks_for(64)
+    assert set(blocks) == set(triton_sinkhorn.KERNELS)
+    for kernel, (block_m, block_n, num_warps, num_stages) in blocks.items():
+        default_m, default_n, default_warps, default_stages = defaults[kernel]
+        # The default, or the smallest power of two >= 16 that covers the side.
+        assert block_m == min(default_m, max(16, 1 << (n - 1).bit_length()))
+        assert block_n == min(default_n, max(16, 1 << (m - 1).bit_length()))
+        assert num_warps == min(default_warps, max(1, block_m * block_n // 512))
+        assert num_stages == default_stages
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_backend_needs_cuda_or_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = (t.detach().float() for t in _qkv((2,), 4, 3))
