@@ -72,13 +72,19 @@ def load_module(path: str, name: str) -> ModuleType:
     return module
 
 
-def launch_configs(module: ModuleType, head_dim: int) -> dict[str, tuple[int, int, int, int]]:
+def launch_configs(
+    module: ModuleType, head_dim: int, itemsize: int
+) -> dict[str, tuple[int, int, int, int]]:
     """``{kernel key: (BLOCK_M, BLOCK_N, num_warps, num_stages)}`` of a module's defaults.
 
-    Earlier versions had one ``(BLOCK_M, BLOCK_N, num_warps)`` for the forward kernels and
-    one for the backward kernels, and Triton's default of 3 stages.
+    Earlier versions had defaults by head dimension alone, and one
+    ``(BLOCK_M, BLOCK_N, num_warps)`` for the forward kernels and one for the backward
+    kernels, with Triton's default of 3 stages.
     """
-    blocks = module._blocks_for(head_dim)
+    try:
+        blocks = module._blocks_for(head_dim, itemsize)
+    except TypeError:
+        blocks = module._blocks_for(head_dim)
     if isinstance(blocks, dict):
         return blocks
     fwd, bwd = blocks
@@ -168,8 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, key, flags in VARIANTS:
         for label, module in modules:
+            itemsize = 4 if args.dtype == "fp32" else 2
             config = (tuple(int(x) for x in args.config.split(",")) if args.config
-                      else launch_configs(module, 64)[key])  # fmt: skip
+                      else launch_configs(module, 64, itemsize)[key])  # fmt: skip
             sass, registers = compile_sass(module, name, flags, config, args.dtype)
             counts, spills = loop_counts(sass)
             per_thread = config[0] * config[1] / (32 * config[2])

@@ -476,16 +476,28 @@ KERNELS = ("row", "col", "bwd_col", "bwd_row", "dq", "dkdv")
 LaunchConfig = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 
 
-def _blocks_for(head_dim: int) -> dict[str, LaunchConfig]:
-    """Default launch configuration of each kernel (:data:`KERNELS`) for a head dimension.
+def _blocks_for(head_dim: int, itemsize: int = 2) -> dict[str, LaunchConfig]:
+    """Default launch configuration of each kernel (:data:`KERNELS`).
 
     ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``: queries and keys per tile, warps per
-    program and software-pipelining depth. Chosen so that the kernels compile for sm_90
-    (and sm_80) without register spills (or almost none), checked with ptxas; not yet
-    timed against other choices: ``benchmarks/triton_tuning.py`` does that on a GPU. Pass
-    ``block_m``/``block_n`` to :func:`triton_sinkhorn_attention` to override the tile
-    sizes.
+    program and software-pipelining depth, by head dimension and input bytes per element.
+    None is timed yet against the others (``benchmarks/triton_tuning.py`` does that on a
+    GPU). Head dim <= 64 in bfloat16/float16: of the tuning script's candidates, those with
+    the fewest sm_90 instructions per logit and no register spills under Triton 3.6 and 3.9
+    (``benchmarks/triton_sass.py``; 0.65x the instructions of the smaller tiles below). The
+    rest: chosen so that the kernels compile without spills (or almost none; float32 tiles
+    take twice the registers). Pass ``block_m``/``block_n`` to
+    :func:`triton_sinkhorn_attention` to override the tile sizes.
     """
+    if head_dim <= 64 and itemsize <= 2:
+        return {
+            "row": (128, 128, 8, 2),
+            "col": (128, 128, 4, 2),
+            "bwd_col": (64, 128, 4, 3),
+            "bwd_row": (128, 128, 4, 2),
+            "dq": (64, 128, 8, 3),
+            "dkdv": (128, 64, 8, 3),
+        }
     if head_dim <= 64:
         fwd, bwd = (128, 64, 8, 3), (64, 32, 4, 3)
     elif head_dim <= 128:
@@ -507,7 +519,8 @@ def _config(q: Tensor, m: int, e: int, block_m: int | None, block_n: int | None)
     max_m = max(16, triton.next_power_of_2(q.shape[1]))
     max_n = max(16, triton.next_power_of_2(m))
     blocks = {}
-    for kernel, (bm, bn, num_warps, num_stages) in _blocks_for(max(block_d, block_e)).items():
+    defaults = _blocks_for(max(block_d, block_e), q.element_size())
+    for kernel, (bm, bn, num_warps, num_stages) in defaults.items():
         bm, bn = min(block_m or bm, max_m), min(block_n or bn, max_n)
         # Fewer warps for a clamped tile: at least 512 logits per warp (a power of two).
         blocks[kernel] = (bm, bn, min(num_warps, max(1, bm * bn // 512)), num_stages)
@@ -672,7 +685,7 @@ def triton_sinkhorn_attention(
         n_iter: Number of Sinkhorn normalizations (``>= 1``).
         scale: Logit scale.
         block_m: Queries per tile (power of two ``>= 16``) of every kernel; default per
-            head dimension (:func:`_blocks_for`).
+            head dimension and dtype (:func:`_blocks_for`).
         block_n: Keys per tile, likewise.
 
     Returns:

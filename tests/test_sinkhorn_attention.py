@@ -298,13 +298,14 @@ def test_invalid_arguments() -> None:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("n", "m"), [(4096, 4096), (1000, 16), (16, 1000), (20, 9)])
-def test_triton_tiles_never_exceed_the_matrix(n: int, m: int) -> None:
+def test_triton_tiles_never_exceed_the_matrix(n: int, m: int, dtype: torch.dtype) -> None:
     from pointsink import triton_sinkhorn
 
-    q = torch.empty(2, n, 64, dtype=torch.bfloat16)
+    q = torch.empty(2, n, 64, dtype=dtype)
     blocks = triton_sinkhorn._config(q, m, 64, None, None)["blocks"]
-    defaults = triton_sinkhorn._blocks_for(64)
+    defaults = triton_sinkhorn._blocks_for(64, q.element_size())
     assert set(blocks) == set(triton_sinkhorn.KERNELS)
     for kernel, (block_m, block_n, num_warps, num_stages) in blocks.items():
         default_m, default_n, default_warps, default_stages = defaults[kernel]
