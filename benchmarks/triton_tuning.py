@@ -84,7 +84,7 @@ def _use_blocks(overrides: dict[str, Config]) -> None:
     ts = _module()
     defaults = getattr(ts, "_default_blocks_for", ts._blocks_for)
     ts._default_blocks_for = defaults
-    ts._blocks_for = lambda head_dim, itemsize=2: {**defaults(head_dim, itemsize), **overrides}
+    ts._blocks_for = lambda *args: {**defaults(*args), **overrides}
 
 
 Shape = tuple[int, int, int, int]  # (n queries, m keys, heads in all G, head dim d)
@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     ts = _module()
     kernels = args.kernels or list(ts.KERNELS)
-    defaults = ts._blocks_for(args.dim, 2)  # the sweep runs in bfloat16
+    # The defaults as _config picks them for bfloat16 (the sweep's dtype) on this device.
+    shared_memory = ts._shared_memory_per_program(0) if args.device == "cuda" else None
+    defaults = ts._blocks_for(args.dim, 2, shared_memory)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     report: dict = {
         "args": vars(args),

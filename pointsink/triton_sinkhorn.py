@@ -50,6 +50,7 @@ accumulators are float32. Float32 ``tl.dot`` uses TF32 exactly when
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -476,20 +477,30 @@ KERNELS = ("row", "col", "bwd_col", "bwd_row", "dq", "dkdv")
 LaunchConfig = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 
 
-def _blocks_for(head_dim: int, itemsize: int = 2) -> dict[str, LaunchConfig]:
+# Shared memory per program that the larger bfloat16/float16 tiles need (135 KiB for dQ and
+# dK/dV at sm_90, Triton 3.6 and 3.9), with a margin: H100/H200 and A100 allow more, most
+# consumer GPUs (99 KiB) less.
+_LARGE_TILES_SHARED_MEMORY = 144 * 1024
+
+
+def _blocks_for(
+    head_dim: int, itemsize: int = 2, shared_memory: int | None = None
+) -> dict[str, LaunchConfig]:
     """Default launch configuration of each kernel (:data:`KERNELS`).
 
     ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``: queries and keys per tile, warps per
-    program and software-pipelining depth, by head dimension and input bytes per element.
+    program and software-pipelining depth, by head dimension, input bytes per element and
+    the shared memory one program may use (``None``: unknown, e.g. under the interpreter).
     None is timed yet against the others (``benchmarks/triton_tuning.py`` does that on a
-    GPU). Head dim <= 64 in bfloat16/float16: of the tuning script's candidates, those with
-    the fewest sm_90 instructions per logit and no register spills under Triton 3.6 and 3.9
-    (``benchmarks/triton_sass.py``; 0.65x the instructions of the smaller tiles below). The
-    rest: chosen so that the kernels compile without spills (or almost none; float32 tiles
-    take twice the registers). Pass ``block_m``/``block_n`` to
-    :func:`triton_sinkhorn_attention` to override the tile sizes.
+    GPU). Head dim <= 64 in bfloat16/float16 with enough shared memory: of the tuning
+    script's candidates, those with the fewest sm_90 instructions per logit and no register
+    spills under Triton 3.6 and 3.9 (``benchmarks/triton_sass.py``; 0.65x the instructions
+    of the smaller tiles below). The rest: chosen so that the kernels compile without spills
+    (or almost none; float32 tiles take twice the registers). Pass ``block_m``/``block_n``
+    to :func:`triton_sinkhorn_attention` to override the tile sizes.
     """
-    if head_dim <= 64 and itemsize <= 2:
+    large_tiles_fit = shared_memory is None or shared_memory >= _LARGE_TILES_SHARED_MEMORY
+    if head_dim <= 64 and itemsize <= 2 and large_tiles_fit:
         return {
             "row": (128, 128, 8, 2),
             "col": (128, 128, 4, 2),
@@ -507,6 +518,13 @@ def _blocks_for(head_dim: int, itemsize: int = 2) -> dict[str, LaunchConfig]:
     return {"row": fwd, "col": fwd, "bwd_col": bwd, "bwd_row": bwd, "dq": bwd, "dkdv": bwd}
 
 
+@functools.cache
+def _shared_memory_per_program(device_index: int | None) -> int:
+    """Bytes of shared memory one program may use on a CUDA device (0 if torch can't say)."""
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0))
+
+
 def _config(q: Tensor, m: int, e: int, block_m: int | None, block_n: int | None) -> dict:
     """Launch configurations and ``tl.dot`` settings for one call (``m`` keys)."""
     for name, value in (("block_m", block_m), ("block_n", block_n)):
@@ -519,7 +537,8 @@ def _config(q: Tensor, m: int, e: int, block_m: int | None, block_n: int | None)
     max_m = max(16, triton.next_power_of_2(q.shape[1]))
     max_n = max(16, triton.next_power_of_2(m))
     blocks = {}
-    defaults = _blocks_for(max(block_d, block_e), q.element_size())
+    shared_memory = _shared_memory_per_program(q.device.index) if q.is_cuda else None
+    defaults = _blocks_for(max(block_d, block_e), q.element_size(), shared_memory)
     for kernel, (bm, bn, num_warps, num_stages) in defaults.items():
         bm, bn = min(block_m or bm, max_m), min(block_n or bn, max_n)
         # Fewer warps for a clamped tile: at least 512 logits per warp (a power of two).

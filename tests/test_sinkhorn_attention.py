@@ -317,6 +317,19 @@ def test_triton_tiles_never_exceed_the_matrix(n: int, m: int, dtype: torch.dtype
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_large_tiles_only_where_they_fit() -> None:
+    from pointsink import triton_sinkhorn
+
+    small = triton_sinkhorn._blocks_for(64, 4)  # float32 keeps the small tiles
+    assert triton_sinkhorn._blocks_for(64, 2, 99 * 1024) == small  # e.g. an RTX 4090
+    assert triton_sinkhorn._blocks_for(64, 2, 0) == small  # torch could not say
+    large = triton_sinkhorn._blocks_for(64, 2, 227 * 1024)  # H100, H200
+    assert large == triton_sinkhorn._blocks_for(64, 2)  # unknown: the interpreter
+    assert all(large[k][0] * large[k][1] > small[k][0] * small[k][1] for k in ("dq", "dkdv"))
+    assert triton_sinkhorn._blocks_for(128, 2) == triton_sinkhorn._blocks_for(128, 4)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_backend_needs_cuda_or_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = (t.detach().float() for t in _qkv((2,), 4, 3))
