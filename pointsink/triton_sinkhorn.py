@@ -494,7 +494,7 @@ def _blocks_for(
     None is timed yet against the others (``benchmarks/triton_tuning.py`` does that on a
     GPU). Head dim <= 64 in bfloat16/float16 with enough shared memory: of the tuning
     script's candidates, those with the fewest sm_90 instructions per logit and no register
-    spills under Triton 3.6 and 3.9 (``benchmarks/triton_sass.py``; 0.65x the instructions
+    spills under Triton 3.6 and 3.9 (``benchmarks/triton_sass.py``; 0.66x the instructions
     of the smaller tiles below). The rest: chosen so that the kernels compile without spills
     (or almost none; float32 tiles take twice the registers). Pass ``block_m``/``block_n``
     to :func:`triton_sinkhorn_attention` to override the tile sizes.
