@@ -25,7 +25,6 @@ Example (one H100/H200; a few minutes, most of it compiling)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -37,6 +36,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from triton_sass import load_module  # benchmarks/, beside this script
 
 CANDIDATES = [
     (128, 64, 8, 3),
@@ -69,14 +69,6 @@ def _module() -> ModuleType:
     import pointsink.triton_sinkhorn as ts
 
     return ts
-
-
-def _load_baseline(path: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("baseline_triton_sinkhorn", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _use_blocks(overrides: dict[str, Config]) -> None:
@@ -308,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         for dtype_name in args.dtypes:
             checks[f"{label}/{dtype_name}"] = _errors(ts, args, getattr(torch, dtype_name))
     if args.baseline:
-        baseline = _load_baseline(args.baseline)
+        baseline = load_module(args.baseline, "baseline_triton_sinkhorn")
         for dtype_name in args.dtypes:
             checks[f"baseline/{dtype_name}"] = _errors(baseline, args, getattr(torch, dtype_name))
     report["errors_vs_float64"] = checks
