@@ -351,7 +351,10 @@ def _run_python(code: str, env: dict[str, str] | None = None) -> subprocess.Comp
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
-        timeout=300,
+        # A guard against hangs, not a speed check: alone on 2 cores the slowest case (the
+        # sm_90 compile, empty Triton cache) takes about 50 s; one passed 300 s beside a
+        # training run.
+        timeout=900,
         env={**os.environ, **(env or {})},
         check=False,
     )
