@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
+from triton.runtime.errors import OutOfResources
 
 from pointsink.sinkhorn_attention import score_gradient_factors, use_factored_ds
 
@@ -477,9 +478,10 @@ KERNELS = ("row", "col", "bwd_col", "bwd_row", "dq", "dkdv")
 LaunchConfig = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 
 
-# Shared memory per program that the larger bfloat16/float16 tiles need (135 KiB for dQ and
-# dK/dV at sm_90, Triton 3.6 and 3.9), with a margin: H100/H200 and A100 allow more, most
-# consumer GPUs (99 KiB) less.
+# Shared memory per program from which the larger bfloat16/float16 tiles are used: each of
+# their programs takes up to 64 KiB (Triton 3.6 and 3.9, sm_90; checked by the sm_90 compile
+# test), so from here two fit in an SM, as on A100, H100 and H200. On GPUs with 99 KiB (most
+# consumer ones) a 64 KiB program would run alone in its SM; none of this is timed there.
 _LARGE_TILES_SHARED_MEMORY = 144 * 1024
 
 
@@ -559,6 +561,50 @@ def _config(q: Tensor, m: int, e: int, block_m: int | None, block_n: int | None)
     }
 
 
+# Pipeline stages that fit, for launches whose configured number did not; keyed by kernel,
+# device and launch arguments.
+_STAGES_THAT_FIT: dict[tuple, int] = {}
+
+
+def _run(kernel: triton.JITFunction, grid: tuple[int], *args: object, **kwargs: object) -> None:
+    """Launches ``kernel[grid](*args, **kwargs)``, with fewer stages where shared memory is short.
+
+    Each software-pipelining stage buffers one more set of tiles in shared memory. The
+    configured stages can need more than a program may use: float32 tiles (up to 129 KiB at
+    head dim 64 and 177 KiB at 128, sm_90) on GPUs with 99 KiB (most consumer ones) or
+    163 KiB (A100). Triton then raises ``OutOfResources`` before launching, so the launch is
+    retried with one stage fewer, down to one; the first that fits is remembered for this
+    kernel, device and arguments.
+
+    Args:
+        kernel: A ``@triton.jit`` kernel.
+        grid: Number of programs, ``(programs,)``.
+        *args: Its positional arguments; the first is a tensor on the launch device.
+        **kwargs: Its constexpr and launch arguments, ``num_stages`` included.
+
+    Raises:
+        RuntimeError: Even one stage needs more shared memory than the device has.
+    """
+    device = args[0].device  # type: ignore[attr-defined]
+    key = (kernel, device, tuple(sorted(kwargs.items())))
+    stages = _STAGES_THAT_FIT.get(key, kwargs["num_stages"])
+    while True:
+        try:
+            kernel[grid](*args, **{**kwargs, "num_stages": stages})
+        except OutOfResources as error:
+            if stages <= 1 or error.name != "shared memory":
+                raise RuntimeError(
+                    f"{kernel.fn.__name__} does not fit this GPU ({error}); pass smaller "
+                    "block_m/block_n to triton_sinkhorn_attention, or use "
+                    'sinkhorn_attention(..., backend="chunked").'
+                ) from error
+            stages -= 1
+            continue
+        if stages != kwargs["num_stages"]:
+            _STAGES_THAT_FIT[key] = stages
+        return
+
+
 def _launch(cfg: dict, kernel: str, n: int, m: int) -> tuple[int, int, dict]:
     """Numbers of query and key blocks and the common launch arguments of a kernel."""
     block_m, block_n, num_warps, num_stages = cfg["blocks"][kernel]
@@ -601,16 +647,19 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         log_col_mass = math.log(n / m)
         for i in range(n_u):
             last = 2 * i + 1 == n_iter
-            _row_lse_kernel[(g * nbm,)](
+            _run(
+                _row_lse_kernel, (g * nbm,),
                 q, k, v, vs[i], us[i], out, n, m, nbm, scale,
                 D=d, E=e, BLOCK_E=block_e, HAS_OUT=last, **row,
             )  # fmt: skip
             if not last:
-                _col_lse_kernel[(g * nbn,)](
-                    q, k, us[i], vs[i + 1], n, m, nbn, scale, log_col_mass, D=d, **col
-                )
+                _run(
+                    _col_lse_kernel, (g * nbn,),
+                    q, k, us[i], vs[i + 1], n, m, nbn, scale, log_col_mass, D=d, **col,
+                )  # fmt: skip
         if n_iter % 2 == 0:
-            _out_kernel[(g * nbm,)](
+            _run(
+                _out_kernel, (g * nbm,),
                 q, k, v, us[n_u - 1], vs[n_v], out, n, m, nbm, scale,
                 D=d, E=e, BLOCK_E=block_e, **row,
             )  # fmt: skip
@@ -649,21 +698,24 @@ class _TritonSinkhornAttention(torch.autograd.Function):
             gu[n_u - 1] = delta
         if n_v >= 1:
             # dV = P^T dO and gv[n_v] = (m/n) (dV_j . V_j - [T odd] sum_i D_i P_ij)
-            _bwd_col_kernel[(g * nbn_col,)](
+            _run(
+                _bwd_col_kernel, (g * nbn_col,),
                 q, k, v, dout, dv, us[n_u - 1], vs[n_v], delta, gv[n_v],
                 n, m, nbn_col, scale, col_factor,
                 D=d, E=e, BLOCK_E=block_e, HAS_DV=True, HAS_GROW=odd, **bwd_col,
             )  # fmt: skip
             for j in range(n_v, 0, -1):
                 # gu[j-1] = [u^{2j-1} final] D - B^{2j} gv[j]
-                _bwd_row_kernel[(g * nbm_row,)](
+                _run(
+                    _bwd_row_kernel, (g * nbm_row,),
                     q, k, us[j - 1], vs[j], gv[j], delta, gu[j - 1],
                     n, m, nbm_row, scale,
                     D=d, HAS_INIT=(not odd and j == n_v), **bwd_row,
                 )  # fmt: skip
                 if j > 1:
                     # gv[j-1] = -(m/n) sum_i gu[j-1]_i A^{2j-1}_ij
-                    _bwd_col_kernel[(g * nbn_col,)](
+                    _run(
+                        _bwd_col_kernel, (g * nbn_col,),
                         q, k, v, dout, dv, us[j - 1], vs[j - 1], gu[j - 1], gv[j - 1],
                         n, m, nbn_col, scale, col_factor,
                         D=d, E=e, BLOCK_E=block_e, HAS_DV=False, HAS_GROW=True, **bwd_col,
@@ -672,12 +724,14 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         factored = use_factored_ds(n, m, n_iter)
         rowf, colf = score_gradient_factors(us, vs, gu, gv, n_iter) if factored else (us, vs)
         terms = {"ODD": odd, "FACTORED": factored, "N_TERMS": n_iter}
-        _bwd_dq_kernel[(g * nbm_dq,)](
+        _run(
+            _bwd_dq_kernel, (g * nbm_dq,),
             q, k, v, dout, dq, us, vs, gu, gv, rowf, colf,
             n, m, nbm_dq, n_u, n_v, g * n, g * m, scale,
             D=d, E=e, BLOCK_E=block_e, **terms, **dq_args,
         )  # fmt: skip
-        _bwd_dkdv_kernel[(g * nbn_dkdv,)](
+        _run(
+            _bwd_dkdv_kernel, (g * nbn_dkdv,),
             q, k, v, dout, dk, dv, us, vs, gu, gv, rowf, colf,
             n, m, nbn_dkdv, n_u, n_v, g * n, g * m, scale,
             D=d, E=e, BLOCK_E=block_e, HAS_DV=n_iter == 1, **terms, **dkdv_args,

@@ -534,7 +534,8 @@ for (name, kernel, flags), blocks in [(v, b) for b in configs for v in VARIANTS]
     binary = triton.compile(ASTSource(kernel, signature, consts),
                             target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
-    compiled.append([kernel.fn.__name__, blocks[name], len(binary.asm["cubin"])])
+    compiled.append([kernel.fn.__name__, blocks[name], len(binary.asm["cubin"]),
+                     binary.metadata.shared])
 print(json.dumps(compiled))
 """
 
@@ -559,4 +560,54 @@ def test_triton_kernels_compile_for_sm90() -> None:
         pytest.skip(f"this triton's compiler API differs: {result.stdout.strip()}")
     compiled = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(compiled) == 3 * 15
-    assert all(size > 0 for _, _, size in compiled)
+    assert all(size > 0 for _, _, size, _ in compiled)
+    # The larger bfloat16 tiles are chosen where two of their programs fit in an SM.
+    from pointsink.triton_sinkhorn import _LARGE_TILES_SHARED_MEMORY
+
+    assert max(shared for *_, shared in compiled) <= _LARGE_TILES_SHARED_MEMORY // 2
+
+
+class _KernelShortOfSharedMemory:
+    """Stands in for a ``@triton.jit`` kernel whose launches need ``need[stages]`` bytes."""
+
+    def __init__(self, need: dict[int, int], limit: int) -> None:
+        self.need, self.limit, self.tried = need, limit, []
+        self.fn = self  # the error message names kernel.fn.__name__
+        self.__name__ = "_fake_kernel"
+
+    def __getitem__(self, grid: tuple[int]):
+        def launch(*args: object, num_stages: int, **kwargs: object) -> None:
+            from triton.runtime.errors import OutOfResources
+
+            self.tried.append(num_stages)
+            if self.need[num_stages] > self.limit:
+                raise OutOfResources(self.need[num_stages], self.limit, "shared memory")
+
+        return launch
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_launch_takes_fewer_stages_where_shared_memory_is_short(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pointsink import triton_sinkhorn
+
+    monkeypatch.setattr(triton_sinkhorn, "_STAGES_THAT_FIT", {})
+    x = torch.zeros(1)
+    # float32 row LSE with output at head dim 64, 128 x 64 tiles (sm_90): 3, 2, 1 stages
+    # need 128.5, 96.2 and 80 KiB; a consumer GPU allows 99 KiB.
+    kernel = _KernelShortOfSharedMemory({3: 131584, 2: 98560, 1: 81920}, 99 * 1024)
+    triton_sinkhorn._run(kernel, (4,), x, BLOCK_M=128, num_stages=3)
+    assert kernel.tried == [3, 2]
+    triton_sinkhorn._run(kernel, (4,), x, BLOCK_M=128, num_stages=3)
+    assert kernel.tried == [3, 2, 2]  # remembered: no second failure
+    triton_sinkhorn._run(kernel, (4,), x, BLOCK_M=64, num_stages=3)  # other arguments
+    assert kernel.tried == [3, 2, 2, 3, 2]
+    roomy = _KernelShortOfSharedMemory({3: 131584}, 227 * 1024)  # H100: as configured
+    triton_sinkhorn._run(roomy, (4,), x, BLOCK_M=128, num_stages=3)
+    assert roomy.tried == [3]
+
+    tiny = _KernelShortOfSharedMemory({2: 98560, 1: 81920}, 64 * 1024)
+    with pytest.raises(RuntimeError, match=r"does not fit this GPU.*block_m/block_n"):
+        triton_sinkhorn._run(tiny, (4,), x, BLOCK_M=128, num_stages=2)
+    assert tiny.tried == [2, 1]
