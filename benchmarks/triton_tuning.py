@@ -7,7 +7,8 @@ Three steps, one process (plus helpers that compile in parallel):
    others keep their defaults; forward + backward of Sinkhorn attention (``--sweep-n``,
    bfloat16) is timed with CUDA events (median of ``--repeats`` after a warm-up), so the
    differences between candidates of one kernel are that kernel's. Candidates that do not
-   compile (e.g. too much shared memory) are reported as errors.
+   compile are reported as errors; those that need more shared memory than the GPU allows
+   run with fewer pipeline stages (``pointsink.triton_sinkhorn._run``), marked as such.
 2. Check. At N = 1024 the defaults and the best candidates are compared with float64 dense
    autograd (outputs and the gradients of q, k, v), as ``tests/test_sinkhorn_attention.py``
    does: largest error over ``1 + max |reference|``.
