@@ -570,11 +570,11 @@ def _run(kernel: triton.JITFunction, grid: tuple[int], *args: object, **kwargs: 
     """Launches ``kernel[grid](*args, **kwargs)``, with fewer stages where shared memory is short.
 
     Each software-pipelining stage buffers one more set of tiles in shared memory. The
-    configured stages can need more than a program may use: float32 tiles (up to 129 KiB at
-    head dim 64 and 177 KiB at 128, sm_90) on GPUs with 99 KiB (most consumer ones) or
-    163 KiB (A100). Triton then raises ``OutOfResources`` before launching, so the launch is
-    retried with one stage fewer, down to one; the first that fits is remembered for this
-    kernel, device and arguments.
+    configured stages can need more than a program may use: float32 tiles (up to 128.5 KiB
+    at head dim 64 and 176.8 KiB at 128, 224.5 KiB with TF32; sm_90) on GPUs with 99 KiB
+    (most consumer ones) or 163 KiB (A100). Triton then raises ``OutOfResources`` before
+    launching, so the launch is retried with one stage fewer, down to one; the first that
+    fits is remembered for this kernel, device and arguments.
 
     Args:
         kernel: A ``@triton.jit`` kernel.
