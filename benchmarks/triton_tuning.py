@@ -1,21 +1,28 @@
 """Tune and time the Triton Sinkhorn-attention kernels' launch configurations (CUDA only).
 
-Three steps, one process (plus helpers that compile in parallel):
+Compiling comes first, in ``--workers`` spawned helpers that fill Triton's on-disk cache
+(``--phase compile`` does only that, so that other CPU work can run beside it; ``--phase
+time`` then measures from the cache). The measuring steps, in one process:
 
-1. Sweep. For each kernel of ``pointsink.triton_sinkhorn.KERNELS`` and each candidate
-   ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, that kernel takes the candidate and the
-   others keep their defaults; forward + backward of Sinkhorn attention (``--sweep-n``,
-   bfloat16) is timed with CUDA events (median of ``--repeats`` after a warm-up), so the
-   differences between candidates of one kernel are that kernel's. Candidates that do not
-   compile are reported as errors; those that need more shared memory than the GPU allows
-   run with fewer pipeline stages (``pointsink.triton_sinkhorn._run``), marked as such.
-2. Check. At N = 1024 the defaults and the best candidates are compared with float64 dense
-   autograd (outputs and the gradients of q, k, v), as ``tests/test_sinkhorn_attention.py``
-   does: largest error over ``1 + max |reference|``.
-3. Table. SDPA softmax, the defaults, the best candidates and, with ``--baseline``, another
-   copy of ``triton_sinkhorn.py`` (e.g. an earlier commit's), forward + backward at each
-   ``--sizes`` in bfloat16 and float32: median time (CUDA events, up to ``--repeats`` runs
-   or about 2 s) and extra peak memory (as ``benchmarks/attention.py`` measures it).
+1. Table. SDPA softmax, the defaults and, with ``--baseline``, another copy of
+   ``triton_sinkhorn.py`` (e.g. an earlier commit's), forward + backward at each
+   ``--sizes`` (squared) and ``--shapes`` in bfloat16 and float32: median time (CUDA events,
+   up to ``--repeats`` runs or about 2 s) and extra peak memory (as
+   ``benchmarks/attention.py`` measures it).
+2. Profile. GPU time of each kernel of the defaults at ``--sweep-n`` (torch.profiler).
+3. Sweep. For each kernel of ``pointsink.triton_sinkhorn.KERNELS``, longest first, while
+   ``--time-budget`` allows, and each candidate ``(BLOCK_M, BLOCK_N, num_warps,
+   num_stages)``: that kernel takes the candidate and the others keep their defaults;
+   forward + backward (``--sweep-n``, bfloat16) is timed (median of ``--sweep-repeats``
+   after a warm-up), so the differences between candidates of one kernel are that kernel's.
+   Failures are reported; candidates that need more shared memory than the GPU allows run
+   with fewer pipeline stages (``pointsink.triton_sinkhorn._run``), marked as such.
+4. Check. The defaults, the best candidates (bfloat16) and the baseline against float64
+   dense autograd (outputs and the gradients of q, k, v) at ``--check-n`` squared and the
+   shapes of ``test_triton_kernels_on_cuda``: largest error over ``1 + max |reference|``.
+5. The best candidates, where they differ from the defaults, in the table (bfloat16).
+
+Everything measured goes to ``--json`` as it comes; the table is printed last.
 
 Example (one H100/H200; a few minutes, most of it compiling)::
 
@@ -160,19 +167,31 @@ def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
 
 
-def _compile_job(job: tuple[str, Config, dict]) -> str | None:
-    """Helper process: compiles one (kernel, candidate) by running it once."""
-    kernel, config, arg_dict = job
+def _compile_job(job: tuple[dict[str, Config], str, Shape, str | None, dict]) -> str | None:
+    """Helper process: compiles the launches of one forward + backward by running it once.
+
+    ``(overrides, dtype, shape, module path, args)``: the kernels named in ``overrides``
+    take those configurations, the others their defaults; with a module path, that copy of
+    ``triton_sinkhorn.py`` runs instead (the baseline). What compiles lands in Triton's
+    on-disk cache, from which the measuring process loads it.
+    """
+    overrides, dtype_name, shape, path, arg_dict = job
     args = argparse.Namespace(**arg_dict)
-    _use_blocks({kernel: config})
+    module = load_module(path, "baseline_triton_sinkhorn") if path else _module()
+    _use_blocks(overrides)
     try:
-        inputs = _inputs(_square(args.sweep_n, args), args, torch.bfloat16)
-        _fwd_bwd(_sinkhorn(_module(), args.n_iter), *inputs)
+        inputs = _inputs(shape, args, getattr(torch, dtype_name))
+        _fwd_bwd(_sinkhorn(module, args.n_iter), *inputs)
         if args.device == "cuda":
             torch.cuda.synchronize()
     except Exception as error:  # reported; the sweep goes on
         return f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
     return None
+
+
+def _check_shapes(args: argparse.Namespace) -> list[Shape]:
+    """``--check-n`` squared and the shapes of ``test_triton_kernels_on_cuda``."""
+    return [_square(args.check_n, args), (1000, 16, 8, 64), (16, 1000, 8, 64), (2048, 777, 8, 64)]
 
 
 def _errors(module: ModuleType, args: argparse.Namespace, dtype: torch.dtype) -> float:
@@ -184,8 +203,7 @@ def _errors(module: ModuleType, args: argparse.Namespace, dtype: torch.dtype) ->
     from pointsink.sinkhorn_attention import dense_sinkhorn_attention
 
     worst = 0.0
-    for shape in (_square(args.check_n, args), (1000, 16, 8, 64), (16, 1000, 8, 64),
-                  (2048, 777, 8, 64)):  # fmt: skip
+    for shape in _check_shapes(args):
         q, k, v, grad = _inputs(shape, args, dtype, seed=1)
         got = _fwd_bwd(_sinkhorn(module, args.n_iter), q, k, v, grad)
         ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -202,6 +220,120 @@ def _save(report: dict, path: str | None) -> None:
     if path:
         with open(path, "w") as out:
             json.dump(report, out, indent=2)
+
+
+# Triton kernels of pointsink.triton_sinkhorn and the launch configuration each takes.
+_KERNEL_OF_JIT = {
+    "_row_lse_kernel": "row",
+    "_out_kernel": "row",
+    "_col_lse_kernel": "col",
+    "_bwd_col_kernel": "bwd_col",
+    "_bwd_row_kernel": "bwd_row",
+    "_bwd_dq_kernel": "dq",
+    "_bwd_dkdv_kernel": "dkdv",
+}
+
+
+def _profile(fn: Callable, q, k, v, grad) -> dict[str, dict]:
+    """GPU time (ms) and launches of each kernel in one forward + backward (torch.profiler).
+
+    Triton kernels are named as in ``pointsink.triton_sinkhorn``; everything else (fills,
+    copies, sums) is added up as ``other``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    _fwd_bwd(fn, q, k, v, grad)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _fwd_bwd(fn, q, k, v, grad)
+        torch.cuda.synchronize()
+    kernels: dict[str, dict] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None)
+        if us is None:  # torch < 2.4
+            us = event.self_cuda_time_total
+        if us <= 0:
+            continue
+        name = next((jit for jit in _KERNEL_OF_JIT if jit in event.key), "other")
+        entry = kernels.setdefault(name, {"ms": 0.0, "launches": 0})
+        entry["ms"] += us / 1e3
+        entry["launches"] += event.count
+    return dict(sorted(kernels.items(), key=lambda item: -item[1]["ms"]))
+
+
+def _compile_all(args: argparse.Namespace, jobs: list) -> dict:
+    """Runs ``jobs`` (see :func:`_compile_job`) in ``--workers`` spawned helpers."""
+    started = time.perf_counter()
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        errors = list(pool.map(_compile_job, jobs))
+    print(f"compiled {len(jobs)} launches in {time.perf_counter() - started:.0f} s", flush=True)
+    # {"overrides, dtype, shape, baseline?": error} of those that failed
+    return {f"{j[0]} {j[1]} {j[2]} {bool(j[3])}": e for j, e in zip(jobs, errors, strict=True) if e}
+
+
+def _table_rows(
+    variants: list[tuple[str, Callable, dict]],
+    shapes: list[Shape],
+    args: argparse.Namespace,
+    table: list[dict],
+    report: dict,
+    dtypes: list[str],
+) -> None:
+    """Times each variant (label, function, block overrides) at each shape and dtype."""
+    for dtype_name in dtypes:
+        for shape in shapes:
+            n = "x".join(str(x) for x in shape)
+            try:
+                tensors = _inputs(shape, args, getattr(torch, dtype_name))
+            except torch.OutOfMemoryError:
+                continue
+            for label, fn, overrides in variants:
+                _use_blocks(overrides)
+                try:
+                    row = {
+                        "impl": label,
+                        "N": n,
+                        "dtype": dtype_name,
+                        **_time(fn, *tensors, args.repeats),
+                        "extra_peak_mib": _extra_peak_mib(fn, *tensors),
+                    }
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    row = {"impl": label, "N": n, "dtype": dtype_name, "error": "OOM"}
+                except Exception as error:  # e.g. a baseline that no longer launches
+                    row = {"impl": label, "N": n, "dtype": dtype_name,
+                           "error": f"{type(error).__name__}: {str(error)[:60]}"}  # fmt: skip
+                table.append(row)
+                print(row, file=sys.stderr, flush=True)
+                report["table"] = table
+                _save(report, args.json)
+            del tensors
+    _use_blocks({})
+
+
+def _print_table(table: list[dict], n_iter: int) -> None:
+    sdpa = {(r["N"], r["dtype"]): r for r in table if r["impl"] == "sdpa" and "ms" in r}
+    print(
+        f"\nn_iter={n_iter}; n x m x G x d: queries, keys, heads in all, head dim; "
+        "CUDA-event median; extra peak memory over inputs"
+    )
+    print(
+        "| implementation | dtype | n x m x G x d | fwd+bwd ms (median) | min to max | runs "
+        "| extra peak MiB | time / sdpa | memory / sdpa |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    shape_order = {n: i for i, n in enumerate(dict.fromkeys(r["N"] for r in table))}
+    for r in sorted(table, key=lambda r: (r["dtype"], shape_order[r["N"]])):
+        if "ms" not in r:
+            print(f"| {r['impl']} | {r['dtype']} | {r['N']} | {r['error']} | | | | | |")
+            continue
+        s = sdpa.get((r["N"], r["dtype"]))
+        ratio = f"{r['ms'] / s['ms']:.2f}" if s else "-"
+        mem = f"{r['extra_peak_mib'] / s['extra_peak_mib']:.2f}" if s else "-"
+        print(
+            f"| {r['impl']} | {r['dtype']} | {r['N']} | {r['ms']:.2f} | {r['min']:.2f} to "
+            f"{r['max']:.2f} | {r['runs']} | {r['extra_peak_mib']:.1f} | {ratio} | {mem} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,52 +362,109 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernels", nargs="+", default=None, help="default: all")
     parser.add_argument("--baseline", help="another triton_sinkhorn.py to time beside")
     parser.add_argument("--json", help="write everything measured here")
+    parser.add_argument(
+        "--phase",
+        choices=["all", "compile", "time"],
+        default="all",
+        help="compile: only fill Triton's cache in helpers (so that other work can run "
+        "beside it); time: only measure (loading from the cache); all: both",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=float("inf"),
+        help="seconds for the measuring steps: the sweep takes no further kernel once "
+        "fewer than --reserve remain",
+    )
+    parser.add_argument("--reserve", type=float, default=60.0)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit(
             "error: benchmarks/triton_tuning.py needs a CUDA GPU (or --device cpu with "
             "TRITON_INTERPRET=1 for a smoke test)"
         )
+    started = time.perf_counter()
     ts = _module()
     kernels = args.kernels or list(ts.KERNELS)
     # The defaults as _config picks them for bfloat16 (the sweep's dtype) on this device.
     shared_memory = ts._shared_memory_per_program(0) if args.device == "cuda" else None
     defaults = ts._blocks_for(args.dim, 2, shared_memory)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    import triton
+
     report: dict = {
         "args": vars(args),
         "device": device_name,
         "torch": torch.__version__,
+        "triton": triton.__version__,
         "defaults": defaults,
     }
-    import triton
-
-    report["triton"] = triton.__version__
     print(f"{report['device']} | torch {torch.__version__} | triton {triton.__version__}")
+    sweep_shape = _square(args.sweep_n, args)
+    shapes = [_square(n, args) for n in args.sizes]
+    shapes += [tuple(int(x) for x in s.split(",")) for s in args.shapes]  # type: ignore[misc]
 
-    # 1. Compile every (kernel, candidate) in parallel helpers, then sweep in this process.
-    jobs = [
-        (kernel, c, vars(args)) for kernel in kernels for c in CANDIDATES if c != defaults[kernel]
-    ]
-    started = time.perf_counter()
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        compile_errors = dict(
-            zip([(j[0], j[1]) for j in jobs], pool.map(_compile_job, jobs), strict=True)
-        )
-    elapsed = time.perf_counter() - started
-    print(f"compiled {len(jobs)} (kernel, candidate) pairs in {elapsed:.0f} s", flush=True)
-    inputs = _inputs(_square(args.sweep_n, args), args, torch.bfloat16)
-    _use_blocks({})
+    if args.phase in ("all", "compile"):
+        # Sweep candidates first (bfloat16), then the table's and the check's launches.
+        jobs = [
+            ({kernel: c}, "bfloat16", sweep_shape, None, vars(args))
+            for kernel in kernels
+            for c in CANDIDATES
+            if c != defaults[kernel]
+        ]
+        for dtype_name in args.dtypes:
+            for shape in shapes + _check_shapes(args):
+                for path in [None] + ([args.baseline] if args.baseline else []):
+                    jobs.append(({}, dtype_name, shape, path, vars(args)))
+        report["compile_errors"] = _compile_all(args, jobs)
+        _save(report, args.json)
+        if args.phase == "compile":
+            return
+
+    # 1. The table: SDPA softmax, the baseline, the defaults.
+    baseline = load_module(args.baseline, "baseline_triton_sinkhorn") if args.baseline else None
+    variants: list[tuple[str, Callable, dict]] = [("sdpa", _sdpa, {})]
+    if baseline is not None:
+        variants.append(("baseline", _sinkhorn(baseline, args.n_iter), {}))
+    variants.append(("default", _sinkhorn(ts, args.n_iter), {}))
+    table: list[dict] = []
+    _table_rows(variants, shapes, args, table, report, args.dtypes)
+    print(f"table timed in {time.perf_counter() - started:.0f} s", flush=True)
+
+    # 2. Where the defaults spend their time, kernel by kernel.
+    inputs = _inputs(sweep_shape, args, torch.bfloat16)
+    profile: dict[str, dict] = {}
+    if args.device == "cuda":
+        for dtype_name in args.dtypes:
+            try:
+                tensors = _inputs(sweep_shape, args, getattr(torch, dtype_name))
+                profile[dtype_name] = _profile(_sinkhorn(ts, args.n_iter), *tensors)
+                del tensors
+            except Exception as error:  # the profiler is a help, not a requirement
+                profile[dtype_name] = {"error": f"{type(error).__name__}: {error}"[:100]}
+        report["profile"] = profile
+        _save(report, args.json)
+        for dtype_name, kernel_times in profile.items():
+            print(f"\nprofile, defaults, {dtype_name}, N={args.sweep_n}: ms (launches)")
+            for name, entry in kernel_times.items():
+                print(f"  {name}: {entry}")
+
+    # 3. The sweep, the kernels that take longest first, while time remains.
+    kernel_ms = {k: 0.0 for k in kernels}
+    for name, entry in profile.get("bfloat16", {}).items():
+        if _KERNEL_OF_JIT.get(name) in kernel_ms:
+            kernel_ms[_KERNEL_OF_JIT[name]] += entry["ms"]
+    kernels = sorted(kernels, key=lambda k: -kernel_ms[k])
     base = _time(_sinkhorn(ts, args.n_iter), *inputs, args.sweep_repeats)
     sweep: dict[str, list] = {}
     best: dict[str, Config] = {}
     for kernel in kernels:
+        if time.perf_counter() - started > args.time_budget - args.reserve:
+            print(f"time budget: {kernel} not swept", flush=True)
+            continue
         rows = [[list(defaults[kernel]), base["ms"], "default"]]
         for c in CANDIDATES:
             if c == defaults[kernel]:
-                continue
-            if compile_errors.get((kernel, c)):
-                rows.append([list(c), None, compile_errors[(kernel, c)]])
                 continue
             _use_blocks({kernel: c})
             ts._STAGES_THAT_FIT.clear()
@@ -285,28 +474,35 @@ def main(argv: list[str] | None = None) -> None:
                 lowered = sorted(set(ts._STAGES_THAT_FIT.values()))
                 rows.append([list(c), timing["ms"], f"ran at {lowered} stages" if lowered else ""])
             except Exception as error:
-                rows.append([list(c), None, f"{type(error).__name__}"])
+                rows.append([list(c), None, f"{type(error).__name__}: {str(error)[:60]}"])
         sweep[kernel] = rows
         timed = [r for r in rows if r[1] is not None]
         best[kernel] = tuple(min(timed, key=lambda r: r[1])[0])  # type: ignore[assignment]
         print(f"\n{kernel}: fwd+bwd ms at N={args.sweep_n}, bf16, this kernel's config varied")
         for c, ms, note in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0)):
             print(f"  {tuple(c)}  {'-' if ms is None else f'{ms:.2f}'}  {note}")
-    report["sweep"] = sweep
-    report["best"] = best
-    _save(report, args.json)
-    print("\nbest:", best)
+        report["sweep"], report["best"] = sweep, best
+        _save(report, args.json)
+    _use_blocks({})
+    tuned = {k: c for k, c in best.items() if c != defaults[k]}
+    print("\nbest:", best, "| differ from the defaults:", tuned, flush=True)
 
-    # 2. Correctness of the defaults and of the best candidates.
+    # 4. Correctness against float64 dense autograd (the tuned launches in bfloat16 only,
+    # compiled in helpers first).
+    if tuned and args.device == "cuda":
+        jobs = [(tuned, "bfloat16", shape, None, vars(args)) for shape in _check_shapes(args)]
+        report["compile_errors_tuned"] = _compile_all(args, jobs)
     checks = {}
-    for label, overrides in (("default", {}), ("tuned", best)):
+    labelled = [("default", ts, {}, args.dtypes)]
+    if tuned:
+        labelled.append(("tuned", ts, tuned, ["bfloat16"]))
+    if baseline is not None:
+        labelled.append(("baseline", baseline, {}, args.dtypes))
+    for label, module, overrides, dtypes in labelled:
         _use_blocks(overrides)
-        for dtype_name in args.dtypes:
-            checks[f"{label}/{dtype_name}"] = _errors(ts, args, getattr(torch, dtype_name))
-    if args.baseline:
-        baseline = load_module(args.baseline, "baseline_triton_sinkhorn")
-        for dtype_name in args.dtypes:
-            checks[f"baseline/{dtype_name}"] = _errors(baseline, args, getattr(torch, dtype_name))
+        for dtype_name in dtypes:
+            checks[f"{label}/{dtype_name}"] = _errors(module, args, getattr(torch, dtype_name))
+    _use_blocks({})
     report["errors_vs_float64"] = checks
     _save(report, args.json)
     print(
@@ -315,65 +511,13 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
 
-    # 3. The table.
-    variants: list[tuple[str, Callable[[], Callable]]] = [("sdpa", lambda: _sdpa)]
-    if args.baseline:
-        variants.append(("baseline", lambda: _sinkhorn(baseline, args.n_iter)))
-    variants += [
-        ("default", lambda: _sinkhorn(ts, args.n_iter)),
-        ("tuned", lambda: _sinkhorn(ts, args.n_iter)),
-    ]
-    shapes = [_square(n, args) for n in args.sizes]
-    shapes += [tuple(int(x) for x in s.split(",")) for s in args.shapes]  # type: ignore[misc]
-    table = []
-    for dtype_name in args.dtypes:
-        for shape in shapes:
-            n = "x".join(str(x) for x in shape)
-            try:
-                tensors = _inputs(shape, args, getattr(torch, dtype_name))  # type: ignore[arg-type]
-            except torch.OutOfMemoryError:
-                continue
-            for label, make in variants:
-                _use_blocks(best if label == "tuned" else {})
-                fn = make()
-                try:
-                    row = {
-                        "impl": label,
-                        "N": n,
-                        "dtype": dtype_name,
-                        **_time(fn, *tensors, args.repeats),
-                        "extra_peak_mib": _extra_peak_mib(fn, *tensors),
-                    }
-                except torch.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    row = {"impl": label, "N": n, "dtype": dtype_name, "error": "OOM"}
-                table.append(row)
-                print(row, file=sys.stderr, flush=True)
-                report["table"] = table
-            del tensors
-    report["table"] = table
+    # 5. The tuned configurations in the table (bfloat16, the sweep's dtype).
+    if tuned:
+        _table_rows([("tuned", _sinkhorn(ts, args.n_iter), tuned)], shapes, args, table,
+                    report, ["bfloat16"])  # fmt: skip
     _save(report, args.json)
-    sdpa = {(r["N"], r["dtype"]): r for r in table if r["impl"] == "sdpa" and "ms" in r}
-    print(
-        f"\nn_iter={args.n_iter}; n x m x G x d: queries, keys, heads in all, head dim; "
-        "CUDA-event median; extra peak memory over inputs"
-    )
-    print(
-        "| implementation | dtype | n x m x G x d | fwd+bwd ms (median) | min to max | runs "
-        "| extra peak MiB | time / sdpa | memory / sdpa |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in table:
-        if "ms" not in r:
-            print(f"| {r['impl']} | {r['dtype']} | {r['N']} | {r['error']} | | | | | |")
-            continue
-        s = sdpa.get((r["N"], r["dtype"]))
-        ratio = f"{r['ms'] / s['ms']:.2f}" if s else "-"
-        mem = f"{r['extra_peak_mib'] / s['extra_peak_mib']:.2f}" if s else "-"
-        print(
-            f"| {r['impl']} | {r['dtype']} | {r['N']} | {r['ms']:.2f} | {r['min']:.2f} to "
-            f"{r['max']:.2f} | {r['runs']} | {r['extra_peak_mib']:.1f} | {ratio} | {mem} |"
-        )
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    _print_table(table, args.n_iter)
 
 
 if __name__ == "__main__":
