@@ -15,10 +15,12 @@
 #      forward + backward, B=8, H=4, d=64, N = 1024 ... 16384 and the recipe's ISAB shapes,
 #      bfloat16 and float32; a per-kernel profile; the launch-configuration sweep (longest
 #      kernels first, within the time left); the float64 checks; the tuned rows;
-#   6. with DATA=<ModelNet10 dir>: the configs/modelnet10.yaml recipe, Sinkhorn-5, seeds
+#   6. benchmarks/train_step.py on the GPU: the recipe's training step, timed and profiled
+#      (kernels launched, GPU-busy time against wall time), appended to train.log;
+#   7. with DATA=<ModelNet10 dir>: the configs/modelnet10.yaml recipe, Sinkhorn-5, seeds
 #      0 1 2 trained at once on the one GPU (benchmarks/reproduce.py --jobs 3; ~12 minutes
 #      at the 7.0 s per epoch of one seed measured on an H200 on 2026-11-28).
-# BUDGET (seconds, default 540) bounds steps 1-5: each runs under `timeout`, and the sweep
+# BUDGET (seconds, default 540) bounds steps 1-6: each runs under `timeout`, and the sweep
 # takes no further kernel once its time is short. Logs and tables go to
 # ${OUT:-outputs/gpu-checks}, summaries are printed last.
 #
@@ -85,9 +87,14 @@ wait "$train_pid" || status=1
 echo "== compiling, tests and training done at $SECONDS s" | tee -a "$OUT/device.txt"
 
 time_left=$(left)
-timeout "$time_left" "$PYTHON" benchmarks/triton_tuning.py --phase time \
-    --time-budget $((time_left - 15)) ${BASELINE:+--baseline "$BASELINE"} \
+timeout $((time_left - 45)) "$PYTHON" benchmarks/triton_tuning.py --phase time \
+    --time-budget $((time_left - 60)) ${BASELINE:+--baseline "$BASELINE"} \
     --json "$OUT/tuning.json" >"$OUT/tuning.md" 2>"$OUT/tuning.err" || status=1
+{
+    echo "== benchmarks/train_step.py, the recipe's model on the GPU (random points)"
+    timeout $(($(left) - 5)) "$PYTHON" benchmarks/train_step.py --config configs/modelnet10.yaml \
+        --device cuda --threads 4 --repeats 10
+} >>"$OUT/train.log" 2>&1 || status=1
 
 if [ -n "${DATA:-}" ]; then
     "$PYTHON" benchmarks/reproduce.py --config configs/modelnet10.yaml --data-root "$DATA" \
@@ -100,7 +107,7 @@ tail -n 4 "$OUT/tests.log"
 echo "== the rest of the suite (tail of $OUT/suite.log)"
 tail -n 4 "$OUT/suite.log"
 echo "== training on the GPU (synthetic shapes)"
-grep -E '^==|test/(oa|macc) |Error' "$OUT/train.log" | head -n 20
+grep -E '^==|^\||test/(oa|macc) |Error' "$OUT/train.log" | head -n 40
 echo "== compiling: $(grep -E '^compiled' "$OUT/compile.log")"
 echo "== triton_tuning.py (profile, best configurations, errors, table)"
 grep -vE '^  \(' "$OUT/tuning.md" || tail -n 5 "$OUT/tuning.err"

@@ -11,11 +11,15 @@ default) and times, on random point sets of the config's batch size and point co
 
 Under the config's precision (``bf16-mixed`` runs the model under CPU/CUDA bf16 autocast).
 Each line reports the minimum and the median over ``--repeats`` runs after ``--warmup``; on
-a shared or virtual machine the minimum is the steadier number.
+a shared or virtual machine the minimum is the steadier number. With ``--device cuda`` the
+runs are synchronized, and each part is profiled once: how many kernels (and copies) it
+launches and how long the GPU is busy in it. Far less busy time than wall time means the
+part waits on the host (launches, Python), not on the GPU.
 
 Example (the setting of the CPU training runs: one intra-op thread per run)::
 
     python benchmarks/train_step.py --config configs/modelnet10.yaml --threads 1
+    python benchmarks/train_step.py --config configs/modelnet10.yaml --device cuda
 """
 
 from __future__ import annotations
@@ -34,16 +38,50 @@ from pointsink.embedding import SetAbstraction, farthest_point_sampling, knn_ind
 from pointsink.module import SinkformerClassifier
 
 
-def _timings(run: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float]:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timings(
+    run: Callable[[], object], warmup: int, repeats: int, device: torch.device
+) -> tuple[float, float]:
     """(minimum, median) seconds of ``run()`` over ``repeats`` calls after ``warmup``."""
     for _ in range(warmup):
         run()
     seconds = []
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         run()
+        _synchronize(device)
         seconds.append(time.perf_counter() - start)
     return min(seconds), statistics.median(seconds)
+
+
+def _gpu_profile(run: Callable[[], object], device: torch.device) -> tuple[int, float, float]:
+    """(GPU operations, GPU-busy ms, wall ms) of one profiled ``run()`` on CUDA.
+
+    GPU operations are the kernels, copies and fills the profiler saw; GPU-busy time is the
+    sum of their own times (one stream: they do not overlap), at most the wall time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _synchronize(device)
+        start = time.perf_counter()
+        run()
+        _synchronize(device)
+        wall = time.perf_counter() - start
+    kernels, busy_us = 0, 0.0
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None)
+        if us is None:  # torch < 2.4
+            us = event.self_cuda_time_total
+        if us > 0:
+            kernels += event.count
+            busy_us += us
+    return kernels, busy_us / 1e3, wall * 1e3
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,7 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -63,17 +105,17 @@ def main(argv: list[str] | None = None) -> None:
     data_args = config["data"].get("init_args", config["data"])
     batch_size, num_points = int(data_args["batch_size"]), int(data_args["num_points"])
     bf16 = "bf16" in str(config.get("trainer", {}).get("precision", ""))
-    module = SinkformerClassifier(num_classes=10, **model_args)
+    module = SinkformerClassifier(num_classes=10, **model_args).to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
     # Configs without grouping (num_groups: 0) have no set abstraction: time the step only.
     embedding = next((m for m in module.modules() if isinstance(m, SetAbstraction)), None)
 
-    points = F.normalize(torch.randn(batch_size, num_points, 3), dim=-1)
-    labels = torch.randint(10, (batch_size,))
+    points = F.normalize(torch.randn(batch_size, num_points, 3), dim=-1).to(device)
+    labels = torch.randint(10, (batch_size,)).to(device)
 
     @contextlib.contextmanager
     def precision() -> Iterator[None]:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             yield
 
     def embedding_step() -> None:
@@ -102,14 +144,20 @@ def main(argv: list[str] | None = None) -> None:
     module.train()
     print(
         f"config {args.config}, batch {batch_size} x {num_points} points, "
-        f"{'bf16 autocast' if bf16 else 'fp32'}, {args.threads} thread(s), "
+        f"{'bf16 autocast' if bf16 else 'fp32'}, {device.type}, {args.threads} thread(s), "
         f"min / median of {args.repeats} after {args.warmup} warm-up"
     )
     print("| part | min (ms) | median (ms) |")
     print("|---|---|---|")
     for name, run in parts:
-        fastest, median = _timings(run, args.warmup, args.repeats)
-        print(f"| {name} | {fastest * 1e3:.0f} | {median * 1e3:.0f} |")
+        fastest, median = _timings(run, args.warmup, args.repeats, device)
+        print(f"| {name} | {fastest * 1e3:.1f} | {median * 1e3:.1f} |")
+    if device.type == "cuda":
+        print("\n| profiled once | GPU operations | GPU busy (ms) | wall (ms) |")
+        print("|---|---|---|---|")
+        for name, run in parts:
+            kernels, busy, wall = _gpu_profile(run, device)
+            print(f"| {name} | {kernels} | {busy:.1f} | {wall:.1f} |")
 
 
 if __name__ == "__main__":
