@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with one CUDA GPU, from the repository root.
 # First, side by side (CPU-bound compiling; nothing is timed meanwhile):
-#   1. the Triton kernels compiled on the GPU and checked against float64 dense autograd
-#      (tests/test_sinkhorn_attention.py -k cuda: test_triton_kernels_on_cuda);
+#   1. the Triton kernels compiled on the GPU and checked: attention against float64 dense
+#      autograd, farthest-point sampling against the PyTorch loop (tests/ -k cuda:
+#      test_triton_kernels_on_cuda, test_triton_farthest_point_sampling_on_cuda);
 #   2. the rest of the test suite (-n 4, pytest-xdist), CUDA visible;
 #   3. two short training runs on the GPU through the CLI, on the built-in synthetic shapes
 #      (configs/synthetic.yaml in bf16-mixed: the ISAB model, then the SAB encoder at 2048
@@ -54,7 +55,7 @@ torch.cuda.get_device_name())"
 status=0
 phase1=$(( $(left) / 2 ))
 timeout "$phase1" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_sinkhorn_attention.py \
-    -k cuda -rA >"$OUT/tests.log" 2>&1 &
+    tests/test_triton_sampling.py -k cuda -rA >"$OUT/tests.log" 2>&1 &
 tests_pid=$!
 # The rest of the suite on a machine where CUDA is visible (4 helpers, pytest-xdist).
 timeout "$phase1" "$PYTHON" -m pytest -q -p no:cacheprovider -n 4 tests -k "not cuda" \

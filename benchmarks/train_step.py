@@ -3,7 +3,8 @@
 Builds the model from a training config's ``model:`` section (the ModelNet10 recipe by
 default) and times, on random point sets of the config's batch size and point count:
 
-* ``farthest_point_sampling``: choosing the set abstraction's centres;
+* ``farthest_point_sampling``: choosing the set abstraction's centres (on CUDA also the
+  PyTorch loop that the Triton kernel replaces there);
 * ``knn_indices``: the ``group_size`` points nearest each centre;
 * ``set abstraction fwd+bwd``: the whole embedding, forward and backward;
 * ``training step``: forward, cross-entropy, backward and the optimizer step of the whole
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         parts += [
             (f"farthest_point_sampling ({centers} of {num_points})",
              lambda: farthest_point_sampling(points, centers)),
+            *([("farthest_point_sampling, PyTorch loop (not used on CUDA)",
+                lambda: farthest_point_sampling(points, centers, backend="loop"))]
+              if device.type == "cuda" else []),
             (f"knn_indices ({group_size} per centre)",
              lambda: knn_indices(points, group_size, queries=points[:, :centers])),
             ("set abstraction fwd+bwd", embedding_step),

@@ -9,10 +9,13 @@ embedding is permutation-equivariant.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from pointsink.sinkhorn_attention import triton_available
 from pointsink.validation import check_int
 
 __all__ = [
@@ -61,7 +64,9 @@ def gather_neighbors(features: Tensor, indices: Tensor) -> Tensor:
     return flat[indices + offsets]
 
 
-def farthest_point_sampling(points: Tensor, num_samples: int) -> Tensor:
+def farthest_point_sampling(
+    points: Tensor, num_samples: int, backend: Literal["auto", "loop", "triton"] = "auto"
+) -> Tensor:
     """Indices of ``num_samples`` points spread over each set by farthest-point sampling.
 
     Starts from the point farthest from the set's mean rather than from index 0, so the
@@ -71,16 +76,33 @@ def farthest_point_sampling(points: Tensor, num_samples: int) -> Tensor:
     Args:
         points: Coordinates ``(B, N, D)``.
         num_samples: ``M``, at most ``N``.
+        backend: ``"loop"``: a few PyTorch operations per step, on any device;
+            ``"triton"``: all steps in one kernel launch (:mod:`pointsink.triton_sampling`;
+            CUDA, up to 4,096 points of up to 16 coordinates, computed in float32), the
+            same picks; ``"auto"``: Triton where it applies and is installed, else the loop.
 
     Returns:
         ``(B, M)`` indices into the ``N`` points, in the order they were chosen.
     """
-    batch, num_points, _ = points.shape
+    batch, num_points, dim = points.shape
     if not 1 <= num_samples <= num_points:
         raise ValueError(
             f"num_samples must be between 1 and the number of points ({num_points}); "
             f"got {num_samples}."
         )
+    if backend not in ("auto", "loop", "triton"):
+        raise ValueError(f"unknown backend {backend!r}; use auto, loop or triton.")
+    if backend == "auto":
+        backend = "loop"
+        if points.is_cuda and triton_available():
+            from pointsink import triton_sampling
+
+            if num_points <= triton_sampling.MAX_POINTS and dim <= triton_sampling.MAX_DIM:
+                backend = "triton"
+    if backend == "triton":
+        from pointsink.triton_sampling import triton_farthest_point_sampling
+
+        return triton_farthest_point_sampling(points, num_samples)
     rows = torch.arange(batch, device=points.device)
     chosen = torch.empty(batch, num_samples, dtype=torch.long, device=points.device)
     current = (points - points.mean(dim=1, keepdim=True)).square().sum(dim=-1).argmax(dim=1)

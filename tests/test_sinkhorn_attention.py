@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from _triton_utils import HAS_TRITON, bundled_ptxas, run_python
 
 from pointsink.sinkhorn import sinkhorn
 from pointsink.sinkhorn_attention import (
@@ -31,7 +28,6 @@ from pointsink.sinkhorn_attention import (
     use_factored_ds,
 )
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 # The module itself: ``pointsink.sinkhorn_attention`` is also the package's function.
 attention_module = importlib.import_module("pointsink.sinkhorn_attention")
 
@@ -346,22 +342,8 @@ def test_triton_backend_without_triton_says_how_to_install(
         sinkhorn_attention(q, k, v, 2, backend="triton")
 
 
-def _run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        # A guard against hangs, not a speed check: alone on 2 cores the slowest case (the
-        # sm_90 compile, empty Triton cache) takes about 50 s; one passed 300 s beside a
-        # training run.
-        timeout=900,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-
-
 def test_package_imports_and_runs_without_triton() -> None:
-    result = _run_python(
+    result = run_python(
         """
         import sys
         sys.modules["triton"] = None  # "import triton" now raises ImportError
@@ -465,7 +447,7 @@ def test_triton_kernels_on_cuda() -> None:
 
 def _check_triton_kernels(device: str, env: dict[str, str], expected_rows: int) -> None:
     script = _TRITON_KERNELS_SCRIPT.replace("__DEVICE__", device)
-    result = _run_python(script, env=env)
+    result = run_python(script, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     # Largest error relative to (1 + max |reference|), against float64 dense autograd.
     tolerance = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
@@ -540,21 +522,12 @@ print(json.dumps(compiled))
 """
 
 
-def _bundled_ptxas() -> bool:
-    spec = importlib.util.find_spec("triton") if HAS_TRITON else None
-    if spec is None or spec.origin is None:
-        return False
-    return os.path.exists(
-        os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "ptxas")
-    )
-
-
-@pytest.mark.skipif(not _bundled_ptxas(), reason="triton with its bundled ptxas is not installed")
+@pytest.mark.skipif(not bundled_ptxas(), reason="triton with its bundled ptxas is not installed")
 def test_triton_kernels_compile_for_sm90() -> None:
     # The interpreter accepts code that the compiler rejects: compile every kernel variant
     # (bfloat16, head dim 64; default blocks and those of ISAB shapes) to a cubin for H100;
     # no GPU needed.
-    result = _run_python(_TRITON_COMPILE_SCRIPT, env={"TRITON_INTERPRET": "0"})
+    result = run_python(_TRITON_COMPILE_SCRIPT, env={"TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     if result.stdout.startswith("SKIP"):
         pytest.skip(f"this triton's compiler API differs: {result.stdout.strip()}")
