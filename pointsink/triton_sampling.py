@@ -1,15 +1,15 @@
 """Farthest-point sampling in one Triton kernel launch (CUDA).
 
 :func:`pointsink.embedding.farthest_point_sampling` adds one point per step, and each step
-is a few PyTorch operations over the whole batch: choosing the recipe's 256 centres launches
-about 1,300 small kernels on a GPU, every training and evaluation step. Here one program per
-point set holds the set's coordinates and distances in registers and runs all the steps,
-so the choice costs one launch. The picks are those of the PyTorch loop: the point farthest
-from the set's mean first, then each time the point farthest from those chosen so far, the
-lowest index on exact ties. The squared distances are summed in the loop's order, without
-fused multiply-adds, so they are the loop's to the bit; only the set's mean is summed in
-another order, which can change the first pick where two points are equally far from it
-to the last bit.
+is 7 PyTorch operations over the whole batch (profiled on a CPU): choosing the recipe's 256
+centres launches some 1,800 small kernels on a GPU, every training and evaluation step.
+Here one program per point set holds the set's coordinates and distances in registers and
+runs all the steps, so the choice costs one launch. The picks are those of the PyTorch
+loop: the point farthest from the set's mean first, then each time the point farthest from
+those chosen so far, the lowest index on exact ties. The squared distances are summed in
+the loop's order, without fused multiply-adds, so they are the loop's to the bit; only the
+set's mean is summed in another order, which can change the first pick where two points
+are equally far from it to the last bit.
 
 Imported only when Triton is installed; the embedding falls back to the PyTorch loop on
 other devices, for more than :data:`MAX_POINTS` points, or without Triton.
