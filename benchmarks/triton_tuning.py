@@ -189,9 +189,13 @@ def _compile_job(job: tuple[dict[str, Config], str, Shape, str | None, dict]) ->
     return None
 
 
+def _parse_shape(text: str) -> Shape:
+    return tuple(int(x) for x in text.split(","))  # type: ignore[return-value]
+
+
 def _check_shapes(args: argparse.Namespace) -> list[Shape]:
-    """``--check-n`` squared and the shapes of ``test_triton_kernels_on_cuda``."""
-    return [_square(args.check_n, args), (1000, 16, 8, 64), (16, 1000, 8, 64), (2048, 777, 8, 64)]
+    """``--check-n`` squared and ``--check-shapes``."""
+    return [_square(args.check_n, args)] + [_parse_shape(s) for s in args.check_shapes]
 
 
 def _errors(module: ModuleType, args: argparse.Namespace, dtype: torch.dtype) -> float:
@@ -340,6 +344,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep-n", type=int, default=8192)
     parser.add_argument("--check-n", type=int, default=1024, help="size of the float64 check")
+    parser.add_argument(
+        "--check-shapes",
+        nargs="*",
+        default=["1000,16,8,64", "16,1000,8,64", "2048,777,8,64"],
+        help="more shapes 'n,m,G,d' of the float64 check (default: test_triton_kernels_on_cuda's)",
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument(
@@ -360,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--workers", type=int, default=8, help="parallel compiling helpers")
     parser.add_argument("--kernels", nargs="+", default=None, help="default: all")
+    parser.add_argument(
+        "--candidates", type=int, default=len(CANDIDATES), help="sweep the first this many"
+    )
     parser.add_argument("--baseline", help="another triton_sinkhorn.py to time beside")
     parser.add_argument("--json", help="write everything measured here")
     parser.add_argument(
@@ -402,14 +415,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{report['device']} | torch {torch.__version__} | triton {triton.__version__}")
     sweep_shape = _square(args.sweep_n, args)
     shapes = [_square(n, args) for n in args.sizes]
-    shapes += [tuple(int(x) for x in s.split(",")) for s in args.shapes]  # type: ignore[misc]
+    shapes += [_parse_shape(s) for s in args.shapes]
+    candidates = CANDIDATES[: args.candidates]
 
     if args.phase in ("all", "compile"):
         # Sweep candidates first (bfloat16), then the table's and the check's launches.
         jobs = [
             ({kernel: c}, "bfloat16", sweep_shape, None, vars(args))
             for kernel in kernels
-            for c in CANDIDATES
+            for c in candidates
             if c != defaults[kernel]
         ]
         for dtype_name in args.dtypes:
@@ -463,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"time budget: {kernel} not swept", flush=True)
             continue
         rows = [[list(defaults[kernel]), base["ms"], "default"]]
-        for c in CANDIDATES:
+        for c in candidates:
             if c == defaults[kernel]:
                 continue
             _use_blocks({kernel: c})

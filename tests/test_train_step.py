@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from _benchmark_utils import load_benchmark
 
@@ -42,3 +43,12 @@ def test_grouped_config_times_the_set_abstraction_parts(
         "set abstraction fwd+bwd",
         "training step (fwd, loss, bwd, AdamW)",
     ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")
+def test_cuda_without_a_gpu_is_a_clear_error(
+    train_step, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        train_step.main(["--config", str(TINY), "--device", "cuda"])
+    assert "no CUDA GPU is visible" in capsys.readouterr().err

@@ -1,0 +1,97 @@
+"""The GPU scripts, run where no GPU is: benchmarks/triton_tuning.py and gpu_checks.sh.
+
+Both run only on the occasional machine with a GPU, where device time is short; these
+checks keep them from breaking unnoticed in between. ``triton_tuning.py`` runs every step
+under Triton's CPU interpreter at tiny sizes; ``gpu_checks.sh`` runs its control flow with a
+stand-in interpreter that records what it was asked to run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _triton_utils import HAS_TRITON
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_tuning_runs_every_step_under_the_interpreter(tmp_path: Path) -> None:
+    report_path = tmp_path / "tuning.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/triton_tuning.py", "--device", "cpu", "--sweep-n", "32",
+         "--check-n", "16", "--check-shapes", "20,16,2,16", "16,20,2,16", "--batch", "1",
+         "--heads", "2", "--dim", "16", "--sizes", "32", "--shapes", "32,16,2,16",
+         "--dtypes", "float32", "--repeats", "1", "--sweep-repeats", "1", "--workers", "1",
+         "--kernels", "row", "--candidates", "2", "--baseline", "pointsink/triton_sinkhorn.py",
+         "--json", str(report_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["compile_errors"] == {}
+    timed = {(row["impl"], row["N"]) for row in report["table"] if "ms" in row}
+    for shape in ("32x32x2x16", "32x16x2x16"):
+        assert {("sdpa", shape), ("baseline", shape), ("default", shape)} <= timed
+    # The row kernel's default and the first two candidates, all timed.
+    assert len(report["sweep"]["row"]) == 3
+    assert all(ms is not None for _, ms, _ in report["sweep"]["row"])
+    assert report["errors_vs_float64"]["default/float32"] < 1e-5
+    assert report["errors_vs_float64"]["baseline/float32"] < 1e-5
+    assert "| sdpa | float32 | 32x32x2x16 |" in result.stdout
+
+
+_STAND_IN_PYTHON = """#!/usr/bin/env bash
+echo "$*" >>"$CALLS"
+case "$*" in
+  *"--phase time"*) echo "best: {}"; echo "| sdpa | bfloat16 | 1024x1024x32x64 | 1.00 |" ;;
+  *"train.py fit"*) root=${@: -1}; mkdir -p "$root/lightning_logs/version_0/checkpoints"
+                    touch "$root/lightning_logs/version_0/checkpoints/best.ckpt" ;;
+  *"train.py test"*) echo "        test/oa            0.5" ;;
+  *pytest*) echo "1 passed" ;;
+esac
+exit 0
+"""
+
+
+def test_gpu_checks_runs_its_steps_in_order_and_returns_at_most_eight_files(
+    tmp_path: Path,
+) -> None:
+    python = tmp_path / "python"
+    python.write_text(_STAND_IN_PYTHON)
+    python.chmod(0o755)
+    calls, out = tmp_path / "calls.txt", tmp_path / "out"
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_checks.sh"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHON": str(python), "OUT": str(out), "CALLS": str(calls),
+             "BUDGET": "200", "BASELINE": "base.py"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = calls.read_text().splitlines()
+    compile_call = next(i for i, c in enumerate(lines) if "--phase compile" in c)
+    time_call = next(i for i, c in enumerate(lines) if "--phase time" in c)
+    assert compile_call < time_call and "--baseline base.py" in lines[time_call]
+    assert sum("train.py fit" in c for c in lines) == sum("train.py test" in c for c in lines) == 2
+    assert "--device cuda" in lines[-1] and "train_step.py" in lines[-1]
+    # The device tool brings back at most 8 files from $OUT.
+    assert len(list(out.iterdir())) <= 8
+    assert "| sdpa | bfloat16 |" in result.stdout and "== total" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")
+def test_gpu_checks_stops_at_once_without_a_gpu(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_checks.sh"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "no CUDA GPU is visible" in result.stderr
