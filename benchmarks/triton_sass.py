@@ -92,32 +92,36 @@ def launch_configs(
             for key in ("row", "col", "bwd_col", "bwd_row", "dq", "dkdv")}  # fmt: skip
 
 
-def compile_sass(
-    module: ModuleType, name: str, flags: dict, config: tuple, dtype: str
-) -> tuple[str, int]:
-    """The SASS of one kernel variant compiled for sm_90, and its registers per thread."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = getattr(module, name)
-    block_m, block_n, num_warps, num_stages = config
-    consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 64, "BLOCK_E": 64, "D": 64,
-              "E": 64, "PRECISION": "ieee", "UPCAST": False, **flags}  # fmt: skip
-    consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
-    signature = {
+def signature_for(kernel: triton.JITFunction, consts: dict, dtype: str) -> dict[str, str]:
+    """Argument types of a Sinkhorn-attention kernel: q, k, v and their gradients in ``dtype``
+    (``bf16``, ``fp16``, ``fp32``), potentials and factors in float32, sizes ``i32``."""
+    return {
         a: "constexpr" if a in consts else "i32" if a in INTS else "fp32" if a in FLOATS
         else "*fp32" if a in FLOAT32_POINTERS else "*" + dtype
         for a in kernel.arg_names
     }  # fmt: skip
-    aligned = {
-        (i,): [["tt.divisibility", 16]]
-        for i, a in enumerate(kernel.arg_names)
-        if a not in consts and (signature[a].startswith("*") or a in ("n", "m"))
-    }
+
+
+def compile_sm90(
+    kernel: triton.JITFunction,
+    signature: dict[str, str],
+    consts: dict,
+    options: dict,
+    attrs: dict | None = None,
+) -> tuple[object, str, int]:
+    """Compiles one kernel for sm_90 with Triton's bundled ``ptxas``: no GPU needed.
+
+    Returns:
+        The compiled kernel (``.asm["cubin"]``, ``.metadata.shared``), its SASS from the
+        bundled ``cuobjdump`` and its registers per thread (-1 if not reported).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     binary = triton.compile(
-        ASTSource(kernel, signature, consts, aligned),
+        ASTSource(kernel, signature, consts, attrs or {}),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
+        options=options,
     )
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -130,7 +134,33 @@ def compile_sass(
             for flag in ("-sass", "-res-usage")
         )
     registers = re.search(r"REG:(\d+)", usage)
-    return sass, int(registers.group(1)) if registers else -1
+    return binary, sass, int(registers.group(1)) if registers else -1
+
+
+def spill_stores(sass: str) -> int:
+    """Local-memory stores (``STL``) in a kernel's SASS: register spills."""
+    return sum(op == "STL" for _, op, _ in _LINE.findall(sass))
+
+
+def compile_sass(
+    module: ModuleType, name: str, flags: dict, config: tuple, dtype: str
+) -> tuple[str, int]:
+    """The SASS of one kernel variant compiled for sm_90, and its registers per thread."""
+    kernel = getattr(module, name)
+    block_m, block_n, num_warps, num_stages = config
+    consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 64, "BLOCK_E": 64, "D": 64,
+              "E": 64, "PRECISION": "ieee", "UPCAST": False, **flags}  # fmt: skip
+    consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
+    signature = signature_for(kernel, consts, dtype)
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, a in enumerate(kernel.arg_names)
+        if a not in consts and (signature[a].startswith("*") or a in ("n", "m"))
+    }
+    _, sass, registers = compile_sm90(
+        kernel, signature, consts, {"num_warps": num_warps, "num_stages": num_stages}, aligned
+    )
+    return sass, registers
 
 
 def loop_counts(sass: str) -> tuple[collections.Counter, int]:
@@ -143,7 +173,7 @@ def loop_counts(sass: str) -> tuple[collections.Counter, int]:
             loops.append((int(target.group(1), 16), address))
     start, end = max(loops, key=lambda span: span[1] - span[0]) if loops else (0, 1 << 62)
     counts = collections.Counter(op for address, op, _ in code if start <= address <= end)
-    return counts, sum(op == "STL" for _, op, _ in code)
+    return counts, spill_stores(sass)
 
 
 def by_kind(counts: collections.Counter) -> dict[str, int]:

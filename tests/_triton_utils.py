@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+#: benchmarks/, whose triton_sass.py compiles kernels for sm_90 (scripts put it on sys.path).
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

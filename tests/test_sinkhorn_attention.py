@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from _triton_utils import HAS_TRITON, bundled_ptxas, run_python
+from _triton_utils import BENCHMARKS, HAS_TRITON, bundled_ptxas, run_python
 
 from pointsink.sinkhorn import sinkhorn
 from pointsink.sinkhorn_attention import (
@@ -465,6 +465,7 @@ import json
 import sys
 import triton
 import pointsink.triton_sinkhorn as ts
+sys.path.insert(0, "__BENCHMARKS__")
 try:  # Triton-internal API (as of triton 3.9)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -472,12 +473,8 @@ try:  # Triton-internal API (as of triton 3.9)
 except (ImportError, AttributeError, TypeError) as error:  # only an API change skips
     print("SKIP", "triton", triton.__version__, type(error).__name__, error)
     sys.exit(0)
+from triton_sass import compile_sm90, signature_for
 
-INTS = {"n", "m", "n_blocks", "n_u", "n_v", "stride_u", "stride_v"}
-FLOATS = {"scale", "log_col_mass", "col_factor"}
-FLOAT32_POINTERS = {"VPREV", "U_OUT", "UPREV", "V_OUT", "U", "VC", "ROWP", "COLP", "GROW",
-                    "COL_OUT", "GCOL", "ROW_INIT", "ROW_OUT", "US", "VS", "GU", "GV",
-                    "ROWF", "COLF"}
 VARIANTS = [
     ("row", ts._row_lse_kernel, {"HAS_OUT": True}),
     ("row", ts._row_lse_kernel, {"HAS_OUT": False}),
@@ -508,14 +505,8 @@ for (name, kernel, flags), blocks in [(v, b) for b in configs for v in VARIANTS]
               "BLOCK_E": head_dim, "D": head_dim, "E": head_dim, "PRECISION": "ieee",
               "UPCAST": False, **flags}
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
-    signature = {
-        a: "constexpr" if a in consts else "i32" if a in INTS else "fp32" if a in FLOATS
-        else "*fp32" if a in FLOAT32_POINTERS else "*bf16"
-        for a in kernel.arg_names
-    }
-    binary = triton.compile(ASTSource(kernel, signature, consts),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+    binary, _, _ = compile_sm90(kernel, signature_for(kernel, consts, "bf16"), consts,
+                                {"num_warps": num_warps, "num_stages": num_stages})
     compiled.append([kernel.fn.__name__, blocks[name], len(binary.asm["cubin"]),
                      binary.metadata.shared])
 print(json.dumps(compiled))
@@ -527,7 +518,8 @@ def test_triton_kernels_compile_for_sm90() -> None:
     # The interpreter accepts code that the compiler rejects: compile every kernel variant
     # (bfloat16, head dim 64; default blocks and those of ISAB shapes) to a cubin for H100;
     # no GPU needed.
-    result = run_python(_TRITON_COMPILE_SCRIPT, env={"TRITON_INTERPRET": "0"})
+    script = _TRITON_COMPILE_SCRIPT.replace("__BENCHMARKS__", str(BENCHMARKS))
+    result = run_python(script, env={"TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     if result.stdout.startswith("SKIP"):
         pytest.skip(f"this triton's compiler API differs: {result.stdout.strip()}")

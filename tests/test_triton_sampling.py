@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from _triton_utils import HAS_TRITON, bundled_ptxas, run_python
+from _triton_utils import BENCHMARKS, HAS_TRITON, bundled_ptxas, run_python
 
 from pointsink.embedding import farthest_point_sampling
 
@@ -112,38 +112,27 @@ def test_farthest_point_sampling_on_cpu_does_not_need_triton() -> None:
 
 _COMPILE_SCRIPT = """
 import json
-import os
-import re
-import subprocess
 import sys
-import tempfile
 import triton
 from pointsink import triton_sampling
-try:  # Triton-internal API (as of triton 3.9)
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+sys.path.insert(0, "__BENCHMARKS__")
+try:  # Triton-internal API (as of triton 3.9), which triton_sass.compile_sm90 uses
+    from triton.backends.compiler import GPUTarget  # noqa: F401
+    from triton.compiler import ASTSource  # noqa: F401
 except ImportError as error:
     print("SKIP", "triton", triton.__version__, error)
     sys.exit(0)
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+from triton_sass import compile_sm90, spill_stores
+
 kernel = triton_sampling._farthest_point_sampling_kernel
+signature = {"POINTS": "*fp32", "CHOSEN": "*i64", "n": "i32", "num_samples": "i32",
+             "D": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
 rows = []
 for block_n in (1024, triton_sampling.MAX_POINTS):  # the recipe's, the largest taken
-    signature = {"POINTS": "*fp32", "CHOSEN": "*i64", "n": "i32", "num_samples": "i32",
-                 "D": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
     consts = {"D": 3, "BLOCK_N": block_n, "BLOCK_D": 4}
-    binary = triton.compile(ASTSource(kernel, signature, consts),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": min(16, block_n // 256),
-                                     "enable_fp_fusion": False})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(binary.asm["cubin"])
-        cubin.flush()
-        sass, usage = (subprocess.run([cuobjdump, flag, cubin.name], capture_output=True,
-                                      text=True, check=True).stdout
-                       for flag in ("-sass", "-res-usage"))
-    registers = int(re.search(r"REG:(\\d+)", usage).group(1))
-    rows.append([block_n, registers, len(re.findall(r"\\bSTL\\b", sass))])
+    options = {"num_warps": min(16, block_n // 256), "enable_fp_fusion": False}
+    _, sass, registers = compile_sm90(kernel, signature, consts, options)
+    rows.append([block_n, registers, spill_stores(sass)])
 print(json.dumps(rows))
 """
 
@@ -152,7 +141,8 @@ print(json.dumps(rows))
 def test_triton_farthest_point_sampling_compiles_for_sm90_without_spills() -> None:
     # The interpreter accepts code the compiler rejects, and registers are what holds the
     # set: compile for H100 (no GPU needed) and count local-memory stores (spills).
-    result = run_python(_COMPILE_SCRIPT, env={"TRITON_INTERPRET": "0"})
+    script = _COMPILE_SCRIPT.replace("__BENCHMARKS__", str(BENCHMARKS))
+    result = run_python(script, env={"TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     if result.stdout.startswith("SKIP"):
         pytest.skip(f"this triton's compiler API differs: {result.stdout.strip()}")
