@@ -158,7 +158,11 @@ def compile_sass(
         if a not in consts and (signature[a].startswith("*") or a in ("n", "m"))
     }
     _, sass, registers = compile_sm90(
-        kernel, signature, consts, {"num_warps": num_warps, "num_stages": num_stages}, aligned
+        kernel,
+        signature,
+        consts,
+        {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True},
+        aligned,
     )
     return sass, registers
 

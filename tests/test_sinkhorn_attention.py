@@ -506,7 +506,8 @@ for (name, kernel, flags), blocks in [(v, b) for b in configs for v in VARIANTS]
               "UPCAST": False, **flags}
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     binary, _, _ = compile_sm90(kernel, signature_for(kernel, consts, "bf16"), consts,
-                                {"num_warps": num_warps, "num_stages": num_stages})
+                                {"num_warps": num_warps, "num_stages": num_stages,
+                                 "enable_fp_fusion": True})
     compiled.append([kernel.fn.__name__, blocks[name], len(binary.asm["cubin"]),
                      binary.metadata.shared])
 print(json.dumps(compiled))
