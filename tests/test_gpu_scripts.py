@@ -61,9 +61,8 @@ exit 0
 """
 
 
-def test_gpu_checks_runs_its_steps_in_order_and_returns_at_most_eight_files(
-    tmp_path: Path,
-) -> None:
+def _gpu_checks(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list, Path]:
+    """Runs gpu_checks.sh with the stand-in interpreter: (result, its calls, OUT)."""
     python = tmp_path / "python"
     python.write_text(_STAND_IN_PYTHON)
     python.chmod(0o755)
@@ -72,18 +71,39 @@ def test_gpu_checks_runs_its_steps_in_order_and_returns_at_most_eight_files(
         ["bash", "benchmarks/gpu_checks.sh"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "PYTHON": str(python), "OUT": str(out), "CALLS": str(calls),
-             "BUDGET": "200", "BASELINE": "base.py"},
+             "BUDGET": "200", **env},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = calls.read_text().splitlines()
-    compile_call = next(i for i, c in enumerate(lines) if "--phase compile" in c)
-    time_call = next(i for i, c in enumerate(lines) if "--phase time" in c)
-    assert compile_call < time_call and "--baseline base.py" in lines[time_call]
-    assert sum("train.py fit" in c for c in lines) == sum("train.py test" in c for c in lines) == 2
-    assert "--device cuda" in lines[-1] and "train_step.py" in lines[-1]
+    return result, calls.read_text().splitlines(), out
+
+
+def _first(calls: list[str], text: str) -> int:
+    return next(i for i, call in enumerate(calls) if text in call)
+
+
+def test_gpu_checks_runs_its_steps_in_order_and_returns_at_most_eight_files(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "ModelNet10"
+    data.mkdir()
+    result, calls, out = _gpu_checks(tmp_path, BASELINE="base.py", DATA=str(data))
+    compile_call, time_call = _first(calls, "--phase compile"), _first(calls, "--phase time")
+    assert compile_call < time_call and "--baseline base.py" in calls[time_call]
+    assert sum("train.py fit" in c for c in calls) == sum("train.py test" in c for c in calls) == 2
+    step_call, recipe_call = _first(calls, "train_step.py"), _first(calls, "reproduce.py")
+    assert time_call < step_call < recipe_call and "--device cuda" in calls[step_call]
+    assert f"--data-root {data}" in calls[recipe_call]
     # The device tool brings back at most 8 files from $OUT.
     assert len(list(out.iterdir())) <= 8
     assert "| sdpa | bfloat16 |" in result.stdout and "== total" in result.stdout
+
+
+def test_gpu_checks_runs_only_the_steps_asked_for(tmp_path: Path) -> None:
+    _, calls, out = _gpu_checks(tmp_path, STEPS="tests step")
+    # The CUDA check, the versions, the CUDA tests, the training step.
+    assert len(calls) == 4
+    assert "-k cuda" in calls[2] and "train_step.py" in calls[3]
+    assert sorted(p.name for p in out.iterdir()) == ["device.txt", "tests.log", "train.log"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")
