@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from triton_sass import load_module  # benchmarks/, beside this script
 
+from pointsink.triton_sinkhorn import LaunchConfig
+
 CANDIDATES = [
     (128, 64, 8, 3),
     (64, 32, 4, 3),
@@ -70,7 +72,6 @@ CANDIDATES = [
     (256, 128, 8, 2),
     (128, 256, 8, 2),
 ]
-Config = tuple[int, int, int, int]
 
 
 def _module() -> ModuleType:
@@ -79,7 +80,7 @@ def _module() -> ModuleType:
     return ts
 
 
-def _use_blocks(overrides: dict[str, Config]) -> None:
+def _use_blocks(overrides: dict[str, LaunchConfig]) -> None:
     """Makes ``pointsink.triton_sinkhorn`` launch with ``overrides`` over its defaults."""
     ts = _module()
     defaults = getattr(ts, "_default_blocks_for", ts._blocks_for)
@@ -167,7 +168,7 @@ def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
 
 
-def _compile_job(job: tuple[dict[str, Config], str, Shape, str | None, dict]) -> str | None:
+def _compile_job(job: tuple[dict[str, LaunchConfig], str, Shape, str | None, dict]) -> str | None:
     """Helper process: compiles the launches of one forward + backward by running it once.
 
     ``(overrides, dtype, shape, module path, args)``: the kernels named in ``overrides``
@@ -471,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     kernels = sorted(kernels, key=lambda k: -kernel_ms[k])
     base = _time(_sinkhorn(ts, args.n_iter), *inputs, args.sweep_repeats)
     sweep: dict[str, list] = {}
-    best: dict[str, Config] = {}
+    best: dict[str, LaunchConfig] = {}
     for kernel in kernels:
         if time.perf_counter() - started > args.time_budget - args.reserve:
             print(f"time budget: {kernel} not swept", flush=True)
