@@ -108,12 +108,14 @@ def compile_sm90(
     consts: dict,
     options: dict,
     attrs: dict | None = None,
+    disassemble: bool = True,
 ) -> tuple[object, str, int]:
     """Compiles one kernel for sm_90 with Triton's bundled ``ptxas``: no GPU needed.
 
     Returns:
         The compiled kernel (``.asm["cubin"]``, ``.metadata.shared``), its SASS from the
-        bundled ``cuobjdump`` and its registers per thread (-1 if not reported).
+        bundled ``cuobjdump`` and its registers per thread (-1 if not reported); without
+        ``disassemble``, ``""`` and -1.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -123,6 +125,8 @@ def compile_sm90(
         target=GPUTarget("cuda", 90, 32),
         options=options,
     )
+    if not disassemble:
+        return binary, "", -1
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(binary.asm["cubin"])
@@ -143,13 +147,18 @@ def spill_stores(sass: str) -> int:
 
 
 def compile_sass(
-    module: ModuleType, name: str, flags: dict, config: tuple, dtype: str
+    module: ModuleType,
+    name: str,
+    flags: dict,
+    config: tuple,
+    dtype: str,
+    precision: str = "ieee",
 ) -> tuple[str, int]:
     """The SASS of one kernel variant compiled for sm_90, and its registers per thread."""
     kernel = getattr(module, name)
     block_m, block_n, num_warps, num_stages = config
     consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 64, "BLOCK_E": 64, "D": 64,
-              "E": 64, "PRECISION": "ieee", "UPCAST": False, **flags}  # fmt: skip
+              "E": 64, "PRECISION": precision, "UPCAST": False, **flags}  # fmt: skip
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
     signature = signature_for(kernel, consts, dtype)
     aligned = {
@@ -192,6 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", help="another triton_sinkhorn.py to count beside")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument(
+        "--precision",
+        default="ieee",
+        choices=["ieee", "tf32", "tf32x3"],
+        help="tl.dot input_precision of float32 inputs (others ignore it)",
+    )
+    parser.add_argument(
         "--config",
         help="'BLOCK_M,BLOCK_N,num_warps,num_stages' for every kernel (default: each "
         "module's defaults at head dim 64)",
@@ -201,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     modules = [("this", load_module(os.path.join(here, "triton_sinkhorn.py"), "this_ts"))]
     if args.baseline:
         modules.insert(0, ("baseline", load_module(args.baseline, "baseline_ts")))
-    print(f"triton {triton.__version__}, sm_90, {args.dtype}, head dim 64; loop instructions "
+    print(f"triton {triton.__version__}, sm_90, {args.dtype} ({args.precision}), head dim 64; "
+          "loop instructions "
           "per logit (per thread and iteration)", file=sys.stderr)  # fmt: skip
     print("| kernel | flags | version | BLOCK_M, BLOCK_N, warps, stages | MUFU | FP32 | MMA "
           "| MEM | OTHER | all | registers | spill stores |")  # fmt: skip
@@ -211,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             itemsize = 4 if args.dtype == "fp32" else 2
             config = (tuple(int(x) for x in args.config.split(",")) if args.config
                       else launch_configs(module, 64, itemsize)[key])  # fmt: skip
-            sass, registers = compile_sass(module, name, flags, config, args.dtype)
+            sass, registers = compile_sass(module, name, flags, config, args.dtype, args.precision)
             counts, spills = loop_counts(sass)
             per_thread = config[0] * config[1] / (32 * config[2])
             kinds = {k: v / per_thread for k, v in by_kind(counts).items()}

@@ -41,8 +41,9 @@ Backward, reverse-mode through the unrolled iterations: ``T - 1`` (odd ``T``) or
   column factors computed once per call, one exponential per element; else ``T``.
 
 Inputs may be float32, float16 or bfloat16; logits, potentials, reductions and
-accumulators are float32. Float32 ``tl.dot`` uses TF32 exactly when
-``torch.backends.cuda.matmul.allow_tf32`` is set (as torch's own matmul does).
+accumulators are float32. Float32 ``tl.dot`` uses one TF32 product exactly when
+``torch.backends.cuda.matmul.allow_tf32`` is set (as torch's own matmul does), else three
+(``tf32x3``, float32 accuracy) on GPUs with TF32 tensor cores (:func:`_float32_precision`).
 """
 
 # Triton convention: pointer and constexpr kernel arguments are upper case.
@@ -497,9 +498,10 @@ def _blocks_for(
     GPU). Head dim <= 64 in bfloat16/float16 with enough shared memory: of the tuning
     script's candidates, those with the fewest sm_90 instructions per logit and no register
     spills under Triton 3.6 and 3.9 (``benchmarks/triton_sass.py``; 0.66x the instructions
-    of the smaller tiles below). The rest: chosen so that the kernels compile without spills
-    (or almost none; float32 tiles take twice the registers). Pass ``block_m``/``block_n``
-    to :func:`triton_sinkhorn_attention` to override the tile sizes.
+    of the smaller tiles below). Head dim <= 64 in float32: likewise for the tf32x3 products
+    of sm_80 and up. The rest: chosen so that the kernels compile without spills (or almost
+    none; float32 tiles take twice the registers). Pass ``block_m``/``block_n`` to
+    :func:`triton_sinkhorn_attention` to override the tile sizes.
     """
     large_tiles_fit = shared_memory is None or shared_memory >= _LARGE_TILES_SHARED_MEMORY
     if head_dim <= 64 and itemsize <= 2 and large_tiles_fit:
@@ -510,6 +512,18 @@ def _blocks_for(
             "bwd_row": (128, 128, 4, 2),
             "dq": (64, 128, 8, 3),
             "dkdv": (128, 64, 8, 3),
+        }
+    if head_dim <= 64 and itemsize == 4:
+        # float32 through tf32x3 products (_float32_precision): about the fewest sm_90
+        # instructions per logit, with no or few spills under Triton 3.6 and 3.9, of the
+        # configurations counted (transposed tiles where a kernel loops over queries).
+        return {
+            "row": (128, 64, 8, 2),
+            "col": (64, 64, 4, 2),
+            "bwd_col": (32, 64, 4, 3),
+            "bwd_row": (64, 64, 4, 2),
+            "dq": (64, 32, 4, 2),
+            "dkdv": (32, 64, 4, 2),
         }
     if head_dim <= 64:
         fwd, bwd = (128, 64, 8, 3), (64, 32, 4, 3)
@@ -525,6 +539,32 @@ def _shared_memory_per_program(device_index: int | None) -> int:
     """Bytes of shared memory one program may use on a CUDA device (0 if torch can't say)."""
     props = torch.cuda.get_device_properties(device_index)
     return int(getattr(props, "shared_memory_per_block_optin", 0))
+
+
+def _float32_precision(q: Tensor) -> str:
+    """``tl.dot``'s ``input_precision`` for float32 inputs (others ignore it).
+
+    ``"tf32"`` where torch allows TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``),
+    as torch's own matmul does. Otherwise float32 accuracy: ``"tf32x3"`` on NVIDIA GPUs
+    with TF32 tensor cores (compute capability 8.0 and up), three TF32 products per ``dot``
+    (the operands split into a TF32 part and a TF32 remainder, the remainders' product
+    dropped); ``"ieee"`` elsewhere, a loop of float32 fused multiply-adds. In an emulation
+    on a CPU (``benchmarks/RESULTS.md``) ``"tf32x3"`` kept outputs and gradients as close
+    to float64 as float32 matmuls did (largest error over ``1 + max |ref|``: 0.7-4.4e-7
+    against 0.9-6.0e-7), where one TF32 product was 1,000 times further off; compiled for
+    sm_90 it takes 3-5 times fewer instructions per logit than ``"ieee"``, whose backward
+    kernels spill registers.
+    """
+    if q.dtype != torch.float32 or not q.is_cuda or torch.version.hip is not None:
+        return "ieee"
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "tf32x3" if _compute_capability(q.device.index) >= (8, 0) else "ieee"
+
+
+@functools.cache
+def _compute_capability(device_index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def _config(q: Tensor, m: int, e: int, block_m: int | None, block_n: int | None) -> dict:
@@ -545,17 +585,11 @@ def _config(q: Tensor, m: int, e: int, block_m: int | None, block_n: int | None)
         bm, bn = min(block_m or bm, max_m), min(block_n or bn, max_n)
         # Fewer warps for a clamped tile: at least 512 logits per warp (a power of two).
         blocks[kernel] = (bm, bn, min(num_warps, max(1, bm * bn // 512)), num_stages)
-    tf32 = (
-        q.dtype == torch.float32
-        and q.is_cuda
-        and torch.version.hip is None
-        and torch.backends.cuda.matmul.allow_tf32
-    )
     return {
         "blocks": blocks,
         "BLOCK_D": block_d,
         "BLOCK_E": block_e,
-        "PRECISION": "tf32" if tf32 else "ieee",
+        "PRECISION": _float32_precision(q),
         # The interpreter computes bfloat16 tl.dot wrongly: multiply in float32 there.
         "UPCAST": q.dtype == torch.bfloat16 and _interpreting(),
     }

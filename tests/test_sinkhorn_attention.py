@@ -316,12 +316,17 @@ def test_triton_tiles_never_exceed_the_matrix(n: int, m: int, dtype: torch.dtype
 def test_triton_large_tiles_only_where_they_fit() -> None:
     from pointsink import triton_sinkhorn
 
-    small = triton_sinkhorn._blocks_for(64, 4)  # float32 keeps the small tiles
-    assert triton_sinkhorn._blocks_for(64, 2, 99 * 1024) == small  # e.g. an RTX 4090
+    small = triton_sinkhorn._blocks_for(64, 2, 99 * 1024)  # e.g. an RTX 4090
     assert triton_sinkhorn._blocks_for(64, 2, 0) == small  # torch could not say
     large = triton_sinkhorn._blocks_for(64, 2, 227 * 1024)  # H100, H200
     assert large == triton_sinkhorn._blocks_for(64, 2)  # unknown: the interpreter
     assert all(large[k][0] * large[k][1] > small[k][0] * small[k][1] for k in ("dq", "dkdv"))
+    # float32 (tf32x3 products) has tiles of its own, whatever the shared memory: _run takes
+    # fewer stages where it is short.
+    float32 = triton_sinkhorn._blocks_for(64, 4)
+    assert float32 == triton_sinkhorn._blocks_for(64, 4, 99 * 1024)
+    assert float32 == triton_sinkhorn._blocks_for(64, 4, 227 * 1024)
+    assert float32 not in (small, large)
     assert triton_sinkhorn._blocks_for(128, 2) == triton_sinkhorn._blocks_for(128, 4)
 
 
@@ -452,7 +457,8 @@ def _check_triton_kernels(device: str, env: dict[str, str], expected_rows: int) 
     # Largest error relative to (1 + max |reference|), against float64 dense autograd.
     tolerance = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
     if device == "cuda":
-        # IEEE float32 tl.dot (TF32 is off by default), but sums over up to 2048 keys.
+        # float32-accurate tl.dot (tf32x3 products, or IEEE before sm_80; TF32 is off by
+        # default), but sums over up to 2048 keys.
         tolerance["float32"] = 1e-4
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(rows) == expected_rows
@@ -495,21 +501,25 @@ VARIANTS = [
 import torch
 head_dim = 64
 assert set(ts._blocks_for(head_dim)) == set(ts.KERNELS)
-# The default configurations, and those clamped to ISAB shapes (16 keys or 16 queries).
-configs = [ts._config(torch.empty(1, n, head_dim, dtype=torch.bfloat16), m, head_dim,
-                      None, None)["blocks"] for n, m in ((4096, 4096), (1000, 16), (16, 1000))]
+# bfloat16: the default configurations, and those clamped to ISAB shapes (16 keys or 16
+# queries); float32: the defaults, with the tf32x3 products used on sm_80 and up.
+cases = [(torch.bfloat16, "bf16", "ieee", n, m) for n, m in ((4096, 4096), (1000, 16), (16, 1000))]
+cases.append((torch.float32, "fp32", "tf32x3", 4096, 4096))
 compiled = []
-for (name, kernel, flags), blocks in [(v, b) for b in configs for v in VARIANTS]:
-    block_m, block_n, num_warps, num_stages = blocks[name]
-    consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": head_dim,
-              "BLOCK_E": head_dim, "D": head_dim, "E": head_dim, "PRECISION": "ieee",
-              "UPCAST": False, **flags}
-    consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
-    binary, _, _ = compile_sm90(kernel, signature_for(kernel, consts, "bf16"), consts,
-                                {"num_warps": num_warps, "num_stages": num_stages,
-                                 "enable_fp_fusion": True})
-    compiled.append([kernel.fn.__name__, blocks[name], len(binary.asm["cubin"]),
-                     binary.metadata.shared])
+for dtype, dtype_name, precision, n, m in cases:
+    blocks = ts._config(torch.empty(1, n, head_dim, dtype=dtype), m, head_dim, None,
+                        None)["blocks"]
+    for name, kernel, flags in VARIANTS:
+        block_m, block_n, num_warps, num_stages = blocks[name]
+        consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": head_dim,
+                  "BLOCK_E": head_dim, "D": head_dim, "E": head_dim, "PRECISION": precision,
+                  "UPCAST": False, **flags}
+        consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
+        binary, _, _ = compile_sm90(kernel, signature_for(kernel, consts, dtype_name), consts,
+                                    {"num_warps": num_warps, "num_stages": num_stages,
+                                     "enable_fp_fusion": True}, disassemble=False)
+        compiled.append([kernel.fn.__name__, dtype_name, len(binary.asm["cubin"]),
+                         binary.metadata.shared])
 print(json.dumps(compiled))
 """
 
@@ -517,20 +527,21 @@ print(json.dumps(compiled))
 @pytest.mark.skipif(not bundled_ptxas(), reason="triton with its bundled ptxas is not installed")
 def test_triton_kernels_compile_for_sm90() -> None:
     # The interpreter accepts code that the compiler rejects: compile every kernel variant
-    # (bfloat16, head dim 64; default blocks and those of ISAB shapes) to a cubin for H100;
-    # no GPU needed.
+    # (head dim 64; bfloat16 with the default blocks and those of ISAB shapes, float32 with
+    # tf32x3 products) to a cubin for H100; no GPU needed.
     script = _TRITON_COMPILE_SCRIPT.replace("__BENCHMARKS__", str(BENCHMARKS))
     result = run_python(script, env={"TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     if result.stdout.startswith("SKIP"):
         pytest.skip(f"this triton's compiler API differs: {result.stdout.strip()}")
     compiled = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 3 * 15
+    assert len(compiled) == 4 * 15
     assert all(size > 0 for _, _, size, _ in compiled)
     # The larger bfloat16 tiles are chosen where two of their programs fit in an SM.
     from pointsink.triton_sinkhorn import _LARGE_TILES_SHARED_MEMORY
 
-    assert max(shared for *_, shared in compiled) <= _LARGE_TILES_SHARED_MEMORY // 2
+    bf16 = [shared for _, dtype, _, shared in compiled if dtype == "bf16"]
+    assert max(bf16) <= _LARGE_TILES_SHARED_MEMORY // 2
 
 
 class _KernelShortOfSharedMemory:
@@ -577,3 +588,35 @@ def test_triton_launch_takes_fewer_stages_where_shared_memory_is_short(
     with pytest.raises(RuntimeError, match=r"does not fit this GPU.*block_m/block_n"):
         triton_sinkhorn._run(tiny, (4,), x, BLOCK_M=128, num_stages=2)
     assert tiny.tried == [2, 1]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_float32_dot_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from pointsink import triton_sinkhorn
+
+    def tensor(dtype: torch.dtype = torch.float32, is_cuda: bool = True) -> SimpleNamespace:
+        return SimpleNamespace(dtype=dtype, is_cuda=is_cuda, device=SimpleNamespace(index=0))
+
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(triton_sinkhorn, "_compute_capability", lambda index: capability["value"])
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    precision = triton_sinkhorn._float32_precision
+    # float32 accuracy from TF32 tensor cores where they exist (sm_80 and up)...
+    assert precision(tensor()) == "tf32x3"
+    capability["value"] = (8, 0)
+    assert precision(tensor()) == "tf32x3"
+    # ...a float32 FMA loop where they do not, and on CPUs (the interpreter)...
+    capability["value"] = (7, 5)
+    assert precision(tensor()) == "ieee"
+    assert precision(tensor(is_cuda=False)) == "ieee"
+    # ...and one TF32 product where torch allows it, as torch's matmul does.
+    capability["value"] = (9, 0)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert precision(tensor()) == "tf32"
+    # Half-precision inputs ignore it; ROCm keeps IEEE.
+    assert precision(tensor(torch.bfloat16)) == "ieee"
+    monkeypatch.setattr(torch.version, "hip", "6.0")
+    assert precision(tensor()) == "ieee"
