@@ -49,3 +49,13 @@ def make_shape_folder() -> Callable[..., Path]:
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter() -> None:
+    """Skips a test whose kernels run under Triton's interpreter where it cannot run them."""
+    from _triton_utils import interpreter_problem
+
+    problem = interpreter_problem()
+    if problem:
+        pytest.skip(problem)

@@ -22,7 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_tuning_runs_every_step_under_the_interpreter(tmp_path: Path) -> None:
+def test_triton_tuning_runs_every_step_under_the_interpreter(
+    tmp_path: Path, triton_interpreter: None
+) -> None:
     report_path = tmp_path / "tuning.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/triton_tuning.py", "--device", "cpu", "--sweep-n", "32",

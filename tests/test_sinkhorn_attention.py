@@ -439,7 +439,7 @@ print(json.dumps(results))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_kernels_under_interpreter() -> None:
+def test_triton_kernels_under_interpreter(triton_interpreter: None) -> None:
     _check_triton_kernels("cpu", {"TRITON_INTERPRET": "1"}, expected_rows=12 + 2 + 2 + 6)
 
 

@@ -60,7 +60,9 @@ def _compare(device: str, env: dict[str, str]) -> list[list]:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_farthest_point_sampling_matches_the_pytorch_loop_in_the_interpreter() -> None:
+def test_triton_farthest_point_sampling_matches_the_pytorch_loop_in_the_interpreter(
+    triton_interpreter: None,
+) -> None:
     assert len(_compare("cpu", {"TRITON_INTERPRET": "1"})) == 8
 
 
