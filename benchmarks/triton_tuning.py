@@ -6,21 +6,21 @@ time`` then measures from the cache). The measuring steps, in one process:
 
 1. Table. SDPA softmax, the defaults and, with ``--baseline``, another copy of
    ``triton_sinkhorn.py`` (e.g. an earlier commit's), forward + backward at each
-   ``--sizes`` (squared) and ``--shapes`` in bfloat16 and float32: median time (CUDA events,
+   ``--sizes`` (squared) and ``--shapes`` in ``--dtypes``: median time (CUDA events,
    up to ``--repeats`` runs or about 2 s) and extra peak memory (as
    ``benchmarks/attention.py`` measures it).
 2. Profile. GPU time of each kernel of the defaults at ``--sweep-n`` (torch.profiler).
 3. Sweep. For each kernel of ``pointsink.triton_sinkhorn.KERNELS``, longest first, while
    ``--time-budget`` allows, and each candidate ``(BLOCK_M, BLOCK_N, num_warps,
    num_stages)``: that kernel takes the candidate and the others keep their defaults;
-   forward + backward (``--sweep-n``, bfloat16) is timed (median of ``--sweep-repeats``
+   forward + backward (``--sweep-n``, ``--sweep-dtype``) is timed (median of ``--sweep-repeats``
    after a warm-up), so the differences between candidates of one kernel are that kernel's.
    Failures are reported; candidates that need more shared memory than the GPU allows run
    with fewer pipeline stages (``pointsink.triton_sinkhorn._run``), marked as such.
-4. Check. The defaults, the best candidates (bfloat16) and the baseline against float64
+4. Check. The defaults, the best candidates (sweep dtype) and the baseline against float64
    dense autograd (outputs and the gradients of q, k, v) at ``--check-n`` squared and the
    shapes of ``test_triton_kernels_on_cuda``: largest error over ``1 + max |reference|``.
-5. The best candidates, where they differ from the defaults, in the table (bfloat16).
+5. The best candidates, where they differ from the defaults, in the table (sweep dtype).
 
 Everything measured goes to ``--json`` as it comes; the table is printed last.
 
@@ -354,6 +354,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument(
+        "--sweep-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype of the sweep, whose defaults it varies (float32 has tiles of its own)",
+    )
+    parser.add_argument(
         "--shapes",
         nargs="*",
         default=["256,16,128,32", "16,256,128,32", "1024,16,128,32", "16,1024,128,32"],
@@ -400,9 +406,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     ts = _module()
     kernels = args.kernels or list(ts.KERNELS)
-    # The defaults as _config picks them for bfloat16 (the sweep's dtype) on this device.
+    # The defaults as _config picks them for the sweep's dtype on this device.
+    sweep_dtype = getattr(torch, args.sweep_dtype)
     shared_memory = ts._shared_memory_per_program(0) if args.device == "cuda" else None
-    defaults = ts._blocks_for(args.dim, 2, shared_memory)
+    defaults = ts._blocks_for(args.dim, sweep_dtype.itemsize, shared_memory)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     import triton
 
@@ -420,9 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     candidates = CANDIDATES[: args.candidates]
 
     if args.phase in ("all", "compile"):
-        # Sweep candidates first (bfloat16), then the table's and the check's launches.
+        # Sweep candidates first, then the table's and the check's launches.
         jobs = [
-            ({kernel: c}, "bfloat16", sweep_shape, None, vars(args))
+            ({kernel: c}, args.sweep_dtype, sweep_shape, None, vars(args))
             for kernel in kernels
             for c in candidates
             if c != defaults[kernel]
@@ -447,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"table timed in {time.perf_counter() - started:.0f} s", flush=True)
 
     # 2. Where the defaults spend their time, kernel by kernel.
-    inputs = _inputs(sweep_shape, args, torch.bfloat16)
+    inputs = _inputs(sweep_shape, args, sweep_dtype)
     profile: dict[str, dict] = {}
     if args.device == "cuda":
         for dtype_name in args.dtypes:
@@ -466,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. The sweep, the kernels that take longest first, while time remains.
     kernel_ms = {k: 0.0 for k in kernels}
-    for name, entry in profile.get("bfloat16", {}).items():
+    for name, entry in profile.get(args.sweep_dtype, {}).items():
         if _KERNEL_OF_JIT.get(name) in kernel_ms:
             kernel_ms[_KERNEL_OF_JIT[name]] += entry["ms"]
     kernels = sorted(kernels, key=lambda k: -kernel_ms[k])
@@ -493,7 +500,10 @@ def main(argv: list[str] | None = None) -> None:
         sweep[kernel] = rows
         timed = [r for r in rows if r[1] is not None]
         best[kernel] = tuple(min(timed, key=lambda r: r[1])[0])  # type: ignore[assignment]
-        print(f"\n{kernel}: fwd+bwd ms at N={args.sweep_n}, bf16, this kernel's config varied")
+        print(
+            f"\n{kernel}: fwd+bwd ms at N={args.sweep_n}, {args.sweep_dtype}, "
+            "this kernel's config varied"
+        )
         for c, ms, note in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0)):
             print(f"  {tuple(c)}  {'-' if ms is None else f'{ms:.2f}'}  {note}")
         report["sweep"], report["best"] = sweep, best
@@ -502,15 +512,15 @@ def main(argv: list[str] | None = None) -> None:
     tuned = {k: c for k, c in best.items() if c != defaults[k]}
     print("\nbest:", best, "| differ from the defaults:", tuned, flush=True)
 
-    # 4. Correctness against float64 dense autograd (the tuned launches in bfloat16 only,
+    # 4. Correctness against float64 dense autograd (the tuned launches in the sweep's dtype,
     # compiled in helpers first).
     if tuned and args.device == "cuda":
-        jobs = [(tuned, "bfloat16", shape, None, vars(args)) for shape in _check_shapes(args)]
+        jobs = [(tuned, args.sweep_dtype, shape, None, vars(args)) for shape in _check_shapes(args)]
         report["compile_errors_tuned"] = _compile_all(args, jobs)
     checks = {}
     labelled = [("default", ts, {}, args.dtypes)]
     if tuned:
-        labelled.append(("tuned", ts, tuned, ["bfloat16"]))
+        labelled.append(("tuned", ts, tuned, [args.sweep_dtype]))
     if baseline is not None:
         labelled.append(("baseline", baseline, {}, args.dtypes))
     for label, module, overrides, dtypes in labelled:
@@ -526,10 +536,10 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
 
-    # 5. The tuned configurations in the table (bfloat16, the sweep's dtype).
+    # 5. The tuned configurations in the table (the sweep's dtype).
     if tuned:
         _table_rows([("tuned", _sinkhorn(ts, args.n_iter), tuned)], shapes, args, table,
-                    report, ["bfloat16"])  # fmt: skip
+                    report, [args.sweep_dtype])  # fmt: skip
     _save(report, args.json)
     print(f"done in {time.perf_counter() - started:.0f} s")
     _print_table(table, args.n_iter)
