@@ -17,6 +17,7 @@
 #          forward + backward, B=8, H=4, d=64, N = 1024 ... 16384 and the recipe's ISAB
 #          shapes, bfloat16 and float32; a per-kernel profile; the launch-configuration sweep
 #          (longest kernels first, within the time left); the float64 checks; tuned rows;
+#          TUNING_ARGS go to both halves (e.g. "--sweep-dtype float32");
 #   step   benchmarks/train_step.py on the GPU: the recipe's training step, timed and
 #          profiled (kernels launched, GPU-busy time against wall time), into train.log;
 #   recipe with DATA=<ModelNet10 dir, or a .tar.xz of it>: configs/modelnet10.yaml,
@@ -97,7 +98,8 @@ if wants train; then
 fi
 if wants tuning; then
     timeout "$phase1" "$PYTHON" benchmarks/triton_tuning.py --phase compile --workers 12 \
-        ${BASELINE:+--baseline "$BASELINE"} >/tmp/pointsink-compile.log 2>&1 || status=1
+        ${BASELINE:+--baseline "$BASELINE"} ${TUNING_ARGS:-} >/tmp/pointsink-compile.log 2>&1 \
+        || status=1
     grep -E '^compiled' /tmp/pointsink-compile.log >>"$OUT/device.txt"
 fi
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
@@ -109,7 +111,7 @@ if wants tuning; then
     if wants recipe; then reserve=$(($(left) / 2)); fi
     time_left=$(($(left) - reserve))
     timeout "$time_left" "$PYTHON" benchmarks/triton_tuning.py --phase time \
-        --time-budget $((time_left - 15)) ${BASELINE:+--baseline "$BASELINE"} \
+        --time-budget $((time_left - 15)) ${BASELINE:+--baseline "$BASELINE"} ${TUNING_ARGS:-} \
         --json "$OUT/tuning.json" >"$OUT/tuning.md" 2>"$OUT/tuning.err" || status=1
 fi
 if wants step; then

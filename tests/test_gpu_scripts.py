@@ -89,9 +89,12 @@ def test_gpu_checks_runs_its_steps_in_order_and_returns_at_most_eight_files(
 ) -> None:
     data = tmp_path / "ModelNet10"
     data.mkdir()
-    result, calls, out = _gpu_checks(tmp_path, BASELINE="base.py", DATA=str(data))
+    result, calls, out = _gpu_checks(
+        tmp_path, BASELINE="base.py", DATA=str(data), TUNING_ARGS="--sweep-dtype float32"
+    )
     compile_call, time_call = _first(calls, "--phase compile"), _first(calls, "--phase time")
     assert compile_call < time_call and "--baseline base.py" in calls[time_call]
+    assert all("--sweep-dtype float32" in calls[i] for i in (compile_call, time_call))
     assert sum("train.py fit" in c for c in calls) == sum("train.py test" in c for c in calls) == 2
     step_call, recipe_call = _first(calls, "train_step.py"), _first(calls, "reproduce.py")
     assert time_call < step_call < recipe_call and "--device cuda" in calls[step_call]
