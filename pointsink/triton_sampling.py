@@ -21,6 +21,8 @@ other devices, for more than :data:`MAX_POINTS` points, or without Triton.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -84,10 +86,13 @@ def triton_farthest_point_sampling(points: Tensor, num_samples: int) -> Tensor:
     points = points.contiguous()
     chosen = torch.empty(batch, num_samples, dtype=torch.long, device=points.device)
     block_n = triton.next_power_of_2(num_points)
-    _farthest_point_sampling_kernel[(batch,)](
-        points, chosen, num_points, num_samples,
-        D=dim, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim),
-        num_warps=min(16, max(1, block_n // 256)),
-        enable_fp_fusion=False,  # d_x^2 + d_y^2 + d_z^2 rounded as in the PyTorch loop
-    )  # fmt: skip
+    # Triton launches on the current CUDA device: make it the points' (e.g. cuda:1).
+    on_device = torch.cuda.device(points.device) if points.is_cuda else contextlib.nullcontext()
+    with on_device:
+        _farthest_point_sampling_kernel[(batch,)](
+            points, chosen, num_points, num_samples,
+            D=dim, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim),
+            num_warps=min(16, max(1, block_n // 256)),
+            enable_fp_fusion=False,  # d_x^2 + d_y^2 + d_z^2 rounded as in the PyTorch loop
+        )  # fmt: skip
     return chosen

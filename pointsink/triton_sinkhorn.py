@@ -51,6 +51,7 @@ accumulators are float32. Float32 ``tl.dot`` uses one TF32 product exactly when
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -622,9 +623,12 @@ def _run(kernel: triton.JITFunction, grid: tuple[int], *args: object, **kwargs: 
     device = args[0].device  # type: ignore[attr-defined]
     key = (kernel, device, tuple(sorted(kwargs.items())))
     stages = _STAGES_THAT_FIT.get(key, kwargs["num_stages"])
+    # Triton launches on the current CUDA device: make it the tensors' (e.g. cuda:1).
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     while True:
         try:
-            kernel[grid](*args, **{**kwargs, "num_stages": stages})
+            with on_device:
+                kernel[grid](*args, **{**kwargs, "num_stages": stages})
         except OutOfResources as error:
             if stages <= 1 or error.name != "shared memory":
                 raise RuntimeError(

@@ -620,3 +620,37 @@ def test_triton_float32_dot_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     assert precision(tensor(torch.bfloat16)) == "ieee"
     monkeypatch.setattr(torch.version, "hip", "6.0")
     assert precision(tensor()) == "ieee"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_launch_runs_on_the_tensors_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Triton launches on the current CUDA device; tensors on cuda:1 need it to be cuda:1.
+    from types import SimpleNamespace
+
+    from pointsink import triton_sinkhorn
+
+    events: list[object] = []
+
+    class RecordingDevice:
+        def __init__(self, device: torch.device) -> None:
+            self.device = device
+
+        def __enter__(self) -> None:
+            events.append(("enter", self.device))
+
+        def __exit__(self, *exc: object) -> None:
+            events.append("exit")
+
+    class Kernel:
+        fn = SimpleNamespace(__name__="_stand_in_kernel")
+
+        def __getitem__(self, grid: tuple[int]):
+            return lambda *args, **kwargs: events.append("launch")
+
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    on_cuda_1 = SimpleNamespace(device=torch.device("cuda", 1))
+    triton_sinkhorn._run(Kernel(), (1,), on_cuda_1, num_stages=2)
+    assert events == [("enter", torch.device("cuda", 1)), "launch", "exit"]
+    events.clear()
+    triton_sinkhorn._run(Kernel(), (1,), torch.zeros(1), num_stages=2)  # CPU: interpreter
+    assert events == ["launch"]
