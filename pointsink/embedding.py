@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pointsink.sinkhorn_attention import triton_available
+from pointsink.sinkhorn_attention import require_triton, triton_available
 from pointsink.validation import check_int
 
 __all__ = [
@@ -100,6 +100,7 @@ def farthest_point_sampling(
             if num_points <= triton_sampling.MAX_POINTS and dim <= triton_sampling.MAX_DIM:
                 backend = "triton"
     if backend == "triton":
+        require_triton(points, "loop")
         from pointsink.triton_sampling import triton_farthest_point_sampling
 
         return triton_farthest_point_sampling(points, num_samples)

@@ -82,7 +82,13 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from pointsink.sinkhorn import sinkhorn
 from pointsink.validation import check_int
 
-__all__ = ["Backend", "dense_sinkhorn_attention", "sinkhorn_attention", "triton_available"]
+__all__ = [
+    "Backend",
+    "dense_sinkhorn_attention",
+    "require_triton",
+    "sinkhorn_attention",
+    "triton_available",
+]
 
 Backend = Literal["auto", "chunked", "triton", "dense"]
 
@@ -107,6 +113,26 @@ def triton_available() -> bool:
 
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def require_triton(tensor: Tensor, fallback: str) -> None:
+    """Raises a clear error where ``backend='triton'`` cannot run on ``tensor``.
+
+    Args:
+        tensor: An input of the kernel: it must be on CUDA (or any device under
+            ``TRITON_INTERPRET=1``, Triton's CPU interpreter).
+        fallback: The backend to suggest instead, e.g. ``"chunked"``.
+
+    Raises:
+        RuntimeError: Triton is not installed, or the tensor is not on a CUDA device.
+    """
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install 'triton>=3.0').")
+    if not tensor.is_cuda and not _triton_interpreting():
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+            f"interpreter); use backend='{fallback}' on this device."
+        )
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[None]:
@@ -655,15 +681,7 @@ def sinkhorn_attention(
     n, m = qf.shape[1], kf.shape[1]
     apply: Callable[..., Tensor]
     if chosen == "triton":
-        if not triton_available():
-            raise RuntimeError(
-                "backend='triton' needs the triton package (pip install 'triton>=3.0')."
-            )
-        if not qf.is_cuda and not _triton_interpreting():
-            raise RuntimeError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
-                "interpreter); use backend='chunked' on this device."
-            )
+        require_triton(qf, "chunked")
         from pointsink.triton_sinkhorn import triton_sinkhorn_attention
 
         out = triton_sinkhorn_attention(qf, kf, vf, n_iter, scale)

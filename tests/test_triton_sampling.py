@@ -8,6 +8,7 @@ skipped without triton; no GPU needed), and compiled on a CUDA GPU where there i
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -15,6 +16,8 @@ import torch
 from _triton_utils import BENCHMARKS, HAS_TRITON, bundled_ptxas, run_python
 
 from pointsink.embedding import farthest_point_sampling
+
+sinkhorn_attention_module = importlib.import_module("pointsink.sinkhorn_attention")
 
 _COMPARE_SCRIPT = """
 import json
@@ -91,9 +94,21 @@ def test_triton_farthest_point_sampling_rejects_what_it_cannot_hold() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_farthest_point_sampling_backends_and_bad_backend() -> None:
+def test_farthest_point_sampling_backends_and_bad_backend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    points = torch.randn(1, 8, 3)
     with pytest.raises(ValueError, match="unknown backend"):
-        farthest_point_sampling(torch.randn(1, 8, 3), 2, backend="cuda")  # type: ignore[arg-type]
+        farthest_point_sampling(points, 2, backend="cuda")  # type: ignore[arg-type]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if HAS_TRITON:
+        with pytest.raises(RuntimeError, match=r"needs CUDA tensors.*backend='loop'"):
+            farthest_point_sampling(points, 2, backend="triton")
+    monkeypatch.setattr(sinkhorn_attention_module, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        farthest_point_sampling(points, 2, backend="triton")
+    # "auto" falls back to the loop without Triton.
+    assert farthest_point_sampling(points, 2).shape == (1, 2)
 
 
 def test_farthest_point_sampling_on_cpu_does_not_need_triton() -> None:
