@@ -20,6 +20,9 @@
 #          TUNING_ARGS go to both halves (e.g. "--sweep-dtype float32");
 #   step   benchmarks/train_step.py on the GPU: the recipe's training step, timed and
 #          profiled (kernels launched, GPU-busy time against wall time), into train.log;
+#   ncu    (only when named in STEPS) Nsight Compute's counters for one forward + backward
+#          of the attention kernels at N = 4096, bfloat16 then float32
+#          (benchmarks/ncu_attention.py): speed of light, occupancy, warp stalls, into ncu.txt;
 #   recipe with DATA=<ModelNet10 dir, or a .tar.xz of it>: configs/modelnet10.yaml,
 #          Sinkhorn-5, seeds 0 1 2 at once on the one GPU (benchmarks/reproduce.py --jobs 3),
 #          RECIPE_ARGS passed to train.py (e.g. "--trainer.max_epochs 20"); one seed took
@@ -63,7 +66,7 @@ status=0
 pids=()
 # The side-by-side steps get half the budget when timed steps follow, else all of it.
 phase1=$(left)
-if wants tuning || wants step || wants recipe; then phase1=$(($(left) / 2)); fi
+if wants tuning || wants step || wants ncu || wants recipe; then phase1=$(($(left) / 2)); fi
 if wants tests; then
     timeout "$phase1" "$PYTHON" -m pytest -q -p no:cacheprovider -rA -k cuda \
         tests/test_sinkhorn_attention.py tests/test_triton_sampling.py \
@@ -106,9 +109,10 @@ for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 echo "== side-by-side steps done at $SECONDS s" | tee -a "$OUT/device.txt"
 
 if wants tuning; then
-    reserve=0
+    reserve=0  # seconds kept for the steps after this one
     if wants step; then reserve=45; fi
-    if wants recipe; then reserve=$(($(left) / 2)); fi
+    if wants ncu; then reserve=$((reserve + 150)); fi
+    if wants recipe; then reserve=$((reserve + $(left) / 2)); fi
     time_left=$(($(left) - reserve))
     timeout "$time_left" "$PYTHON" benchmarks/triton_tuning.py --phase time \
         --time-budget $((time_left - 15)) ${BASELINE:+--baseline "$BASELINE"} ${TUNING_ARGS:-} \
@@ -122,6 +126,15 @@ if wants step; then
         timeout "$step_time" "$PYTHON" benchmarks/train_step.py \
             --config configs/modelnet10.yaml --device cuda --threads 4 --repeats 10
     } >>"$OUT/train.log" 2>&1 || status=1
+fi
+if wants ncu; then
+    for dtype in bfloat16 float32; do
+        echo "== ncu, $dtype"
+        timeout $(($(left) / 2)) ncu --profile-from-start off --clock-control none \
+            --section SpeedOfLight --section Occupancy --section WarpStateStats \
+            --section LaunchStats --kernel-name regex:"^_(row|col|out|bwd)" \
+            "$PYTHON" benchmarks/ncu_attention.py --n 4096 --dtype "$dtype" || status=1
+    done >"$OUT/ncu.txt" 2>&1
 fi
 if wants recipe; then
     if [ -z "${DATA:-}" ]; then
@@ -160,6 +173,11 @@ fi
 if wants tuning; then
     echo "== triton_tuning.py (profile, best configurations, errors, table)"
     grep -vE '^  \(' "$OUT/tuning.md" || tail -n 5 "$OUT/tuning.err"
+fi
+if wants ncu; then
+    echo "== ncu (speed of light and occupancy lines of $OUT/ncu.txt)"
+    grep -E '^  _|^==|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per' \
+        "$OUT/ncu.txt" | head -n 120
 fi
 if wants recipe; then
     echo "== modelnet10.yaml recipe"

@@ -121,3 +121,27 @@ def test_gpu_checks_stops_at_once_without_a_gpu(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "no CUDA GPU is visible" in result.stderr
+
+
+def test_gpu_checks_ncu_step_profiles_both_dtypes(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ncu = bin_dir / "ncu"
+    ncu.write_text('#!/usr/bin/env bash\necho "ncu $*" >>"$CALLS"\n')
+    ncu.chmod(0o755)
+    _, calls, out = _gpu_checks(tmp_path, STEPS="ncu", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    profiled = [c for c in calls if c.startswith("ncu ")]
+    assert len(profiled) == 2
+    for call, dtype in zip(profiled, ("bfloat16", "float32"), strict=True):
+        assert "--profile-from-start off" in call and "--clock-control none" in call
+        assert call.endswith(f"benchmarks/ncu_attention.py --n 4096 --dtype {dtype}")
+    assert sorted(p.name for p in out.iterdir()) == ["device.txt", "ncu.txt"]
+
+
+def test_ncu_workload_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    from _benchmark_utils import load_benchmark
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        load_benchmark("ncu_attention").main(["--n", "64"])
