@@ -76,9 +76,7 @@ def _gpu_profile(run: Callable[[], object], device: torch.device) -> tuple[int, 
         wall = time.perf_counter() - start
     kernels, busy_us = 0, 0.0
     for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", None)
-        if us is None:  # torch < 2.4
-            us = event.self_cuda_time_total
+        us = event.self_device_time_total
         if us > 0:
             kernels += event.count
             busy_us += us

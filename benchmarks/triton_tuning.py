@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from triton_sass import load_module  # benchmarks/, beside this script
 
+import pointsink.triton_sinkhorn as ts
 from pointsink.triton_sinkhorn import LaunchConfig
 
 CANDIDATES = [
@@ -74,15 +75,8 @@ CANDIDATES = [
 ]
 
 
-def _module() -> ModuleType:
-    import pointsink.triton_sinkhorn as ts
-
-    return ts
-
-
 def _use_blocks(overrides: dict[str, LaunchConfig]) -> None:
     """Makes ``pointsink.triton_sinkhorn`` launch with ``overrides`` over its defaults."""
-    ts = _module()
     defaults = getattr(ts, "_default_blocks_for", ts._blocks_for)
     ts._default_blocks_for = defaults
     ts._blocks_for = lambda *args: {**defaults(*args), **overrides}
@@ -178,7 +172,7 @@ def _compile_job(job: tuple[dict[str, LaunchConfig], str, Shape, str | None, dic
     """
     overrides, dtype_name, shape, path, arg_dict = job
     args = argparse.Namespace(**arg_dict)
-    module = load_module(path, "baseline_triton_sinkhorn") if path else _module()
+    module = load_module(path, "baseline_triton_sinkhorn") if path else ts
     _use_blocks(overrides)
     try:
         inputs = _inputs(shape, args, getattr(torch, dtype_name))
@@ -254,9 +248,7 @@ def _profile(fn: Callable, q, k, v, grad) -> dict[str, dict]:
         torch.cuda.synchronize()
     kernels: dict[str, dict] = {}
     for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", None)
-        if us is None:  # torch < 2.4
-            us = event.self_cuda_time_total
+        us = event.self_device_time_total
         if us <= 0:
             continue
         name = next((jit for jit in _KERNEL_OF_JIT if jit in event.key), "other")
@@ -404,7 +396,6 @@ def main(argv: list[str] | None = None) -> None:
             "TRITON_INTERPRET=1 for a smoke test)"
         )
     started = time.perf_counter()
-    ts = _module()
     kernels = args.kernels or list(ts.KERNELS)
     # The defaults as _config picks them for the sweep's dtype on this device.
     sweep_dtype = getattr(torch, args.sweep_dtype)

@@ -85,6 +85,7 @@ from pointsink.validation import check_int
 __all__ = [
     "Backend",
     "dense_sinkhorn_attention",
+    "on_launch_device",
     "require_triton",
     "sinkhorn_attention",
     "triton_available",
@@ -133,6 +134,15 @@ def require_triton(tensor: Tensor, fallback: str) -> None:
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
             f"interpreter); use backend='{fallback}' on this device."
         )
+
+
+def on_launch_device(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Makes a CUDA ``device`` current for a Triton launch (which uses the current device).
+
+    Tensors on ``cuda:1`` while ``cuda:0`` is current would otherwise be handed to a kernel
+    launched on the wrong GPU. Other devices (the interpreter's CPU): nothing to do.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[None]:

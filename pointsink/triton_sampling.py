@@ -21,12 +21,12 @@ other devices, for more than :data:`MAX_POINTS` points, or without Triton.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from pointsink.sinkhorn_attention import on_launch_device
 
 __all__ = ["MAX_DIM", "MAX_POINTS", "triton_farthest_point_sampling"]
 
@@ -86,9 +86,7 @@ def triton_farthest_point_sampling(points: Tensor, num_samples: int) -> Tensor:
     points = points.contiguous()
     chosen = torch.empty(batch, num_samples, dtype=torch.long, device=points.device)
     block_n = triton.next_power_of_2(num_points)
-    # Triton launches on the current CUDA device: make it the points' (e.g. cuda:1).
-    on_device = torch.cuda.device(points.device) if points.is_cuda else contextlib.nullcontext()
-    with on_device:
+    with on_launch_device(points.device):
         _farthest_point_sampling_kernel[(batch,)](
             points, chosen, num_points, num_samples,
             D=dim, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim),

@@ -51,7 +51,6 @@ accumulators are float32. Float32 ``tl.dot`` uses one TF32 product exactly when
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -63,7 +62,11 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 from triton.runtime.errors import OutOfResources
 
-from pointsink.sinkhorn_attention import score_gradient_factors, use_factored_ds
+from pointsink.sinkhorn_attention import (
+    on_launch_device,
+    score_gradient_factors,
+    use_factored_ds,
+)
 
 __all__ = ["triton_sinkhorn_attention"]
 
@@ -605,11 +608,12 @@ def _run(kernel: triton.JITFunction, grid: tuple[int], *args: object, **kwargs: 
     """Launches ``kernel[grid](*args, **kwargs)``, with fewer stages where shared memory is short.
 
     Each software-pipelining stage buffers one more set of tiles in shared memory. The
-    configured stages can need more than a program may use: float32 tiles (up to 128.5 KiB
-    at head dim 64 and 176.8 KiB at 128, 224.5 KiB with TF32; sm_90) on GPUs with 99 KiB
-    (most consumer ones) or 163 KiB (A100). Triton then raises ``OutOfResources`` before
-    launching, so the launch is retried with one stage fewer, down to one; the first that
-    fits is remembered for this kernel, device and arguments.
+    configured stages can need more than a program may use: float32 tiles with tf32x3
+    products (up to 128.2 KiB at head dim 64, 256.5 KiB at 128; sm_90, Triton 3.6) on GPUs
+    with 99 KiB (most consumer ones), 163 KiB (A100) or 227 KiB (H100, H200). Triton then
+    raises ``OutOfResources`` before launching, so the launch is retried with one stage
+    fewer, down to one; the first that fits is remembered for this kernel, device and
+    arguments.
 
     Args:
         kernel: A ``@triton.jit`` kernel.
@@ -623,11 +627,9 @@ def _run(kernel: triton.JITFunction, grid: tuple[int], *args: object, **kwargs: 
     device = args[0].device  # type: ignore[attr-defined]
     key = (kernel, device, tuple(sorted(kwargs.items())))
     stages = _STAGES_THAT_FIT.get(key, kwargs["num_stages"])
-    # Triton launches on the current CUDA device: make it the tensors' (e.g. cuda:1).
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     while True:
         try:
-            with on_device:
+            with on_launch_device(device):
                 kernel[grid](*args, **{**kwargs, "num_stages": stages})
         except OutOfResources as error:
             if stages <= 1 or error.name != "shared memory":
