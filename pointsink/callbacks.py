@@ -157,9 +157,13 @@ class DoublyStochasticMonitor(pl.Callback):
         """Logs the deviations and stops recording."""
         self._set_recording(pl_module, False)
         for name, values in self._sums.items():
-            col_dev, row_dev = torch.stack(values).mean(dim=0)
-            pl_module.log(f"ds/{name}/col_dev", col_dev, sync_dist=True)
-            pl_module.log(f"ds/{name}/row_dev", row_dev, sync_dist=True)
+            # Averaged over the ranks here, not by log(sync_dist=True), so that the history
+            # (and its plot, written by rank 0) holds the value that is logged.
+            col_dev, row_dev = trainer.strategy.reduce(
+                torch.stack(values).mean(dim=0), reduce_op="mean"
+            )
+            pl_module.log(f"ds/{name}/col_dev", col_dev)
+            pl_module.log(f"ds/{name}/row_dev", row_dev)
             if not trainer.sanity_checking:
                 self.history.setdefault(name, []).append(
                     (trainer.current_epoch, float(col_dev))  # once per epoch, off the hot path

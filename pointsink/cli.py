@@ -9,15 +9,49 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+from pytorch_lightning import Trainer
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_warn
 
 from pointsink.callbacks import ConfusionMatrixReport, PredictionWriter, ResumableModelCheckpoint
 from pointsink.data import DatasetNotFoundError, ShapeFolderDataModule
-from pointsink.inference import CheckpointError
+from pointsink.inference import CheckpointError, load_checkpoint
 from pointsink.module import SinkformerClassifier
 
-__all__ = ["SinkformerCLI", "main", "run"]
+__all__ = ["SinkformerCLI", "find_checkpoint", "main", "run"]
+
+# Subcommands that only evaluate weights: without --ckpt_path they would use untrained ones.
+EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
+# Model hyperparameters the data module sets (linked arguments) or that follow from them.
+# A checkpoint's values of these are checked against the data (the class names, in
+# SinkformerClassifier.on_load_checkpoint) or reported (the point count), never imposed.
+LINKED_FROM_DATA = ("class_names", "num_classes", "num_points", "augmentation")
+
+
+def find_checkpoint(root: str | Path, filename: str) -> Path:
+    """The most recently written ``<filename>.ckpt`` below ``root`` (any logger version).
+
+    Args:
+        root: A run's ``default_root_dir``.
+        filename: Checkpoint name without ``.ckpt`` (``"last"``, ``"best"``).
+
+    Returns:
+        The path of the newest such file.
+
+    Raises:
+        CheckpointError: There is none.
+    """
+    found = sorted(Path(root).rglob(f"{filename}.ckpt"), key=lambda path: path.stat().st_mtime)
+    if not found:
+        raise CheckpointError(
+            f"--ckpt_path {filename}: no {filename}.ckpt below {root} (the run's "
+            "--trainer.default_root_dir); give the checkpoint's path."
+        )
+    return found[-1]
 
 
 class SinkformerCLI(LightningCLI):
@@ -61,6 +95,83 @@ class SinkformerCLI(LightningCLI):
         parser.link_arguments(
             "data.augmentation_settings", "model.augmentation", apply_on="instantiate"
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolves ``--ckpt_path`` and rebuilds the model from its hyperparameters.
+
+        LightningCLI replaces every model argument by the checkpoint's without a word, and
+        its ``last``/``best`` look only in the new run's (empty) version folder, so ``fit
+        --ckpt_path last`` would start from scratch. Here ``last`` and ``best`` name the
+        newest such file below ``default_root_dir``; model arguments that the checkpoint
+        overrides are named in a warning; the data-linked ones (:data:`LINKED_FROM_DATA`)
+        stay the data's: the class names are checked against the checkpoint's when it is
+        loaded, and under ``predict`` they are the checkpoint's, so no class folders are
+        needed.
+
+        Raises:
+            CheckpointError: ``validate``, ``test`` or ``predict`` without ``--ckpt_path``
+                (the model would be untrained), or a checkpoint that is missing or cannot
+                be read.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None:
+            if subcommand in EVALUATING_SUBCOMMANDS:
+                raise CheckpointError(
+                    f"{subcommand} needs the weights to use: pass --ckpt_path CHECKPOINT "
+                    "(or --ckpt_path best / last for this --trainer.default_root_dir's newest)."
+                )
+            return
+        if ckpt_path in ("best", "last"):
+            filename = config[{"best": "checkpoint", "last": "last_checkpoint"}[ckpt_path]].filename
+            root = config.trainer.default_root_dir or "."
+            config.ckpt_path = ckpt_path = str(find_checkpoint(root, filename))
+        if "://" in str(ckpt_path) or ckpt_path == "hpc":
+            return  # remote or SLURM checkpoints: Lightning reads them
+        hparams = dict(load_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        saved_class_names = hparams.get("class_names")
+        saved_points = hparams.get("num_points")
+        for name in LINKED_FROM_DATA:
+            hparams.pop(name, None)
+        if not hparams:
+            return
+        given = config.model
+        overridden = [
+            f"{name}={given[name]!r} (checkpoint: {value!r})"
+            for name, value in hparams.items()
+            if name in given and given[name] != value
+        ]
+        if overridden:
+            rank_zero_warn(
+                f"--ckpt_path {ckpt_path}: the model is rebuilt with the checkpoint's "
+                "hyperparameters, so these given model arguments are not used: "
+                + ", ".join(overridden)
+                + ". To train with other values from these weights, fit with --model.weights."
+            )
+        data = config.data.get("init_args", config.data)
+        if saved_points is not None and data.get("num_points") not in (None, saved_points):
+            rank_zero_warn(
+                f"--ckpt_path {ckpt_path} was trained on {saved_points} points per shape; "
+                f"this run samples {data.num_points} (--data.num_points {saved_points} to match)."
+            )
+        if subcommand == "predict" and saved_class_names is not None and "class_names" in data:
+            data.class_names = [str(name) for name in saved_class_names]
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Leaves out the checkpoint callbacks under ``--trainer.enable_checkpointing false``.
+
+        Lightning refuses a ``ModelCheckpoint`` among the callbacks then.
+        """
+        if config.get("enable_checkpointing") is False:
+            callbacks = [
+                callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)
+            ]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:

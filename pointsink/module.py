@@ -174,8 +174,10 @@ class SinkformerClassifier(pl.LightningModule):
             self.model.head.requires_grad_(True)
         metrics = MetricCollection(
             {
-                "oa": MulticlassAccuracy(num_classes, average="micro"),
-                "macc": MulticlassAccuracy(num_classes, average="macro"),
+                # validate_args=False: the checks call torch.unique on the targets, a host
+                # sync in every training step; the labels come from the data module's folders.
+                "oa": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+                "macc": MulticlassAccuracy(num_classes, average="macro", validate_args=False),
             }
         )
         self.train_metrics = metrics.clone(prefix="train/")
@@ -249,8 +251,9 @@ class SinkformerClassifier(pl.LightningModule):
         alpha = self.hparams.mix_alpha
         ratio = float(torch.distributions.Beta(alpha, alpha).sample())
         num_replaced = round(ratio * num_points)
-        partner = torch.randperm(batch_size).to(points.device)
-        center_index = torch.randint(num_points, (batch_size,)).to(points.device)
+        # Drawn on the points' device: copying CPU-drawn indices to a GPU waits for it.
+        partner = torch.randperm(batch_size, device=points.device)
+        center_index = torch.randint(num_points, (batch_size,), device=points.device)
         centers = points[torch.arange(batch_size, device=points.device), center_index]
         mixed = mix_point_regions(points, points[partner], num_replaced, centers)
         return mixed, target[partner], num_replaced / num_points

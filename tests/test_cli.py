@@ -126,6 +126,68 @@ def test_resume_and_validate_check_the_validation_split(
         main(["test", *_tiny_args(tmp_path), *other_split, "--ckpt_path", str(last)])
 
 
+def test_ckpt_path_names_resolve_and_overrides_are_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _tiny_args(tmp_path)
+    first = main(["fit", *args]).trainer.checkpoint_callback
+    last = Path(first.dirpath) / "last.ckpt"
+
+    # `last` is the newest last.ckpt below default_root_dir, not one in the new (empty)
+    # version folder: the fit resumes at epoch 2 instead of starting again from scratch.
+    resumed = main(["fit", *args, "--trainer.max_epochs", "3", "--ckpt_path", "last"])
+    assert resumed.trainer.ckpt_path == str(last)
+    assert torch.load(next((tmp_path / "run").rglob("version_1/**/last.ckpt")))["epoch"] == 2
+
+    # The checkpoint rebuilds the model; given model arguments it overrides are named, and
+    # a point count other than the checkpoint's is reported (and used: testing at another
+    # density is an experiment of its own).
+    with pytest.warns(UserWarning) as caught:
+        tested = main(
+            ["test", *args, "--ckpt_path", "best", "--model.n_iter", "9",
+             "--data.num_points", "40"]
+        )  # fmt: skip
+    messages = " ".join(str(warning.message) for warning in caught)
+    assert "n_iter=9 (checkpoint: 5)" in messages
+    assert "trained on 32 points per shape; this run samples 40" in messages
+    assert tested.model.hparams.n_iter == 5 and tested.model.hparams.num_points == 40
+
+    # Evaluating without weights, or with another class list, stops with one sentence.
+    for extra, expected in (
+        ([], "test needs the weights to use: pass --ckpt_path"),
+        (["--ckpt_path", str(last), "--data.class_names", "[box, cone, sphere]"],
+         "The checkpoint was trained on the classes"),
+        (["--ckpt_path", str(tmp_path / "missing")], "no such checkpoint file"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(["test", *args, *extra])
+        assert exit_info.value.code == 2
+        assert expected in capsys.readouterr().err
+
+    # Predicting needs no class folders: the class names are the checkpoint's.
+    output = tmp_path / "predictions.json"
+    main(
+        ["predict", *args, "--data", "pointsink.data.ShapeFolderDataModule",
+         "--data.root", str(tmp_path / "nowhere"), "--data.num_points", "32",
+         "--data.predict_files", str(tmp_path / "synthetic" / "cone" / "test"),
+         "--prediction_writer.output", str(output), "--ckpt_path", str(last)]
+    )  # fmt: skip
+    records = json.loads(output.read_text())
+    assert len(records) == 2
+    assert {record["label"] for record in records} <= set(first_classes(last))
+
+
+def first_classes(path: Path) -> list[str]:
+    return torch.load(path, weights_only=True)["hyper_parameters"]["class_names"]
+
+
+def test_fit_without_checkpointing(tmp_path: Path) -> None:
+    # Lightning refuses ModelCheckpoint callbacks with enable_checkpointing=False.
+    main(["fit", *_tiny_args(tmp_path), "--trainer.max_epochs", "1",
+          "--trainer.enable_checkpointing", "false"])  # fmt: skip
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
 def test_help_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -198,7 +260,8 @@ def test_console_command_exits_with_status_zero(
 ) -> None:
     """`pointsink-train` (pyproject [project.scripts]) ends a successful run with status 0."""
     (script,) = entry_points(group="console_scripts", name="pointsink-train")
-    monkeypatch.setattr(sys, "argv", ["pointsink-train", "validate", *_tiny_args(tmp_path)])
+    one_step = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"]
+    monkeypatch.setattr(sys, "argv", ["pointsink-train", "fit", *_tiny_args(tmp_path), *one_step])
     # What the generated console script does with the function's return value.
     with pytest.raises(SystemExit) as exit_info:
         sys.exit(script.load()())
