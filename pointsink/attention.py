@@ -49,7 +49,12 @@ def attention_weights(
     ``softmax`` normalizes rows; ``sinkhorn`` runs ``n_iter`` alternating row and column
     normalizations (see :func:`pointsink.sinkhorn.sinkhorn`), so that ``n_iter=1`` equals
     softmax.
+
+    Raises:
+        ValueError: ``attention`` is not one of :data:`ATTENTION_KINDS`, or ``n_iter`` is
+            not an integer ``>= 1``.
     """
+    check_attention_kind(attention, n_iter)
     if attention == "softmax":
         return torch.softmax(logits, dim=-1)
     return sinkhorn(logits, n_iter)
@@ -84,8 +89,12 @@ def attention_marginals(
         ``(row_sums, column_sums)`` of shapes ``(B, H, n)`` and ``(B, H, m)``; a doubly
         stochastic matrix has rows summing to 1 and columns to ``n / m``.
     """
-    rows, columns = [], []
-    for index in range(query.shape[0]):
+    batch, heads, n, _ = query.shape
+    m = key.shape[-2]
+    # Empty to start with, so that an empty batch gives empty sums rather than cat([]).
+    rows = [query.new_empty(0, heads, n, dtype=torch.float32)]
+    columns = [query.new_empty(0, heads, m, dtype=torch.float32)]
+    for index in range(batch):
         weights = dense_attention_weights(
             query[index : index + 1], key[index : index + 1], attention, n_iter
         ).float()
@@ -119,7 +128,13 @@ def scaled_dot_product_attention(
 
     Returns:
         ``(B, H, n, d_v)``.
+
+    Raises:
+        ValueError: ``attention`` is not one of :data:`ATTENTION_KINDS`, or ``n_iter`` is
+            not an integer ``>= 1``.
     """
+    # Without this, any string but "softmax" (e.g. "Softmax") would silently run Sinkhorn.
+    check_attention_kind(attention, n_iter)
     if efficient is None:
         efficient = (
             attention == "softmax"
@@ -145,12 +160,17 @@ class MultiheadAttention(nn.Module):
     Transformer), so this module returns the concatenated heads.
 
     Args:
-        query_channels: Feature size of the queries ``X``.
-        key_channels: Feature size of the keys/values ``Y``.
-        channels: Total width ``H * d_h`` of the projections.
-        num_heads: Number of heads ``H``; must divide ``channels``.
+        query_channels: Feature size of the queries ``X`` (``>= 1``).
+        key_channels: Feature size of the keys/values ``Y`` (``>= 1``).
+        channels: Total width ``H * d_h`` of the projections (``>= 1``).
+        num_heads: Number of heads ``H`` (``>= 1``); must divide ``channels``.
         attention: ``"sinkhorn"`` or ``"softmax"``.
         n_iter: Sinkhorn iterations (1 reproduces softmax exactly).
+
+    Raises:
+        ValueError: An argument is not a positive integer (as :func:`check_int` defines
+            it), ``num_heads`` does not divide ``channels``, or ``attention`` or
+            ``n_iter`` is invalid.
     """
 
     def __init__(
@@ -163,11 +183,16 @@ class MultiheadAttention(nn.Module):
         n_iter: int = 1,
     ) -> None:
         super().__init__()
+        query_channels = check_int("query_channels", query_channels)
+        key_channels = check_int("key_channels", key_channels)
+        channels = check_int("channels", channels)
+        num_heads = check_int("num_heads", num_heads)
         if channels % num_heads != 0:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads}).")
         check_attention_kind(attention, n_iter)
         self.channels = channels
         self.num_heads = num_heads
+        self.head_channels = channels // num_heads
         self.attention = attention
         self.n_iter = n_iter
         self.lin_query = nn.Linear(query_channels, channels)
@@ -186,9 +211,9 @@ class MultiheadAttention(nn.Module):
         self.lin_value.reset_parameters()
 
     def _split_heads(self, x: Tensor) -> Tensor:
-        # (B, L, H * d) -> (B, H, L, d)
+        # (B, L, H * d) -> (B, H, L, d); d is explicit, as -1 cannot be inferred for B = 0.
         batch, length, _ = x.shape
-        return x.view(batch, length, self.num_heads, -1).transpose(1, 2)
+        return x.view(batch, length, self.num_heads, self.head_channels).transpose(1, 2)
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Attends from ``x`` to ``y``.

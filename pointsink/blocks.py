@@ -11,6 +11,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from pointsink.attention import AttentionKind, MultiheadAttention
+from pointsink.validation import check_int
 
 __all__ = [
     "InducedSetAttentionBlock",
@@ -38,6 +39,9 @@ class MultiheadAttentionBlock(nn.Module):
         attention: ``"sinkhorn"`` or ``"softmax"``.
         n_iter: Sinkhorn iterations.
         layer_norm: Apply the two layer norms.
+
+    Raises:
+        ValueError: Invalid arguments (see :class:`~pointsink.attention.MultiheadAttention`).
     """
 
     def __init__(
@@ -86,7 +90,8 @@ class SetAttentionBlock(nn.Module):
     r"""Set attention block: :math:`\mathrm{SAB}(X) = \mathrm{MAB}(X, X)`.
 
     Full self-attention, ``O(N^2)`` in the set size. Input ``(B, N, in_channels)``,
-    output ``(B, N, channels)``.
+    output ``(B, N, channels)``. The integer arguments must be ``>= 1`` and ``num_heads``
+    must divide ``channels`` (ValueError otherwise).
     """
 
     def __init__(
@@ -99,6 +104,8 @@ class SetAttentionBlock(nn.Module):
         layer_norm: bool = False,
     ) -> None:
         super().__init__()
+        # Checked here too, so that the message names this block's argument.
+        in_channels = check_int("in_channels", in_channels)
         self.mab = MultiheadAttentionBlock(
             in_channels, in_channels, channels, num_heads, attention, n_iter, layer_norm
         )
@@ -119,7 +126,8 @@ class InducedSetAttentionBlock(nn.Module):
         H = \mathrm{MAB}(I, X), \qquad \mathrm{ISAB}(X) = \mathrm{MAB}(X, H)
 
     ``O(N M)`` instead of ``O(N^2)``. Input ``(B, N, in_channels)``, output
-    ``(B, N, channels)``.
+    ``(B, N, channels)``. The integer arguments must be ``>= 1`` and ``num_heads`` must
+    divide ``channels`` (ValueError otherwise).
     """
 
     def __init__(
@@ -133,6 +141,9 @@ class InducedSetAttentionBlock(nn.Module):
         layer_norm: bool = False,
     ) -> None:
         super().__init__()
+        in_channels = check_int("in_channels", in_channels)
+        channels = check_int("channels", channels)
+        num_inducing_points = check_int("num_inducing_points", num_inducing_points)
         self.inducing_points = nn.Parameter(torch.empty(1, num_inducing_points, channels))
         self.mab_induce = MultiheadAttentionBlock(
             channels, in_channels, channels, num_heads, attention, n_iter, layer_norm
@@ -161,7 +172,8 @@ class PoolingByMultiheadAttention(nn.Module):
         \mathrm{PMA}(X) = \mathrm{MAB}(S, \mathrm{ReLU}(X W))
 
     Input ``(B, N, channels)``, output ``(B, K, channels)``; invariant to permutations of
-    the ``N`` set elements.
+    the ``N`` set elements. The integer arguments must be ``>= 1`` and ``num_heads`` must
+    divide ``channels`` (ValueError otherwise).
     """
 
     def __init__(
@@ -174,6 +186,8 @@ class PoolingByMultiheadAttention(nn.Module):
         layer_norm: bool = False,
     ) -> None:
         super().__init__()
+        channels = check_int("channels", channels)
+        num_seeds = check_int("num_seeds", num_seeds)
         self.lin = nn.Linear(channels, channels)
         self.seeds = nn.Parameter(torch.empty(1, num_seeds, channels))
         self.mab = MultiheadAttentionBlock(

@@ -63,6 +63,12 @@ class SetSinkformer(nn.Module):
         normalize_offsets: Divide the set abstraction's coordinate offsets by the shape's
             RMS group radius (see :class:`~pointsink.embedding.SetAbstraction`).
 
+    Raises:
+        ValueError: An invalid argument: e.g. ``in_channels``, ``channels``, ``num_heads``,
+            ``num_inducing_points`` or ``num_seeds`` not an integer ``>= 1`` (bools and
+            floats are rejected, NumPy integers accepted), or ``num_heads`` not dividing
+            ``channels``.
+
     Attributes:
         min_points: The fewest points per set the model takes: the nearest-neighbour
             searches and the farthest-point sampling need at least ``local_neighbors``,
@@ -95,6 +101,11 @@ class SetSinkformer(nn.Module):
         if encoder not in ("isab", "sab"):
             raise ValueError(f"encoder must be 'isab' or 'sab'; got {encoder!r}.")
         check_int("num_blocks", num_blocks, minimum=1)
+        in_channels = check_int("in_channels", in_channels)
+        channels = check_int("channels", channels)
+        num_heads = check_int("num_heads", num_heads)
+        num_inducing_points = check_int("num_inducing_points", num_inducing_points)
+        num_seeds = check_int("num_seeds", num_seeds)
         check_int("local_neighbors", local_neighbors, minimum=0)
         check_int("num_groups", num_groups, minimum=0)
         if normalize_offsets and num_groups == 0:

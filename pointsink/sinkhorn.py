@@ -17,6 +17,7 @@ Iteration 1 is a row normalization, so ``n_iter=1`` is exactly ``softmax(S, dim=
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -27,10 +28,29 @@ from pointsink.validation import check_int
 __all__ = ["log_sinkhorn", "sinkhorn", "sinkhorn_potentials"]
 
 
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[None]:
+    """Disables autocast on ``device_type``; a no-op where autocast does not exist.
+
+    ``torch.autocast`` itself raises on such devices (e.g. ``meta``). Shared with
+    :mod:`pointsink.sinkhorn_attention`.
+    """
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _check(logits: Tensor, n_iter: int) -> None:
     if logits.dim() < 2:
         raise ValueError(
             f"Sinkhorn needs logits of shape (..., n, m); got shape {tuple(logits.shape)}."
+        )
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"Sinkhorn needs floating-point logits; got {logits.dtype}.")
+    if logits.shape[-2] == 0 or logits.shape[-1] == 0:
+        # The column mass n / m is undefined without queries or keys.
+        raise ValueError(
+            "Sinkhorn needs at least one query and one key (n, m >= 1); got logits of shape "
+            f"{tuple(logits.shape)}."
         )
     check_int("n_iter", n_iter)
 
@@ -48,10 +68,15 @@ def sinkhorn_potentials(logits: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
     Returns:
         ``(u, v)`` of shapes ``(..., n, 1)`` and ``(..., 1, m)``, float32 or float64, such
         that ``exp(S + u + v)`` is the normalized attention matrix.
+
+    Raises:
+        ValueError: ``logits`` has fewer than two dimensions, ``n`` or ``m`` is 0, or
+            ``n_iter`` is not an integer ``>= 1``.
+        TypeError: ``logits`` is not floating point.
     """
     _check(logits, n_iter)
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with _no_autocast(logits.device.type):
         scores = logits.to(compute_dtype)
         n, m = scores.shape[-2], scores.shape[-1]
         log_col_mass = math.log(n / m)
@@ -86,12 +111,23 @@ def sinkhorn(logits: Tensor, n_iter: int) -> Tensor:
     column sums to ``n / m``; both hold in the limit. ``n_iter=1`` equals
     ``torch.softmax(logits, dim=-1)``.
 
+    No masking: padded keys cannot be excluded by setting their logits to ``-inf`` or a
+    large negative value, as one would for softmax. The column normalization gives every
+    key, masked or not, a column sum of ``n / m`` again (restoring a masked key's share),
+    and a column of ``-inf`` makes it NaN. Use sets of one fixed size (as the model does).
+
     Args:
-        logits: Attention logits ``S`` of shape ``(..., n, m)`` (``n`` queries, ``m`` keys).
+        logits: Attention logits ``S`` of shape ``(..., n, m)`` (``n`` queries, ``m`` keys,
+            both ``>= 1``), floating point.
         n_iter: Number of alternating normalizations, starting with the rows (``>= 1``).
 
     Returns:
         Attention weights of shape ``(..., n, m)`` in the dtype of ``logits``.
+
+    Raises:
+        ValueError: ``logits`` has fewer than two dimensions, ``n`` or ``m`` is 0, or
+            ``n_iter`` is not an integer ``>= 1``.
+        TypeError: ``logits`` is not floating point.
     """
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with _no_autocast(logits.device.type):
         return log_sinkhorn(logits, n_iter).exp().to(logits.dtype)

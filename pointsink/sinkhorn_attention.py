@@ -79,7 +79,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from pointsink.sinkhorn import sinkhorn
+from pointsink.sinkhorn import _no_autocast, sinkhorn
 from pointsink.validation import check_int
 
 __all__ = [
@@ -145,12 +145,6 @@ def on_launch_device(device: torch.device) -> contextlib.AbstractContextManager[
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[None]:
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def dense_sinkhorn_attention(
     q: Tensor, k: Tensor, v: Tensor, n_iter: int, scale: float | None = None
 ) -> Tensor:
@@ -183,18 +177,14 @@ def _resolve_chunks(
         budget = _TILE_ELEMENTS_CPU if device.type == "cpu" else _TILE_ELEMENTS
         chunk_k = m if m <= _MAX_FULL_ROW else _MAX_FULL_ROW // 2
         chunk_q = max(_MIN_QUERY_CHUNK, budget // max(1, g * chunk_k))
-    elif isinstance(chunk_size, int) and not isinstance(chunk_size, bool):
-        chunk_q = chunk_k = chunk_size
-    elif (
-        isinstance(chunk_size, tuple)
-        and len(chunk_size) == 2
-        and all(isinstance(c, int) and not isinstance(c, bool) for c in chunk_size)
-    ):
-        chunk_q, chunk_k = chunk_size
     else:
-        raise TypeError(f"chunk_size must be None, an int or a pair of ints; got {chunk_size!r}.")
-    if chunk_q < 1 or chunk_k < 1:
-        raise ValueError(f"chunk sizes must be positive; got {chunk_size!r}.")
+        pair = chunk_size if isinstance(chunk_size, tuple) else (chunk_size, chunk_size)
+        if len(pair) != 2:
+            raise TypeError(
+                f"chunk_size must be None, an int or a pair of ints; got {chunk_size!r}."
+            )
+        # check_int: Python and NumPy integers pass; bools, floats and values < 1 do not.
+        chunk_q, chunk_k = (check_int("chunk_size", c) for c in pair)
     return min(chunk_q, n), min(chunk_k, m)
 
 
@@ -616,6 +606,8 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, n_iter: int) -> None:
         )
     if q.shape[-2] == 0 or k.shape[-2] == 0:
         raise ValueError("sinkhorn_attention needs at least one query and one key.")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}.")
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
         raise TypeError(
             f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}."
@@ -654,14 +646,19 @@ def sinkhorn_attention(
     on one bounded tile of the logits at a time. ``n_iter=1`` is softmax attention.
 
     Leading dimensions of ``q``, ``k`` and ``v`` broadcast against each other. Under autocast
-    the inputs are cast to the autocast dtype first (as for
-    ``torch.nn.functional.scaled_dot_product_attention``); the normalization always runs in
-    at least float32. Only first-order gradients are supported (no double backward).
+    the inputs are cast to the autocast dtype first, except float64 inputs, which autocast
+    leaves alone (as for ``torch.nn.functional.scaled_dot_product_attention`` and matmul),
+    and the backend is chosen for the cast inputs; the normalization always runs in at
+    least float32. Only first-order gradients are supported (no double backward).
+
+    No masking, as for :func:`pointsink.sinkhorn.sinkhorn`: keys cannot be masked out by
+    ``-inf`` or large negative logits (Sinkhorn's column normalization restores a masked
+    key's share, and ``-inf`` gives NaN). Use sets of one fixed size.
 
     Args:
         q: Queries of shape ``(..., n, d)``.
-        k: Keys of shape ``(..., m, d)``.
-        v: Values of shape ``(..., m, e)``.
+        k: Keys of shape ``(..., m, d)``, on the device of ``q``.
+        v: Values of shape ``(..., m, e)``, on the device of ``q``.
         n_iter: Number of Sinkhorn normalizations, starting with the rows (``>= 1``).
         scale: Logit scale; defaults to ``1 / sqrt(d)``.
         chunk_size: Tile size of the ``"chunked"`` backend: ``(queries, keys)`` per tile, or
@@ -672,20 +669,31 @@ def sinkhorn_attention(
             Triton is installed, else chunked), ``"chunked"``, ``"triton"`` or ``"dense"``.
 
     Returns:
-        Output of shape ``(..., n, e)`` in the input dtype.
+        Output of shape ``(..., n, e)`` in the input dtype (the autocast dtype under autocast,
+        for inputs other than float64).
+
+    Raises:
+        ValueError: Mismatched shapes, no queries or keys, inputs on different devices, an
+            unknown ``backend``, or ``n_iter`` or a chunk size that is not an integer
+            ``>= 1``.
+        TypeError: ``q``, ``k``, ``v`` do not share one floating dtype, or ``chunk_size`` is
+            a tuple of other than two sizes.
     """
     _check_inputs(q, k, v, n_iter)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
+    device_type = q.device.type
+    if (
+        q.dtype != torch.float64  # autocast's rule: float64 is never cast down
+        and torch.amp.is_autocast_available(device_type)
+        and torch.is_autocast_enabled(device_type)
+    ):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     chosen = _choose_backend(backend, q)
     if chosen == "dense":
         return dense_sinkhorn_attention(q, k, v, n_iter, scale)
-
-    device_type = q.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
 
     qf, kf, vf, batch = _flatten(q, k, v)
     n, m = qf.shape[1], kf.shape[1]

@@ -270,3 +270,34 @@ def test_model_never_saves_an_attention_matrix_for_backward() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(points).sum().backward()
     assert sizes and max(sizes) < 256 * 256  # one head's N x N matrix would be 65536
+
+
+@pytest.mark.parametrize("efficient", [None, True, False])
+def test_unknown_attention_kind_is_rejected(efficient: bool | None) -> None:
+    """Any string but "softmax" used to run Sinkhorn silently."""
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        scaled_dot_product_attention(q, q, q, "Softmax", 5, efficient=efficient)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_iter"):
+        scaled_dot_product_attention(q, q, q, "sinkhorn", 0, efficient=efficient)
+
+
+def test_attention_weights_rejects_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="attention must be one of"):
+        attention_weights(torch.randn(4, 6), "bogus", 2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("encoder", "num_points"), [("isab", 16), ("sab", 256)])
+def test_empty_batch_gives_empty_logits(encoder: str, num_points: int) -> None:
+    """B = 0 through both Sinkhorn paths (256 points: SAB takes the efficient kernel)."""
+    model = SetSinkformer(5, channels=16, num_heads=2, num_inducing_points=4, encoder=encoder)
+    for module in model.modules():
+        if isinstance(module, MultiheadAttention):
+            module.record_marginals = True
+    points = torch.randn(0, num_points, 3, requires_grad=True)
+    logits = model(points)
+    assert logits.shape == (0, 5)
+    logits.sum().backward()
+    assert points.grad is not None and points.grad.shape == points.shape
+    rows, columns = model.pool.mab.attn.last_marginals
+    assert rows.shape == (0, 2, 1) and columns.shape == (0, 2, num_points)

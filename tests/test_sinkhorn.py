@@ -102,3 +102,34 @@ def test_rejects_bad_n_iter(n_iter: object) -> None:
 def test_rejects_vector() -> None:
     with pytest.raises(ValueError, match=r"\(\.\.\., n, m\)"):
         sinkhorn(torch.randn(3), 1)
+
+
+def test_meta_tensors_give_meta_results() -> None:
+    """torch.autocast raises for the meta device: no autocast guard may be entered there."""
+    logits = torch.empty(2, 3, 4, device="meta")
+    weights = sinkhorn(logits, 3)
+    assert weights.device.type == "meta"
+    assert weights.shape == (2, 3, 4)
+    assert weights.dtype == torch.float32
+    u, v = sinkhorn_potentials(logits, 2)
+    assert (u.shape, v.shape) == ((2, 3, 1), (2, 1, 4))
+    assert u.device.type == v.device.type == "meta"
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_rejects_non_floating_logits(dtype: torch.dtype) -> None:
+    with pytest.raises(TypeError, match="floating-point logits"):
+        sinkhorn(torch.ones(3, 3).to(dtype), 3)
+    with pytest.raises(TypeError, match="floating-point logits"):
+        log_sinkhorn(torch.ones(3, 3).to(dtype), 1)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (2, 0, 0)])
+def test_rejects_no_queries_or_no_keys(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"at least one query and one key"):
+        sinkhorn(torch.randn(shape), 2)
+
+
+def test_empty_batch_is_fine() -> None:
+    """Only n and m must be positive: an empty leading batch gives empty weights."""
+    assert sinkhorn(torch.randn(0, 3, 4), 3).shape == (0, 3, 4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -287,10 +288,56 @@ def test_invalid_arguments() -> None:
         sinkhorn_attention(q, k.float(), v, 1)
     with pytest.raises(ValueError, match="backend"):
         sinkhorn_attention(q, k, v, 1, backend="flash")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="positive"):
+    # Chunk sizes go through check_int, like every integer argument of the package.
+    with pytest.raises(ValueError, match="chunk_size must be at least 1"):
         sinkhorn_attention(q, k, v, 1, chunk_size=(0, 2))
-    with pytest.raises(TypeError, match="chunk_size"):
+    with pytest.raises(ValueError, match="chunk_size must be an integer"):
         sinkhorn_attention(q, k, v, 1, chunk_size=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunk_size must be an integer"):
+        sinkhorn_attention(q, k, v, 1, chunk_size=(2, True))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="chunk_size"):
+        sinkhorn_attention(q, k, v, 1, chunk_size=(2, 2, 2))  # type: ignore[arg-type]
+
+
+def test_numpy_integer_chunk_sizes() -> None:
+    q, k, v = (t.detach() for t in _qkv((2,), 9, 7))
+    expected = sinkhorn_attention(q, k, v, 3, backend="chunked", chunk_size=(4, 3))
+    got = sinkhorn_attention(q, k, v, 3, backend="chunked", chunk_size=(np.int64(4), np.int32(3)))
+    assert torch.equal(got, expected)
+    expected = sinkhorn_attention(q, k, v, 3, backend="chunked", chunk_size=4)
+    assert torch.equal(sinkhorn_attention(q, k, v, 3, chunk_size=np.int64(4)), expected)
+
+
+def test_inputs_on_different_devices_are_rejected() -> None:
+    q, k, v = (t.detach() for t in _qkv((2,), 4, 3))
+    meta = torch.device("meta")
+    for args in ((q, k.to(meta), v), (q, k, v.to(meta)), (q.to(meta), k, v)):
+        with pytest.raises(ValueError, match="one device"):
+            sinkhorn_attention(*args, 2)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "dense"])
+def test_autocast_leaves_float64_alone(backend: str) -> None:
+    """Like matmul and sdpa under autocast: float64 inputs are not cast to bfloat16."""
+    q, k, v = _qkv((2,), 24, 10, d=8, e=4)
+    expected = sinkhorn_attention(q, k, v, 4, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sinkhorn_attention(q, k, v, 4, backend=backend)
+    assert out.dtype == torch.float64
+    # bfloat16 inputs would be off by about 1e-2.
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    out.sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["chunked", "dense"])
+def test_autocast_casts_float32_inputs_to_the_autocast_dtype(backend: str) -> None:
+    q, k, v = (t.detach() for t in _qkv((2,), 24, 10, d=8, e=4, dtype=torch.float32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sinkhorn_attention(q, k, v, 4, backend=backend)
+        from_bf16 = sinkhorn_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 4, backend=backend)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, from_bf16)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
