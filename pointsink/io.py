@@ -3,7 +3,8 @@
 Everything that enters the preprocessing pipeline (training cache or prediction) goes
 through :func:`load_shape` (files) or :func:`as_shape` (in-memory objects), so a shape is
 either a :class:`trimesh.Trimesh` with faces and positive surface area, or a finite float64
-point array of shape ``(P, 3)``. Anything else raises :class:`ShapeLoadError`.
+point array of shape ``(P, 3)`` (point clouds, and meshes of any format that have vertices
+but no faces). Anything else raises :class:`ShapeLoadError`.
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ def load_shape(path: str | os.PathLike[str]) -> trimesh.Trimesh | np.ndarray:
     """Loads a mesh or point cloud from a file and validates it.
 
     Meshes come back as :class:`trimesh.Trimesh` (scenes with several geometries are
-    merged into one mesh, with their transforms applied). Point clouds (PLY without faces,
-    XYZ/PTS/TXT text, NPY) come back as float64 arrays of shape ``(P, 3)``. ModelNet's
-    broken OFF headers (``OFF1234 5678 0`` on one line) are read as well.
+    merged into one mesh, with their transforms applied). Point clouds (any mesh format
+    without faces, XYZ/PTS/TXT text, NPY) come back as float64 arrays of shape ``(P, 3)``.
+    ModelNet's broken OFF headers (``OFF1234 5678 0`` on one line) are read as well, and an
+    OFF file must hold as many vertex and face lines as its header declares.
 
     Args:
         path: File with one of :data:`SUPPORTED_EXTENSIONS` (case-insensitive).
@@ -74,8 +76,8 @@ def load_shape(path: str | os.PathLike[str]) -> trimesh.Trimesh | np.ndarray:
 
     Raises:
         ShapeLoadError: The file is missing, empty, has an unsupported extension, cannot
-            be parsed, or holds no usable geometry (no points, NaN/inf coordinates, zero
-            surface area, all points coincide).
+            be parsed, is a truncated OFF file, or holds no usable geometry (no points,
+            NaN/inf coordinates, zero surface area, all points coincide).
     """
     path = Path(path)
     extension = file_extension(path)
@@ -101,9 +103,14 @@ def load_shape(path: str | os.PathLike[str]) -> trimesh.Trimesh | np.ndarray:
         elif extension in TEXT_POINT_EXTENSIONS:
             loaded = _read_point_text(path)
         else:
+            if extension == "off":
+                # trimesh reads a cut-off OFF file as a smaller mesh (or fails obscurely).
+                _check_off_counts(path)
             # process=False keeps NaN vertices and degenerate faces visible to the checks
             # below instead of trimesh silently dropping them.
             loaded = trimesh.load(path, file_type=extension, process=False)
+    except ShapeLoadError:
+        raise
     except Exception as exc:  # parsers raise many types (ValueError, IndexError, struct.error...)
         raise ShapeLoadError(
             f"{path}: not a readable mesh or point cloud ({_describe(exc)})."
@@ -120,7 +127,7 @@ def as_shape(obj: Any) -> trimesh.Trimesh | np.ndarray:
 
     Returns:
         A mesh with faces and positive area (the input mesh itself, not a copy), or a new
-        finite float64 array ``(P, 3)``.
+        finite float64 array ``(P, 3)`` (for a point cloud or a mesh without faces).
 
     Raises:
         ShapeLoadError: The object has an unsupported type or no usable geometry.
@@ -158,7 +165,8 @@ def _read_point_text(path: Path) -> np.ndarray:
     Accepts whitespace or comma separators and ``#`` comments; a leading line with a single
     integer (the point count of some ``.pts`` variants) is skipped.
     """
-    text = path.read_text(encoding="utf-8", errors="strict")
+    # utf-8-sig drops the byte-order mark that Windows editors write first.
+    text = path.read_text(encoding="utf-8-sig", errors="strict")
     rows = [line.split("#", 1)[0].replace(",", " ").strip() for line in text.splitlines()]
     rows = [row for row in rows if row]
     if rows and re.fullmatch(r"\d+", rows[0]):
@@ -169,6 +177,56 @@ def _read_point_text(path: Path) -> np.ndarray:
     if points.shape[1] < 3:
         raise ValueError(f"rows have {points.shape[1]} columns, need at least 3 (x y z)")
     return points[:, :3]
+
+
+def _check_off_counts(path: Path) -> None:
+    """Raises unless an OFF file holds the vertex and face lines its header declares.
+
+    The file is split into lines exactly as trimesh's OFF reader does (same decoding and
+    comment stripping, the counts line is the first one after the ``OFF`` keyword, so
+    ``OFF1234 5678 0``, ``COFF`` and ``NOFF`` work), so what is checked is what trimesh
+    parses. Files whose counts line cannot be read are left to trimesh to reject.
+
+    Raises:
+        ShapeLoadError: Fewer lines than declared, or a last line cut short.
+    """
+    text = trimesh.util.comment_strip(trimesh.util.decode_text(path.read_bytes())).strip()
+    parts = re.split("(COFF|OFF)", text, maxsplit=1)
+    if len(parts) != 3:
+        return
+    lines = [line.split() for line in parts[2].splitlines()]
+    lines = [tokens for tokens in lines if tokens]
+    try:
+        num_vertices, num_faces = (int(token) for token in lines[0][:2])
+    except (IndexError, ValueError):
+        return
+    if num_vertices < 0 or num_faces < 0:
+        return
+    body = lines[1 : 1 + num_vertices + num_faces]
+    if len(body) < num_vertices + num_faces:
+        found_vertices = min(len(body), num_vertices)
+        raise ShapeLoadError(
+            f"{path}: the OFF file is truncated or its header is wrong (the header declares "
+            f"{num_vertices} vertices and {num_faces} faces, but the file holds "
+            f"{found_vertices} vertex lines and {len(body) - found_vertices} face lines)."
+        )
+    if not body:
+        return
+    # A file cut inside its last line keeps the line count; the line's length tells.
+    last = body[-1]
+    if num_faces == 0:
+        needed = 3
+    else:
+        try:
+            needed = 1 + int(last[0])
+        except ValueError:
+            return  # not a face line at all: trimesh's error describes it
+    if len(last) < needed:
+        raise ShapeLoadError(
+            f"{path}: the OFF file is truncated (the header declares {num_vertices} vertices "
+            f"and {num_faces} faces, and the last line {' '.join(last)!r} has only "
+            f"{len(last)} of the {needed} values it needs)."
+        )
 
 
 def _validate(obj: Any, source: str) -> trimesh.Trimesh | np.ndarray:
@@ -195,24 +253,30 @@ def _merge_scene(scene: trimesh.Scene, source: str) -> trimesh.Trimesh | np.ndar
     meshes = [g for g in geometries if isinstance(g, trimesh.Trimesh) and len(g.faces) > 0]
     if meshes:
         return meshes[0] if len(meshes) == 1 else trimesh.util.concatenate(meshes)
-    clouds = [np.asarray(g.vertices) for g in geometries if isinstance(g, trimesh.PointCloud)]
+    # Meshes without faces are point clouds, as everywhere else.
+    clouds = [
+        np.asarray(g.vertices)
+        for g in geometries
+        if isinstance(g, (trimesh.PointCloud, trimesh.Trimesh)) and len(g.vertices) > 0
+    ]
     if clouds:
         return np.concatenate(clouds, axis=0)
     # Text that some parsers (OBJ, ASCII STL) accept without finding anything ends up here.
     raise ShapeLoadError(f"{source}: not a readable mesh or point cloud (no geometry found).")
 
 
-def _validate_mesh(mesh: trimesh.Trimesh, source: str) -> trimesh.Trimesh:
+def _validate_mesh(mesh: trimesh.Trimesh, source: str) -> trimesh.Trimesh | np.ndarray:
+    """Validates a mesh; one with vertices but no faces comes back as points ``(P, 3)``."""
     vertices = np.asarray(mesh.vertices)
     faces = np.asarray(mesh.faces)
     if len(vertices) == 0:
         raise ShapeLoadError(f"{source}: the mesh is empty (no vertices).")
     if not np.isfinite(vertices).all():
         raise ShapeLoadError(f"{source}: the mesh has NaN or infinite vertex coordinates.")
-    # A "mesh" with vertices but no faces is almost always a broken export, so it is an
-    # error rather than silently becoming a point cloud.
+    # Some readers (PLY, OBJ) already return faceless files as point clouds, others (OFF) as
+    # meshes without faces; treating both alike makes the result independent of the format.
     if len(faces) == 0:
-        raise ShapeLoadError(f"{source}: the mesh has {len(vertices)} vertices but no faces.")
+        return _validate_points(vertices, source)
     if faces.min() < 0 or faces.max() >= len(vertices):
         raise ShapeLoadError(f"{source}: the mesh has face indices outside its vertex range.")
     area = float(mesh.area)

@@ -68,16 +68,25 @@ def normalize_points(points: np.ndarray) -> np.ndarray:
         Float32 array ``(N, 3)`` with mean 0 and maximum point norm 1.
 
     Raises:
-        ValueError: ``points`` does not have shape ``(N, 3)``, is empty, is not finite, or
-            all its points coincide (nothing to scale).
+        ValueError: ``points`` does not have shape ``(N, 3)``, is empty, is not finite,
+            all its points coincide (nothing to scale), or its coordinates are so large
+            (around 1e300) that the radius overflows float64.
     """
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
         raise ValueError(f"normalize_points expects an array of shape (N, 3); got {points.shape}.")
     if not np.isfinite(points).all():
         raise ValueError("normalize_points got NaN or infinite coordinates.")
-    centred = points - points.mean(axis=0)
-    radius = np.linalg.norm(centred, axis=1).max()
+    # Overflow is reported below as one clear error instead of numpy RuntimeWarnings.
+    with np.errstate(over="ignore", invalid="ignore"):
+        centred = points - points.mean(axis=0)
+        radius = np.linalg.norm(centred, axis=1).max()
+    # Dividing by an overflowed (inf or NaN) radius would silently give zeros or NaN.
+    if not np.isfinite(radius):
+        raise ValueError(
+            "normalize_points cannot scale these points: their coordinates are too large "
+            f"for float64 (largest magnitude {np.abs(points).max():.3g}; the radius overflows)."
+        )
     if radius == 0.0:
         raise ValueError("normalize_points cannot scale points that all coincide.")
     return (centred / radius).astype(np.float32)

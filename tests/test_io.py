@@ -112,7 +112,7 @@ def _write(path: Path, content: str | bytes) -> Path:
     ("name", "content", "reason"),
     [
         ("empty.off", "", "empty"),
-        ("truncated.off", "OFF\n8 12 0\n0 0 0\n1 1 1\n", "not a readable"),
+        ("cut.off", "OFF\n8 12 0\n0 0 0\n1 1 1\n", "declares 8 vertices and 12 faces"),
         ("notes.off", "this is a shopping list, not a mesh\n", "not a readable"),
         ("notes.obj", "this is a shopping list, not a mesh\n", "no geometry"),
         ("notes.stl", "this is a shopping list, not a mesh\n", "no geometry"),
@@ -120,7 +120,7 @@ def _write(path: Path, content: str | bytes) -> Path:
         ("garbage.ply", b"\x00\x01\x02 not a ply", "not a readable"),
         ("nan.off", "OFF\n3 1 0\n0 0 0\nnan 1 0\n0 1 0\n3 0 1 2\n", "NaN"),
         ("flat.off", "OFF\n3 1 0\n0 0 0\n1 0 0\n2 0 0\n3 0 1 2\n", "degenerate"),
-        ("nofaces.off", "OFF\n3 0 0\n0 0 0\n1 0 0\n0 1 0\n", "no faces"),
+        ("nofaces.off", "OFF\n3 0 0\n0 0 0\n0 0 0\n0 0 0\n", "all points coincide"),
         ("bad_index.off", "OFF\n3 1 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 7\n", "not a readable"),
         ("zero.off", "OFF\n0 0 0\n", "empty"),
         ("inf.xyz", "0 0 0\n1 inf 0\n", "NaN or infinite"),
@@ -135,6 +135,82 @@ def test_bad_files_raise_one_sentence_naming_the_path(tmp_path, name, content, r
         load_shape(path)
 
     _assert_one_sentence_naming(error, path)
+
+
+SPHERE = trimesh.creation.icosphere(subdivisions=2)  # 162 vertices, 320 faces
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("fused_header", [False, True])
+def test_truncated_off_is_rejected_naming_the_counts(tmp_path, fraction, fused_header):
+    text = _off_text(SPHERE.vertices, SPHERE.faces, fused_header=fused_header)
+    path = _write(tmp_path / "cut.off", text[: int(len(text) * fraction)])
+
+    with pytest.raises(ShapeLoadError, match="truncated") as error:
+        load_shape(path)
+
+    _assert_one_sentence_naming(error, path)
+    assert "declares 162 vertices and 320 faces" in str(error.value)
+
+
+def test_off_cut_inside_its_last_line_is_truncated(tmp_path):
+    text = _off_text(SPHERE.vertices, SPHERE.faces).rstrip("\n")
+    path = _write(tmp_path / "cut.off", text.rsplit(" ", 1)[0] + "\n")  # last index gone
+
+    with pytest.raises(ShapeLoadError, match=r"truncated .* last line .* only 3 of the 4 values"):
+        load_shape(path)
+
+
+def test_off_header_claiming_more_faces_than_it_holds_is_rejected(tmp_path):
+    text = _off_text(BOX.vertices, BOX.faces).replace("8 12 0", "8 13 0", 1)
+    path = _write(tmp_path / "more.off", text)
+
+    with pytest.raises(ShapeLoadError, match="truncated or its header is wrong") as error:
+        load_shape(path)
+
+    assert "13 faces" in str(error.value)
+    assert "8 vertex lines and 12 face lines" in str(error.value)
+
+
+@pytest.mark.parametrize("keyword", ["COFF", "NOFF"])
+def test_off_variants_with_extra_vertex_columns_are_checked_too(tmp_path, keyword):
+    extra = " 0.5 0.5 0.5" if keyword == "NOFF" else " 255 0 0 255"
+    rows = [" ".join(f"{v:.6f}" for v in vertex) + extra for vertex in BOX.vertices]
+    faces = [f"3 {a} {b} {c}" for a, b, c in BOX.faces]
+    complete = f"{keyword}\n# comment\n8 12 0\n" + "\n".join(rows + faces) + "\n"
+
+    mesh = load_shape(_write(tmp_path / "full.off", complete))
+    assert isinstance(mesh, trimesh.Trimesh)
+    assert mesh.faces.shape == (12, 3)
+    with pytest.raises(ShapeLoadError, match="11 face lines"):
+        load_shape(_write(tmp_path / "cut.off", complete.rsplit("3 ", 1)[0]))
+
+
+def test_faceless_meshes_are_point_clouds_in_every_format(tmp_path):
+    points = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    rows = "\n".join(" ".join(f"{v:g}" for v in point) for point in points)
+    _write(tmp_path / "cloud.off", f"OFF\n4 0 0\n{rows}\n")
+    _write(tmp_path / "cloud.obj", "".join(f"v {row}\n" for row in rows.splitlines()))
+    trimesh.PointCloud(points).export(tmp_path / "cloud.ply")
+    faceless = trimesh.Trimesh(points, np.zeros((0, 3), dtype=np.int64), process=False)
+    scene = trimesh.Scene()
+    scene.add_geometry(faceless)
+
+    shapes = [load_shape(tmp_path / f"cloud.{ext}") for ext in ("off", "obj", "ply")]
+    for shape in [*shapes, as_shape(faceless), as_shape(scene)]:
+        assert isinstance(shape, np.ndarray)
+        assert shape.dtype == np.float64
+        np.testing.assert_array_equal(shape, points)
+
+
+def test_text_points_with_utf8_byte_order_mark(tmp_path):
+    points = np.random.default_rng(3).normal(size=(5, 3))
+    rows = "\n".join(" ".join(f"{v:.17g}" for v in point) for point in points)
+    path = tmp_path / "bom.xyz"
+    path.write_text("\ufeff" + rows + "\n", encoding="utf-8")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+
+    np.testing.assert_array_equal(load_shape(path), points)
 
 
 def test_missing_file_and_bad_npy(tmp_path):

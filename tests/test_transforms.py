@@ -91,6 +91,27 @@ def test_normalize_points_rejects_coincident_points():
         normalize_points(np.ones((5, 3)))
 
 
+@pytest.mark.parametrize("magnitude", [1e160, 1e300, 1e306])
+def test_normalize_points_rejects_coordinates_whose_radius_overflows(magnitude):
+    points = np.random.default_rng(0).normal(size=(50, 3)) * magnitude
+    assert np.isfinite(points).all()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one clear error, not numpy overflow warnings
+        with pytest.raises(ValueError, match="too large for float64"):
+            normalize_points(points)
+
+
+def test_normalize_points_still_scales_large_but_representable_coordinates():
+    points = np.random.default_rng(0).normal(size=(50, 3)) * 1e150
+
+    normalized = normalize_points(points)
+
+    centred = points - points.mean(axis=0)
+    expected = (centred / np.linalg.norm(centred, axis=1).max()).astype(np.float32)
+    np.testing.assert_array_equal(normalized, expected)
+
+
 def test_preprocessing_is_exact_far_from_the_origin():
     # A unit box at 1e6: float32 has a resolution of 0.06 there, so sampling or centring
     # in float32 would visibly distort the result.
