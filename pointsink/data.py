@@ -210,6 +210,24 @@ class PointCloudDataset(Dataset):
             self._stream_key = key
         return self._stream
 
+    def augmentation_state(self) -> tuple[int, Tensor] | None:
+        """``(seed, generator state)`` of the main process's augmentation stream, or None.
+
+        None until the stream has drawn, without a seeded transform, and when DataLoader
+        workers augment (their streams live in the workers). Saved in checkpoints by
+        :class:`pointsink.callbacks.RandomStateCheckpoint`.
+        """
+        if self._stream is None or self._stream_key is None or self._stream_key[1] is not None:
+            return None
+        return self._stream_key[0], self._stream.get_state()
+
+    def restore_augmentation_state(self, seed: int, state: Tensor) -> None:
+        """Continues the main process's augmentation stream from :meth:`augmentation_state`."""
+        self.seed = seed
+        self._stream = torch.Generator()
+        self._stream.set_state(state)
+        self._stream_key = (seed, None)
+
     def subset(
         self, indices: Sequence[int] | np.ndarray, transform: Any = _KEEP_TRANSFORM
     ) -> PointCloudDataset:
@@ -298,12 +316,18 @@ def build_point_cache(
 ) -> Path:
     """Preprocesses every file of a split into one cache file, unless an up-to-date one exists.
 
-    The cache file name contains a fingerprint of the relative paths, sizes and
-    modification times of the split's files plus ``num_points``, ``sample_seed``, the class
-    list and :data:`CACHE_VERSION`; any change gives a new fingerprint and a rebuild, after
-    which outdated caches of the same configuration are deleted. Building holds a file
-    lock and writes atomically, so concurrent runs on one machine neither corrupt the cache
-    nor build it twice. Files that cannot be read are skipped with a warning naming them.
+    The cache file name contains ``num_points``, a hash of ``sample_seed``, the class list
+    and :data:`CACHE_VERSION`, a hash of the resolved ``root`` (so datasets sharing one
+    ``cache_dir`` keep their own caches), and a fingerprint of the relative paths, sizes,
+    modification times and inode change times of the split's files (the change time,
+    which ``os.utime`` cannot set, catches a file replaced by same-size content with its
+    old mtime restored, as ``cp -p``, ``rsync -t`` or ``tar`` do). Any change gives a new
+    fingerprint and a rebuild, after which the outdated caches of the same configuration
+    and root are deleted; in the root's own cache folder (:func:`default_cache_dir`) so are
+    those of the configuration from other roots (the folder moved with its dataset) or
+    named before the root hash existed. Building holds a file lock and writes atomically,
+    so concurrent runs on one machine neither corrupt the cache nor build it twice. Files
+    that cannot be read are skipped with a warning naming them.
 
     Each file is sampled with :func:`pointsink.transforms.file_sample_seed` (``sample_seed``
     and a checksum of the file's contents), the seed prediction uses too, so its points
@@ -328,10 +352,15 @@ def build_point_cache(
     config_key = _short_hash(
         {"version": CACHE_VERSION, "classes": list(class_names), "seed": sample_seed}
     )
-    prefix = f"{split}-{num_points}pts-{config_key}-"
+    config_prefix = f"{split}-{num_points}pts-{config_key}-"
+    root_key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    prefix = f"{config_prefix}{root_key}-"
     stats = [path.stat() for path, _ in files]
     fingerprint = _short_hash(
-        [(rel, st.st_size, st.st_mtime_ns) for rel, st in zip(relative_paths, stats, strict=True)]
+        [
+            (rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            for rel, st in zip(relative_paths, stats, strict=True)
+        ]
     )
     cache_path = cache_dir / f"{prefix}{fingerprint}.pt"
     if cache_path.exists():
@@ -373,7 +402,13 @@ def build_point_cache(
             os.replace(tmp_path, cache_path)
         finally:
             tmp_path.unlink(missing_ok=True)
-        for outdated in cache_dir.glob(f"{prefix}*.pt"):
+        # A shared cache_dir may hold other roots' caches, which must survive; the root's
+        # own folder holds only this dataset's, also from before it moved or was renamed.
+        own_folder = cache_dir.resolve() in {
+            (root / "processed").resolve(),
+            default_cache_dir(root).resolve(),
+        }
+        for outdated in cache_dir.glob(f"{config_prefix if own_folder else prefix}*.pt"):
             if outdated != cache_path:
                 outdated.unlink(missing_ok=True)
     return cache_path
@@ -461,6 +496,18 @@ def recorded_split(checkpoint: Mapping[str, Any]) -> tuple[float, int] | None:
         if split is not None:
             return split
     return None
+
+
+def _validation_files_digest(relative_paths: Sequence[str]) -> str:
+    """SHA-256 (hex) of a set of root-relative file paths, in any order (sorted first).
+
+    Args:
+        relative_paths: Paths ``<class>/<split>/<name>`` relative to the dataset root.
+
+    Returns:
+        64 hex digits; equal for equal sets of paths.
+    """
+    return hashlib.sha256("\n".join(sorted(relative_paths)).encode()).hexdigest()
 
 
 def _split_of(state: Any) -> tuple[float, int] | None:
@@ -647,6 +694,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         self.train_dataset: PointCloudDataset | None = None
         self.val_dataset: PointCloudDataset | None = None
         self.test_dataset: PointCloudDataset | None = None
+        # Sorted root-relative paths of the validation files, once setup has made the split.
+        self._val_files: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -773,6 +822,9 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             )
             self.train_dataset = full_train.subset(train_indices, transform=self.augmentation)
             self.val_dataset = full_train.subset(val_indices, transform=None)
+            self._val_files = sorted(
+                Path(path).relative_to(self.root).as_posix() for path in self.val_dataset.paths
+            )
         if stage in (None, "test") and self.test_dataset is None:
             self.test_dataset = self._load_split("test")
 
@@ -785,22 +837,40 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         split it would score shapes it has trained on as validation, and its best epoch
         would compare two splits. :func:`recorded_split` reads it back (e.g. for
         ``benchmarks/voting.py --split val``).
+
+        Returns:
+            ``{"val_fraction", "split_seed"}``, and once ``setup`` has made the split also
+            ``"val_files"`` (the validation files' sorted paths ``<class>/train/<name>``,
+            relative to ``root`` so that the dataset folder may move) and
+            ``"val_files_digest"`` (SHA-256 of those paths, sorted, newline-joined).
+            The split picks files by position, so the same settings select other files
+            once training files are added, removed or become unreadable.
         """
-        return {"val_fraction": self.val_fraction, "split_seed": self.split_seed}
+        state: dict[str, Any] = {"val_fraction": self.val_fraction, "split_seed": self.split_seed}
+        if self._val_files is not None:
+            state["val_files"] = list(self._val_files)
+            state["val_files_digest"] = _validation_files_digest(self._val_files)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Checks a restored checkpoint's split: refused when fitting, a warning when validating.
 
-        ``test`` and ``predict`` do not use the split, so they accept any.
+        Both the settings and, where the checkpoint records them (see :meth:`state_dict`;
+        older checkpoints do not), the validation files are compared; Lightning restores
+        the state after ``setup``, so the current files are known. ``test`` and
+        ``predict`` do not use the split, so they accept any.
 
         Raises:
             CheckpointError: ``fit`` resumes a checkpoint trained with another split.
         """
         recorded = _split_of(state_dict)
         current = (self.val_fraction, self.split_seed)
-        if recorded is None or recorded == current or recorded[0] == current[0] == 0.0:
-            return  # the same split (with no validation the seed does not matter)
+        if recorded is None or recorded[0] == current[0] == 0.0:
+            return  # nothing recorded, or no validation (then the seed does not matter)
         stage = self.trainer.state.fn if self.trainer is not None else None
+        if recorded == current:
+            self._check_validation_files(state_dict, stage)
+            return
         message = (
             f"The checkpoint was trained with val_fraction={recorded[0]} and "
             f"split_seed={recorded[1]}, but the data module has val_fraction={current[0]} "
@@ -817,6 +887,44 @@ class ShapeFolderDataModule(pl.LightningDataModule):
                 f"{message}: part of this validation split may be shapes the model was trained on.",
                 UserWarning,
                 stacklevel=2,
+            )
+
+    def _check_validation_files(self, state_dict: Mapping[str, Any], stage: Any) -> None:
+        """Compares the recorded validation files with this split's (same settings)."""
+        recorded_digest = state_dict.get("val_files_digest")
+        if recorded_digest is None or self._val_files is None:
+            return  # an older checkpoint, or setup has not made the split
+        if recorded_digest == _validation_files_digest(self._val_files):
+            return
+        recorded_files = state_dict.get("val_files")
+        if isinstance(recorded_files, Sequence) and not isinstance(recorded_files, str):
+            gone = sorted(set(map(str, recorded_files)) - set(self._val_files))
+            new = sorted(set(self._val_files) - set(map(str, recorded_files)))
+            example = f", e.g. {(gone or new)[0]!r}" if gone or new else ""
+            detail = (
+                f"this run's validation split differs from the checkpoint's in "
+                f"{len(gone) + len(new)} files ({len(gone)} of the checkpoint's "
+                f"{len(recorded_files)} left it and {len(new)} joined it{example})"
+            )
+        else:
+            detail = f"this run's {len(self._val_files)} validation files are not the checkpoint's"
+        message = (
+            f"The checkpoint was trained with the same val_fraction and split_seed, but "
+            f"{detail}: the split picks files by position, so adding, removing or no longer "
+            f"being able to read training files in {self.root} changes it"
+        )
+        if stage == TrainerFn.FITTING:
+            raise CheckpointError(
+                f"{message}; resuming would validate on shapes the run has trained on and "
+                "compare its best epoch across two validation sets. Restore the training "
+                "files the checkpoint was trained with, or start a new run (--model.weights "
+                "fine-tunes from its weights)."
+            )
+        if stage == TrainerFn.VALIDATING:
+            warnings.warn(
+                f"{message}; part of this validation split may be shapes the model was trained on.",
+                UserWarning,
+                stacklevel=3,
             )
 
     # -- loaders ------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 import urllib.error
@@ -159,6 +160,89 @@ def test_changed_added_or_removed_files_trigger_a_rebuild(
     assert "alpha/train/alpha_0001.off" not in removed.paths
 
 
+def _replace_keeping_size_and_mtime(path: Path) -> None:
+    """Changes one digit of ``path``, then restores its mtime, as ``cp -p`` or ``tar`` would.
+
+    Waits until the inode change time differs too (it has the kernel clock's granularity).
+    """
+    before = path.stat()
+    text = path.read_text()
+    # The first vertex coordinate's first digit after the decimal point (header is 2 lines).
+    start = text.index("\n", text.index("\n") + 1) + 1
+    position = text.index(".", start) + 1
+    changed = "1" if text[position] != "1" else "2"
+    for _ in range(100):
+        path.write_text(text[:position] + changed + text[position + 1 :])
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        if path.stat().st_ctime_ns != before.st_ctime_ns:
+            break
+        time.sleep(0.01)
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert after.st_ctime_ns != before.st_ctime_ns
+
+
+def test_a_file_replaced_with_its_size_and_mtime_kept_triggers_a_rebuild(
+    tmp_path, make_shape_folder, count_preprocessing
+):
+    root = make_shape_folder(tmp_path / "shapes")
+    first = load_point_cache(_build(root, tmp_path))
+    replaced = root / "beta" / "train" / "beta_0002.off"
+    row = first.paths.index("beta/train/beta_0002.off")
+
+    _replace_keeping_size_and_mtime(replaced)
+    rebuilt = load_point_cache(_build(root, tmp_path))
+
+    assert len(count_preprocessing) == 24  # not the stale cache
+    expected = preprocess_shape(replaced, 32, seed=file_sample_seed(replaced, 0))
+    np.testing.assert_array_equal(rebuilt.points[row].numpy(), expected)
+    assert not torch.equal(rebuilt.points[row], first.points[row])
+
+
+def test_datasets_sharing_a_cache_dir_keep_their_own_caches(
+    tmp_path, make_shape_folder, count_preprocessing
+):
+    first_root = make_shape_folder(tmp_path / "first", seed=0)
+    second_root = make_shape_folder(tmp_path / "second", seed=1)  # same classes and names
+    first = _build(first_root, tmp_path)
+    second = _build(second_root, tmp_path)
+    assert first != second
+    assert first.exists() and second.exists()
+    assert len(count_preprocessing) == 24
+
+    # Each reuses its own cache, with its own points.
+    assert _build(first_root, tmp_path) == first
+    assert _build(second_root, tmp_path) == second
+    assert len(count_preprocessing) == 24
+    assert not torch.equal(load_point_cache(first).points, load_point_cache(second).points)
+
+    # A rebuild of one root removes its own outdated cache only.
+    (first_root / "alpha" / "train" / "alpha_0001.off").unlink()
+    updated = _build(first_root, tmp_path)
+    assert not first.exists()
+    assert updated.exists() and second.exists()
+
+
+def test_a_cache_from_before_root_hashed_names_is_rebuilt_once(
+    tmp_path, make_shape_folder, count_preprocessing
+):
+    root = make_shape_folder(tmp_path / "shapes")
+    cache_dir = root / "processed"  # the default: the dataset's own cache folder
+    current = _build(root, tmp_path, cache_dir=cache_dir)
+    # The name the previous version gave it: no root hash, the fingerprint without ctime.
+    split, points, config, _, _ = current.stem.split("-")
+    legacy = cache_dir / f"{split}-{points}-{config}-{'0' * 16}.pt"
+    current.rename(legacy)
+
+    rebuilt = _build(root, tmp_path, cache_dir=cache_dir)
+    assert rebuilt == current
+    assert len(count_preprocessing) == 24
+    assert not legacy.exists()  # the outdated cache of the dataset's own folder is gone
+    assert _build(root, tmp_path, cache_dir=cache_dir) == current
+    assert len(count_preprocessing) == 24
+    assert load_point_cache(current).points.shape == (12, 32, 3)
+
+
 def test_other_settings_get_their_own_cache(tmp_path, make_shape_folder):
     root = make_shape_folder(tmp_path / "shapes")
     default = _build(root, tmp_path)
@@ -303,6 +387,72 @@ def test_restored_split_is_checked_by_stage(stage, recorded, outcome):
             warnings.simplefilter("error")
             data.load_state_dict(saved)
     assert recorded_split({"ShapeFolderDataModule": data.state_dict()}) == (0.1, 0)
+
+
+def _fitting(datamodule: ShapeFolderDataModule, stage=TrainerFn.FITTING) -> ShapeFolderDataModule:
+    datamodule.trainer = SimpleNamespace(state=SimpleNamespace(fn=stage))  # what Lightning sets
+    datamodule.setup("fit")  # Lightning calls setup before restoring the checkpoint
+    return datamodule
+
+
+def _recorded_state(root: Path, tmp_path: Path) -> tuple[dict, list[str]]:
+    datamodule = _datamodule(root, tmp_path, val_fraction=0.25)
+    datamodule.setup("fit")
+    return datamodule.state_dict(), datamodule.val_dataset.paths
+
+
+def test_resuming_after_a_training_file_was_added_is_refused(tmp_path, make_shape_folder):
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=8)
+    state, val_paths = _recorded_state(root, tmp_path)
+    assert len(state["val_files"]) == 6
+    assert state["val_files"] == sorted(
+        Path(path).relative_to(root).as_posix() for path in val_paths
+    )
+
+    # Sorts first, so the positions the split picks now hold other files.
+    first = root / "alpha" / "train" / "alpha_0001.off"
+    shutil.copyfile(first, root / "alpha" / "train" / "alpha_0000.off")
+    resumed = _fitting(_datamodule(root, tmp_path, val_fraction=0.25))
+    assert resumed.val_dataset.paths != val_paths
+
+    with pytest.raises(CheckpointError, match="validation split differs") as error:
+        resumed.load_state_dict(state)
+    message = str(error.value)
+    assert "validation split differs from the checkpoint's in 2 files" in message
+    assert "1 of the checkpoint's 6 left it and 1 joined it" in message
+    assert "adding, removing or no longer being able to read training files" in message
+    assert "resuming would validate on shapes the run has trained on" in message
+
+    with pytest.warns(UserWarning, match="may be shapes the model was trained on"):
+        _fitting(
+            _datamodule(root, tmp_path, val_fraction=0.25), TrainerFn.VALIDATING
+        ).load_state_dict(state)
+
+
+def test_resuming_with_the_same_files_passes_even_after_the_folder_moved(
+    tmp_path, make_shape_folder
+):
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=8)
+    state, _ = _recorded_state(root, tmp_path)
+    moved = tmp_path / "elsewhere" / "shapes"
+    shutil.copytree(root, moved)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for folder in (root, moved):
+            _fitting(_datamodule(folder, tmp_path, val_fraction=0.25)).load_state_dict(state)
+
+
+def test_checkpoint_without_recorded_validation_files_is_accepted(tmp_path, make_shape_folder):
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=8)
+    state, _ = _recorded_state(root, tmp_path)
+    older = {"val_fraction": state["val_fraction"], "split_seed": state["split_seed"]}
+    (root / "alpha" / "train" / "alpha_0001.off").unlink()  # the split changes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fitting(_datamodule(root, tmp_path, val_fraction=0.25)).load_state_dict(older)
+    assert recorded_split({"ShapeFolderDataModule": state}) == (0.25, 0)
 
 
 def test_without_validation_the_split_seed_does_not_matter():
