@@ -10,7 +10,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from pointsink.attention import MultiheadAttention
 from pointsink.inference import Prediction, format_predictions, make_prediction
@@ -20,6 +20,7 @@ __all__ = [
     "ConfusionMatrixReport",
     "DoublyStochasticMonitor",
     "PredictionWriter",
+    "RandomStateCheckpoint",
     "ResumableModelCheckpoint",
     "doubly_stochastic_deviation",
     "run_directory",
@@ -58,6 +59,85 @@ class ResumableModelCheckpoint(ModelCheckpoint):
         if self.dirpath is not None:
             state_dict = {**state_dict, "dirpath": self.dirpath}
         super().load_state_dict(state_dict)
+
+
+class RandomStateCheckpoint(pl.Callback):
+    """Saves every rank's random generators in checkpoints; a resumed fit restores them.
+
+    Lightning restores the weights, optimizer, schedule and loops, but not the generators:
+    after ``fit --ckpt_path`` the random stream starts again from ``seed_everything``, so
+    the first resumed epoch shuffles and augments as epoch 0 did. This callback saves, per
+    rank, torch's CPU generator, the current CUDA device's generator (when CUDA is in use)
+    and the training dataset's augmentation stream (see
+    :meth:`pointsink.data.PointCloudDataset.augmentation_state`), and puts them back when a
+    fit resumes from the checkpoint. Resuming from an end-of-epoch checkpoint (``last.ckpt``,
+    ``best.ckpt``) then continues as the uninterrupted run would have, to the bit on one
+    machine, when the data are loaded in the main process (``num_workers: 0``, as in the
+    shipped configs): persistent DataLoader workers keep augmentation streams of their own,
+    which a checkpoint cannot hold.
+
+    Saving gathers the states of all ranks (a collective under DDP: every rank saves, as
+    Lightning's checkpointing does). A checkpoint from another number of ranks is resumed
+    without them, with a warning.
+    """
+
+    key = "random_states"
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Adds ``checkpoint["random_states"]``: tensors with one row per rank."""
+        states = {"torch": torch.get_rng_state()}
+        device = pl_module.device
+        if device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(device)
+        augmentation = _augmentation_state(trainer)
+        if augmentation is not None:
+            seed, generator_state = augmentation
+            # Seeds are unsigned 64-bit (data.derive_seed): stored as 8 bytes.
+            states["augmentation_seed"] = torch.tensor(
+                list(seed.to_bytes(8, "little")), dtype=torch.uint8
+            )
+            states["augmentation"] = generator_state
+        gathered = {}
+        for name, state in states.items():
+            rows = trainer.strategy.all_gather(state.to(device))  # (world, bytes) under DDP
+            gathered[name] = rows.reshape(trainer.world_size, -1).cpu()
+        checkpoint[self.key] = gathered
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Restores this rank's generators (called by Lightning only when a fit resumes)."""
+        states = checkpoint.get(self.key)
+        if not states:
+            return
+        if len(states["torch"]) != trainer.world_size:
+            rank_zero_warn(
+                f"The checkpoint holds the random generators of {len(states['torch'])} "
+                f"rank(s); this fit runs {trainer.world_size}: they are not restored, so the "
+                "resumed epochs draw other shuffles, augmentations and dropout masks."
+            )
+            return
+        rank = trainer.global_rank
+        torch.set_rng_state(states["torch"][rank].clone())
+        if "cuda" in states and pl_module.device.type == "cuda":
+            torch.cuda.set_rng_state(states["cuda"][rank].clone(), pl_module.device)
+        dataset = _training_dataset(trainer)
+        if "augmentation" in states and dataset is not None:
+            seed = int.from_bytes(bytes(states["augmentation_seed"][rank].tolist()), "little")
+            dataset.restore_augmentation_state(seed, states["augmentation"][rank].clone())
+
+
+def _training_dataset(trainer: pl.Trainer) -> Any:
+    """The data module's training dataset, if it keeps an augmentation stream; else None."""
+    dataset = getattr(trainer.datamodule, "train_dataset", None)
+    return dataset if hasattr(dataset, "augmentation_state") else None
+
+
+def _augmentation_state(trainer: pl.Trainer) -> tuple[int, torch.Tensor] | None:
+    dataset = _training_dataset(trainer)
+    return None if dataset is None else dataset.augmentation_state()
 
 
 def doubly_stochastic_deviation(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

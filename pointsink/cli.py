@@ -17,7 +17,12 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_warn
 
-from pointsink.callbacks import ConfusionMatrixReport, PredictionWriter, ResumableModelCheckpoint
+from pointsink.callbacks import (
+    ConfusionMatrixReport,
+    PredictionWriter,
+    RandomStateCheckpoint,
+    ResumableModelCheckpoint,
+)
 from pointsink.data import DatasetNotFoundError, ShapeFolderDataModule
 from pointsink.inference import CheckpointError, load_checkpoint
 from pointsink.module import SinkformerClassifier
@@ -76,6 +81,8 @@ class SinkformerCLI(LightningCLI):
         # last.ckpt after every epoch, for resuming. A second callback because Lightning 2.6's
         # `save_last` only rewrites last.ckpt when a best checkpoint is saved at the same step.
         parser.add_lightning_class_args(ResumableModelCheckpoint, "last_checkpoint")
+        # Random generators in every checkpoint, so a resumed fit draws what the whole run would.
+        parser.add_lightning_class_args(RandomStateCheckpoint, "random_state")
         # Writes the records of `predict` (a no-op in the other subcommands).
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         # Writes confusion_matrix.png and test_report.json after `test`.

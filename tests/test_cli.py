@@ -105,6 +105,20 @@ def test_resumed_fit_keeps_the_best_checkpoint(tmp_path: Path) -> None:
     assert best["epoch"] == scores.index(max(scores))
 
 
+def test_resumed_fit_continues_as_the_uninterrupted_run(tmp_path: Path) -> None:
+    # Constant learning rate, so that a 2-epoch run is the start of a 3-epoch one; dropout
+    # and augmentation on, so the restored generators matter.
+    args = [*_tiny_args(tmp_path), "--model.scheduler", "none", "--data.augment", "true"]
+    whole = main(["fit", *args, "--trainer.max_epochs", "3",
+                  "--trainer.default_root_dir", str(tmp_path / "whole")])  # fmt: skip
+    interrupted = ["--trainer.default_root_dir", str(tmp_path / "interrupted")]
+    main(["fit", *args, *interrupted, "--trainer.max_epochs", "2"])
+    resumed = main(["fit", *args, *interrupted, "--trainer.max_epochs", "3", "--ckpt_path", "last"])
+    expected = whole.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
 def test_resume_and_validate_check_the_validation_split(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -152,27 +152,22 @@ def _assert_counts_whole_samples(accuracy: float, num_samples: int) -> None:
     assert abs(correct - round(correct)) < 1e-4, (accuracy, num_samples)
 
 
+FIT_OPTIONS = [
+    "--trainer.max_epochs", "2",
+    "--data.init_args.jitter_sigma", "0",
+    "--data.init_args.max_rotation_degrees", "0",
+    "--data.init_args.shuffle_points", "false",
+    "--trainer.callbacks+=pointsink.callbacks.DoublyStochasticMonitor",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def ddp_fit(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A 2-epoch fit with 2 CPU processes; augmentation reduced to a per-axis scale so the
     probe can read it back; with the plotting DoublyStochasticMonitor."""
     base = tmp_path_factory.mktemp("ddp")
     paths = SimpleNamespace(data=base / "data", run=base / "fit", probe=base / "fit-probe")
-    paths.result = _cli(
-        "fit",
-        paths.data,
-        paths.run,
-        "--trainer.max_epochs",
-        "2",
-        "--data.init_args.jitter_sigma",
-        "0",
-        "--data.init_args.max_rotation_degrees",
-        "0",
-        "--data.init_args.shuffle_points",
-        "false",
-        "--trainer.callbacks+=pointsink.callbacks.DoublyStochasticMonitor",
-        *_ddp(paths.probe),
-    )
+    paths.result = _cli("fit", paths.data, paths.run, *FIT_OPTIONS, *_ddp(paths.probe))
     return paths
 
 
@@ -251,6 +246,25 @@ def test_ddp_test_metrics_equal_single_process(ddp_fit: SimpleNamespace) -> None
     assert [len(rank["test"]) for rank in records] == [2, 1]  # uneven steps are fine
     # Lightning kept our sampler instead of injecting its padding one (it warns when it does).
     assert "evaluated exactly once" not in ddp.stderr
+
+
+@needs_distributed
+def test_ddp_resumed_fit_continues_as_the_uninterrupted_run(ddp_fit: SimpleNamespace) -> None:
+    # Each rank restores its own generators (its augmentation stream above all), so the
+    # third epoch after resuming from the 2-epoch fit is the uninterrupted run's third.
+    base = ddp_fit.run.parent
+    three = [*FIT_OPTIONS, "--trainer.max_epochs", "3"]
+    _cli("fit", ddp_fit.data, base / "whole", *three, *_ddp(base / "whole-probe"))
+    last = next(ddp_fit.run.rglob("last.ckpt"))
+    resumed_options = [*three, "--ckpt_path", str(last), *_ddp(base / "resumed-probe")]
+    _cli("fit", ddp_fit.data, base / "resumed", *resumed_options)
+    whole, resumed = (
+        torch.load(next((base / run).rglob("last.ckpt")), weights_only=True)
+        for run in ("whole", "resumed")
+    )
+    assert whole["epoch"] == resumed["epoch"] == 2
+    for name, value in resumed["state_dict"].items():
+        torch.testing.assert_close(value, whole["state_dict"][name], rtol=0, atol=0, msg=name)
 
 
 # -- units ---------------------------------------------------------------------------------
