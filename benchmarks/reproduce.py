@@ -228,6 +228,8 @@ def run_one(
     run_dir = _run_dir(out, name, seed)
     arguments = _arguments(config, data_root, extra)
     resume_from = None if rerun else resumable_checkpoint(run_dir, arguments)
+    # Whatever happens to this call, an earlier result must not stand beside its logs.
+    (run_dir / "result.json").unlink(missing_ok=True)
     first_epoch = 0
     if resume_from is None:
         shutil.rmtree(run_dir / "lightning_logs", ignore_errors=True)
@@ -354,11 +356,11 @@ def run_parallel(
     runs: list[tuple[str, str, int, int]],
     args: argparse.Namespace,
     extra: list[str],
-) -> dict[tuple[str, int], dict]:
+) -> tuple[dict[tuple[str, int], dict], list[tuple[str, str, int, int]]]:
     """Runs each (name, attention, n_iter, seed) in a child process, ``args.jobs`` at once.
 
-    Returns ``{(name, seed): row}`` of the runs that finished; failures are reported with
-    the path of their log.
+    Returns ``({(name, seed): row}, failed runs)``: the rows of the runs that finished, and
+    the runs that did not (each reported with the path of its log).
     """
     # Download, generate and cache the data once here, not in several jobs at once.
     prepare_data(args.config, args.data_root, extra)
@@ -408,7 +410,7 @@ def run_parallel(
                 )
     if failed:
         print(f"{len(failed)} of {len(runs)} runs failed", file=sys.stderr)
-    return finished
+    return finished, failed
 
 
 def mean_std(values: list[float], digits: int = 2, scale: float = 100.0) -> str:
@@ -534,8 +536,10 @@ def main(argv: list[str] | None = None) -> str:
                 print(f"reusing {name} seed {seed}: {_run_dir(args.out, name, seed)}")
                 done[(name, seed)] = row
     todo = [run for run in runs if (run[0], run[3]) not in done]
+    failed: list = []
     if args.jobs > 1 and len(todo) > 1:
-        done.update(run_parallel(todo, args, extra))
+        finished, failed = run_parallel(todo, args, extra)
+        done.update(finished)
         rows = [done[(name, seed)] for name, _, _, seed in runs if (name, seed) in done]
     else:
         if todo:
@@ -552,10 +556,20 @@ def main(argv: list[str] | None = None) -> str:
             rows.append(row)
             if not args.no_summary:
                 summarize(rows, args.out)  # partial results survive an interrupted grid
-    if args.no_summary or not rows:
-        return ""
-    table = summarize(rows, args.out)
-    print(table)
+    if not args.no_summary and rows:
+        table = summarize(rows, args.out)
+        if failed:
+            # A mean over the seeds that survived is not the mean that was asked for.
+            missing = ", ".join(f"{name} seed {seed}" for name, _, _, seed in failed)
+            note = f"\n**Failed, not in the table above:** {missing}.\n"
+            with (args.out / "summary.md").open("a") as handle:
+                handle.write(note)
+            table += note
+        print(table)
+    else:
+        table = ""
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(runs)} runs failed: see their log.txt")
     return table
 
 

@@ -29,7 +29,12 @@ import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from pointsink.callbacks import confusion_report
-from pointsink.data import ShapeFolderDataModule, find_shape_files, recorded_split
+from pointsink.data import (
+    ShapeFolderDataModule,
+    find_shape_files,
+    recorded_split,
+    recorded_validation_files,
+)
 from pointsink.inference import ShapeClassifier, load_checkpoint, preprocess_views
 
 
@@ -86,6 +91,24 @@ def training_split(
     return recorded
 
 
+def check_recorded_files(ckpt: str, root: Path, files: list[tuple[str, int]]) -> None:
+    """Stops unless ``files`` are the validation files the checkpoint's run recorded.
+
+    The split picks files by position: on a copy of the dataset with other training files
+    the same settings select other shapes, some of which the model has trained on.
+    """
+    recorded = recorded_validation_files(load_checkpoint(ckpt))
+    if recorded is None:
+        return  # written before the files were recorded
+    rebuilt = {Path(path).relative_to(root).as_posix() for path, _ in files}
+    if rebuilt != set(recorded):
+        raise SystemExit(
+            f"error: {ckpt} was validated on {len(recorded)} files of which "
+            f"{len(set(recorded) - rebuilt)} are not in this split of {root} (rebuilt from the "
+            "same settings, with other training files present): it would score training shapes."
+        )
+
+
 def view_probabilities(
     classifier: ShapeClassifier, paths: list[str], seed: int, views: int, batch_size: int
 ) -> torch.Tensor:
@@ -134,6 +157,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.split == "val":
         val_fraction, split_seed = training_split(args.ckpt, args.val_fraction, args.split_seed)
         files = validation_files(args.data_root, names, val_fraction, split_seed)
+        check_recorded_files(args.ckpt, args.data_root, files)
     else:
         files = split_files(args.data_root, names, args.split)
     files = files[: args.limit]

@@ -498,6 +498,18 @@ def recorded_split(checkpoint: Mapping[str, Any]) -> tuple[float, int] | None:
     return None
 
 
+def recorded_validation_files(checkpoint: Mapping[str, Any]) -> list[str] | None:
+    """The validation files of the run that wrote a checkpoint, if recorded.
+
+    Paths ``<class>/train/<name>`` relative to the dataset root, as
+    :meth:`ShapeFolderDataModule.state_dict` records them; older checkpoints give None.
+    """
+    for value in checkpoint.values():
+        if _split_of(value) is not None and isinstance(value.get("val_files"), list):
+            return [str(path) for path in value["val_files"]]
+    return None
+
+
 def _validation_files_digest(relative_paths: Sequence[str]) -> str:
     """SHA-256 (hex) of a set of root-relative file paths, in any order (sorted first).
 

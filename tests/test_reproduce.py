@@ -186,6 +186,33 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(
     assert [epoch for epoch, _ in reproduce._read_logged(run_dir)["val/oa"]] == [0, 1, 2]
     assert json.loads((run_dir / "result.json").read_text())["row"]["epochs"] == 3
 
+    # A fresh start that dies takes the earlier result with it: that result's logs and
+    # checkpoints are gone, so the next call resumes the new run instead of reusing it.
+    rerun = [*argv[: argv.index("--")], "--rerun", *argv[argv.index("--") :]]
+    monkeypatch.setattr(reproduce, "cli_main", killed_after_one_epoch)
+    with pytest.raises(_KilledError):
+        reproduce.main(rerun)
+    monkeypatch.setattr(reproduce, "cli_main", fit_and_test)
+    assert not (run_dir / "result.json").exists()
+    capsys.readouterr()
+    reproduce.main(argv)
+    assert "resuming sinkhorn-3 seed 0 at epoch 1" in capsys.readouterr().out
+
+
+def test_a_failed_parallel_run_is_named_and_fails_the_grid(reproduce, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = [
+        "--config", str(REPO / "tests" / "conf" / "tiny.yaml"),
+        "--out", str(out), "--seeds", "0", "--variants", "softmax", "sinkhorn-0", "--jobs", "2",
+        "--", "--data.init_args.root", str(tmp_path / "synthetic"),
+    ]  # fmt: skip
+    # n_iter 0 is refused, so that child fails; softmax alone must not pass for the grid.
+    with pytest.raises(SystemExit, match="1 of 2 runs failed"):
+        reproduce.main(argv)
+    summary = (out / "summary.md").read_text()
+    assert "| softmax | 1 |" in summary
+    assert "**Failed, not in the table above:** sinkhorn-0 seed 0." in summary
+
 
 def test_bad_jobs_is_a_usage_error(
     reproduce, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -98,3 +98,21 @@ def test_val_split_defaults_to_the_checkpoints_and_refuses_another(
         voting.main(
             ["--ckpt", str(path), "--data-root", str(root), "--split", "val", "--split-seed", "0"]
         )
+
+
+def test_val_split_must_be_the_recorded_files(voting, tmp_path: Path, make_shape_folder) -> None:
+    path = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    content = torch.load(path, weights_only=True)
+    root = make_shape_folder(tmp_path / "shapes", class_names=tuple(CLASSES), train_per_class=10)
+    files = voting.validation_files(root, CLASSES, val_fraction=0.2, split_seed=3)
+    recorded = sorted(Path(file).relative_to(root).as_posix() for file, _ in files)
+    content["ShapeFolderDataModule"] = {"val_fraction": 0.2, "split_seed": 3, "val_files": recorded}
+    torch.save(content, path)
+    assert "on 6 val shapes" in voting.main(
+        ["--ckpt", str(path), "--data-root", str(root), "--split", "val"]
+    )
+    # One recorded file that this copy of the data would put into training instead.
+    content["ShapeFolderDataModule"]["val_files"] = [*recorded[1:], "alpha/train/alpha_0099.off"]
+    torch.save(content, path)
+    with pytest.raises(SystemExit, match="of which 1 are not in this split"):
+        voting.main(["--ckpt", str(path), "--data-root", str(root), "--split", "val"])
