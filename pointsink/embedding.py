@@ -38,7 +38,9 @@ def knn_indices(points: Tensor, num_neighbors: int, queries: Tensor | None = Non
         points: Coordinates ``(B, N, D)``.
         num_neighbors: ``k``, at most ``N``.
         queries: ``(B, M, D)``, the points whose neighbours are wanted; ``None`` for
-            ``points`` themselves, each then its own nearest neighbour.
+            ``points`` themselves, each then among its own ``k`` nearest (``cdist`` computes
+            distances through a matrix product, whose rounding can put a point a hair
+            closer to another, so it need not come first).
 
     Returns:
         ``(B, M, k)`` indices into the ``N`` points, nearest first (``M = N`` by default).
@@ -84,7 +86,7 @@ def farthest_point_sampling(
     Returns:
         ``(B, M)`` indices into the ``N`` points, in the order they were chosen.
     """
-    batch, num_points, dim = points.shape
+    _, num_points, dim = points.shape
     if not 1 <= num_samples <= num_points:
         raise ValueError(
             f"num_samples must be between 1 and the number of points ({num_points}); "
@@ -104,6 +106,16 @@ def farthest_point_sampling(
         from pointsink.triton_sampling import triton_farthest_point_sampling
 
         return triton_farthest_point_sampling(points, num_samples)
+    return _farthest_point_sampling_loop(points, num_samples)
+
+
+@torch.no_grad()  # indices only; the out= buffers below refuse autograd
+def _farthest_point_sampling_loop(points: Tensor, num_samples: int) -> Tensor:
+    """The ``"loop"`` backend of :func:`farthest_point_sampling`: one step per sample."""
+    # In at least float32, as the Triton kernel works: half-precision distances would tie
+    # and round differently, so the two backends would pick other points.
+    points = points.to(torch.promote_types(points.dtype, torch.float32))
+    batch, num_points, _ = points.shape
     rows = torch.arange(batch, device=points.device)
     chosen = torch.empty(batch, num_samples, dtype=torch.long, device=points.device)
     current = (points - points.mean(dim=1, keepdim=True)).square().sum(dim=-1).argmax(dim=1)
@@ -349,8 +361,9 @@ class SetAbstraction(nn.Module):
             xyz = offsets[..., :3].float()
             sigma = xyz.square().sum(dim=-1).mean(dim=(1, 2)).sqrt()
             scale = xyz.new_ones(offsets.shape[0], 1, 1, self.in_channels)
-            # A shape whose points all coincide has sigma 0 and offsets 0: leave them at 0.
-            scale[..., :3] = 1.0 / sigma.clamp_min(1e-12).view(-1, 1, 1, 1)
+            # A shape whose points all coincide has sigma 0 and offsets 0: scale 1 leaves them
+            # at 0 (a huge 1 / sigma would overflow to inf in half precision, and 0 * inf is NaN).
+            scale[..., :3] = torch.where(sigma > 0, 1.0 / sigma, 1.0).view(-1, 1, 1, 1)
         return scale.to(offsets.dtype)
 
     def extra_repr(self) -> str:

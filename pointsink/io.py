@@ -238,7 +238,11 @@ def _validate(obj: Any, source: str) -> trimesh.Trimesh | np.ndarray:
     if isinstance(obj, trimesh.PointCloud):
         return _validate_points(np.asarray(obj.vertices), source)
     if isinstance(obj, torch.Tensor):
-        return _validate_points(obj.detach().cpu().numpy(), source)
+        # float64 for every floating dtype: NumPy has no bfloat16.
+        tensor = obj.detach().cpu()
+        return _validate_points(
+            (tensor.double() if tensor.is_floating_point() else tensor).numpy(), source
+        )
     if isinstance(obj, np.ndarray):
         return _validate_points(obj, source)
     raise ShapeLoadError(

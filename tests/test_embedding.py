@@ -285,3 +285,23 @@ def test_edgeconv_keeps_the_local_term_precise_under_bfloat16_autocast() -> None
     features.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert layer.to(torch.bfloat16)(x.detach().to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_farthest_point_sampling_of_half_points_is_that_of_their_float32_values(dtype) -> None:
+    # The loop works in float32, as the Triton kernel does, so both backends pick alike.
+    points = torch.randn(2, 200, 3).to(dtype)
+    expected = farthest_point_sampling(points.float(), 100, backend="loop")
+    assert torch.equal(farthest_point_sampling(points, 100, backend="loop"), expected)
+
+
+def test_farthest_point_sampling_takes_points_that_require_grad() -> None:
+    points = torch.randn(2, 50, 3, requires_grad=True)
+    expected = farthest_point_sampling(points.detach(), 10, backend="loop")
+    assert torch.equal(farthest_point_sampling(points, 10, backend="loop"), expected)
+
+
+def test_normalized_offsets_of_coinciding_points_stay_finite_in_half_precision() -> None:
+    layer = SetAbstraction(3, 8, num_groups=2, group_size=3, normalize_offsets=True).half()
+    points = torch.stack([torch.zeros(4, 3), torch.randn(4, 3)]).half()
+    assert torch.isfinite(layer(points)).all()

@@ -250,3 +250,11 @@ def test_as_shape_rejects_invalid_objects():
     broken.vertices[0, 0] = np.inf
     with pytest.raises(ShapeLoadError, match="NaN or infinite"):
         as_shape(broken)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_tensors_of_any_float_dtype_are_point_clouds(dtype: torch.dtype) -> None:
+    points = torch.randn(50, 3).to(dtype)
+    shape = as_shape(points)
+    assert shape.dtype == np.float64
+    np.testing.assert_array_equal(shape, points.double().numpy())
