@@ -34,7 +34,7 @@ EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
 # Model hyperparameters the data module sets (linked arguments) or that follow from them.
 # A checkpoint's values of these are checked against the data (the class names, in
 # SinkformerClassifier.on_load_checkpoint) or reported (the point count), never imposed.
-LINKED_FROM_DATA = ("class_names", "num_classes", "num_points", "augmentation")
+LINKED_FROM_DATA = ("class_names", "num_classes", "num_points", "augmentation", "sample_seed")
 
 
 def find_checkpoint(root: str | Path, filename: str) -> Path:
@@ -102,6 +102,8 @@ class SinkformerCLI(LightningCLI):
         parser.link_arguments(
             "data.augmentation_settings", "model.augmentation", apply_on="instantiate"
         )
+        # Recorded so that ShapeClassifier samples a file as the training cache did.
+        parser.link_arguments("data.sample_seed", "model.sample_seed", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         """Resolves ``--ckpt_path`` and rebuilds the model from its hyperparameters.

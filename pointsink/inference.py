@@ -515,6 +515,8 @@ class ShapeClassifier:
             model's ``min_points`` when it has one.
         augmentation: Augmentation of the extra views when ``votes > 1``; None: the
             default :class:`~pointsink.transforms.PointCloudAugmentation`.
+        sample_seed: Default seed of :meth:`predict` (use the training's
+            ``data.sample_seed``, so that a file gets the points the training cache holds).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or a torch device.
 
     Raises:
@@ -529,8 +531,10 @@ class ShapeClassifier:
         num_points: int = DEFAULT_NUM_POINTS,
         augmentation: PointCloudAugmentation | None = None,
         device: str | torch.device = "auto",
+        sample_seed: int = 0,
     ) -> None:
         num_points = check_int("num_points", num_points)
+        self.sample_seed = check_int("sample_seed", sample_seed, minimum=0)
         fewest = getattr(model, "min_points", 1)
         if num_points < fewest:
             raise ValueError(
@@ -567,7 +571,8 @@ class ShapeClassifier:
         ``num_points`` hyperparameter, or the data module's in
         ``datamodule_hyper_parameters``), else to :data:`DEFAULT_NUM_POINTS` with a
         warning. The augmentation of voting's extra views is the training's, which
-        checkpoints written by ``train.py fit`` record, else the default one.
+        checkpoints written by ``train.py fit`` record, else the default one; so is the
+        default sampling seed (``data.sample_seed``; 0 for checkpoints that predate it).
 
         Args:
             path: The ``.ckpt`` file.
@@ -640,6 +645,7 @@ class ShapeClassifier:
             num_points=num_points,
             augmentation=_augmentation_from_hparams(hparams, data_hparams),
             device=device,
+            sample_seed=hparams.get("sample_seed", data_hparams.get("sample_seed", 0)),
         )
 
     # -- prediction ---------------------------------------------------------------------
@@ -649,7 +655,7 @@ class ShapeClassifier:
         inputs: Any,
         top_k: int = 5,
         votes: int = 1,
-        seed: int = 0,
+        seed: int | None = None,
         batch_size: int = 32,
         progress: bool = False,
     ) -> list[Prediction]:
@@ -666,7 +672,9 @@ class ShapeClassifier:
             top_k: Classes listed per prediction (capped at the number of classes).
             votes: Views averaged per shape: view 0 is the plain training preprocessing;
                 views 1.. use other sampling seeds and the training augmentation.
-            seed: Seed of sampling and augmentation (>= 0); same seed, same result.
+            seed: Seed of sampling and augmentation (>= 0); same seed, same result. None:
+                :attr:`sample_seed` (the training's, for :meth:`from_checkpoint`), with
+                which view 0 of a file is the point set ``train.py test`` scores.
             batch_size: Shapes per forward pass.
             progress: Show a progress bar on stderr.
 
@@ -678,7 +686,7 @@ class ShapeClassifier:
         check_int("top_k", top_k)
         check_int("votes", votes)
         check_int("batch_size", batch_size)
-        check_int("seed", seed, minimum=0)
+        seed = self.sample_seed if seed is None else check_int("seed", seed, minimum=0)
         items = list(_flatten_inputs(inputs))
         results: list[Prediction] = []
         bar = None

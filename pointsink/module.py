@@ -78,6 +78,8 @@ class SinkformerClassifier(pl.LightningModule):
             (:meth:`~pointsink.transforms.PointCloudAugmentation.settings`, linked from the
             data module by the CLI). Not used by the model; stored so that test-time
             voting at inference augments its views the way training did.
+        sample_seed: The data module's ``sample_seed`` (linked by the CLI). Not used by the
+            model; stored so that inference samples a file as the training cache did.
         weights: A pointsink checkpoint (``.ckpt``) to fine-tune from: its weights replace
             the initial ones when fitting starts (:meth:`load_pretrained`). Not read when
             resuming with ``ckpt_path`` (the resumed weights win) nor when loading a
@@ -118,6 +120,7 @@ class SinkformerClassifier(pl.LightningModule):
         group_size: int = 32,
         normalize_offsets: bool = False,
         augmentation: dict[str, Any] | None = None,
+        sample_seed: int = 0,
         weights: str | None = None,
         freeze_backbone: bool = False,
     ) -> None:

@@ -103,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed",
         type=_non_negative_int,
-        default=0,
+        default=None,
         metavar="S",
-        help="sampling seed (default: 0); a file gets the points that a training cache "
-        "built with data.sample_seed S holds for it",
+        help="sampling seed (default: the checkpoint's data.sample_seed, 0 for older "
+        "checkpoints); a file gets the points that a training cache built with "
+        "data.sample_seed S holds for it",
     )
     parser.add_argument(
         "--batch-size", type=_positive_int, default=32, metavar="B", help="shapes per batch"

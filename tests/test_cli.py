@@ -12,6 +12,7 @@ import torch
 
 from pointsink.cli import main
 from pointsink.data import recorded_split
+from pointsink.inference import ShapeClassifier
 from pointsink.module import SinkformerClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,6 +194,20 @@ def test_ckpt_path_names_resolve_and_overrides_are_reported(
 
 def first_classes(path: Path) -> list[str]:
     return torch.load(path, weights_only=True)["hyper_parameters"]["class_names"]
+
+
+def test_checkpoint_records_the_sampling_seed_for_inference(tmp_path: Path) -> None:
+    one_step = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"]
+    main(["fit", *_tiny_args(tmp_path), *one_step, "--data.sample_seed", "3"])
+    checkpoint = next((tmp_path / "run").rglob("last.ckpt"))
+    classifier = ShapeClassifier.from_checkpoint(checkpoint, device="cpu")
+    assert classifier.sample_seed == 3
+    # By default a file gets the points of the training cache (seed 3), not seed 0's.
+    shape = str(next((tmp_path / "synthetic" / "cone" / "test").iterdir()))
+    default, three, zero = (
+        classifier.predict(shape, top_k=9, seed=seed)[0].topk for seed in (None, 3, 0)
+    )
+    assert default == three != zero
 
 
 def test_fit_without_checkpointing(tmp_path: Path) -> None:
