@@ -680,8 +680,10 @@ class ShapeClassifier:
 
         Returns:
             One :class:`Prediction` per input (per file of a folder or pattern, per item
-            of a batch array), in input order. Inputs that cannot be classified have
-            ``error`` set; they never stop the others.
+            of a batch array), in input order, except that a file reached more than once
+            (listed twice, or through two paths, folders or patterns) is classified once,
+            at its first place: match files by :attr:`Prediction.path`, not by position.
+            Inputs that cannot be classified have ``error`` set; they never stop the others.
         """
         check_int("top_k", top_k)
         check_int("votes", votes)
