@@ -246,6 +246,7 @@ def run_one(
         common += ["--data.root", data_root]
     model = ["--model.attention", attention, "--model.n_iter", str(n_iter)]
     resume = ["--ckpt_path", str(resume_from)] if resume_from is not None else []
+    commit_started = _git_commit()
     start = time.perf_counter()
     fit = cli_main(["fit", *common, *model, *extra, *resume])
     seconds = time.perf_counter() - start
@@ -266,7 +267,8 @@ def run_one(
         "resumed_from_epoch": first_epoch,
         "threads": torch.get_num_threads(),
         "device": str(fit.trainer.strategy.root_device),
-        "commit": _git_commit(),
+        "commit": _git_commit(),  # when the result was written
+        "commit_started": commit_started,  # when this call started training
         "test_oa": float(metrics["test/oa"]),
         "test_macc": float(metrics["test/macc"]),
         "best_checkpoint": best,
@@ -464,7 +466,15 @@ def summarize(rows: list[dict], out: Path) -> str:
         )
     table = "\n".join(lines)
     doubly_stochastic = doubly_stochastic_table(by_variant)
-    summary = table + "\n\nMean ± sample standard deviation (n - 1) over the seeds.\n"
+    summary = table + (
+        "\n\nMean ± sample standard deviation (n - 1) over the seeds. s / epoch: the `fit` "
+        "call's wall time (start-up and validation included) over the epochs it trained.\n"
+    )
+    # Rows reused or resumed across sessions may come from other machines or code.
+    for field in ("device", "threads", "commit_started", "commit"):
+        values = sorted({str(row.get(field, "?")) for row in rows})
+        if len(values) > 1:
+            summary += f"\n**Mixed {field}s across the rows:** {', '.join(values)}.\n"
     if doubly_stochastic:
         summary += (
             "\nDistance of the attention to doubly stochastic (relative mean absolute "

@@ -85,6 +85,13 @@ def test_parallel_grid_writes_results_and_resumes(
     recorded = json.loads(result.read_text())["arguments"]["extra"]
     assert reproduce.load_result(out, "sinkhorn-3", 0, argv[1], None, [*recorded, "-x"]) is None
 
+    # Rows from other devices (reused across sessions) are flagged in the summary.
+    content = json.loads(result.read_text())
+    content["row"]["device"] = "cuda:0"
+    result.write_text(json.dumps(content))
+    reproduce.main(argv)
+    assert "**Mixed devices across the rows:** cpu, cuda:0." in (out / "summary.md").read_text()
+
 
 def test_mean_std_is_the_sample_std_and_omits_it_for_one_seed(reproduce) -> None:
     # Population std would give 1.63; the sample std (n - 1) of 90, 92, 94 % is 2.
