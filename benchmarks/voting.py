@@ -34,6 +34,7 @@ from pointsink.data import (
     find_shape_files,
     recorded_split,
     recorded_validation_files,
+    validation_files_changes,
 )
 from pointsink.inference import ShapeClassifier, load_checkpoint, preprocess_views
 
@@ -100,12 +101,13 @@ def check_recorded_files(ckpt: str, root: Path, files: list[tuple[str, int]]) ->
     recorded = recorded_validation_files(load_checkpoint(ckpt))
     if recorded is None:
         return  # written before the files were recorded
-    rebuilt = {Path(path).relative_to(root).as_posix() for path, _ in files}
-    if rebuilt != set(recorded):
+    rebuilt = [Path(path).relative_to(root).as_posix() for path, _ in files]
+    gone, new = validation_files_changes(recorded, rebuilt)
+    if gone or new:
         raise SystemExit(
-            f"error: {ckpt} was validated on {len(recorded)} files of which "
-            f"{len(set(recorded) - rebuilt)} are not in this split of {root} (rebuilt from the "
-            "same settings, with other training files present): it would score training shapes."
+            f"error: {ckpt} was validated on {len(recorded)} files of which {len(gone)} are "
+            f"not in this split of {root} (rebuilt from the same settings, with other training "
+            "files present): it would score training shapes."
         )
 
 

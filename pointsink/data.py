@@ -353,8 +353,7 @@ def build_point_cache(
         {"version": CACHE_VERSION, "classes": list(class_names), "seed": sample_seed}
     )
     config_prefix = f"{split}-{num_points}pts-{config_key}-"
-    root_key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
-    prefix = f"{config_prefix}{root_key}-"
+    prefix = f"{config_prefix}{_root_key(root)}-"
     stats = [path.stat() for path, _ in files]
     fingerprint = _short_hash(
         [
@@ -427,8 +426,12 @@ def default_cache_dir(root: str | os.PathLike[str]) -> Path:
     if not target.exists() or _is_writable_dir(target):
         return preferred
     cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    root_key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
-    return cache_home / "pointsink" / f"{root.resolve().name}-{root_key}"
+    return cache_home / "pointsink" / f"{root.resolve().name}-{_root_key(root)}"
+
+
+def _root_key(root: Path) -> str:
+    """Eight hex digits naming a dataset root by its absolute path (cache names and folders)."""
+    return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
 
 
 def _is_writable_dir(path: Path) -> bool:
@@ -510,16 +513,22 @@ def recorded_validation_files(checkpoint: Mapping[str, Any]) -> list[str] | None
     return None
 
 
-def _validation_files_digest(relative_paths: Sequence[str]) -> str:
-    """SHA-256 (hex) of a set of root-relative file paths, in any order (sorted first).
+def validation_files_changes(
+    recorded: Sequence[str], current: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """How a split's validation files differ from those a checkpoint recorded.
 
     Args:
-        relative_paths: Paths ``<class>/<split>/<name>`` relative to the dataset root.
+        recorded: Root-relative paths ``<class>/train/<name>`` from the checkpoint (see
+            :func:`recorded_validation_files`).
+        current: The same for the split made now.
 
     Returns:
-        64 hex digits; equal for equal sets of paths.
+        ``(gone, new)``, sorted: recorded files the split no longer holds, and files it
+        holds that were not recorded. Both empty when the splits agree.
     """
-    return hashlib.sha256("\n".join(sorted(relative_paths)).encode()).hexdigest()
+    recorded_set, current_set = set(map(str, recorded)), set(map(str, current))
+    return sorted(recorded_set - current_set), sorted(current_set - recorded_set)
 
 
 def _split_of(state: Any) -> tuple[float, int] | None:
@@ -853,15 +862,13 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         Returns:
             ``{"val_fraction", "split_seed"}``, and once ``setup`` has made the split also
             ``"val_files"`` (the validation files' sorted paths ``<class>/train/<name>``,
-            relative to ``root`` so that the dataset folder may move) and
-            ``"val_files_digest"`` (SHA-256 of those paths, sorted, newline-joined).
+            relative to ``root`` so that the dataset folder may move).
             The split picks files by position, so the same settings select other files
             once training files are added, removed or become unreadable.
         """
         state: dict[str, Any] = {"val_fraction": self.val_fraction, "split_seed": self.split_seed}
         if self._val_files is not None:
             state["val_files"] = list(self._val_files)
-            state["val_files_digest"] = _validation_files_digest(self._val_files)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -903,23 +910,17 @@ class ShapeFolderDataModule(pl.LightningDataModule):
 
     def _check_validation_files(self, state_dict: Mapping[str, Any], stage: Any) -> None:
         """Compares the recorded validation files with this split's (same settings)."""
-        recorded_digest = state_dict.get("val_files_digest")
-        if recorded_digest is None or self._val_files is None:
-            return  # an older checkpoint, or setup has not made the split
-        if recorded_digest == _validation_files_digest(self._val_files):
-            return
         recorded_files = state_dict.get("val_files")
-        if isinstance(recorded_files, Sequence) and not isinstance(recorded_files, str):
-            gone = sorted(set(map(str, recorded_files)) - set(self._val_files))
-            new = sorted(set(self._val_files) - set(map(str, recorded_files)))
-            example = f", e.g. {(gone or new)[0]!r}" if gone or new else ""
-            detail = (
-                f"this run's validation split differs from the checkpoint's in "
-                f"{len(gone) + len(new)} files ({len(gone)} of the checkpoint's "
-                f"{len(recorded_files)} left it and {len(new)} joined it{example})"
-            )
-        else:
-            detail = f"this run's {len(self._val_files)} validation files are not the checkpoint's"
+        if not isinstance(recorded_files, list) or self._val_files is None:
+            return  # an older checkpoint, or setup has not made the split
+        gone, new = validation_files_changes(recorded_files, self._val_files)
+        if not gone and not new:
+            return
+        detail = (
+            f"this run's validation split differs from the checkpoint's in "
+            f"{len(gone) + len(new)} files ({len(gone)} of the checkpoint's "
+            f"{len(recorded_files)} left it and {len(new)} joined it, e.g. {(gone or new)[0]!r})"
+        )
         message = (
             f"The checkpoint was trained with the same val_fraction and split_seed, but "
             f"{detail}: the split picks files by position, so adding, removing or no longer "
