@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch.distributed
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -198,6 +199,7 @@ def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
             one given as ``--ckpt_path`` was trained on other classes than the data's (or,
             when resuming a fit, with another validation split).
     """
+    distributed_before = _distributed_initialized()
     try:
         return SinkformerCLI(
             SinkformerClassifier,
@@ -212,6 +214,17 @@ def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
         # a checkpoint that fits the model and the data's classes.
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        # Lightning destroys only NCCL process groups at exit. A gloo group (DDP on CPUs)
+        # left to interpreter finalization can abort the process ("terminate called
+        # without an active exception"), which Lightning's launcher answers by killing
+        # every rank. A group the caller set up before is the caller's to destroy.
+        if not distributed_before and _distributed_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _distributed_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def run() -> None:

@@ -309,3 +309,32 @@ def test_main_with_args_ignores_the_callers_argv(
     assert exit_info.value.code in (None, 0)
     assert "pointsink.data.SyntheticShapesDataModule" in capsys.readouterr().out
     assert not [w for w in caught if "args parameter" in str(w.message)]
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with gloo",
+)
+@pytest.mark.parametrize("caller_initialized", [False, True])
+def test_main_destroys_the_process_group_it_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caller_initialized: bool
+) -> None:
+    """A DDP run on CPUs (gloo) ends with its process group destroyed: left to interpreter
+    finalization, gloo can abort the exiting rank, and Lightning then kills the others.
+    A group the caller made before is left to the caller."""
+    # Lightning's launcher writes these into os.environ; monkeypatch restores them after.
+    for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "1"]
+    one_step = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"]
+    if caller_initialized:
+        store = f"file://{tmp_path / 'store'}"
+        torch.distributed.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        cli = main(["fit", *_tiny_args(tmp_path), *ddp, *one_step])
+        assert type(cli.trainer.strategy).__name__ == "DDPStrategy"
+        assert torch.distributed.is_initialized() == caller_initialized
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
