@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from pointsink.attention import AttentionKind
@@ -27,9 +27,39 @@ from pointsink.model import DEFAULT_N_ITER, SetSinkformer
 from pointsink.transforms import mix_point_regions
 from pointsink.validation import plain_value
 
-__all__ = ["SinkformerClassifier"]
+__all__ = ["MeanLoss", "SinkformerClassifier"]
 
 Batch = dict[str, Tensor]
+
+
+class MeanLoss(Metric):
+    """Sample-weighted mean of batch losses, added across ranks when computed.
+
+    Unlike :class:`torchmetrics.MeanMetric` it does not drop NaN values: that check reads a
+    value back from the device at every update (a host sync in each training step), and a
+    diverged loss should show in the log rather than vanish from it.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("loss_sum", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, loss: Tensor, weight: int) -> None:
+        """Adds a batch.
+
+        Args:
+            loss: The batch's mean loss, a scalar.
+            weight: The batch's sample count.
+        """
+        self.loss_sum += loss.detach().to(self.loss_sum.dtype) * weight
+        self.weight += weight
+
+    def compute(self) -> Tensor:
+        """The mean loss per sample."""
+        return self.loss_sum / self.weight
 
 
 class SinkformerClassifier(pl.LightningModule):
@@ -186,11 +216,12 @@ class SinkformerClassifier(pl.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        # Epoch-mean evaluation losses as metrics: their sums and weights are added across
-        # ranks, which stays exact when ranks evaluate different numbers of samples (the
-        # unpadded DDP eval sampler). self.log(..., sync_dist=True) would truncate its integer
-        # sample count there and inflate the loss (Lightning issue #21859).
-        self.eval_losses = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        # Epoch-mean losses as metrics: their sums and weights are added across ranks, which
+        # stays exact when ranks evaluate different numbers of samples (the unpadded DDP eval
+        # sampler) and costs no collective per step. self.log(..., sync_dist=True) would
+        # reduce every training step, and truncate the integer sample count of uneven
+        # evaluation shards, inflating the loss (Lightning issue #21859).
+        self.train_loss, self.val_loss, self.test_loss = MeanLoss(), MeanLoss(), MeanLoss()
         # Synchronized across ranks like the other metrics; read by callbacks (e.g.
         # ConfusionMatrixReport) after testing through `test_confusion_matrix`.
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
@@ -227,19 +258,14 @@ class SinkformerClassifier(pl.LightningModule):
             loss = (1.0 - partner_weight) * loss + partner_weight * partner_loss
         batch_size = target.shape[0]
         metrics.update(logits, target)
+        mean_loss = getattr(self, f"{stage}_loss")
         if stage == "train":
-            self.log(
-                "train/loss",
-                loss,
-                batch_size=batch_size,
-                on_step=True,
-                on_epoch=True,
-                prog_bar=True,
-            )
+            # Called, not updated: the call also gives the batch's value for train/loss_step.
+            mean_loss(loss, batch_size)
         else:
-            mean_loss = self.eval_losses[stage]
-            mean_loss.update(loss.detach(), weight=batch_size)
-            self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
+            mean_loss.update(loss, batch_size)
+        training = stage == "train"
+        self.log(f"{stage}/loss", mean_loss, on_step=training, on_epoch=True, prog_bar=True)
         self.log_dict(metrics, batch_size=batch_size, on_step=False, on_epoch=True, prog_bar=True)
         return loss, logits
 

@@ -4,7 +4,8 @@ It runs inside the ``python train.py`` subprocesses of the DDP tests (added with
 ``--trainer.callbacks+=ddp_probe.SampleProbe``; ``tests/`` is put on ``PYTHONPATH``), and
 writes ``<output_dir>/<stage>-rank<global rank>.json`` at teardown:
 
-``{"train": [[epoch, [sample indices...], [sx, sy, sz]], ...], "val": [...], "test": [...]}``
+``{"train": [[epoch, [sample indices...], [sx, sy, sz]], ...], "train_loss": [[epoch,
+batch size, loss], ...], "val": [...], "test": [...]}``
 
 where ``[sx, sy, sz]`` is the per-axis augmentation scale of the batch's first sample,
 recovered as augmented / cached points. That recovery is exact only when rotation, jitter
@@ -30,7 +31,7 @@ class SampleProbe(pl.Callback):
     def __init__(self, output_dir: str) -> None:
         super().__init__()
         self.output_dir = output_dir
-        self.records: dict[str, list[Any]] = {"train": [], "val": [], "test": []}
+        self.records: dict[str, list[Any]] = {"train": [], "train_loss": [], "val": [], "test": []}
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -39,6 +40,18 @@ class SampleProbe(pl.Callback):
         clean = trainer.datamodule.train_dataset.points[int(index[0])].to(points.device)
         scale = (points[0] / clean).median(dim=0).values
         self.records["train"].append([trainer.current_epoch, index.tolist(), scale.tolist()])
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        size = len(batch["index"])
+        self.records["train_loss"].append([trainer.current_epoch, size, float(loss)])
 
     def _record_eval(self, stage: str, trainer: pl.Trainer, batch: Any) -> None:
         if not trainer.sanity_checking:

@@ -220,8 +220,15 @@ def test_ddp_fit_writes_once_and_feeds_each_rank_its_share(ddp_fit: SimpleNamesp
     assert scales[0].shape == scales[1].shape
     assert not torch.isclose(scales[0], scales[1], atol=1e-3).all(dim=1).any()
 
-    for accuracy in _metrics(ddp_fit.run)["val/oa"]:
+    metrics = _metrics(ddp_fit.run)
+    for accuracy in metrics["val/oa"]:
         _assert_counts_whole_samples(accuracy, NUM_VAL)
+    # The epoch's training loss is the sample-weighted mean over both ranks' batches.
+    for epoch in range(2):
+        batches = [(size, loss) for rank in records for e, size, loss in rank["train_loss"]
+                   if e == epoch]  # fmt: skip
+        expected = sum(size * loss for size, loss in batches) / sum(size for size, _ in batches)
+        assert metrics["train/loss_epoch"][epoch] == pytest.approx(expected, rel=1e-5)
 
 
 @needs_distributed

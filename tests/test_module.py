@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from pointsink.callbacks import DoublyStochasticMonitor, doubly_stochastic_deviation
 from pointsink.inference import CheckpointError
-from pointsink.module import SinkformerClassifier
+from pointsink.module import MeanLoss, SinkformerClassifier
 
 CLASSES = ["cone", "cube", "sphere"]
 
@@ -183,6 +183,16 @@ def test_metrics_are_overall_and_mean_per_class(tmp_path) -> None:
     assert result["test/oa"] == pytest.approx(overall, abs=1e-6)
     assert result["test/macc"] == pytest.approx(sum(per_class) / 3, abs=1e-6)
     assert overall != pytest.approx(sum(per_class) / 3, abs=1e-3)
+
+
+def test_mean_loss_weights_batches_by_size_and_keeps_nan() -> None:
+    mean_loss = MeanLoss()
+    # The call returns the batch's own value (train/loss_step) and accumulates it.
+    assert mean_loss(torch.tensor(1.0), 8) == 1.0
+    mean_loss.update(torch.tensor(4.0, dtype=torch.bfloat16), 2)
+    assert mean_loss.compute() == pytest.approx((8 * 1.0 + 2 * 4.0) / 10)
+    mean_loss.update(torch.tensor(float("nan")), 1)  # a diverged step shows
+    assert mean_loss.compute().isnan()
 
 
 def test_doubly_stochastic_deviation() -> None:
