@@ -347,6 +347,10 @@ def _ds_tile(
     ``dS = E * (alpha_i beta_j dP_ij - sum_k a^k_i b^k_j)``, one exponential per element;
     else one exponential per matrix and element.
     """
+    # The t-th saved vector starts t * G * n entries in: past 2**31 for large batches of
+    # long sets, where 32-bit offsets (Triton's type for int arguments below 2**31) wrap.
+    stride_u = stride_u.to(tl.int64)
+    stride_v = stride_v.to(tl.int64)
     if TRANSPOSED:
         s = _mm(k, tl.trans(q), PRECISION, UPCAST) * (scale * _LOG2E)
         dp = _mm(val, tl.trans(do), PRECISION, UPCAST)
