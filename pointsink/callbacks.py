@@ -234,20 +234,20 @@ class DoublyStochasticMonitor(pl.Callback):
             self._set_recording(pl_module, False)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Logs the deviations and stops recording."""
+        """Logs the deviations (averaged over the ranks) and stops recording."""
         self._set_recording(pl_module, False)
         for name, values in self._sums.items():
-            # Averaged over the ranks here, not by log(sync_dist=True), so that the history
-            # (and its plot, written by rank 0) holds the value that is logged.
-            col_dev, row_dev = trainer.strategy.reduce(
-                torch.stack(values).mean(dim=0), reduce_op="mean"
-            )
-            pl_module.log(f"ds/{name}/col_dev", col_dev)
-            pl_module.log(f"ds/{name}/row_dev", row_dev)
-            if not trainer.sanity_checking:
-                self.history.setdefault(name, []).append(
-                    (trainer.current_epoch, float(col_dev))  # once per epoch, off the hot path
-                )
+            col_dev, row_dev = torch.stack(values).mean(dim=0)
+            pl_module.log(f"ds/{name}/col_dev", col_dev, sync_dist=True)
+            pl_module.log(f"ds/{name}/row_dev", row_dev, sync_dist=True)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Adds the epoch's logged column deviations, synchronized by now, to the history."""
+        if not trainer.sanity_checking:
+            for name in self._sums:
+                value = trainer.callback_metrics[f"ds/{name}/col_dev"]
+                # Once per epoch, off the hot path.
+                self.history.setdefault(name, []).append((trainer.current_epoch, float(value)))
         self._sums = {}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

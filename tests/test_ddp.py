@@ -223,6 +223,17 @@ def test_ddp_fit_writes_once_and_feeds_each_rank_its_share(ddp_fit: SimpleNamesp
     metrics = _metrics(ddp_fit.run)
     for accuracy in metrics["val/oa"]:
         _assert_counts_whole_samples(accuracy, NUM_VAL)
+    # The doubly-stochastic history (the plot's data, saved in checkpoints) holds the
+    # logged, rank-averaged values of every epoch, not rank 0's.
+    checkpoint = torch.load(next(ddp_fit.run.rglob("last.ckpt")), weights_only=True)
+    (monitor,) = [state for key, state in checkpoint["callbacks"].items()
+                  if key.startswith("DoublyStochasticMonitor")]  # fmt: skip
+    logged_layers = {key.split("/")[1] for key in metrics if key.endswith("/col_dev")}
+    assert set(monitor["history"]) == logged_layers and len(logged_layers) == 3  # ISAB + PMA
+    for name, points in monitor["history"].items():
+        assert [epoch for epoch, _ in points] == [0, 1]
+        logged = metrics[f"ds/{name}/col_dev"]
+        assert [value for _, value in points] == pytest.approx(logged, rel=1e-6)
     # The epoch's training loss is the sample-weighted mean over both ranks' batches.
     for epoch in range(2):
         batches = [(size, loss) for rank in records for e, size, loss in rank["train_loss"]
