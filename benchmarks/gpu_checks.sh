@@ -28,8 +28,9 @@
 #          RECIPE_ARGS passed to train.py (e.g. "--trainer.max_epochs 20"); one seed took
 #          7.0 s per epoch on an H200 on 2026-11-28, before the one-launch sampling kernel.
 # BUDGET (seconds, default 540) bounds it all: each step runs under `timeout`, and the sweep
-# takes no further kernel once its time is short. What comes back is at most 8 files in
-# ${OUT:-outputs/gpu-checks} (the device tool's limit); summaries are printed last.
+# takes no further kernel once its time is short. The files land in
+# ${OUT:-outputs/gpu-checks}: at most 8 (the device tool's limit) unless STEPS holds both ncu
+# and recipe (9); summaries are printed last.
 #
 #   bash benchmarks/gpu_checks.sh
 #   BASELINE=outputs/base.py BUDGET=400 bash benchmarks/gpu_checks.sh
@@ -47,6 +48,8 @@ STEPS=${STEPS:-"tests suite train tuning step${DATA:+ recipe}"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 left() { echo $((BUDGET - SECONDS)); }
+# `timeout` with at least 1 s: `timeout 0` would not limit the step at all.
+bounded() { local seconds=$(($1 > 1 ? $1 : 1)); shift; timeout "$seconds" "$@"; }
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -68,13 +71,13 @@ pids=()
 phase1=$(left)
 if wants tuning || wants step || wants ncu || wants recipe; then phase1=$(($(left) / 2)); fi
 if wants tests; then
-    timeout "$phase1" "$PYTHON" -m pytest -q -p no:cacheprovider -rA -k cuda \
+    bounded "$phase1" "$PYTHON" -m pytest -q -p no:cacheprovider -rA -k cuda \
         tests/test_sinkhorn_attention.py tests/test_triton_sampling.py \
         >"$OUT/tests.log" 2>&1 &
     pids+=($!)
 fi
 if wants suite; then
-    timeout "$phase1" "$PYTHON" -m pytest -q -p no:cacheprovider -n 4 tests -k "not cuda" \
+    bounded "$phase1" "$PYTHON" -m pytest -q -p no:cacheprovider -n 4 tests -k "not cuda" \
         >"$OUT/suite.log" 2>&1 &
     pids+=($!)
 fi
@@ -82,6 +85,7 @@ if wants train; then
     (
         end=$((SECONDS + phase1))
         runs=/tmp/pointsink-gpu-train
+        rm -rf "$runs"  # a warm machine's earlier run would be tested instead
         common=(--config configs/synthetic.yaml --trainer.accelerator gpu
                 --trainer.precision bf16-mixed --trainer.enable_progress_bar false)
         for run in isab sab2048; do
@@ -89,18 +93,17 @@ if wants train; then
             [ "$run" = sab2048 ] && extra=(--trainer.max_epochs 2 --model.encoder sab
                                             --data.init_args.num_points 2048)
             begin=$SECONDS
-            timeout $((end - SECONDS)) "$PYTHON" train.py fit "${common[@]}" "${extra[@]}" \
+            bounded $((end - SECONDS)) "$PYTHON" train.py fit "${common[@]}" "${extra[@]}" \
                 --trainer.default_root_dir "$runs/$run" || exit 1
-            ckpt=$(ls "$runs/$run"/lightning_logs/*/checkpoints/best.ckpt | tail -n 1)
-            timeout $((end - SECONDS)) "$PYTHON" train.py test "${common[@]}" "${extra[@]}" \
-                --trainer.default_root_dir "$runs/$run" --ckpt_path "$ckpt" || exit 1
+            bounded $((end - SECONDS)) "$PYTHON" train.py test "${common[@]}" "${extra[@]}" \
+                --trainer.default_root_dir "$runs/$run" --ckpt_path best || exit 1
             echo "== $run: fit + test in $((SECONDS - begin)) s (beside compiling; not a timing)"
         done
     ) >"$OUT/train.log" 2>&1 &
     pids+=($!)
 fi
 if wants tuning; then
-    timeout "$phase1" "$PYTHON" benchmarks/triton_tuning.py --phase compile --workers 12 \
+    bounded "$phase1" "$PYTHON" benchmarks/triton_tuning.py --phase compile --workers 12 \
         ${BASELINE:+--baseline "$BASELINE"} ${TUNING_ARGS:-} >/tmp/pointsink-compile.log 2>&1 \
         || status=1
     grep -E '^compiled' /tmp/pointsink-compile.log >>"$OUT/device.txt"
@@ -114,7 +117,7 @@ if wants tuning; then
     if wants ncu; then reserve=$((reserve + 150)); fi
     if wants recipe; then reserve=$((reserve + $(left) / 2)); fi
     time_left=$(($(left) - reserve))
-    timeout "$time_left" "$PYTHON" benchmarks/triton_tuning.py --phase time \
+    bounded "$time_left" "$PYTHON" benchmarks/triton_tuning.py --phase time \
         --time-budget $((time_left - 15)) ${BASELINE:+--baseline "$BASELINE"} ${TUNING_ARGS:-} \
         --json "$OUT/tuning.json" >"$OUT/tuning.md" 2>"$OUT/tuning.err" || status=1
 fi
@@ -123,14 +126,14 @@ if wants step; then
         echo "== benchmarks/train_step.py, the recipe's model on the GPU (random points)"
         step_time=$(($(left) - 5))
         if wants recipe; then step_time=45; fi
-        timeout "$step_time" "$PYTHON" benchmarks/train_step.py \
+        bounded "$step_time" "$PYTHON" benchmarks/train_step.py \
             --config configs/modelnet10.yaml --device cuda --threads 4 --repeats 10
     } >>"$OUT/train.log" 2>&1 || status=1
 fi
 if wants ncu; then
     for dtype in bfloat16 float32; do
         echo "== ncu, $dtype"
-        timeout $(($(left) / 2)) ncu --profile-from-start off --clock-control none \
+        bounded $(($(left) / 2)) ncu --profile-from-start off --clock-control none \
             --section SpeedOfLight --section Occupancy --section WarpStateStats \
             --section LaunchStats --kernel-name regex:"^_(row|col|out|bwd)" \
             "$PYTHON" benchmarks/ncu_attention.py --n 4096 --dtype "$dtype" || status=1
@@ -146,9 +149,9 @@ if wants recipe; then
             tar -C /tmp/pointsink-data -xJf "$DATA"
             DATA=$(ls -d /tmp/pointsink-data/*/ | head -n 1)
         fi
-        timeout $(($(left) - 5)) "$PYTHON" benchmarks/reproduce.py \
+        bounded $(($(left) - 5)) "$PYTHON" benchmarks/reproduce.py \
             --config configs/modelnet10.yaml --data-root "$DATA" --variants sinkhorn-5 \
-            --seeds 0 1 2 --jobs 3 --out /tmp/pointsink-recipe -- ${RECIPE_ARGS:-} \
+            --seeds 0 1 2 --jobs 3 --rerun --out /tmp/pointsink-recipe -- ${RECIPE_ARGS:-} \
             >/tmp/pointsink-recipe.log 2>&1 || status=1
         {
             cat /tmp/pointsink-recipe/summary.md 2>/dev/null || echo "(no summary)"

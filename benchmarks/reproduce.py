@@ -269,6 +269,7 @@ def run_one(
         "device": str(fit.trainer.strategy.root_device),
         "commit": _git_commit(),  # when the result was written
         "commit_started": commit_started,  # when this call started training
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "test_oa": float(metrics["test/oa"]),
         "test_macc": float(metrics["test/macc"]),
         "best_checkpoint": best,
@@ -426,6 +427,45 @@ def mean_std(values: list[float], digits: int = 2, scale: float = 100.0) -> str:
     return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}"
 
 
+def provenance(rows: list[dict], checkout: str) -> str:
+    """Where and from which code the rows come, flagging rows that differ.
+
+    Rows reused or resumed across sessions may come from other machines or code: a reused
+    row keeps the commit it was trained at, which need not be the checkout's.
+
+    Args:
+        rows: Result rows (rows written by older versions of this script lack some fields).
+        checkout: The commit of the code summarizing them.
+    """
+
+    def values(field: str) -> list[str]:
+        return sorted({str(row.get(field, "?")) for row in rows})
+
+    finished = values("finished")
+    text = (
+        f"Runs: device {', '.join(values('device'))}; {', '.join(values('threads'))} threads; "
+        f"trained at commit {', '.join(values('commit_started'))}; finished "
+        f"{finished[0]}" + (f" to {finished[-1]}" if len(finished) > 1 else "") + ".\n"
+    )
+    fields = {
+        "device": "devices",
+        "threads": "thread counts",
+        "commit_started": "training commits",
+        "commit": "result commits",
+    }
+    for field, label in fields.items():
+        if len(values(field)) > 1:
+            text += f"\n**Mixed {label} across the rows:** {', '.join(values(field))}.\n"
+    other = [row for row in rows if row.get("commit_started", "?") != checkout]
+    if other:
+        runs = ", ".join(f"{row['variant']} seed {row['seed']}" for row in other)
+        text += (
+            f"\n**Trained at another commit than this checkout's ({checkout}):** {runs}. "
+            "`--rerun` retrains them with this code.\n"
+        )
+    return text
+
+
 def summarize(rows: list[dict], out: Path) -> str:
     """Writes the CSV, the markdown summary and the learning-curve plot."""
     with (out / "results.csv").open("w", newline="") as handle:
@@ -468,13 +508,10 @@ def summarize(rows: list[dict], out: Path) -> str:
     doubly_stochastic = doubly_stochastic_table(by_variant)
     summary = table + (
         "\n\nMean ± sample standard deviation (n - 1) over the seeds. s / epoch: the `fit` "
-        "call's wall time (start-up and validation included) over the epochs it trained.\n"
+        "call's wall time (start-up and validation included) over the epochs it trained. "
+        f"Last {FINAL_EPOCHS} epochs: the last {FINAL_EPOCHS} validated epochs, or all of a "
+        "shorter run's.\n\n" + provenance(rows, _git_commit())
     )
-    # Rows reused or resumed across sessions may come from other machines or code.
-    for field in ("device", "threads", "commit_started", "commit"):
-        values = sorted({str(row.get(field, "?")) for row in rows})
-        if len(values) > 1:
-            summary += f"\n**Mixed {field}s across the rows:** {', '.join(values)}.\n"
     if doubly_stochastic:
         summary += (
             "\nDistance of the attention to doubly stochastic (relative mean absolute "
@@ -543,7 +580,9 @@ def main(argv: list[str] | None = None) -> str:
         for name, _, _, seed in runs:
             row = load_result(args.out, name, seed, args.config, args.data_root, extra)
             if row is not None:
-                print(f"reusing {name} seed {seed}: {_run_dir(args.out, name, seed)}")
+                trained_at = row.get("commit_started", "?")
+                note = "" if trained_at == _git_commit() else f" (trained at commit {trained_at})"
+                print(f"reusing {name} seed {seed}: {_run_dir(args.out, name, seed)}{note}")
                 done[(name, seed)] = row
     todo = [run for run in runs if (run[0], run[3]) not in done]
     failed: list = []

@@ -90,7 +90,20 @@ def test_parallel_grid_writes_results_and_resumes(
     content["row"]["device"] = "cuda:0"
     result.write_text(json.dumps(content))
     reproduce.main(argv)
-    assert "**Mixed devices across the rows:** cpu, cuda:0." in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "**Mixed devices across the rows:** cpu, cuda:0." in summary
+    assert "Runs: device cpu, cuda:0;" in summary and "finished 20" in summary
+    assert "another commit" not in summary
+
+    # A row trained at other code is reused, but said to be, in the output and the summary.
+    content["row"]["commit_started"] = "0000000"
+    result.write_text(json.dumps(content))
+    reproduce.main(argv)
+    assert "(trained at commit 0000000)" in capsys.readouterr().out
+    summary = (out / "summary.md").read_text()
+    assert "**Trained at another commit than this checkout's (" in summary
+    assert "):** sinkhorn-3 seed 0." in summary
+    assert "**Mixed training commits across the rows:** 0000000, " in summary
 
 
 def test_mean_std_is_the_sample_std_and_omits_it_for_one_seed(reproduce) -> None:
