@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py fit")
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument(
-        "--split", default="test", help="test, or val: the training's validation shapes"
+        "--split",
+        default="test",
+        choices=("test", "val"),
+        help="test, or val: the training's validation shapes (choose voting settings on val)",
     )
     # Checkpoints record their split; older ones do not, and then these must repeat the
     # training run's data.val_fraction and data.split_seed, or "val" holds training shapes.
@@ -151,6 +154,8 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if min(args.votes) < 1:
         parser.error("--votes must be >= 1")
+    if args.split == "test" and (args.val_fraction, args.split_seed) != (None, None):
+        parser.error("--val-fraction and --split-seed apply to --split val only")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -64,6 +64,23 @@ def test_missing_class_folder_is_a_clear_error(voting, tmp_path: Path) -> None:
         voting.main(["--ckpt", str(checkpoint), "--data-root", str(tmp_path)])
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--split", "train"], "invalid choice: 'train'"),
+        (["--val-fraction", "0.2"], "apply to --split val only"),
+    ],
+)
+def test_split_arguments_are_checked(
+    voting, tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], message: str
+) -> None:
+    # Scoring training shapes, or a split option silently ignored, would mislead.
+    with pytest.raises(SystemExit) as exit_info:
+        voting.main(["--ckpt", "unused.ckpt", "--data-root", str(tmp_path), *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_val_split_is_the_training_validation_split(
     voting, tmp_path: Path, make_shape_folder
 ) -> None:
