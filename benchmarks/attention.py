@@ -185,8 +185,12 @@ def measure_in_subprocess(args: argparse.Namespace, impl: str, size: int) -> dic
             env={**os.environ, **extra_env},
         )
         if result.returncode != 0:
-            tail = result.stderr.strip().splitlines()[-1:] or ["?"]
-            return {"impl": impl, "N": size, "error": tail[0][:60]}
+            tail = (result.stderr.strip().splitlines()[-1:] or ["?"])[0]
+            # Out of memory (a MemoryError, or the kernel's OOM killer) is a result, like
+            # CUDA's OOM; any other failure is an error of the script or the code measured.
+            if result.returncode < 0 or "MemoryError" in tail:
+                return {"impl": impl, "N": size, "error": "OOM"}
+            return {"impl": impl, "N": size, "error": tail[:60], "failed": True}
         row.update(json.loads(result.stdout.strip().splitlines()[-1]))
     return row
 
@@ -285,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"args": vars(args), "rows": rows}, out, indent=2)
+    failed = [f"{row['impl']} at N = {row['N']}" for row in rows if row.get("failed")]
+    if failed:
+        raise SystemExit(f"error: measurements failed: {', '.join(failed)} (see the table)")
 
 
 if __name__ == "__main__":

@@ -145,3 +145,19 @@ def test_ncu_workload_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
 
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         load_benchmark("ncu_attention").main(["--n", "64"])
+
+
+def test_attention_benchmark_fails_when_a_measurement_fails(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A CPU worker that raises (here: an invalid chunk size) is a table row and a non-zero
+    # exit, not a quiet "error" cell; the other rows are still measured.
+    from _benchmark_utils import load_benchmark
+
+    attention = load_benchmark("attention")
+    arguments = ["--device", "cpu", "--sizes", "16", "--impls", "sdpa", "chunked",
+                 "--chunk-size", "-3", "--repeats", "1", "--dim", "8", "--heads", "1"]  # fmt: skip
+    with pytest.raises(SystemExit, match="measurements failed: chunked at N = 16"):
+        attention.main(arguments)
+    sdpa_row = [line for line in capsys.readouterr().out.splitlines() if "sdpa" in line]
+    assert sdpa_row and "error" not in sdpa_row[0].lower()
