@@ -7,8 +7,10 @@ default) and times, on random point sets of the config's batch size and point co
   PyTorch loop that the Triton kernel replaces there);
 * ``knn_indices``: the ``group_size`` points nearest each centre;
 * ``set abstraction fwd+bwd``: the whole embedding, forward and backward;
-* ``training step``: forward, cross-entropy, backward and the optimizer step of the whole
-  model, which is what an epoch repeats (data loading and validation excluded).
+* ``training step``: forward, cross-entropy, backward and an AdamW step (lr 1e-3) of the
+  whole model: nearly what an epoch repeats (data loading and validation excluded), without
+  the config's label smoothing, gradient clipping and optimizer settings (what they add is
+  not measured here).
 
 Under the config's precision (``bf16-mixed`` runs the model under CPU/CUDA bf16 autocast).
 Each line reports the minimum and the median over ``--repeats`` runs after ``--warmup``; on
