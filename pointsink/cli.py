@@ -6,6 +6,7 @@ from tests as ``main([...])``.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -24,7 +25,12 @@ from pointsink.callbacks import (
     RandomStateCheckpoint,
     ResumableModelCheckpoint,
 )
-from pointsink.data import DatasetNotFoundError, ShapeFolderDataModule
+from pointsink.data import (
+    DatasetLayoutError,
+    DatasetNotFoundError,
+    ShapeFolderDataModule,
+    discover_class_names,
+)
 from pointsink.inference import CheckpointError, load_checkpoint
 from pointsink.module import SinkformerClassifier
 
@@ -172,6 +178,28 @@ class SinkformerCLI(LightningCLI):
             data.class_names = [str(name) for name in saved_class_names]
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
+    def before_instantiate_classes(self) -> None:
+        """Checks a plain shape folder before the data module is built.
+
+        Raised while jsonargparse builds the data module, a :class:`DatasetLayoutError`
+        would reach the user buried in a dump of every data argument. Data modules that
+        provide their own files (downloads, generated shapes) are checked after they have.
+        """
+        subcommand = self.config.get("subcommand")
+        data = (self.config[subcommand] if subcommand else self.config).get("data")
+        if data is None or "class_path" not in data:
+            return
+        module_name, _, class_name = str(data.class_path).rpartition(".")
+        data_class = getattr(importlib.import_module(module_name), class_name, None)
+        init_args = data.get("init_args") or {}
+        plain_folder = (
+            isinstance(data_class, type)
+            and issubclass(data_class, ShapeFolderDataModule)
+            and data_class._provide_source is ShapeFolderDataModule._provide_source
+        )
+        if plain_folder and init_args.get("class_names") is None and "root" in init_args:
+            discover_class_names(init_args["root"])
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Leaves out the checkpoint callbacks under ``--trainer.enable_checkpointing false``.
 
@@ -209,7 +237,7 @@ def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
             trainer_defaults={"default_root_dir": "checkpoints"},
             args=None if args is None else list(args),
         )
-    except (DatasetNotFoundError, CheckpointError) as error:
+    except (DatasetNotFoundError, DatasetLayoutError, CheckpointError) as error:
         # One sentence, not a traceback: the user has to fetch or place the data, or give
         # a checkpoint that fits the model and the data's classes.
         print(f"error: {error}", file=sys.stderr)

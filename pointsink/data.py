@@ -51,6 +51,7 @@ __all__ = [
     "MODELNET10_CLASSES",
     "MODELNET40_CLASSES",
     "SPLITS",
+    "DatasetLayoutError",
     "DatasetNotFoundError",
     "ModelNetDataModule",
     "PointCache",
@@ -135,6 +136,10 @@ _KEEP_TRANSFORM: Any = object()
 
 class DatasetNotFoundError(RuntimeError):
     """The dataset is not on disk and could not be downloaded; the message says where to put it."""
+
+
+class DatasetLayoutError(ValueError):
+    """A shape folder is missing or not laid out as ``<class>/{train,test}/<class>_*.<ext>``."""
 
 
 # --------------------------------------------------------------------------------------
@@ -604,6 +609,36 @@ def _available_cpus() -> int:
 # --------------------------------------------------------------------------------------
 
 
+def discover_class_names(root: str | Path) -> list[str]:
+    """The class folders of a dataset: sub-folders of ``root`` with ``train/`` or ``test/``.
+
+    Args:
+        root: Dataset folder, laid out as ``<class>/{train,test}/<class>_*.<ext>``.
+
+    Returns:
+        The class names, sorted.
+
+    Raises:
+        DatasetLayoutError: ``root`` is missing, not a folder, or holds no class folder.
+    """
+    root = Path(root)
+    layout = "<class>/train or <class>/test holding <class>_*.<ext> shape files"
+    if not root.exists():
+        raise DatasetLayoutError(f"{root} does not exist: give the dataset folder ({layout}).")
+    if not root.is_dir():
+        raise DatasetLayoutError(f"{root} is not a folder: give the dataset folder ({layout}).")
+    found = sorted(
+        child.name
+        for child in root.iterdir()
+        if child.is_dir() and any((child / split).is_dir() for split in SPLITS)
+    )
+    if not found:
+        raise DatasetLayoutError(
+            f"Found no class folders in {root}: expected sub-folders {layout}."
+        )
+    return found
+
+
 class ShapeFolderDataModule(pl.LightningDataModule):
     """Shapes in ModelNet layout: ``root/<class>/{train,test}/<class>_*.<ext>``.
 
@@ -730,34 +765,26 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             if not names or len(set(names)) != len(names):
                 raise ValueError(f"class_names must be non-empty and unique; got {names}.")
             return names
-        found = (
-            sorted(
-                child.name
-                for child in self.root.iterdir()
-                if child.is_dir() and any((child / split).is_dir() for split in SPLITS)
-            )
-            if self.root.is_dir()
-            else []
-        )
-        if not found:
-            raise ValueError(
-                f"Found no class folders in {self.root}: expected sub-folders "
-                "<class>/train or <class>/test holding <class>_*.<ext> shape files."
-            )
-        return found
+        return discover_class_names(self.root)
 
     # -- data preparation ---------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Provides the source files, then builds the caches of both splits.
+        """Provides the source files, then builds the caches of the splits the run needs.
 
-        Lightning calls it once per node. Skipped under ``Trainer.predict``, which reads only
-        ``predict_files``: nothing is downloaded, generated or cached then.
+        Lightning calls it once per node. ``fit`` and ``validate`` need the training split
+        (validation is carved out of it), ``test`` the test split, so a folder holding only
+        ``<class>/test`` can be tested; called without a trainer, both are built. Skipped
+        under ``Trainer.predict``, which reads only ``predict_files``: nothing is
+        downloaded, generated or cached then.
         """
         if self._predicting():
             return
         self._provide_source()
-        for split in SPLITS:
+        state = getattr(self.trainer, "state", None)
+        stage = state.fn if state is not None else None
+        needed = {TrainerFn.FITTING: ("train",), TrainerFn.VALIDATING: ("train",)}
+        for split in needed.get(stage, ("test",) if stage == TrainerFn.TESTING else SPLITS):
             self._cache_path(split)
 
     def _provide_source(self) -> None:
@@ -790,7 +817,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             f"{sorted(SUPPORTED_EXTENSIONS)}"
         )
         if not labels:
-            raise ValueError(
+            raise DatasetLayoutError(
                 f"Found no training shapes in {self.root}: {expected} for the classes "
                 f"{self.class_names}."
             )
@@ -809,7 +836,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             for name, files in misnamed.items()
             if files
         )
-        raise ValueError(
+        raise DatasetLayoutError(
             f"Found no training shapes for the classes {missing} in {self.root}: {expected}"
             + (f". {hint}." if hint else ".")
         )
@@ -837,7 +864,9 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         if stage in (None, "fit", "validate") and self.train_dataset is None:
             full_train = self._load_split("train")
             if len(full_train) == 0:
-                raise ValueError(f"None of the training shapes in {self.root} could be read.")
+                raise DatasetLayoutError(
+                    f"None of the training shapes in {self.root} could be read."
+                )
             train_indices, val_indices = stratified_split(
                 full_train.labels, self.val_fraction, self.split_seed
             )

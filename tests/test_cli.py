@@ -338,3 +338,48 @@ def test_main_destroys_the_process_group_it_created(
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mistake", ["missing root", "no class folders", "no training files"])
+def test_shape_folder_mistakes_fail_with_one_sentence(
+    tmp_path: Path, make_shape_folder, capsys: pytest.CaptureFixture[str], mistake: str
+) -> None:
+    root = tmp_path / "shapes"
+    if mistake == "no class folders":
+        (root / "chair").mkdir(parents=True)  # no train/ or test/ inside
+    elif mistake == "no training files":
+        make_shape_folder(root, class_names=("mug", "vase"), train_per_class=0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--data", "pointsink.data.ShapeFolderDataModule", "--data.root", str(root),
+              "--trainer.max_epochs", "1",
+              "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    expected = {
+        "missing root": "does not exist",
+        "no class folders": "Found no class folders",
+        "no training files": "Found no training shapes",
+    }[mistake]
+    assert expected in line and str(root) in line
+    assert "Traceback" not in err and "Namespace(" not in err
+
+
+def test_test_split_alone_is_enough_to_test(tmp_path: Path, make_shape_folder) -> None:
+    """`test` reads and caches only <class>/test: a folder without train/ can be tested."""
+    trained = make_shape_folder(tmp_path / "trained", class_names=("mug", "vase"))
+    data = ["--data", "pointsink.data.ShapeFolderDataModule", "--data.num_points", "32",
+            "--data.batch_size", "4", "--data.preprocess_workers", "1",
+            "--model.channels", "16", "--model.num_heads", "2",
+            "--model.num_inducing_points", "4", "--trainer.enable_progress_bar", "false",
+            "--trainer.max_epochs", "1",
+            "--trainer.default_root_dir", str(tmp_path / "run")]  # fmt: skip
+    main(["fit", *data, "--data.root", str(trained)])
+    test_only = tmp_path / "test_only"
+    for class_name in ("mug", "vase"):
+        (test_only / class_name).mkdir(parents=True)
+        (trained / class_name / "test").rename(test_only / class_name / "test")
+    cli = main(["test", *data, "--data.root", str(test_only), "--ckpt_path", "best"])
+    assert len(cli.datamodule.test_dataset) == 4
+    assert cli.datamodule.train_dataset is None
+    assert not list((test_only / "processed").glob("*train*"))

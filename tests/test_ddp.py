@@ -188,7 +188,7 @@ def test_ddp_fit_writes_once_and_feeds_each_rank_its_share(ddp_fit: SimpleNamesp
     # (tqdm draws each build's bar from "| 0/<files> [").
     stderr = ddp_fit.result.stderr
     assert stderr.count(f"| 0/{NUM_TRAIN + NUM_VAL} [") == 1
-    assert stderr.count(f"| 0/{NUM_TEST} [") == 1
+    assert stderr.count(f"| 0/{NUM_TEST} [") == 0  # fit needs no test split
 
     records = _probe(ddp_fit.probe, "fit")
     orders = []
@@ -250,6 +250,9 @@ def test_ddp_test_metrics_equal_single_process(ddp_fit: SimpleNamespace) -> None
     # Shares of 14 and 13 test shapes: 2 batches on rank 0, 1 on rank 1.
     options = ["--ckpt_path", str(checkpoint), "--data.init_args.eval_batch_size", "13"]
     ddp = _cli("test", ddp_fit.data, base / "test-ddp", *options, *_ddp(probe))
+    # The test cache, first needed now, was built once, by one rank.
+    assert ddp.stderr.count(f"| 0/{NUM_TEST} [") == 1
+    assert f"| 0/{NUM_TRAIN + NUM_VAL} [" not in ddp.stderr
     _cli("test", ddp_fit.data, base / "test-single", *options)
 
     distributed, single = _metrics(base / "test-ddp"), _metrics(base / "test-single")
