@@ -98,8 +98,8 @@ def load_shape(path: str | os.PathLike[str]) -> trimesh.Trimesh | np.ndarray:
         if extension in POINT_ARRAY_EXTENSIONS:
             # allow_pickle=False: an .npy file must never be able to run code.
             loaded: Any = np.load(path, allow_pickle=False)
-            if isinstance(loaded, np.ndarray) and loaded.ndim == 2 and loaded.shape[1] > 3:
-                loaded = loaded[:, :3]  # normals, colours...: ignored, as in text files
+            if isinstance(loaded, np.ndarray) and loaded.ndim == 2:
+                loaded = _xyz_columns(loaded)
         elif extension in TEXT_POINT_EXTENSIONS:
             loaded = _read_point_text(path)
         else:
@@ -176,6 +176,21 @@ def _read_point_text(path: Path) -> np.ndarray:
     points = np.loadtxt(rows, dtype=np.float64, ndmin=2)
     if points.shape[1] < 3:
         raise ValueError(f"rows have {points.shape[1]} columns, need at least 3 (x y z)")
+    return _xyz_columns(points)
+
+
+def _xyz_columns(points: np.ndarray) -> np.ndarray:
+    """The x y z columns of a ``(P, C)`` point array; later ones (normals...) are dropped.
+
+    Raises:
+        ValueError: Fewer rows than columns: the array is channels first, ``(C, P)``, and
+            would otherwise pass as a few points with many extra columns.
+    """
+    if points.shape[1] > 3 and points.shape[0] < points.shape[1]:
+        raise ValueError(
+            f"expected one point per row, (P, 3) or (P, C) with x y z first; got shape "
+            f"{points.shape}, which looks channels-first (transpose it)."
+        )
     return points[:, :3]
 
 

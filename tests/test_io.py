@@ -258,3 +258,19 @@ def test_tensors_of_any_float_dtype_are_point_clouds(dtype: torch.dtype) -> None
     shape = as_shape(points)
     assert shape.dtype == np.float64
     np.testing.assert_array_equal(shape, points.double().numpy())
+
+
+@pytest.mark.parametrize("name", ["cloud.npy", "cloud.xyz"])
+def test_channels_first_point_files_are_refused(tmp_path, name):
+    # (3, P) would otherwise read as 3 points with P - 3 ignored columns, and be classified.
+    points = np.random.default_rng(0).normal(size=(3, 50))
+    path = tmp_path / name
+    if name.endswith(".npy"):
+        np.save(path, points)
+    else:
+        np.savetxt(path, points)
+    with pytest.raises(ShapeLoadError, match=r"looks channels-first \(transpose it\)") as error:
+        load_shape(path)
+    assert str(path) in str(error.value)
+    np.save(tmp_path / "rows.npy", points.T)  # the same points as rows load
+    assert load_shape(tmp_path / "rows.npy").shape == (50, 3)
