@@ -179,14 +179,20 @@ class SinkformerCLI(LightningCLI):
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
-        """Checks a plain shape folder before the data module is built.
+        """Checks ``--model.weights`` and a plain shape folder before anything is built.
 
         Raised while jsonargparse builds the data module, a :class:`DatasetLayoutError`
         would reach the user buried in a dump of every data argument. Data modules that
         provide their own files (downloads, generated shapes) are checked after they have.
         """
         subcommand = self.config.get("subcommand")
-        data = (self.config[subcommand] if subcommand else self.config).get("data")
+        config = self.config[subcommand] if subcommand else self.config
+        weights = (config.get("model") or {}).get("weights")
+        if subcommand == "fit" and weights and "://" not in str(weights):
+            # Read when fitting starts, after the data caches are built: a typo would
+            # surface only minutes later.
+            load_checkpoint(weights)
+        data = config.get("data")
         if data is None or "class_path" not in data:
             return
         module_name, _, class_name = str(data.class_path).rpartition(".")

@@ -140,3 +140,5 @@ def test_unusable_weights_fail_with_one_sentence(
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "nope.ckpt: no such checkpoint file" in errors[0]
+    # Reported before any data preparation: no cache was built for the run.
+    assert not list((tmp_path / "shapes").rglob("*.pt"))
