@@ -7,6 +7,7 @@ from tests as ``main([...])``.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import warnings
 from collections.abc import Sequence
@@ -176,6 +177,8 @@ class SinkformerCLI(LightningCLI):
             )
         if subcommand == "predict" and saved_class_names is not None and "class_names" in data:
             data.class_names = [str(name) for name in saved_class_names]
+            if "class_path" in config.data:
+                config.data = _plain_folder_for_prediction(config.data)
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
@@ -216,6 +219,23 @@ class SinkformerCLI(LightningCLI):
                 callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)
             ]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def _plain_folder_for_prediction(data: Any) -> Any:
+    """A data config for ``predict``: :class:`ShapeFolderDataModule` with ``data``'s settings.
+
+    ``predict`` reads only ``predict_files``, and subclasses that download or generate
+    their shapes do nothing more then, but they accept only their own class names, which
+    would refuse a checkpoint of other classes (the shipped ModelNet10 model under
+    ``configs/synthetic.yaml``).
+    """
+    init_args = data.get("init_args") or {}
+    shared = inspect.signature(ShapeFolderDataModule.__init__).parameters
+    kept = {name: value for name, value in dict(init_args).items() if name in shared}
+    kept["root"] = kept.get("root") or "."
+    return type(data)(
+        class_path="pointsink.data.ShapeFolderDataModule", init_args=type(data)(**kept)
+    )
 
 
 def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:

@@ -383,3 +383,26 @@ def test_test_split_alone_is_enough_to_test(tmp_path: Path, make_shape_folder) -
     assert len(cli.datamodule.test_dataset) == 4
     assert cli.datamodule.train_dataset is None
     assert not list((test_only / "processed").glob("*train*"))
+
+
+def test_predict_with_another_data_config_takes_the_checkpoints_classes(
+    tmp_path: Path, make_shape_folder
+) -> None:
+    """A checkpoint of non-synthetic classes predicts under configs/synthetic.yaml (as the
+    README's `train.py predict` example reads), instead of being refused as unknown classes."""
+    shapes = make_shape_folder(tmp_path / "shapes", class_names=("mug", "vase"))
+    main(["fit", "--data", "pointsink.data.ShapeFolderDataModule", "--data.root", str(shapes),
+          "--data.num_points", "32", "--data.batch_size", "4", "--data.preprocess_workers", "1",
+          "--model.channels", "16", "--model.num_heads", "2", "--model.num_inducing_points", "4",
+          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
+    output = tmp_path / "predictions.json"
+    main(["predict", "--config", str(REPO / "configs" / "synthetic.yaml"),
+          "--data.root", str(tmp_path / "synthetic"), "--data.num_points", "32",
+          "--data.predict_files", str(shapes / "vase" / "test"),
+          "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar",
+          "false", "--prediction_writer.output", str(output), "--ckpt_path", "best"])  # fmt: skip
+    records = json.loads(output.read_text())
+    assert len(records) == 2 and all(record["error"] is None for record in records)
+    assert {record["label"] for record in records} <= {"mug", "vase"}
+    assert not (tmp_path / "synthetic").exists()  # nothing generated for predict
