@@ -301,3 +301,71 @@ def test_empty_batch_gives_empty_logits(encoder: str, num_points: int) -> None:
     assert points.grad is not None and points.grad.shape == points.shape
     rows, columns = model.pool.mab.attn.last_marginals
     assert rows.shape == (0, 2, 1) and columns.shape == (0, 2, num_points)
+
+
+# -- each block is its formula (Lee et al. 2019, eq. 6-11), values and gradients ------------
+
+
+def _randomize_layer_norms(module: torch.nn.Module) -> None:
+    # Identity-initialized LayerNorms would hide a missing or misplaced normalization.
+    for norm in module.modules():
+        if isinstance(norm, torch.nn.LayerNorm):
+            torch.nn.init.normal_(norm.weight)
+            torch.nn.init.normal_(norm.bias)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_multihead_attention_block_is_its_formula(layer_norm: bool) -> None:
+    """MAB(X, Y) = LN(H + relu(W H)), H = LN(X W_q + Multihead(X, Y, Y)): values and
+    gradients against the same formula written from the heads up, in float64."""
+    mab = MultiheadAttentionBlock(3, 5, 16, 2, "sinkhorn", 3, layer_norm).double()
+    _randomize_layer_norms(mab)
+    x = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    attn = mab.attn
+
+    def heads_of(t: torch.Tensor) -> torch.Tensor:  # (B, P, 16) -> (B, 2, P, 8)
+        return t.view(2, -1, 2, 8).transpose(1, 2)
+
+    q, k, v = heads_of(attn.lin_query(x)), heads_of(attn.lin_key(y)), heads_of(attn.lin_value(y))
+    weights = alternating_scaling(q @ k.transpose(-2, -1) / 8**0.5, 3)
+    heads = (weights @ v).transpose(1, 2).reshape(2, 6, 16)
+
+    def norm(t: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+        return F.layer_norm(t, (16,), layer.weight, layer.bias) if layer_norm else t
+
+    h = norm(attn.lin_query(x) + heads, mab.norm_attn)
+    expected = norm(h + F.relu(mab.lin_out(h)), mab.norm_out)
+    out = mab(x, y)
+    torch.testing.assert_close(out, expected)
+    weighting = torch.randn_like(out)
+    inputs = [x, y, *mab.parameters()]
+    got = torch.autograd.grad((out * weighting).sum(), inputs)
+    want = torch.autograd.grad((expected * weighting).sum(), inputs)
+    for name, g, w in zip(["x", "y", *dict(mab.named_parameters())], got, want, strict=True):
+        torch.testing.assert_close(g, w, msg=name)
+    # The flag reaches the blocks built from MABs.
+    sab = SetAttentionBlock(3, 16, 2, layer_norm=layer_norm).mab
+    assert isinstance(sab.norm_attn, torch.nn.LayerNorm) == layer_norm
+    assert isinstance(sab.norm_out, torch.nn.LayerNorm) == layer_norm
+
+
+def test_induced_and_pooling_blocks_are_their_formulas() -> None:
+    """ISAB(X) = MAB(X, MAB(I, X)) with the same n_iter in both; PMA(Z) = MAB(S, relu(W Z))."""
+    isab = InducedSetAttentionBlock(3, 16, 2, 4, "sinkhorn", 5)
+    _randomize_layer_norms(isab)
+    x = torch.randn(2, 9, 3)
+    induced = isab.mab_induce(isab.inducing_points.expand(2, -1, -1), x)
+    torch.testing.assert_close(isab(x), isab.mab_out(x, induced))
+    assert isab.mab_out.attn.n_iter == isab.mab_induce.attn.n_iter == 5
+    pma = PoolingByMultiheadAttention(16, 2, 2, "sinkhorn", 3)
+    z = torch.randn(2, 9, 16)
+    torch.testing.assert_close(pma(z), pma.mab(pma.seeds.expand(2, -1, -1), F.relu(pma.lin(z))))
+
+
+def test_every_parameter_of_an_induced_block_gets_a_gradient() -> None:
+    # A detached inducing path would leave mab_induce and the inducing points untrained.
+    isab = InducedSetAttentionBlock(3, 16, 2, 4, "sinkhorn", 3)
+    isab(torch.randn(2, 9, 3)).square().sum().backward()
+    for name, parameter in isab.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name

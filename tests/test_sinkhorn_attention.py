@@ -153,6 +153,19 @@ def test_large_logits_stay_finite() -> None:
     torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=0)
 
 
+def test_chunked_half_precision_inputs_are_normalized_in_float32() -> None:
+    # bfloat16 q, k, v with large logits: the potentials and logsumexps stay float32, so the
+    # output is off by bfloat16's rounding of the output (about 4e-3), not of every step.
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 32, 8, generator=gen) * 10
+    k, v = torch.randn(2, 24, 8, generator=gen), torch.randn(2, 24, 4, generator=gen)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    out = sinkhorn_attention(q, k, v, 5, backend="chunked")
+    assert out.dtype == torch.bfloat16
+    ref = dense_sinkhorn_attention(*(t.double() for t in (q, k, v)), 5)
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=0)
+
+
 @pytest.mark.parametrize("n_iter", [2, 3, 4, 5, 9])
 def test_score_gradient_factors_rebuild_ds(n_iter: int) -> None:
     # dS = P * dP - sum_t g^t A^t - sum_t h^t B^t, each matrix exponentiated on its own,

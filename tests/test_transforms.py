@@ -314,3 +314,37 @@ def test_region_mixing_rejects_bad_arguments():
         mix_point_regions(points, points, 3, points[0])
     with pytest.raises(ValueError, match="same B"):
         mix_point_regions(points, points[:1], 3, points[:, 0])
+
+
+def test_rotation_angles_span_both_directions_of_the_range():
+    # Angles uniform in [-max, max] about the up axis (z): not one-sided.
+    augmentation = PointCloudAugmentation(
+        scale_low=1.0, scale_high=1.0, max_rotation_degrees=30.0, jitter_sigma=0.0,
+        shuffle=False,
+    )  # fmt: skip
+    unit_x = torch.tensor([[1.0, 0.0, 0.0]])
+    rotated = torch.cat(
+        [augmentation(unit_x, generator=torch.Generator().manual_seed(s)) for s in range(200)]
+    )
+    angles = torch.atan2(rotated[:, 1], rotated[:, 0]).rad2deg()
+    assert angles.min() < -25 and angles.max() > 25 and abs(angles.mean()) < 5
+    assert angles.abs().max() <= 30 + 1e-4
+
+
+def test_jitter_has_the_given_sigma():
+    # With sigma well below the clip, the noise's std is sigma (not the clip).
+    augmentation = PointCloudAugmentation(
+        scale_low=1.0, scale_high=1.0, max_rotation_degrees=0.0, jitter_sigma=0.01,
+        jitter_clip=0.05, shuffle=False,
+    )  # fmt: skip
+    noise = augmentation(torch.zeros(20000, 3), generator=torch.Generator().manual_seed(0))
+    assert noise.std().item() == pytest.approx(0.01, rel=0.05)
+
+
+def test_small_clouds_are_filled_with_random_repeats():
+    # 1000 points from a 10-point cloud: every point about 100 times, not one point 991 times.
+    cloud = np.arange(30, dtype=float).reshape(10, 3)
+    with pytest.warns(UserWarning):
+        points = sample_points(cloud, 1000, seed=0)
+    _, counts = np.unique(points, axis=0, return_counts=True)
+    assert len(counts) == 10 and counts.max() < 200
