@@ -191,7 +191,8 @@ class SinkformerCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         weights = (config.get("model") or {}).get("weights")
-        if subcommand == "fit" and weights and "://" not in str(weights):
+        resuming = config.get("ckpt_path") is not None  # then the weights are not read
+        if subcommand == "fit" and weights and not resuming and "://" not in str(weights):
             # Read when fitting starts, after the data caches are built: a typo would
             # surface only minutes later.
             load_checkpoint(weights)
