@@ -702,3 +702,51 @@ def test_synthetic_datamodule_end_to_end(tmp_path):
     assert len(datamodule.test_dataset) == classes
     batch = next(iter(datamodule.train_dataloader()))
     assert sorted(batch["label"].tolist()) == sorted(list(range(classes)) * 2)
+
+
+# -- what the loaders serve (found missing by a mutation run) ------------------------------
+
+
+def test_stratified_split_rounds_the_validation_share():
+    _, val = stratified_split(np.zeros(7, dtype=np.int64), 0.4, seed=0)
+    assert len(val) == 3  # 0.4 x 7 = 2.8 rounds to 3, not down to 2
+
+
+def test_labels_follow_their_files_when_a_file_is_skipped(tmp_path, make_shape_folder):
+    # An unreadable training file is left out; the labels of the files after it must not
+    # shift onto their neighbours.
+    root = make_shape_folder(tmp_path / "shapes")
+    (root / "alpha" / "train" / "alpha_0002.off").write_text("not a mesh\n")
+    datamodule = _datamodule(root, tmp_path, val_fraction=0.0)
+    with pytest.warns(UserWarning, match="alpha_0002"):
+        datamodule.setup("fit")
+    assert len(datamodule.train_dataset) == 11
+    for path, label in zip(
+        datamodule.train_dataset.paths, datamodule.train_dataset.labels.tolist(), strict=True
+    ):
+        assert Path(path).parent.parent.name == CLASSES[label], path
+
+
+def test_training_batches_are_shuffled_and_test_batches_are_not_augmented(
+    tmp_path, make_shape_folder
+):
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=6, test_per_class=3)
+    datamodule = _datamodule(root, tmp_path, val_fraction=0.0, batch_size=32)
+    datamodule.setup("fit")
+    torch.manual_seed(0)
+    order = next(iter(datamodule.train_dataloader()))["index"].tolist()
+    assert sorted(order) == list(range(18)) and order != list(range(18))
+    datamodule.setup("test")
+    batch = next(iter(datamodule.test_dataloader()))
+    torch.testing.assert_close(batch["points"], datamodule.test_dataset.points[batch["index"]])
+
+
+def test_predict_loader_samples_a_file_as_the_cache_did(tmp_path, make_shape_folder):
+    # data.sample_seed, not seed 0: `train.py predict` scores the points `test` scores.
+    root = make_shape_folder(tmp_path / "shapes")
+    path = str(root / "beta" / "train" / "beta_0002.off")
+    datamodule = _datamodule(root, tmp_path, val_fraction=0.0, sample_seed=5, predict_files=[path])
+    datamodule.setup("fit")
+    cached = datamodule.train_dataset.points[datamodule.train_dataset.paths.index(path)]
+    batch = next(iter(datamodule.predict_dataloader()))
+    torch.testing.assert_close(batch["points"][0], cached)

@@ -20,10 +20,11 @@ from pointsink.inference import (
     ShapePredictionDataset,
     expand_paths,
     format_predictions,
+    make_prediction,
     preprocess_views,
 )
 from pointsink.module import SinkformerClassifier
-from pointsink.transforms import file_sample_seed, preprocess_shape
+from pointsink.transforms import PointCloudAugmentation, file_sample_seed, preprocess_shape
 
 
 @pytest.fixture(scope="session")
@@ -362,3 +363,19 @@ def test_output_formats(classifier: ShapeClassifier, format_files: dict[str, Pat
     table = format_predictions(predictions, "table")
     assert "ERROR" in table and predictions[0].label in table
     assert "1 classified, 1 failed." in table
+
+
+def test_voting_augments_every_view_but_the_first() -> None:
+    shape = np.random.default_rng(0).normal(size=(500, 3))
+    augmentation = PointCloudAugmentation(max_rotation_degrees=90.0)
+    plain, _ = preprocess_views(shape, 64, seed=3, votes=3, augmentation=None)
+    augmented, _ = preprocess_views(shape, 64, seed=3, votes=3, augmentation=augmentation)
+    np.testing.assert_array_equal(plain[0], augmented[0])  # view 0: the training sample
+    for view in (1, 2):
+        assert not np.allclose(plain[view], augmented[view]), view
+
+
+def test_tied_probabilities_are_listed_in_class_order() -> None:
+    names = [f"c{index}" for index in range(40)]
+    prediction = make_prediction(None, torch.full((40,), 1 / 40), names, top_k=40)
+    assert [name for name, _ in prediction.topk] == names

@@ -325,3 +325,63 @@ def test_region_mixing_weighs_both_labels_in_the_training_loss() -> None:
 def test_region_mixing_rejects_bad_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _module(**kwargs)
+
+
+# -- optimization settings (found unchecked by a mutation run) -----------------------------
+
+
+def _configured(max_epochs: int = 10, **kwargs: object) -> object:
+    module = _module(**kwargs)
+    module.trainer = SimpleNamespace(max_epochs=max_epochs)
+    return module.configure_optimizers()
+
+
+@pytest.mark.parametrize(
+    ("name", "optimizer_class"), [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)]
+)
+def test_optimizer_gets_its_class_lr_and_weight_decay(name: str, optimizer_class: type) -> None:
+    optimizer = _configured(optimizer=name, lr=3e-3, weight_decay=0.05, scheduler="none")
+    assert type(optimizer) is optimizer_class
+    (group,) = optimizer.param_groups
+    assert group["lr"] == 3e-3 and group["weight_decay"] == 0.05
+
+
+def test_step_schedule_divides_by_ten_at_three_quarters() -> None:
+    scheduler = _configured(scheduler="step")["lr_scheduler"]["scheduler"]
+    assert dict(scheduler.milestones) == {7: 1} and scheduler.gamma == 0.1
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
+    scheduler = _configured(scheduler="cosine", warmup_epochs=3, min_lr_ratio=0.1)
+    factor = scheduler["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    # Linear warm-up to 1 over 3 epochs, then cosine over the 7 others down to 0.1.
+    assert [factor(epoch) for epoch in range(4)] == pytest.approx([1 / 4, 2 / 4, 3 / 4, 1.0])
+    halfway = 3 + 7 / 2
+    assert factor(halfway) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert factor(10) == pytest.approx(0.1)
+
+
+def test_training_loss_is_label_smoothed() -> None:
+    module = _module(label_smoothing=0.2).eval()
+    module.log = module.log_dict = lambda *args, **kwargs: None  # no trainer attached
+    batch = {"points": torch.randn(4, 16, 3), "label": torch.tensor([0, 1, 2, 0])}
+    loss, logits = module._shared_step(batch, "train", module.train_metrics)
+    expected = torch.nn.functional.cross_entropy(logits, batch["label"], label_smoothing=0.2)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_region_mixing_weight_is_the_share_of_replaced_points() -> None:
+    module = _module(mix_probability=1.0)
+    points = torch.randn(6, 16, 3)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        _, _, weight = module._mix_regions(points, torch.arange(6) % 3)
+        assert float(weight) * 16 == pytest.approx(round(float(weight) * 16), abs=1e-9)
+
+
+def test_a_second_test_run_counts_only_its_own_samples(tmp_path) -> None:
+    module = _module()
+    trainer = _quiet_trainer(tmp_path)
+    for _ in range(2):
+        trainer.test(module, _loader(num_samples=9), verbose=False)
+        assert int(module.test_confusion_matrix.sum()) == 9
