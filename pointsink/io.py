@@ -10,6 +10,7 @@ but no faces). Anything else raises :class:`ShapeLoadError`.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 from collections.abc import Iterator
@@ -103,12 +104,16 @@ def load_shape(path: str | os.PathLike[str]) -> trimesh.Trimesh | np.ndarray:
         elif extension in TEXT_POINT_EXTENSIONS:
             loaded = _read_point_text(path)
         else:
+            source: Any = path
             if extension == "off":
-                # trimesh reads a cut-off OFF file as a smaller mesh (or fails obscurely).
-                _check_off_counts(path)
+                # trimesh reads a cut-off OFF file as a smaller mesh (or fails obscurely);
+                # the bytes checked are the bytes parsed, read once.
+                data = path.read_bytes()
+                _check_off_counts(data, path)
+                source = io.BytesIO(data)
             # process=False keeps NaN vertices and degenerate faces visible to the checks
             # below instead of trimesh silently dropping them.
-            loaded = trimesh.load(path, file_type=extension, process=False)
+            loaded = trimesh.load(source, file_type=extension, process=False)
     except ShapeLoadError:
         raise
     except Exception as exc:  # parsers raise many types (ValueError, IndexError, struct.error...)
@@ -194,8 +199,8 @@ def _xyz_columns(points: np.ndarray) -> np.ndarray:
     return points[:, :3]
 
 
-def _check_off_counts(path: Path) -> None:
-    """Raises unless an OFF file holds the vertex and face lines its header declares.
+def _check_off_counts(data: bytes, path: Path) -> None:
+    """Raises unless an OFF file's ``data`` hold the vertex and face lines its header declares.
 
     The file is split into lines exactly as trimesh's OFF reader does (same decoding and
     comment stripping, the counts line is the first one after the ``OFF`` keyword, so
@@ -205,7 +210,7 @@ def _check_off_counts(path: Path) -> None:
     Raises:
         ShapeLoadError: Fewer lines than declared, or a last line cut short.
     """
-    text = trimesh.util.comment_strip(trimesh.util.decode_text(path.read_bytes())).strip()
+    text = trimesh.util.comment_strip(trimesh.util.decode_text(data)).strip()
     parts = re.split("(COFF|OFF)", text, maxsplit=1)
     if len(parts) != 3:
         return
