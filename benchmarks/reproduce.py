@@ -577,11 +577,12 @@ def main(argv: list[str] | None = None) -> str:
     runs = [(*variant, seed) for variant in variants for seed in args.seeds]
     done = {}
     if not args.rerun:
+        checkout = _git_commit()
         for name, _, _, seed in runs:
             row = load_result(args.out, name, seed, args.config, args.data_root, extra)
             if row is not None:
                 trained_at = row.get("commit_started", "?")
-                note = "" if trained_at == _git_commit() else f" (trained at commit {trained_at})"
+                note = "" if trained_at == checkout else f" (trained at commit {trained_at})"
                 print(f"reusing {name} seed {seed}: {_run_dir(args.out, name, seed)}{note}")
                 done[(name, seed)] = row
     todo = [run for run in runs if (run[0], run[3]) not in done]

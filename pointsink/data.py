@@ -782,9 +782,12 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             return
         self._provide_source()
         state = getattr(self.trainer, "state", None)
-        stage = state.fn if state is not None else None
-        needed = {TrainerFn.FITTING: ("train",), TrainerFn.VALIDATING: ("train",)}
-        for split in needed.get(stage, ("test",) if stage == TrainerFn.TESTING else SPLITS):
+        needed = {
+            TrainerFn.FITTING: ("train",),
+            TrainerFn.VALIDATING: ("train",),
+            TrainerFn.TESTING: ("test",),
+        }
+        for split in needed.get(state.fn if state is not None else None, SPLITS):
             self._cache_path(split)
 
     def _provide_source(self) -> None:

@@ -259,12 +259,12 @@ class SinkformerClassifier(pl.LightningModule):
         batch_size = target.shape[0]
         metrics.update(logits, target)
         mean_loss = getattr(self, f"{stage}_loss")
-        if stage == "train":
+        training = stage == "train"
+        if training:
             # Called, not updated: the call also gives the batch's value for train/loss_step.
             mean_loss(loss, batch_size)
         else:
             mean_loss.update(loss, batch_size)
-        training = stage == "train"
         self.log(f"{stage}/loss", mean_loss, on_step=training, on_epoch=True, prog_bar=True)
         self.log_dict(metrics, batch_size=batch_size, on_step=False, on_epoch=True, prog_bar=True)
         return loss, logits
