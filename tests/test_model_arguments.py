@@ -21,8 +21,10 @@ from pointsink.model import SetSinkformer
 # Each is rejected by check_int: zero and negative counts, integral floats and bools.
 BAD_VALUES = [0, -4, 2.0, True]
 
-FACTORIES: dict[str, tuple[Callable[..., nn.Module], dict, list[str]]] = {
-    # name: (constructor, valid keyword arguments, integer arguments to spoil)
+# MultiheadAttention and the block built on it take the same arguments.
+ATTENTION_KWARGS = {"query_channels": 3, "key_channels": 5, "channels": 8, "num_heads": 2}
+FACTORIES: dict[str, tuple[Callable[..., nn.Module], dict]] = {
+    # name: (constructor, valid integer keyword arguments; each is spoiled in turn)
     "model": (
         SetSinkformer,
         {
@@ -33,57 +35,38 @@ FACTORIES: dict[str, tuple[Callable[..., nn.Module], dict, list[str]]] = {
             "num_inducing_points": 2,
             "num_seeds": 1,
         },
-        ["in_channels", "channels", "num_heads", "num_inducing_points", "num_seeds"],
     ),
-    "attention": (
-        MultiheadAttention,
-        {"query_channels": 3, "key_channels": 5, "channels": 8, "num_heads": 2},
-        ["query_channels", "key_channels", "channels", "num_heads"],
-    ),
-    "mab": (
-        MultiheadAttentionBlock,
-        {"query_channels": 3, "key_channels": 5, "channels": 8, "num_heads": 2},
-        ["query_channels", "key_channels", "channels", "num_heads"],
-    ),
-    "sab": (
-        SetAttentionBlock,
-        {"in_channels": 3, "channels": 8, "num_heads": 2},
-        ["in_channels", "channels", "num_heads"],
-    ),
+    "attention": (MultiheadAttention, ATTENTION_KWARGS),
+    "mab": (MultiheadAttentionBlock, ATTENTION_KWARGS),
+    "sab": (SetAttentionBlock, {"in_channels": 3, "channels": 8, "num_heads": 2}),
     "isab": (
         InducedSetAttentionBlock,
         {"in_channels": 3, "channels": 8, "num_heads": 2, "num_inducing_points": 2},
-        ["in_channels", "channels", "num_heads", "num_inducing_points"],
     ),
-    "pma": (
-        PoolingByMultiheadAttention,
-        {"channels": 8, "num_heads": 2, "num_seeds": 2},
-        ["channels", "num_heads", "num_seeds"],
-    ),
+    "pma": (PoolingByMultiheadAttention, {"channels": 8, "num_heads": 2, "num_seeds": 2}),
 }
 CASES = [
     (kind, argument, value)
-    for kind, (_, _, arguments) in FACTORIES.items()
-    for argument in arguments
+    for kind, (_, kwargs) in FACTORIES.items()
+    for argument in kwargs
     for value in BAD_VALUES
 ]
 
 
 @pytest.mark.parametrize(("kind", "argument", "value"), CASES)
 def test_bad_integer_argument_is_named(kind: str, argument: str, value: object) -> None:
-    factory, kwargs, _ = FACTORIES[kind]
+    factory, kwargs = FACTORIES[kind]
     with pytest.raises(ValueError, match=rf"^{argument} must be"):
         factory(**{**kwargs, argument: value})
 
 
 @pytest.mark.parametrize("kind", list(FACTORIES))
 def test_numpy_integers_are_accepted(kind: str) -> None:
-    factory, kwargs, arguments = FACTORIES[kind]
+    factory, kwargs = FACTORIES[kind]
     torch.manual_seed(0)
     expected = factory(**kwargs)
     torch.manual_seed(0)
-    converted = {name: np.int64(kwargs[name]) for name in arguments}
-    module = factory(**{**kwargs, **converted})
+    module = factory(**{name: np.int64(value) for name, value in kwargs.items()})
     for name in ("num_heads", "channels"):
         if hasattr(module, name):
             assert type(getattr(module, name)) is int
