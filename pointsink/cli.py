@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from pointsink.data import (
 from pointsink.inference import CheckpointError, load_checkpoint
 from pointsink.module import SinkformerClassifier
 
-__all__ = ["SinkformerCLI", "find_checkpoint", "main", "run"]
+__all__ = ["BatchLimitTrainer", "SinkformerCLI", "find_checkpoint", "main", "run"]
 
 # Subcommands that only evaluate weights: without --ckpt_path they would use untrained ones.
 EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
@@ -43,6 +44,45 @@ EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
 # A checkpoint's values of these are checked against the data (the class names, in
 # SinkformerClassifier.on_load_checkpoint) or reported (the point count), never imposed.
 LINKED_FROM_DATA = ("class_names", "num_classes", "num_points", "augmentation", "sample_seed")
+
+
+class BatchLimitTrainer(Trainer):
+    """Lightning's :class:`~pytorch_lightning.Trainer`, whose batch limits read ``1`` as one batch.
+
+    Lightning annotates the limits ``float | int | None``, float first, so jsonargparse
+    parses ``--trainer.limit_train_batches 1`` (or ``1`` in a YAML file) as ``1.0``: all
+    batches, where Lightning documents ``1`` as one batch. Annotated int first, ``1`` stays
+    an int and ``1.0`` a float. Every other argument is the Trainer's.
+
+    Args:
+        limit_train_batches: Training batches per epoch: an int counts batches, a float is
+            a fraction of them. ``None``: all.
+        limit_val_batches: The same for validation.
+        limit_test_batches: The same for testing.
+        limit_predict_batches: The same for prediction.
+        overfit_batches: Train and validate on this many training batches (int) or this
+            fraction of them (float), to check that the model can overfit them.
+        **kwargs: The Trainer's other arguments.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        overfit_batches: int | float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            overfit_batches=overfit_batches,
+            **kwargs,
+        )
 
 
 def find_checkpoint(root: str | Path, filename: str) -> Path:
@@ -210,6 +250,33 @@ class SinkformerCLI(LightningCLI):
         if plain_folder and init_args.get("class_names") is None and "root" in init_args:
             discover_class_names(init_args["root"])
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Runs ``subcommand``; a run refused at set-up leaves no version folder behind.
+
+        Lightning writes ``config.yaml`` into a new ``version_N`` folder when the run sets
+        up, before the checkpoint's classes and validation split are checked against the
+        data; a refused run would leave that folder holding nothing else.
+        """
+        try:
+            super()._run_subcommand(subcommand)
+        except (CheckpointError, DatasetLayoutError, DatasetNotFoundError):
+            self._remove_unused_log_dir()
+            raise
+
+    def _remove_unused_log_dir(self) -> None:
+        # The logger's own folder, not trainer.log_dir: that one is a collective call
+        # under DDP, and a refused rank cannot count on the others joining it.
+        log_dir = getattr(self.trainer.logger, "log_dir", None)
+        if log_dir is None or not self.trainer.is_global_zero:
+            return
+        folder = Path(log_dir)
+        written_at_setup = {self.save_config_kwargs.get("config_filename", "config.yaml")}
+        written_at_setup.add("hparams.yaml")
+        if folder.is_dir() and all(
+            child.is_file() and child.name in written_at_setup for child in folder.iterdir()
+        ):
+            shutil.rmtree(folder)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Leaves out the checkpoint callbacks under ``--trainer.enable_checkpointing false``.
 
@@ -259,6 +326,7 @@ def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
         return SinkformerCLI(
             SinkformerClassifier,
             ShapeFolderDataModule,
+            trainer_class=BatchLimitTrainer,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"default_root_dir": "checkpoints"},

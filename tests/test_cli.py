@@ -4,6 +4,7 @@ import csv
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -167,7 +168,9 @@ def test_ckpt_path_names_resolve_and_overrides_are_reported(
     assert "trained on 32 points per shape; this run samples 40" in messages
     assert tested.model.hparams.n_iter == 5 and tested.model.hparams.num_points == 40
 
-    # Evaluating without weights, or with another class list, stops with one sentence.
+    # Evaluating without weights, or with another class list, stops with one sentence,
+    # and leaves no version folder behind (Lightning saves config.yaml before the check).
+    versions = sorted((tmp_path / "run").rglob("version_*"))
     for extra, expected in (
         ([], "test needs the weights to use: pass --ckpt_path"),
         (["--ckpt_path", str(last), "--data.class_names", "[box, cone, sphere]"],
@@ -178,6 +181,7 @@ def test_ckpt_path_names_resolve_and_overrides_are_reported(
             main(["test", *args, *extra])
         assert exit_info.value.code == 2
         assert expected in capsys.readouterr().err
+        assert sorted((tmp_path / "run").rglob("version_*")) == versions
 
     # Predicting needs no class folders: the class names are the checkpoint's.
     output = tmp_path / "predictions.json"
@@ -215,6 +219,24 @@ def test_fit_without_checkpointing(tmp_path: Path) -> None:
     main(["fit", *_tiny_args(tmp_path), "--trainer.max_epochs", "1",
           "--trainer.enable_checkpointing", "false"])  # fmt: skip
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected_batches"),
+    [("1", lambda full: 1), ("2", lambda full: 2), ("1.0", lambda full: full),
+     ("0.5", lambda full: full // 2)],
+)  # fmt: skip
+def test_batch_limit_one_means_one_batch(
+    tmp_path: Path, limit: str, expected_batches: Callable[[int], int]
+) -> None:
+    # As Lightning documents: an int counts batches, a float is a fraction (jsonargparse
+    # read Lightning's float-first annotation "1" as 1.0, all batches).
+    cli = main(["fit", *_tiny_args(tmp_path), "--trainer.max_epochs", "1",
+                "--trainer.limit_train_batches", limit])  # fmt: skip
+    full = len(cli.datamodule.train_dataloader())
+    assert full > 4
+    assert cli.trainer.num_training_batches == expected_batches(full)
+    assert cli.trainer.global_step == expected_batches(full)
 
 
 def test_help_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
