@@ -70,10 +70,13 @@ def validation_files(
 
 
 def training_split(
-    ckpt: str, val_fraction: float | None, split_seed: int | None
+    ckpt: str, checkpoint: dict, val_fraction: float | None, split_seed: int | None
 ) -> tuple[float, int]:
-    """The validation split of the run that wrote ``ckpt``; given values must agree with it."""
-    recorded = recorded_split(load_checkpoint(ckpt))
+    """The validation split of the run that wrote ``checkpoint`` (read from ``ckpt``).
+
+    Given values must agree with it.
+    """
+    recorded = recorded_split(checkpoint)
     if recorded is None:
         print(f"note: {ckpt} does not record its validation split; using the given or default")
         return (
@@ -92,13 +95,15 @@ def training_split(
     return recorded
 
 
-def check_recorded_files(ckpt: str, root: Path, files: list[tuple[str, int]]) -> None:
+def check_recorded_files(
+    ckpt: str, checkpoint: dict, root: Path, files: list[tuple[str, int]]
+) -> None:
     """Stops unless ``files`` are the validation files the checkpoint's run recorded.
 
     The split picks files by position: on a copy of the dataset with other training files
     the same settings select other shapes, some of which the model has trained on.
     """
-    recorded = recorded_validation_files(load_checkpoint(ckpt))
+    recorded = recorded_validation_files(checkpoint)
     if recorded is None:
         return  # written before the files were recorded
     rebuilt = [Path(path).relative_to(root).as_posix() for path, _ in files]
@@ -162,9 +167,12 @@ def main(argv: list[str] | None = None) -> str:
     classifier = ShapeClassifier.from_checkpoint(args.ckpt, device="cpu")
     names = classifier.class_names
     if args.split == "val":
-        val_fraction, split_seed = training_split(args.ckpt, args.val_fraction, args.split_seed)
+        checkpoint = load_checkpoint(args.ckpt)
+        val_fraction, split_seed = training_split(
+            args.ckpt, checkpoint, args.val_fraction, args.split_seed
+        )
         files = validation_files(args.data_root, names, val_fraction, split_seed)
-        check_recorded_files(args.ckpt, args.data_root, files)
+        check_recorded_files(args.ckpt, checkpoint, args.data_root, files)
     else:
         files = split_files(args.data_root, names, args.split)
     files = files[: args.limit]

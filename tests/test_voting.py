@@ -110,7 +110,7 @@ def test_val_split_defaults_to_the_checkpoints_and_refuses_another(
     root = make_shape_folder(tmp_path / "shapes", class_names=tuple(CLASSES), train_per_class=10)
     table = voting.main(["--ckpt", str(path), "--data-root", str(root), "--split", "val"])
     assert "on 6 val shapes" in table  # 0.2 of 10 per class, not the default 0.1
-    assert voting.training_split(str(path), None, None) == (0.2, 3)
+    assert voting.training_split(str(path), content, None, None) == (0.2, 3)
     with pytest.raises(SystemExit, match=r"trained with val_fraction=0\.2 and split_seed=3"):
         voting.main(
             ["--ckpt", str(path), "--data-root", str(root), "--split", "val", "--split-seed", "0"]
