@@ -192,6 +192,7 @@ class SinkformerCLI(LightningCLI):
         hparams.pop("_instantiator", None)
         saved_class_names = hparams.get("class_names")
         saved_points = hparams.get("num_points")
+        saved_seed = hparams.get("sample_seed")
         for name in LINKED_FROM_DATA:
             hparams.pop(name, None)
         if not hparams:
@@ -210,11 +211,24 @@ class SinkformerCLI(LightningCLI):
                 + ". To train with other values from these weights, fit with --model.weights."
             )
         data = config.data.get("init_args", config.data)
-        if saved_points is not None and data.get("num_points") not in (None, saved_points):
-            rank_zero_warn(
-                f"--ckpt_path {ckpt_path} was trained on {saved_points} points per shape; "
-                f"this run samples {data.num_points} (--data.num_points {saved_points} to match)."
-            )
+        for name, saved in (("num_points", saved_points), ("sample_seed", saved_seed)):
+            current = data.get(name)
+            if saved is None or current in (None, saved):
+                continue
+            if subcommand == "predict":
+                # A file is sampled as the checkpoint's training files were, as by
+                # ShapeClassifier and pointsink-predict: the same file, the same prediction.
+                setattr(data, name, saved)
+                rank_zero_warn(
+                    f"--ckpt_path {ckpt_path}: predict samples the files as the checkpoint's "
+                    f"training did ({name}={saved}); --data.{name} {current} is not used."
+                )
+            else:
+                # Testing at another density or sample is an experiment of its own.
+                rank_zero_warn(
+                    f"--ckpt_path {ckpt_path} was trained with {name}={saved}; this run uses "
+                    f"{current} (--data.{name} {saved} to match)."
+                )
         if subcommand == "predict" and saved_class_names is not None and "class_names" in data:
             data.class_names = [str(name) for name in saved_class_names]
             if "class_path" in config.data:

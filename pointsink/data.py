@@ -811,37 +811,51 @@ class ShapeFolderDataModule(pl.LightningDataModule):
 
     def _check_training_files(self) -> None:
         """Raises unless every class has training files (a class never seen is a mistake)."""
-        labels = {label for _, label in find_shape_files(self.root, self.class_names, "train")}
+        self._check_split_files("train", every_class=True)
+
+    def _check_split_files(self, split: str, every_class: bool) -> None:
+        """Raises unless ``split`` has shape files: for every class, or for any at all.
+
+        Args:
+            split: ``"train"`` or ``"test"``.
+            every_class: Whether each class needs files, or only the split as a whole.
+
+        Raises:
+            DatasetLayoutError: Naming the expected layout, and the classes whose files
+                are there but misnamed.
+        """
+        labels = {label for _, label in find_shape_files(self.root, self.class_names, split)}
         missing = [name for label, name in enumerate(self.class_names) if label not in labels]
-        if not missing:
+        if not missing or (labels and not every_class):
             return
+        kind = "training" if split == "train" else split
         expected = (
-            f"expected files <class>/train/<class>_*.<ext> with an extension in "
+            f"expected files <class>/{split}/<class>_*.<ext> with an extension in "
             f"{sorted(SUPPORTED_EXTENSIONS)}"
         )
-        if not labels:
-            raise DatasetLayoutError(
-                f"Found no training shapes in {self.root}: {expected} for the classes "
-                f"{self.class_names}."
-            )
         misnamed = {
             name: sorted(
                 path.name
-                for path in (self.root / name / "train").iterdir()
+                for path in (self.root / name / split).iterdir()
                 if path.is_file() and file_extension(path) in SUPPORTED_EXTENSIONS
             )
             for name in missing
-            if (self.root / name / "train").is_dir()
+            if (self.root / name / split).is_dir()
         }
         hint = "; ".join(
-            f"{name}/train has {len(files)} shape files whose names do not start with '{name}_' "
-            f"(e.g. {files[0]})"
+            f"{name}/{split} has {len(files)} shape files whose names do not start with "
+            f"'{name}_' (e.g. {files[0]})"
             for name, files in misnamed.items()
             if files
         )
+        hint = f". {hint}." if hint else "."
+        if not labels:
+            raise DatasetLayoutError(
+                f"Found no {kind} shapes in {self.root}: {expected} for the classes "
+                f"{self.class_names}" + hint
+            )
         raise DatasetLayoutError(
-            f"Found no training shapes for the classes {missing} in {self.root}: {expected}"
-            + (f". {hint}." if hint else ".")
+            f"Found no {kind} shapes for the classes {missing} in {self.root}: {expected}" + hint
         )
 
     def _load_split(self, split: str) -> PointCloudDataset:
@@ -880,6 +894,11 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             )
         if stage in (None, "test") and self.test_dataset is None:
             self.test_dataset = self._load_split("test")
+            # Testing nothing would end without a metric, and with exit status 0. Without a
+            # stage (setup called directly) a dataset may lack its test split.
+            if stage == "test" and len(self.test_dataset) == 0:
+                self._check_split_files("test", every_class=False)
+                raise DatasetLayoutError(f"None of the test shapes in {self.root} could be read.")
 
     # -- checkpointed state -------------------------------------------------------------
 

@@ -165,7 +165,7 @@ def test_ckpt_path_names_resolve_and_overrides_are_reported(
         )  # fmt: skip
     messages = " ".join(str(warning.message) for warning in caught)
     assert "n_iter=9 (checkpoint: 5)" in messages
-    assert "trained on 32 points per shape; this run samples 40" in messages
+    assert "trained with num_points=32; this run uses 40" in messages
     assert tested.model.hparams.n_iter == 5 and tested.model.hparams.num_points == 40
 
     # Evaluating without weights, or with another class list, stops with one sentence,
@@ -212,6 +212,22 @@ def test_checkpoint_records_the_sampling_seed_for_inference(tmp_path: Path) -> N
         classifier.predict(shape, top_k=9, seed=seed)[0].topk for seed in (None, 3, 0)
     )
     assert default == three != zero
+
+    # train.py predict samples a file as ShapeClassifier does: the checkpoint's seed and
+    # point count, whatever the data config says (here seed 0 and 40 points), so the two
+    # give the same probabilities.
+    output = tmp_path / "predictions.json"
+    with pytest.warns(UserWarning) as caught:
+        main(["predict", *_tiny_args(tmp_path), "--data.predict_files", shape,
+              "--data.num_points", "40", "--prediction_writer.output", str(output),
+              "--ckpt_path", str(checkpoint)])  # fmt: skip
+    messages = " ".join(str(warning.message) for warning in caught)
+    assert "(sample_seed=3); --data.sample_seed 0 is not used" in messages
+    assert "(num_points=32); --data.num_points 40 is not used" in messages
+    (record,) = json.loads(output.read_text())
+    expected = classifier.predict(shape, top_k=len(record["topk"]))[0].topk
+    assert [name for name, _ in record["topk"]] == [name for name, _ in expected]
+    assert [p for _, p in record["topk"]] == pytest.approx([p for _, p in expected], abs=1e-5)
 
 
 def test_fit_without_checkpointing(tmp_path: Path) -> None:
@@ -387,7 +403,9 @@ def test_shape_folder_mistakes_fail_with_one_sentence(
     assert "Traceback" not in err and "Namespace(" not in err
 
 
-def test_test_split_alone_is_enough_to_test(tmp_path: Path, make_shape_folder) -> None:
+def test_test_split_alone_is_enough_to_test(
+    tmp_path: Path, make_shape_folder, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`test` reads and caches only <class>/test: a folder without train/ can be tested."""
     trained = make_shape_folder(tmp_path / "trained", class_names=("mug", "vase"))
     data = ["--data", "pointsink.data.ShapeFolderDataModule", "--data.num_points", "32",
@@ -405,6 +423,17 @@ def test_test_split_alone_is_enough_to_test(tmp_path: Path, make_shape_folder) -
     assert len(cli.datamodule.test_dataset) == 4
     assert cli.datamodule.train_dataset is None
     assert not list((test_only / "processed").glob("*train*"))
+
+    # Without test shapes (here misnamed), `test` stops with one sentence instead of
+    # testing nothing and exiting 0 without a metric.
+    for path in test_only.glob("*/test/*"):
+        path.rename(path.with_name("shape_" + path.name))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", *data, "--data.root", str(test_only), "--ckpt_path", "best"])
+    assert exit_info.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert f"Found no test shapes in {test_only}" in line
+    assert "mug/test has 2 shape files whose names do not start with 'mug_'" in line
 
 
 def test_predict_with_another_data_config_takes_the_checkpoints_classes(
