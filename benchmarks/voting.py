@@ -1,8 +1,10 @@
 """Test-time voting: accuracy of a checkpoint with 1, 2, 4, ... views per shape.
 
 Every shape goes through :func:`pointsink.inference.preprocess_views`, the function
-``pointsink-predict --votes V`` uses: view 0 is the training preprocessing, views 1.. are
-resampled and augmented as in training. The probabilities of the first ``V`` views are
+``pointsink-predict --votes V`` uses: view 0 is the training preprocessing (with the
+checkpoint's ``data.sample_seed``, unless ``--seed``), views 1.. are resampled and augmented
+as in training. ``--split test`` scores the shapes ``train.py test`` scores: those of the
+test cache, without the files that could not be read. The probabilities of the first ``V`` views are
 averaged for each ``V`` in ``--votes``, so one pass over the largest ``V`` serves all rows.
 The model runs in float32 (as ``pointsink-predict`` does), so the one-view row can differ
 slightly from ``train.py test`` under a bf16 config.
@@ -31,7 +33,6 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from pointsink.callbacks import confusion_report
 from pointsink.data import (
     ShapeFolderDataModule,
-    find_shape_files,
     recorded_split,
     recorded_validation_files,
     validation_files_changes,
@@ -39,30 +40,47 @@ from pointsink.data import (
 from pointsink.inference import ShapeClassifier, load_checkpoint, preprocess_views
 
 
-def split_files(root: Path, class_names: list[str], split: str) -> list[tuple[str, int]]:
-    """``(path, label)`` of the files of ``root/<class>/<split>/`` that training would use.
+def test_files(
+    root: Path, class_names: list[str], num_points: int, sample_seed: int
+) -> list[tuple[str, int]]:
+    """``(path, label)`` of the shapes ``train.py test`` scores, in its order.
 
-    The data module's own listing (:func:`pointsink.data.find_shape_files`), so these are
-    the shapes ``train.py test`` scores.
+    The data module's test cache lists them (files unreadable when it was built are left
+    out, as in testing); with the checkpoint's ``num_points`` and ``sample_seed`` it is the
+    cache ``train.py test`` builds and reuses.
     """
     for name in class_names:
-        folder = root / name / split
+        folder = root / name / "test"
         if not folder.is_dir():
             raise SystemExit(f"error: {folder} does not exist; is --data-root the dataset?")
-    return [(str(path), label) for path, label in find_shape_files(root, class_names, split)]
+    data = ShapeFolderDataModule(
+        str(root), class_names=class_names, num_points=num_points, sample_seed=sample_seed
+    )
+    data.setup("test")
+    assert data.test_dataset is not None
+    return list(zip(data.test_dataset.paths, data.test_dataset.labels.tolist(), strict=True))
 
 
 def validation_files(
-    root: Path, class_names: list[str], val_fraction: float, split_seed: int
+    root: Path,
+    class_names: list[str],
+    val_fraction: float,
+    split_seed: int,
+    num_points: int = 1024,
+    sample_seed: int = 0,
 ) -> list[tuple[str, int]]:
     """``(path, label)`` of the validation shapes that training carves out of ``train/``.
 
     The split is the data module's own (stratified, seeded), from its preprocessing cache.
     """
     data = ShapeFolderDataModule(
-        str(root), class_names=class_names, val_fraction=val_fraction, split_seed=split_seed
+        str(root),
+        class_names=class_names,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        num_points=num_points,
+        sample_seed=sample_seed,
     )
-    data.prepare_data()
     data.setup("fit")
     assert data.val_dataset is not None
     labels = data.val_dataset.labels.tolist()
@@ -152,7 +170,10 @@ def main(argv: list[str] | None = None) -> str:
         "checkpoint's, else 0)",
     )  # fmt: skip
     parser.add_argument("--votes", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=None,
+        help="sampling seed (default: the checkpoint's data.sample_seed, as train.py test)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--limit", type=int, default=None, help="first N shapes (for tests)")
@@ -165,28 +186,31 @@ def main(argv: list[str] | None = None) -> str:
         torch.set_num_threads(args.threads)
 
     classifier = ShapeClassifier.from_checkpoint(args.ckpt, device="cpu")
-    names = classifier.class_names
+    names, num_points = classifier.class_names, classifier.num_points
+    seed = classifier.sample_seed if args.seed is None else args.seed
     if args.split == "val":
         checkpoint = load_checkpoint(args.ckpt)
         val_fraction, split_seed = training_split(
             args.ckpt, checkpoint, args.val_fraction, args.split_seed
         )
-        files = validation_files(args.data_root, names, val_fraction, split_seed)
+        files = validation_files(
+            args.data_root, names, val_fraction, split_seed, num_points, classifier.sample_seed
+        )
         check_recorded_files(args.ckpt, checkpoint, args.data_root, files)
     else:
-        files = split_files(args.data_root, names, args.split)
+        files = test_files(args.data_root, names, num_points, classifier.sample_seed)
     files = files[: args.limit]
     most = max(args.votes)
     start = time.perf_counter()
     views_probabilities = view_probabilities(
-        classifier, [path for path, _ in files], args.seed, most, args.batch_size
+        classifier, [path for path, _ in files], seed, most, args.batch_size
     )
     seconds = time.perf_counter() - start
     labels = torch.tensor([label for _, label in files])
 
     lines = [
         f"{args.ckpt} on {len(files)} {args.split} shapes of {args.data_root}, seed "
-        f"{args.seed}, {classifier.num_points} points, float32 on the CPU, "
+        f"{seed}, {classifier.num_points} points, float32 on the CPU, "
         f"{seconds:.0f} s for {most} view(s) per shape",
         "| views | OA (%) | mAcc (%) |",
         "|---:|---:|---:|",

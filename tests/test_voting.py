@@ -22,7 +22,7 @@ def test_averaged_views_are_what_predict_reports(voting, tmp_path: Path, make_sh
     checkpoint = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
     root = make_shape_folder(tmp_path / "shapes", class_names=tuple(CLASSES), test_per_class=4)
     classifier = ShapeClassifier.from_checkpoint(checkpoint, device="cpu")
-    files = voting.split_files(root, CLASSES, "test")
+    files = voting.test_files(root, CLASSES, classifier.num_points, classifier.sample_seed)
     assert [label for _, label in files] == [0] * 4 + [1] * 4 + [2] * 4
     paths = [path for path, _ in files]
     views = voting.view_probabilities(classifier, paths, seed=0, views=3, batch_size=5)
@@ -45,8 +45,8 @@ def test_table_reports_overall_and_mean_class_accuracy(
         path.unlink()  # 1, 4 and 4 test shapes: overall and mean class accuracy differ
     table = voting.main(["--ckpt", str(checkpoint), "--data-root", str(root), "--votes", "1", "2"])
     classifier = ShapeClassifier.from_checkpoint(checkpoint, device="cpu")
-    files = voting.split_files(root, CLASSES, "test")
-    predictions = classifier.predict([path for path, _ in files], votes=2, seed=0)
+    files = voting.test_files(root, CLASSES, classifier.num_points, classifier.sample_seed)
+    predictions = classifier.predict([path for path, _ in files], votes=2)
     right, support = [0] * len(CLASSES), [0] * len(CLASSES)
     for prediction, (_, label) in zip(predictions, files, strict=True):
         right[label] += prediction.label == CLASSES[label]
@@ -133,3 +133,26 @@ def test_val_split_must_be_the_recorded_files(voting, tmp_path: Path, make_shape
     torch.save(content, path)
     with pytest.raises(SystemExit, match="of which 1 are not in this split"):
         voting.main(["--ckpt", str(path), "--data-root", str(root), "--split", "val"])
+
+
+def test_scores_what_train_py_test_scores(voting, tmp_path: Path, make_shape_folder) -> None:
+    """The test cache's shapes (an unreadable file skipped, not a crash), sampled with the
+    checkpoint's data.sample_seed unless --seed is given."""
+    path = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    content = torch.load(path, weights_only=True)
+    content["hyper_parameters"]["sample_seed"] = 2
+    torch.save(content, path)
+    root = make_shape_folder(tmp_path / "shapes", class_names=tuple(CLASSES), test_per_class=4)
+    (root / CLASSES[0] / "test" / f"{CLASSES[0]}_9999.off").write_text("not a mesh\n")
+    with pytest.warns(UserWarning, match="Skipping unreadable shape file"):
+        table = voting.main(["--ckpt", str(path), "--data-root", str(root), "--votes", "1"])
+    assert "on 12 test shapes" in table and "seed 2," in table
+    classifier = ShapeClassifier.from_checkpoint(path, device="cpu")
+    files = voting.test_files(root, CLASSES, classifier.num_points, classifier.sample_seed)
+    assert len(files) == 12
+    predictions = classifier.predict([file for file, _ in files])  # the checkpoint's seed
+    right = sum(p.label == CLASSES[label] for p, (_, label) in zip(predictions, files, strict=True))
+    assert f"| 1 | {100 * right / len(files):.2f} |" in table
+    assert "seed 0," in voting.main(
+        ["--ckpt", str(path), "--data-root", str(root), "--votes", "1", "--seed", "0"]
+    )
