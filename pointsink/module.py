@@ -27,7 +27,7 @@ from pointsink.model import DEFAULT_N_ITER, SetSinkformer
 from pointsink.transforms import mix_point_regions
 from pointsink.validation import plain_value
 
-__all__ = ["MeanLoss", "SinkformerClassifier"]
+__all__ = ["MeanClassAccuracy", "MeanLoss", "SinkformerClassifier"]
 
 Batch = dict[str, Tensor]
 
@@ -60,6 +60,29 @@ class MeanLoss(Metric):
     def compute(self) -> Tensor:
         """The mean loss per sample."""
         return self.loss_sum / self.weight
+
+
+class MeanClassAccuracy(MulticlassAccuracy):
+    """Mean per-class accuracy (recall) over the classes that have samples.
+
+    The ``macro`` average of :class:`~torchmetrics.classification.MulticlassAccuracy` also
+    counts, at 0 %, a class without samples that was predicted; mean per-class accuracy is
+    the mean over the classes present, as :func:`pointsink.callbacks.confusion_report`
+    (``test_report.json``) computes it. It differs when the split lacks a class (few-shot
+    data, whose single-shape classes stay out of validation). Per-class counts are
+    added across ranks before the mean.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes, average="macro", validate_args=False)
+
+    def compute(self) -> Tensor:
+        """The mean, over the classes with samples, of their share classified correctly."""
+        true_positives, _, _, false_negatives = self._final_state()
+        support = true_positives + false_negatives
+        present = support > 0
+        recall = true_positives / support.clamp(min=1)
+        return (recall * present).sum() / present.sum().clamp(min=1)
 
 
 class SinkformerClassifier(pl.LightningModule):
@@ -210,7 +233,7 @@ class SinkformerClassifier(pl.LightningModule):
                 # validate_args=False: the checks call torch.unique on the targets, a host
                 # sync in every training step; the labels come from the data module's folders.
                 "oa": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
-                "macc": MulticlassAccuracy(num_classes, average="macro", validate_args=False),
+                "macc": MeanClassAccuracy(num_classes),
             }
         )
         self.train_metrics = metrics.clone(prefix="train/")

@@ -6,10 +6,15 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassConfusionMatrix
 
-from pointsink.callbacks import DoublyStochasticMonitor, doubly_stochastic_deviation
+from pointsink.callbacks import (
+    DoublyStochasticMonitor,
+    confusion_report,
+    doubly_stochastic_deviation,
+)
 from pointsink.inference import CheckpointError
-from pointsink.module import MeanLoss, SinkformerClassifier
+from pointsink.module import MeanClassAccuracy, MeanLoss, SinkformerClassifier
 
 CLASSES = ["cone", "cube", "sphere"]
 
@@ -183,6 +188,23 @@ def test_metrics_are_overall_and_mean_per_class(tmp_path) -> None:
     assert result["test/oa"] == pytest.approx(overall, abs=1e-6)
     assert result["test/macc"] == pytest.approx(sum(per_class) / 3, abs=1e-6)
     assert overall != pytest.approx(sum(per_class) / 3, abs=1e-3)
+
+
+def test_mean_class_accuracy_averages_the_classes_with_samples() -> None:
+    # Class 2 has no samples but is predicted once: torchmetrics' macro average would
+    # count it at 0 % (0.5); mean per-class accuracy is (1/2 + 2/2) / 2, as the test report's.
+    predictions, targets = torch.tensor([0, 2, 1, 1]), torch.tensor([0, 0, 1, 1])
+    metric = MeanClassAccuracy(3)
+    assert metric(predictions, targets).item() == pytest.approx(0.75)
+    report = confusion_report(MulticlassConfusionMatrix(3)(predictions, targets), "abc")
+    assert report["mean_class_accuracy"] == pytest.approx(0.75)
+    # Accumulated over batches (and ranks: per-class counts are summed before the mean),
+    # logits as input.
+    metric = MeanClassAccuracy(3)
+    logits = torch.nn.functional.one_hot(predictions, 3).float()
+    metric.update(logits[:2], targets[:2])
+    metric.update(logits[2:], targets[2:])
+    assert metric.compute().item() == pytest.approx(0.75)
 
 
 def test_mean_loss_weights_batches_by_size_and_keeps_nan() -> None:
