@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -15,13 +16,30 @@ from pointsink.blocks import (
 from pointsink.embedding import EdgeConvEmbedding, SetAbstraction
 from pointsink.validation import check_int
 
-__all__ = ["DEFAULT_N_ITER", "SetSinkformer"]
+__all__ = ["DEFAULT_N_ITER", "SetSinkformer", "unused_settings"]
 
 #: Default Sinkhorn iterations. Odd, so the last normalization is over rows and every
 #: output is an exact weighted mean of the values (as with softmax); 5 iterations bring the
 #: column sums close to n/m at a third less cost than the reference code's 7 (the paper
 #: reports accuracy to be flat between 3 and 9 iterations on ModelNet).
 DEFAULT_N_ITER = 5
+
+
+def unused_settings(settings: Mapping[str, Any]) -> set[str]:
+    """The :class:`SetSinkformer` settings that build nothing under the other ``settings``.
+
+    ``local_channels`` without an EdgeConv embedding (``local_neighbors`` 0), ``group_size``
+    and ``normalize_offsets`` without a set abstraction (``num_groups`` 0), and
+    ``num_inducing_points`` with the SAB encoder; missing settings take their defaults.
+    """
+    unused = set()
+    if settings.get("local_neighbors", 0) == 0:
+        unused.add("local_channels")
+    if settings.get("num_groups", 0) == 0:
+        unused |= {"group_size", "normalize_offsets"}
+    if settings.get("encoder", "isab") == "sab":
+        unused.add("num_inducing_points")
+    return unused
 
 
 class SetSinkformer(nn.Module):

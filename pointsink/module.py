@@ -23,7 +23,7 @@ from pointsink.inference import (
     load_checkpoint,
     state_dict_differences,
 )
-from pointsink.model import DEFAULT_N_ITER, SetSinkformer
+from pointsink.model import DEFAULT_N_ITER, SetSinkformer, unused_settings
 from pointsink.transforms import mix_point_regions
 from pointsink.validation import plain_value
 
@@ -329,10 +329,11 @@ class SinkformerClassifier(pl.LightningModule):
         Every weight but the classification head must fit this model, and the checkpoint
         must have the same architecture hyperparameters (``channels``, ``num_groups``,
         ``normalize_offsets``, ...); ``attention``, ``pooling_attention``, ``n_iter`` and
-        ``dropout`` may differ. The head's rows are carried over by class name for the
-        classes both know; the others keep their fresh initialization, so a model trained on
-        ModelNet10 can start a classifier of other classes. Read with a weights-only
-        ``torch.load``.
+        ``dropout`` may differ, and so may settings that build nothing in either model
+        (:func:`pointsink.model.unused_settings`, e.g. ``group_size`` without groups).
+        The head's rows are carried over by class name for the classes both know; the others
+        keep their fresh initialization, so a model trained on ModelNet10 can start a
+        classifier of other classes. Read with a weights-only ``torch.load``.
 
         Args:
             path: A ``.ckpt`` written by ``train.py fit``.
@@ -360,6 +361,7 @@ class SinkformerClassifier(pl.LightningModule):
         # Settings without weights still shape what the weights see (the grouping of the
         # points, the offsets' scale), so they must match too; these may differ.
         free = {"num_classes", "attention", "pooling_attention", "n_iter", "dropout"}
+        free |= unused_settings(saved) & unused_settings(self.hparams)
         differing = [
             f"{key}={saved[key]!r} there, {self.hparams.get(key)!r} here"
             for key in architecture

@@ -78,6 +78,24 @@ def test_load_pretrained_refuses_other_weight_free_settings(tmp_path: Path) -> N
             module.load_pretrained(path)
 
 
+def test_load_pretrained_ignores_settings_that_build_nothing(pretrained: Path) -> None:
+    # Without a set abstraction or an EdgeConv embedding their sizes build nothing: a config
+    # that states other values for them fine-tunes all the same.
+    unused = {"group_size": 8, "local_channels": 7}
+    module = SinkformerClassifier(class_names=NEW_CLASSES, **TINY, **unused)
+    assert module.load_pretrained(pretrained) == ["cone", "box"]
+    # With the SAB encoder no inducing points are built; the ISAB encoder needs them equal.
+    sab = {**TINY, "encoder": "sab"}
+    source = SinkformerClassifier(class_names=CLASSES, **sab)
+    path = pretrained.parent / "sab.ckpt"
+    torch.save({"state_dict": source.state_dict(), "hyper_parameters": dict(source.hparams)}, path)
+    module = SinkformerClassifier(class_names=NEW_CLASSES, **{**sab, "num_inducing_points": 9})
+    assert module.load_pretrained(path) == ["cone", "box"]
+    module = SinkformerClassifier(class_names=NEW_CLASSES, **{**TINY, "num_inducing_points": 9})
+    with pytest.raises(CheckpointError, match="num_inducing_points=4 there, 9 here"):
+        module.load_pretrained(pretrained)
+
+
 def _fit_args(
     root: Path, run: Path, weights: Path, make_shape_folder: Callable[..., Path]
 ) -> list[str]:
