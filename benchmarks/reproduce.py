@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from pointsink.cli import SinkformerCLI
+from pointsink.cli import SinkformerCLI, find_checkpoint
 from pointsink.cli import main as cli_main
 from pointsink.data import ShapeFolderDataModule
 from pointsink.module import SinkformerClassifier
@@ -253,6 +253,11 @@ def run_one(
     epochs = max(1, fit.trainer.current_epoch)
     trained = epochs - first_epoch
     best = fit.trainer.checkpoint_callback.best_model_path
+    if not best:
+        # No val/oa was logged (data.val_fraction 0): nothing to select by, so the last
+        # epoch is tested, as the paper's code does.
+        best = str(find_checkpoint(run_dir, "last"))
+        print(f"note: {name} seed {seed} was not validated; testing {best}", flush=True)
     test = cli_main(["test", *common, *model, *extra, "--ckpt_path", best])
     metrics = test.trainer.callback_metrics
     row = {

@@ -243,3 +243,17 @@ def test_bad_jobs_is_a_usage_error(
     assert raised.value.code == 2
     assert "--jobs must be at least 1; got 0" in capsys.readouterr().err
     assert not out.exists()  # rejected before anything was started
+
+
+def test_a_run_without_validation_tests_its_last_checkpoint(reproduce, tmp_path: Path) -> None:
+    # With data.val_fraction 0 no best.ckpt is written; the test used to get "" as its path.
+    out = tmp_path / "out"
+    reproduce.main([
+        "--config", str(REPO / "tests" / "conf" / "tiny.yaml"),
+        "--out", str(out), "--seeds", "0", "--variants", "sinkhorn-3",
+        "--", "--data.init_args.root", str(tmp_path / "synthetic"),
+        "--data.init_args.val_fraction", "0",
+    ])  # fmt: skip
+    row = json.loads((out / "runs" / "sinkhorn-3-seed0" / "result.json").read_text())["row"]
+    assert Path(row["best_checkpoint"]).name == "last.ckpt"
+    assert 0.0 <= row["test_oa"] <= 1.0
