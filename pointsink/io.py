@@ -164,6 +164,10 @@ def exclusive_lock(lock_path: str | os.PathLike[str]) -> Iterator[None]:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
 
+# One number written with a decimal comma, as European locales do: "-0,132", "1,5e-3".
+_DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+(?:[eE][-+]?\d+)?")
+
+
 def _read_point_text(path: Path) -> np.ndarray:
     """Reads an XYZ-like text file into an array ``(P, C)``, C >= 3.
 
@@ -172,7 +176,17 @@ def _read_point_text(path: Path) -> np.ndarray:
     """
     # utf-8-sig drops the byte-order mark that Windows editors write first.
     text = path.read_text(encoding="utf-8-sig", errors="strict")
-    rows = [line.split("#", 1)[0].replace(",", " ").strip() for line in text.splitlines()]
+    rows = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    for row in rows:
+        tokens = row.split()
+        # "0,126 -0,132 0,640": commas as separators would read six numbers, x y z = 0 126 -0.
+        decimal_comma = next((t for t in tokens if _DECIMAL_COMMA.fullmatch(t)), None)
+        if len(tokens) > 1 and decimal_comma is not None:
+            raise ValueError(
+                f"{decimal_comma!r} in {row!r} has a decimal comma; write numbers with a "
+                "decimal point (commas separate columns)"
+            )
+    rows = [row.replace(",", " ") for row in rows]
     rows = [row for row in rows if row]
     if rows and re.fullmatch(r"\d+", rows[0]):
         rows = rows[1:]

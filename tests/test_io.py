@@ -95,7 +95,16 @@ def test_text_and_npy_point_clouds(tmp_path):
     np.save(tmp_path / "cloud.npy", points)
     np.save(tmp_path / "normals.npy", np.hstack([points, np.ones_like(points)]))
 
-    for name in ("cloud.xyz", "cloud.pts", "cloud.npy", "normals.npy"):
+    # Commas with spaces after them are separators too; integers are numbers.
+    (tmp_path / "spaced.txt").write_text(
+        "\n".join(", ".join(f"{v:.17g}" for v in point) for point in points) + "\n"
+    )
+    np.testing.assert_array_equal(
+        load_shape(_write(tmp_path / "ints.xyz", "1,2,3\n4,5,6\n-1,0,2\n")),
+        [[1, 2, 3], [4, 5, 6], [-1, 0, 2]],
+    )
+
+    for name in ("cloud.xyz", "cloud.pts", "spaced.txt", "cloud.npy", "normals.npy"):
         loaded = load_shape(tmp_path / name)
         np.testing.assert_allclose(loaded, points, rtol=1e-12, err_msg=name)
 
@@ -125,6 +134,12 @@ def _write(path: Path, content: str | bytes) -> Path:
         ("zero.off", "OFF\n0 0 0\n", "empty"),
         ("inf.xyz", "0 0 0\n1 inf 0\n", "NaN or infinite"),
         ("same.xyz", "1 2 3\n1 2 3\n", "all points coincide"),
+        # Read with commas as separators it would be six columns, x y z = 0 126 -0.
+        (
+            "comma.xyz",
+            "0,126 -0,132 0,640\n" + "1,5 2,5 3,5\n" * 7,
+            "'0,126' in '0,126 -0,132 0,640' has a decimal comma",
+        ),
         ("shape.unknown", "OFF\n", "unsupported file extension"),
     ],
 )
