@@ -502,7 +502,9 @@ class PredictionWriter(BasePredictionWriter):
         unique = dict(sorted(records, key=lambda pair: pair[0]))  # one per dataset index
         ordered = [Prediction.from_dict(record) for record in unique.values()]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(format_predictions(ordered, self.format), encoding="utf-8")
+        # errors: file names not valid in the file system's encoding keep their bytes.
+        text = format_predictions(ordered, self.format)
+        path.write_text(text, encoding="utf-8", errors="surrogateescape")
         self.last_output = path
         failed = sum(1 for record in ordered if record.error is not None)
         rank_zero_info(

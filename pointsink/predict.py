@@ -14,6 +14,7 @@ cannot be used.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -115,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unwritable(output: Path) -> str | None:
+    """Why ``output`` cannot be written, or None; creates its missing parent folders."""
+    if output.is_dir():
+        return "is a folder; give a file name"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"its folder cannot be created ({exc.strerror or exc})"
+    if not os.access(output.parent, os.W_OK) or (
+        output.exists() and not os.access(output, os.W_OK)
+    ):
+        return "not writable"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``pointsink-predict``.
 
@@ -127,6 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         :class:`SystemExit`, as usual with argparse.
     """
     args = build_parser().parse_args(None if argv is None else list(argv))
+    output = None if args.output is None else Path(args.output)
+    # Checked before any file is classified, so that a long run is not thrown away.
+    problem = None if output is None else _unwritable(output)
+    if problem is not None:
+        print(f"pointsink-predict: error: --output {output}: {problem}", file=sys.stderr)
+        return 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
@@ -149,13 +171,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=sys.stderr.isatty(),
     )
     text = format_predictions(predictions, args.format)
-    if args.output is None:
-        sys.stdout.write(text)
+    if output is None:
+        # A file name that is not valid in the file system's encoding holds surrogates
+        # (os.fsdecode); the terminal shows them escaped instead of failing.
+        encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+        sys.stdout.write(text.encode(encoding, "backslashreplace").decode(encoding))
         sys.stdout.flush()
     else:
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text, encoding="utf-8")
+        try:
+            # The file keeps such names' original bytes.
+            output.write_text(text, encoding="utf-8", errors="surrogateescape")
+        except OSError as exc:
+            print(f"pointsink-predict: error: --output {output}: {exc}", file=sys.stderr)
+            return 2
 
     failed = [p for p in predictions if p.error is not None]
     if args.format != "table" or args.output is not None:

@@ -1,6 +1,7 @@
 """The `pointsink-predict` command and `train.py predict`, checked against the Python API."""
 
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -225,3 +226,40 @@ def test_writer_orders_and_deduplicates_records(tmp_path) -> None:
     assert records[0]["topk"] == [["sphere", 1.0], ["box", 0.0]]
     assert records[1]["error"] == "b: bad." and records[1]["label"] is None
     assert records[2]["label"] == "cone" and len(records[2]["topk"]) == 2
+
+    # A file name with bytes not valid in UTF-8 (a surrogate in Python) keeps its bytes.
+    writer = PredictionWriter(format="csv")
+    writer._class_names = CLASSES
+    batch = {"path": [os.fsdecode(b"caf\xe9.off")], "error": [""], "warning": [""]}
+    prediction = {"index": torch.tensor([0]), "probabilities": probabilities[:1]}
+    writer.write_on_batch_end(trainer, None, prediction, None, batch, 0, 0)
+    writer.write_on_epoch_end(trainer, None, [], [])
+    assert b"caf\xe9.off" in (tmp_path / "predictions.csv").read_bytes()
+
+
+@pytest.mark.parametrize("problem", ["folder", "file as folder"])
+def test_unwritable_output_exits_2_before_classifying(
+    checkpoint, files, tmp_path, capsys, monkeypatch, problem
+) -> None:
+    output = tmp_path if problem == "folder" else Path(files["off"]) / "out.json"
+    monkeypatch.setattr(ShapeClassifier, "predict", None)  # never reached
+    assert main([str(checkpoint), str(files["off"]), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pointsink-predict: error: --output {output}: ")
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(sys.getfilesystemencoding() != "utf-8", reason="a UTF-8 file system")
+def test_file_names_not_valid_utf8_are_written_and_shown(
+    checkpoint, files, tmp_path, capsys
+) -> None:
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    # Latin-1 bytes: Python names the file with a surrogate (os.fsdecode).
+    name = os.fsdecode(b"caf\xe9.off")
+    (folder / name).write_bytes(Path(files["off"]).read_bytes())
+    output = tmp_path / "out.csv"
+    assert main([str(checkpoint), str(folder), "--format", "csv", "--output", str(output)]) == 0
+    assert os.fsencode(str(folder / name)) in output.read_bytes()  # the original bytes
+    assert main([str(checkpoint), str(folder)]) == 0  # the table on stdout
+    assert "caf\\udce9.off" in capsys.readouterr().out
