@@ -197,7 +197,8 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[PathEntry]:
       hidden files and folders (names starting with ``.``) are skipped.
     * A pattern with ``*``, ``?`` or ``[...]`` (``**`` included) is expanded like a
       folder's content: matching supported files, and the files of matching folders.
-    * ``~`` is expanded. A file reached twice is listed once.
+    * ``~`` is expanded. Linked folders are followed. A file reached twice (also
+      through a link) is listed once.
 
     An argument that gives no file yields one entry with an ``error`` (a missing path,
     a folder without shape files, a pattern that matches none), so that the caller can
@@ -239,7 +240,7 @@ def _expand_one(raw: str | os.PathLike[str], seen: set[str]) -> list[PathEntry]:
         return [PathEntry(given, f"{given}: no such file or folder.")]
     entries = []
     for file in found:
-        key = os.path.normcase(os.path.abspath(file))
+        key = os.path.normcase(os.path.realpath(file))  # a file and a link to it: once
         if key not in seen:
             seen.add(key)
             entries.append(PathEntry(file))
@@ -262,10 +263,20 @@ def _is_shape_file(path: str) -> bool:
 
 
 def _shape_files_in(folder: str) -> list[str]:
-    """Supported, non-hidden files under ``folder``, recursively, in sorted order."""
+    """Supported, non-hidden files under ``folder``, recursively, in sorted order.
+
+    Linked folders are followed, each real folder once (a link to an ancestor would loop).
+    """
     found = []
-    for directory, subdirectories, files in os.walk(folder):
-        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+    visited = {os.path.realpath(folder)}
+    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(subdirectories):
+            real = os.path.realpath(os.path.join(directory, name))
+            if not name.startswith(".") and real not in visited:
+                visited.add(real)
+                kept.append(name)
+        subdirectories[:] = kept
         found.extend(
             os.path.join(directory, name)
             for name in sorted(files)
