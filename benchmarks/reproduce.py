@@ -43,10 +43,9 @@ from pathlib import Path
 
 import torch
 
-from pointsink.cli import SinkformerCLI, find_checkpoint
+from pointsink import cli
+from pointsink.cli import find_checkpoint
 from pointsink.cli import main as cli_main
-from pointsink.data import ShapeFolderDataModule
-from pointsink.module import SinkformerClassifier
 
 VALIDATION_KEYS = ("val/oa", "val/macc", "val/loss")
 # Epochs averaged by final_validation: enough to smooth out single epochs, few enough to
@@ -340,11 +339,10 @@ def prepare_data(config: str, data_root: str | None, extra: list[str]) -> None:
     arguments = ["--config", config, *extra]
     if data_root:
         arguments += ["--data.root", data_root]
-    cli = SinkformerCLI(
-        SinkformerClassifier, ShapeFolderDataModule, subclass_mode_data=True,
-        run=False, args=arguments,
-    )  # fmt: skip
-    cli.datamodule.prepare_data()
+    # Not cli_main, which the tests replace to interrupt fits.
+    built = cli.main(arguments, run=False)
+    assert built is not None
+    built.datamodule.prepare_data()
 
 
 def _job_environment(slot: int, jobs: int) -> dict[str, str]:

@@ -13,12 +13,13 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch.distributed
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 from pointsink.callbacks import (
@@ -42,8 +43,15 @@ __all__ = ["BatchLimitTrainer", "SinkformerCLI", "find_checkpoint", "main", "run
 EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
 # Model hyperparameters the data module sets (linked arguments) or that follow from them.
 # A checkpoint's values of these are checked against the data (the class names, in
-# SinkformerClassifier.on_load_checkpoint) or reported (the point count), never imposed.
+# SinkformerClassifier.on_load_checkpoint) or reported (the sampling), and imposed only
+# under predict (the class names and the sampling, see _parse_ckpt_path).
 LINKED_FROM_DATA = ("class_names", "num_classes", "num_points", "augmentation", "sample_seed")
+
+
+# An int counts batches, a float is a fraction, "all" (or null) all batches. The Literal
+# also keeps the Union distinct from Lightning's `float | int | None`: once that was parsed
+# in the process, jsonargparse read a plain `int | float | None` as it, "1" as 1.0 again.
+BatchLimit = Union[int, float, Literal["all"], None]  # noqa: UP007
 
 
 class BatchLimitTrainer(Trainer):
@@ -51,38 +59,39 @@ class BatchLimitTrainer(Trainer):
 
     Lightning annotates the limits ``float | int | None``, float first, so jsonargparse
     parses ``--trainer.limit_train_batches 1`` (or ``1`` in a YAML file) as ``1.0``: all
-    batches, where Lightning documents ``1`` as one batch. Annotated int first, ``1`` stays
-    an int and ``1.0`` a float. Every other argument is the Trainer's.
+    batches, where Lightning documents ``1`` as one batch. Here ``1`` stays an int and
+    ``1.0`` a float. Every other argument is the Trainer's.
 
     Args:
         limit_train_batches: Training batches per epoch: an int counts batches, a float is
-            a fraction of them. ``None``: all.
+            a fraction of them; ``"all"`` or ``None``: all.
         limit_val_batches: The same for validation.
         limit_test_batches: The same for testing.
         limit_predict_batches: The same for prediction.
-        overfit_batches: Train and validate on this many training batches (int) or this
-            fraction of them (float), to check that the model can overfit them.
         **kwargs: The Trainer's other arguments.
     """
 
     def __init__(
         self,
         *,
-        limit_train_batches: int | float | None = None,
-        limit_val_batches: int | float | None = None,
-        limit_test_batches: int | float | None = None,
-        limit_predict_batches: int | float | None = None,
-        overfit_batches: int | float = 0.0,
+        limit_train_batches: BatchLimit = None,
+        limit_val_batches: BatchLimit = None,
+        limit_test_batches: BatchLimit = None,
+        limit_predict_batches: BatchLimit = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            limit_train_batches=limit_train_batches,
-            limit_val_batches=limit_val_batches,
-            limit_test_batches=limit_test_batches,
-            limit_predict_batches=limit_predict_batches,
-            overfit_batches=overfit_batches,
+            limit_train_batches=_batch_limit(limit_train_batches),
+            limit_val_batches=_batch_limit(limit_val_batches),
+            limit_test_batches=_batch_limit(limit_test_batches),
+            limit_predict_batches=_batch_limit(limit_predict_batches),
             **kwargs,
         )
+
+
+def _batch_limit(limit: int | float | str | None) -> int | float | None:
+    """``limit`` as Lightning takes it: ``"all"`` (the only string allowed) is None."""
+    return None if isinstance(limit, str) else limit
 
 
 def find_checkpoint(root: str | Path, filename: str) -> Path:
@@ -269,27 +278,34 @@ class SinkformerCLI(LightningCLI):
 
         Lightning writes ``config.yaml`` into a new ``version_N`` folder when the run sets
         up, before the checkpoint's classes and validation split are checked against the
-        data; a refused run would leave that folder holding nothing else.
+        data; a refused run would leave that folder holding nothing else. A folder that
+        existed before the run (a logger version given by the user) is left alone.
         """
+        log_dir = self._file_logger_dir()
+        created_here = log_dir is not None and not log_dir.exists()
         try:
             super()._run_subcommand(subcommand)
         except (CheckpointError, DatasetLayoutError, DatasetNotFoundError):
-            self._remove_unused_log_dir()
+            if created_here and log_dir is not None and self.trainer.is_global_zero:
+                written_at_setup = {"hparams.yaml"}
+                written_at_setup.add(self.save_config_kwargs.get("config_filename", "config.yaml"))
+                if log_dir.is_dir() and all(
+                    child.is_file() and child.name in written_at_setup
+                    for child in log_dir.iterdir()
+                ):
+                    shutil.rmtree(log_dir)
             raise
 
-    def _remove_unused_log_dir(self) -> None:
-        # The logger's own folder, not trainer.log_dir: that one is a collective call
-        # under DDP, and a refused rank cannot count on the others joining it.
-        log_dir = getattr(self.trainer.logger, "log_dir", None)
-        if log_dir is None or not self.trainer.is_global_zero:
-            return
-        folder = Path(log_dir)
-        written_at_setup = {self.save_config_kwargs.get("config_filename", "config.yaml")}
-        written_at_setup.add("hparams.yaml")
-        if folder.is_dir() and all(
-            child.is_file() and child.name in written_at_setup for child in folder.iterdir()
-        ):
-            shutil.rmtree(folder)
+    def _file_logger_dir(self) -> Path | None:
+        """The version folder of a CSV or TensorBoard logger (others: None).
+
+        The logger's own path, not ``trainer.log_dir``: that one is a collective call under
+        DDP, and a refused rank cannot count on the others joining it.
+        """
+        logger = self.trainer.logger
+        if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+            return Path(logger.log_dir)
+        return None
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Leaves out the checkpoint callbacks under ``--trainer.enable_checkpointing false``.
@@ -320,11 +336,13 @@ def _plain_folder_for_prediction(data: Any) -> Any:
     )
 
 
-def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
+def main(args: Sequence[str] | None = None, run: bool = True) -> SinkformerCLI | None:
     """Runs the CLI.
 
     Args:
         args: Command-line arguments; ``None`` reads ``sys.argv``.
+        run: Whether to run a subcommand; ``False`` only builds the trainer, model and
+            data module from ``args`` (which then name no subcommand).
 
     Returns:
         The CLI object (its ``trainer``, ``model`` and ``datamodule`` hold the run's state).
@@ -345,6 +363,7 @@ def main(args: Sequence[str] | None = None) -> SinkformerCLI | None:
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"default_root_dir": "checkpoints"},
             args=None if args is None else list(args),
+            run=run,
         )
     except (DatasetNotFoundError, DatasetLayoutError, CheckpointError) as error:
         # One sentence, not a traceback: the user has to fetch or place the data, or give

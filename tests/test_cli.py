@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from pytorch_lightning import Trainer
+from pytorch_lightning.cli import LightningArgumentParser
 
 from pointsink.cli import main
 from pointsink.data import recorded_split
@@ -182,6 +184,16 @@ def test_ckpt_path_names_resolve_and_overrides_are_reported(
         assert exit_info.value.code == 2
         assert expected in capsys.readouterr().err
         assert sorted((tmp_path / "run").rglob("version_*")) == versions
+    # A logger version folder that existed before the refused run stays.
+    mine = tmp_path / "logs" / "lightning_logs" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "hparams.yaml").write_text("written: before\n")
+    with pytest.raises(SystemExit):
+        main(["test", *args, "--ckpt_path", str(last), "--data.class_names", "[box, cone, sphere]",
+              "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "logs"),
+              "--trainer.logger.version", "mine"])  # fmt: skip
+    assert (mine / "hparams.yaml").read_text() == "written: before\n"
+    assert (mine / "config.yaml").is_file()  # written by the refused run, before the check
 
     # Predicting needs no class folders: the class names are the checkpoint's.
     output = tmp_path / "predictions.json"
@@ -253,6 +265,27 @@ def test_batch_limit_one_means_one_batch(
     assert full > 4
     assert cli.trainer.num_training_batches == expected_batches(full)
     assert cli.trainer.global_step == expected_batches(full)
+
+
+def test_batch_limit_stays_an_int_after_lightnings_trainer_was_parsed(tmp_path: Path) -> None:
+    # Parsing Lightning's own Trainer first (as another CLI in the process would) once made
+    # the int-first annotation float-first again, through typing's cache of equal Unions.
+    parser = LightningArgumentParser()
+    parser.add_lightning_class_args(Trainer, "trainer")
+    parser.parse_args(["--trainer.limit_train_batches", "1"])
+    cli = main(["--config", str(REPO / "configs" / "synthetic.yaml"),
+                "--data.root", str(tmp_path / "synthetic"),
+                "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1.0"],
+               run=False)  # fmt: skip
+    assert cli is not None
+    assert (cli.trainer.limit_train_batches, cli.trainer.limit_val_batches) == (1, 1.0)
+    assert type(cli.trainer.limit_train_batches) is int
+    assert type(cli.trainer.limit_val_batches) is float
+    # "all" is all batches, as Lightning's default.
+    cli = main(["--config", str(REPO / "configs" / "synthetic.yaml"),
+                "--data.root", str(tmp_path / "synthetic"),
+                "--trainer.limit_train_batches", "all"], run=False)  # fmt: skip
+    assert cli is not None and cli.trainer.limit_train_batches == 1.0
 
 
 def test_help_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
