@@ -168,6 +168,25 @@ def exclusive_lock(lock_path: str | os.PathLike[str]) -> Iterator[None]:
 _DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+(?:[eE][-+]?\d+)?")
 
 
+def _refuse_decimal_commas(rows: list[str]) -> None:
+    """Raises on a row of space-separated numbers written with decimal commas.
+
+    Read with commas as separators, ``0,126 -0,132 0,640`` would be six columns, x y z =
+    0 126 -0. A row with a token that starts or ends with a comma (``7, 12,456``) uses
+    commas as separators, and a row of one token (``1,2,3``) has no other separator.
+    """
+    for row in rows:
+        tokens = row.split()
+        if len(tokens) < 2 or any(token[0] == "," or token[-1] == "," for token in tokens):
+            continue
+        decimal_comma = next((t for t in tokens if _DECIMAL_COMMA.fullmatch(t)), None)
+        if decimal_comma is not None:
+            raise ValueError(
+                f"{decimal_comma!r} in {row!r} has a decimal comma; write numbers with a "
+                "decimal point (commas separate columns)"
+            )
+
+
 def _read_point_text(path: Path) -> np.ndarray:
     """Reads an XYZ-like text file into an array ``(P, C)``, C >= 3.
 
@@ -177,15 +196,8 @@ def _read_point_text(path: Path) -> np.ndarray:
     # utf-8-sig drops the byte-order mark that Windows editors write first.
     text = path.read_text(encoding="utf-8-sig", errors="strict")
     rows = [line.split("#", 1)[0].strip() for line in text.splitlines()]
-    for row in rows:
-        tokens = row.split()
-        # "0,126 -0,132 0,640": commas as separators would read six numbers, x y z = 0 126 -0.
-        decimal_comma = next((t for t in tokens if _DECIMAL_COMMA.fullmatch(t)), None)
-        if len(tokens) > 1 and decimal_comma is not None:
-            raise ValueError(
-                f"{decimal_comma!r} in {row!r} has a decimal comma; write numbers with a "
-                "decimal point (commas separate columns)"
-            )
+    if _DECIMAL_COMMA.search(text):
+        _refuse_decimal_commas(rows)
     rows = [row.replace(",", " ") for row in rows]
     rows = [row for row in rows if row]
     if rows and re.fullmatch(r"\d+", rows[0]):

@@ -103,6 +103,11 @@ def test_text_and_npy_point_clouds(tmp_path):
         load_shape(_write(tmp_path / "ints.xyz", "1,2,3\n4,5,6\n-1,0,2\n")),
         [[1, 2, 3], [4, 5, 6], [-1, 0, 2]],
     )
+    # Fixed-width columns: "12,456" after "7," is two columns, not a decimal comma.
+    np.testing.assert_array_equal(
+        load_shape(_write(tmp_path / "fixed.xyz", "  7, 12,456\n-25, 15,2\n  1,  0,  3\n")),
+        [[7, 12, 456], [-25, 15, 2], [1, 0, 3]],
+    )
 
     for name in ("cloud.xyz", "cloud.pts", "spaced.txt", "cloud.npy", "normals.npy"):
         loaded = load_shape(tmp_path / name)
