@@ -198,7 +198,7 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[PathEntry]:
     * A pattern with ``*``, ``?`` or ``[...]`` (``**`` included) is expanded like a
       folder's content: matching supported files, and the files of matching folders.
     * ``~`` is expanded. Linked folders are followed. A file reached twice (also
-      through a link) is listed once.
+      through a linked folder) is listed once.
 
     An argument that gives no file yields one entry with an ``error`` (a missing path,
     a folder without shape files, a pattern that matches none), so that the caller can
@@ -240,7 +240,10 @@ def _expand_one(raw: str | os.PathLike[str], seen: set[str]) -> list[PathEntry]:
         return [PathEntry(given, f"{given}: no such file or folder.")]
     entries = []
     for file in found:
-        key = os.path.normcase(os.path.realpath(file))  # a file and a link to it: once
+        # The real folder and the name: a file reached through a linked folder is the same
+        # file, but two names linking to one stored file (git-annex, DVC) stay two shapes.
+        folder, name = os.path.split(os.path.abspath(file))
+        key = os.path.normcase(os.path.join(os.path.realpath(folder), name))
         if key not in seen:
             seen.add(key)
             entries.append(PathEntry(file))

@@ -119,16 +119,18 @@ def test_folders_globs_and_upper_case_extensions(tmp_path: Path) -> None:
     assert len(expand_paths([root, deep / "B.STL", str(root / "*.off")])) == 3
 
     # Linked folders are followed (a link back to an ancestor does not loop), and a file
-    # reached through a link is the file itself.
+    # reached through a linked folder is the file itself; but files that are links to one
+    # stored file (as git-annex and DVC store identical shapes) are shapes of their own.
     linked = tmp_path / "linked"
     linked.mkdir()
     (linked / "deep").symlink_to(deep, target_is_directory=True)
     (linked / "loop").symlink_to(linked, target_is_directory=True)
     (linked / "a.off").symlink_to(root / "a.off")
+    (linked / "b.off").symlink_to(root / "a.off")
     found = [entry.path for entry in expand_paths([linked])]
-    assert found == [str(linked / "a.off"), str(linked / "deep" / "B.STL"),
-                     str(linked / "deep" / "c.Ply")]  # fmt: skip
-    assert len(expand_paths([root, linked])) == 3
+    assert found == [str(linked / "a.off"), str(linked / "b.off"),
+                     str(linked / "deep" / "B.STL"), str(linked / "deep" / "c.Ply")]  # fmt: skip
+    assert len(expand_paths([root, linked])) == 5  # deep/ once, a.off and b.off twice
 
 
 def test_bad_inputs_give_errors_and_never_stop_the_batch(
