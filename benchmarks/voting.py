@@ -32,6 +32,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from pointsink.callbacks import confusion_report
 from pointsink.data import (
+    DatasetLayoutError,
     ShapeFolderDataModule,
     recorded_split,
     recorded_validation_files,
@@ -193,12 +194,16 @@ def main(argv: list[str] | None = None) -> str:
         val_fraction, split_seed = training_split(
             args.ckpt, checkpoint, args.val_fraction, args.split_seed
         )
-        files = validation_files(
-            args.data_root, names, val_fraction, split_seed, num_points, classifier.sample_seed
-        )
-        check_recorded_files(args.ckpt, checkpoint, args.data_root, files)
-    else:
-        files = test_files(args.data_root, names, num_points, classifier.sample_seed)
+    try:
+        if args.split == "val":
+            files = validation_files(
+                args.data_root, names, val_fraction, split_seed, num_points, classifier.sample_seed
+            )
+            check_recorded_files(args.ckpt, checkpoint, args.data_root, files)
+        else:
+            files = test_files(args.data_root, names, num_points, classifier.sample_seed)
+    except DatasetLayoutError as error:  # no shapes, as train.py would say in one line
+        raise SystemExit(f"error: {error}") from None
     files = files[: args.limit]
     most = max(args.votes)
     start = time.perf_counter()

@@ -156,3 +156,10 @@ def test_scores_what_train_py_test_scores(voting, tmp_path: Path, make_shape_fol
     assert "seed 0," in voting.main(
         ["--ckpt", str(path), "--data-root", str(root), "--votes", "1", "--seed", "0"]
     )
+
+
+def test_no_test_shapes_is_one_sentence(voting, tmp_path: Path, make_shape_folder) -> None:
+    path = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    root = make_shape_folder(tmp_path / "shapes", class_names=tuple(CLASSES), test_per_class=0)
+    with pytest.raises(SystemExit, match=r"^error: Found no test shapes in "):
+        voting.main(["--ckpt", str(path), "--data-root", str(root), "--votes", "1"])
