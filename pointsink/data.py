@@ -139,7 +139,12 @@ class DatasetNotFoundError(RuntimeError):
 
 
 class DatasetLayoutError(ValueError):
-    """A shape folder is missing or not laid out as ``<class>/{train,test}/<class>_*.<ext>``."""
+    """The shapes cannot serve the run as laid out.
+
+    A folder is missing or not laid out as ``<class>/{train,test}/<class>_*.<ext>``, a
+    split the run needs has no readable shapes, or an evaluation split has fewer shapes
+    than there are processes to share it. The CLI reports it in one line.
+    """
 
 
 # --------------------------------------------------------------------------------------
@@ -1080,7 +1085,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             return None
         if len(dataset) < world_size:
             # A rank without samples would skip the metric synchronization the others wait in.
-            raise ValueError(
+            raise DatasetLayoutError(
                 f"An evaluation set of {len(dataset)} samples cannot be shared among "
                 f"{world_size} processes (each needs at least one); use fewer devices or more "
                 "samples."

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import pointsink.data as data_module
 from pointsink.data import (
+    DatasetLayoutError,
     PointCloudDataset,
     ShapeFolderDataModule,
     build_point_cache,
@@ -320,7 +321,8 @@ def test_eval_loader_single_process_and_too_many_ranks() -> None:
     datamodule.test_dataset = PointCloudDataset(torch.zeros(3, 2, 3), torch.zeros(3), ["f"] * 3)
     assert not isinstance(datamodule.test_dataloader().sampler, DistributedSampler)
     _attach(datamodule, world_size=4, rank=0)
-    with pytest.raises(ValueError, match="3 samples cannot be shared among 4 processes"):
+    # A DatasetLayoutError, which the CLI reports in one line instead of a traceback.
+    with pytest.raises(DatasetLayoutError, match="3 samples cannot be shared among 4 processes"):
         datamodule.test_dataloader()
 
 
