@@ -231,6 +231,11 @@ class PointCloudDataset(Dataset):
             return None
         return self._stream_key[0], self._stream.get_state()
 
+    def reset_augmentation(self) -> None:
+        """Makes the next augmentation start a fresh stream from :attr:`seed`."""
+        self._stream = None
+        self._stream_key = None
+
     def restore_augmentation_state(self, seed: int, state: Tensor) -> None:
         """Continues the main process's augmentation stream from :meth:`augmentation_state`."""
         self.seed = seed
@@ -897,6 +902,11 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             self._val_files = sorted(
                 Path(path).relative_to(self.root).as_posix() for path in self.val_dataset.paths
             )
+        if stage in (None, "fit") and self.train_dataset is not None:
+            # Each fit starts its augmentation afresh: a data module reused for a second fit
+            # with the same seed would otherwise continue the first fit's stream. A resumed
+            # fit restores the checkpoint's stream after this (RandomStateCheckpoint).
+            self.train_dataset.reset_augmentation()
         if stage in (None, "test") and self.test_dataset is None:
             self.test_dataset = self._load_split("test")
             # Testing nothing would end without a metric, and with exit status 0. Without a

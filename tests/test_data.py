@@ -750,3 +750,21 @@ def test_predict_loader_samples_a_file_as_the_cache_did(tmp_path, make_shape_fol
     cached = datamodule.train_dataset.points[datamodule.train_dataset.paths.index(path)]
     batch = next(iter(datamodule.predict_dataloader()))
     torch.testing.assert_close(batch["points"][0], cached)
+
+
+def test_a_reused_data_module_augments_each_fit_afresh(tmp_path, make_shape_folder) -> None:
+    # Two fits with the same seed (a notebook, an in-process sweep) draw the same
+    # augmentations; the second used to continue the first fit's stream.
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=2, test_per_class=0)
+    datamodule = ShapeFolderDataModule(
+        str(root), num_points=16, val_fraction=0.0, preprocess_workers=1
+    )
+
+    def first_fit_samples() -> torch.Tensor:
+        datamodule.setup("fit")  # as Lightning does at the start of every fit
+        torch.manual_seed(0)
+        dataset = datamodule.train_dataloader().dataset
+        return torch.stack([dataset[index]["points"] for index in range(4)])
+
+    first = first_fit_samples()
+    torch.testing.assert_close(first_fit_samples(), first, rtol=0, atol=0)
