@@ -151,6 +151,9 @@ class SinkformerCLI(LightningCLI):
                 "checkpoint.filename": "best",
                 "last_checkpoint.filename": "last",
                 "last_checkpoint.enable_version_counter": False,
+                # After every training epoch, also when validation runs less often
+                # (check_val_every_n_epoch > 1 would save it only at validated epochs).
+                "last_checkpoint.save_on_train_epoch_end": True,
                 "data": {"class_path": "pointsink.data.SyntheticShapesDataModule"},
             }
         )

@@ -81,6 +81,14 @@ def test_last_checkpoint_is_the_last_epoch(tmp_path: Path) -> None:
     assert last["epoch"] == 2
 
 
+def test_last_checkpoint_follows_epochs_without_validation(tmp_path: Path) -> None:
+    # Validating every 2nd epoch, last.ckpt is still written after epoch index 2.
+    main(["fit", *_tiny_args(tmp_path), "--trainer.max_epochs", "3",
+          "--trainer.check_val_every_n_epoch", "2"])  # fmt: skip
+    last = torch.load(next((tmp_path / "run").rglob("last.ckpt")), weights_only=True)
+    assert last["epoch"] == 2
+
+
 def test_resumed_fit_keeps_the_best_checkpoint(tmp_path: Path) -> None:
     # `fit --ckpt_path last.ckpt` logs to a new version folder. Plain ModelCheckpoint then
     # forgets the best score, and the first epoch after resuming counts as best whatever
