@@ -93,7 +93,9 @@ class SinkformerClassifier(pl.LightningModule):
     included, from the checkpoint alone.
 
     Metrics are logged as ``{train,val,test}/oa`` (overall accuracy) and
-    ``{train,val,test}/macc`` (mean of per-class accuracies), plus ``{stage}/loss``.
+    ``{train,val,test}/macc`` (mean of per-class accuracies), plus ``{stage}/loss`` (the
+    training loss, label smoothing included, so losses compare only between runs with the
+    same ``label_smoothing``).
 
     Args:
         class_names: Class names in label order (linked from the data module by the CLI).
@@ -138,7 +140,8 @@ class SinkformerClassifier(pl.LightningModule):
             resuming with ``ckpt_path`` (the resumed weights win) nor when loading a
             checkpoint, so a fine-tuned checkpoint does not need this file.
         freeze_backbone: Train only the classification head (a linear probe), e.g. on top
-            of ``weights``.
+            of ``weights``. The frozen body stays in training mode, so its dropout still
+            applies while training.
     """
 
     def __init__(
