@@ -46,6 +46,8 @@ EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
 # SinkformerClassifier.on_load_checkpoint) or reported (the sampling), and imposed only
 # under predict (the class names and the sampling, see _parse_ckpt_path).
 LINKED_FROM_DATA = ("class_names", "num_classes", "num_points", "augmentation", "sample_seed")
+# Mistakes in what the user gave (data, checkpoint): one line and exit status 2, no traceback.
+USER_ERRORS = (CheckpointError, DatasetLayoutError, DatasetNotFoundError)
 
 
 # An int counts batches, a float is a fraction, "all" (or null) all batches. The Literal
@@ -285,13 +287,14 @@ class SinkformerCLI(LightningCLI):
         existed before the run (a logger version given by the user) is left alone.
         """
         log_dir = self._file_logger_dir()
-        created_here = log_dir is not None and not log_dir.exists()
+        if log_dir is not None and log_dir.exists():
+            log_dir = None  # not this run's to remove
         try:
             super()._run_subcommand(subcommand)
-        except (CheckpointError, DatasetLayoutError, DatasetNotFoundError):
-            if created_here and log_dir is not None and self.trainer.is_global_zero:
-                written_at_setup = {"hparams.yaml"}
-                written_at_setup.add(self.save_config_kwargs.get("config_filename", "config.yaml"))
+        except USER_ERRORS:
+            if log_dir is not None and self.trainer.is_global_zero:
+                config_name = self.save_config_kwargs.get("config_filename", "config.yaml")
+                written_at_setup = {config_name, "hparams.yaml"}
                 if log_dir.is_dir() and all(
                     child.is_file() and child.name in written_at_setup
                     for child in log_dir.iterdir()
@@ -368,7 +371,7 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> SinkformerCLI |
             args=None if args is None else list(args),
             run=run,
         )
-    except (DatasetNotFoundError, DatasetLayoutError, CheckpointError) as error:
+    except USER_ERRORS as error:
         # One sentence, not a traceback: the user has to fetch or place the data, or give
         # a checkpoint that fits the model and the data's classes.
         print(f"error: {error}", file=sys.stderr)
