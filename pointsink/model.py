@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -23,23 +24,6 @@ __all__ = ["DEFAULT_N_ITER", "SetSinkformer", "unused_settings"]
 #: column sums close to n/m at a third less cost than the reference code's 7 (the paper
 #: reports accuracy to be flat between 3 and 9 iterations on ModelNet).
 DEFAULT_N_ITER = 5
-
-
-def unused_settings(settings: Mapping[str, Any]) -> set[str]:
-    """The :class:`SetSinkformer` settings that build nothing under the other ``settings``.
-
-    ``local_channels`` without an EdgeConv embedding (``local_neighbors`` 0), ``group_size``
-    and ``normalize_offsets`` without a set abstraction (``num_groups`` 0), and
-    ``num_inducing_points`` with the SAB encoder; missing settings take their defaults.
-    """
-    unused = set()
-    if settings.get("local_neighbors", 0) == 0:
-        unused.add("local_channels")
-    if settings.get("num_groups", 0) == 0:
-        unused |= {"group_size", "normalize_offsets"}
-    if settings.get("encoder", "isab") == "sab":
-        unused.add("num_inducing_points")
-    return unused
 
 
 class SetSinkformer(nn.Module):
@@ -205,3 +189,25 @@ class SetSinkformer(nn.Module):
             x = block(x)
         pooled = self.pool(self.dropout(x))
         return self.head(self.dropout(pooled.flatten(1)))
+
+
+def unused_settings(settings: Mapping[str, Any]) -> set[str]:
+    """The :class:`SetSinkformer` settings that build nothing under the other ``settings``.
+
+    ``local_channels`` without an EdgeConv embedding (``local_neighbors`` 0), ``group_size``
+    and ``normalize_offsets`` without a set abstraction (``num_groups`` 0), and
+    ``num_inducing_points`` with the SAB encoder; missing settings take the model's defaults.
+    """
+    defaults = inspect.signature(SetSinkformer.__init__).parameters
+
+    def setting(name: str) -> Any:
+        return settings.get(name, defaults[name].default)
+
+    unused = set()
+    if setting("local_neighbors") == 0:
+        unused.add("local_channels")
+    if setting("num_groups") == 0:
+        unused |= {"group_size", "normalize_offsets"}
+    if setting("encoder") == "sab":
+        unused.add("num_inducing_points")
+    return unused
