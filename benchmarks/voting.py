@@ -189,13 +189,12 @@ def main(argv: list[str] | None = None) -> str:
     classifier = ShapeClassifier.from_checkpoint(args.ckpt, device="cpu")
     names, num_points = classifier.class_names, classifier.num_points
     seed = classifier.sample_seed if args.seed is None else args.seed
-    if args.split == "val":
-        checkpoint = load_checkpoint(args.ckpt)
-        val_fraction, split_seed = training_split(
-            args.ckpt, checkpoint, args.val_fraction, args.split_seed
-        )
     try:
         if args.split == "val":
+            checkpoint = load_checkpoint(args.ckpt)
+            val_fraction, split_seed = training_split(
+                args.ckpt, checkpoint, args.val_fraction, args.split_seed
+            )
             files = validation_files(
                 args.data_root, names, val_fraction, split_seed, num_points, classifier.sample_seed
             )
