@@ -64,6 +64,8 @@ class SetSinkformer(nn.Module):
         group_size: ``k`` points per token of the set abstraction.
         normalize_offsets: Divide the set abstraction's coordinate offsets by the shape's
             RMS group radius (see :class:`~pointsink.embedding.SetAbstraction`).
+        group_hidden_layers: Hidden layers of the set abstraction's per-edge MLP (1: one
+            hidden layer between the offsets and the token width).
 
     Raises:
         ValueError: An invalid argument: e.g. ``in_channels``, ``channels``, ``num_heads``,
@@ -97,6 +99,7 @@ class SetSinkformer(nn.Module):
         num_groups: int = 0,
         group_size: int = 32,
         normalize_offsets: bool = False,
+        group_hidden_layers: int = 1,
     ) -> None:
         super().__init__()
         check_int("num_classes", num_classes, minimum=2)
@@ -110,6 +113,7 @@ class SetSinkformer(nn.Module):
         num_seeds = check_int("num_seeds", num_seeds)
         check_int("local_neighbors", local_neighbors, minimum=0)
         check_int("num_groups", num_groups, minimum=0)
+        check_int("group_hidden_layers", group_hidden_layers)
         if normalize_offsets and num_groups == 0:
             raise ValueError(
                 "normalize_offsets applies to the set abstraction; set num_groups > 0 too."
@@ -130,6 +134,7 @@ class SetSinkformer(nn.Module):
                     num_groups,
                     group_size,
                     normalize_offsets=normalize_offsets,
+                    hidden_layers=group_hidden_layers,
                 )
             )
             encoder_in = embeddings[-1].out_channels
@@ -194,8 +199,9 @@ class SetSinkformer(nn.Module):
 def unused_settings(settings: Mapping[str, Any]) -> set[str]:
     """The :class:`SetSinkformer` settings that build nothing under the other ``settings``.
 
-    ``local_channels`` without an EdgeConv embedding (``local_neighbors`` 0), ``group_size``
-    and ``normalize_offsets`` without a set abstraction (``num_groups`` 0), and
+    ``local_channels`` without an EdgeConv embedding (``local_neighbors`` 0), ``group_size``,
+    ``normalize_offsets`` and ``group_hidden_layers`` without a set abstraction
+    (``num_groups`` 0), and
     ``num_inducing_points`` with the SAB encoder; missing settings take the model's defaults.
     """
     defaults = inspect.signature(SetSinkformer.__init__).parameters
@@ -207,7 +213,7 @@ def unused_settings(settings: Mapping[str, Any]) -> set[str]:
     if setting("local_neighbors") == 0:
         unused.add("local_channels")
     if setting("num_groups") == 0:
-        unused |= {"group_size", "normalize_offsets"}
+        unused |= {"group_size", "normalize_offsets", "group_hidden_layers"}
     if setting("encoder") == "sab":
         unused.add("num_inducing_points")
     return unused

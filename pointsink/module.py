@@ -104,7 +104,8 @@ class SinkformerClassifier(pl.LightningModule):
             by the CLI); stored so that inference samples shapes the same way.
         channels, num_heads, num_blocks, encoder, num_inducing_points, num_seeds,
             attention, n_iter, layer_norm, pooling_attention, dropout, local_neighbors,
-            local_channels, num_groups, group_size, normalize_offsets: see
+            local_channels, num_groups, group_size, normalize_offsets,
+            group_hidden_layers: see
             :class:`~pointsink.model.SetSinkformer`.
         optimizer: ``"adamw"`` or ``"adam"``.
         lr: Peak learning rate.
@@ -175,6 +176,7 @@ class SinkformerClassifier(pl.LightningModule):
         num_groups: int = 0,
         group_size: int = 32,
         normalize_offsets: bool = False,
+        group_hidden_layers: int = 1,
         augmentation: dict[str, Any] | None = None,
         sample_seed: int = 0,
         weights: str | None = None,
@@ -227,6 +229,7 @@ class SinkformerClassifier(pl.LightningModule):
             num_groups=num_groups,
             group_size=group_size,
             normalize_offsets=normalize_offsets,
+            group_hidden_layers=group_hidden_layers,
         )
         if freeze_backbone:
             self.model.requires_grad_(False)

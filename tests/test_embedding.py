@@ -183,17 +183,31 @@ def _explicit_set_abstraction(layer: SetAbstraction, x: torch.Tensor) -> torch.T
         shape_tokens = []
         for c, offsets in zip(centers, groups, strict=True):
             hidden = layer.lin_offset(offsets * scale) + layer.lin_center(shape[c])
-            shape_tokens.append(layer.lin_out(torch.relu(layer.norm(hidden))).amax(dim=0))
+            hidden = torch.relu(layer.norm(hidden))
+            for extra in layer.hidden:
+                hidden = torch.relu(extra[1](extra[0](hidden)))
+            shape_tokens.append(layer.lin_out(hidden).amax(dim=0))
         tokens.append(torch.stack(shape_tokens))
     return torch.stack(tokens)
 
 
-@pytest.mark.parametrize("normalize_offsets", [False, True])
-def test_set_abstraction_equals_its_formula_and_its_gradient(normalize_offsets: bool) -> None:
+@pytest.mark.parametrize(("normalize_offsets", "hidden_layers"), [(False, 1), (True, 1), (True, 3)])
+def test_set_abstraction_equals_its_formula_and_its_gradient(
+    normalize_offsets: bool, hidden_layers: int
+) -> None:
     """The batched layer equals the MLP over explicit offsets per centre, values and gradients."""
-    layer = SetAbstraction(4, 8, num_groups=6, group_size=5, normalize_offsets=normalize_offsets)
-    torch.nn.init.normal_(layer.norm.weight)
-    torch.nn.init.normal_(layer.norm.bias)
+    layer = SetAbstraction(
+        4,
+        8,
+        num_groups=6,
+        group_size=5,
+        normalize_offsets=normalize_offsets,
+        hidden_layers=hidden_layers,
+    )
+    assert len(layer.hidden) == hidden_layers - 1
+    for norm in [layer.norm, *(extra[1] for extra in layer.hidden)]:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
     x = torch.randn(2, 25, 4, requires_grad=True)
     output, expected = layer(x), _explicit_set_abstraction(layer, x)
     assert output.shape == (2, 6, 8)

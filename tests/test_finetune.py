@@ -81,7 +81,7 @@ def test_load_pretrained_refuses_other_weight_free_settings(tmp_path: Path) -> N
 def test_load_pretrained_ignores_settings_that_build_nothing(pretrained: Path) -> None:
     # Without a set abstraction or an EdgeConv embedding their sizes build nothing: a config
     # that states other values for them fine-tunes all the same.
-    unused = {"group_size": 8, "local_channels": 7}
+    unused = {"group_size": 8, "local_channels": 7, "group_hidden_layers": 3}
     module = SinkformerClassifier(class_names=NEW_CLASSES, **TINY, **unused)
     assert module.load_pretrained(pretrained) == ["cone", "box"]
     # With the SAB encoder no inducing points are built; the ISAB encoder needs them equal.

@@ -35,3 +35,5 @@ def test_callers_report_the_argument_they_were_given() -> None:
         SetSinkformer(num_classes=1)
     with pytest.raises(ValueError, match="normalize_offsets applies to the set abstraction"):
         SetSinkformer(num_classes=2, normalize_offsets=True)
+    with pytest.raises(ValueError, match="group_hidden_layers must be at least 1; got 0"):
+        SetSinkformer(num_classes=2, num_groups=4, group_hidden_layers=0)
