@@ -439,6 +439,9 @@ class PredictionWriter(BasePredictionWriter):
         self.top_k = top_k
         #: Where the last run wrote its records (rank 0 only; None before).
         self.last_output: Path | None = None
+        #: Records of the last run, and those of files that could not be classified.
+        self.last_count = 0
+        self.last_failed = 0
         self._records: list[tuple[int, dict[str, Any]]] = []
         self._class_names: list[str] = []
 
@@ -506,9 +509,11 @@ class PredictionWriter(BasePredictionWriter):
         text = format_predictions(ordered, self.format)
         path.write_text(text, encoding="utf-8", errors="surrogateescape")
         self.last_output = path
-        failed = sum(1 for record in ordered if record.error is not None)
+        self.last_count = len(ordered)
+        self.last_failed = sum(1 for record in ordered if record.error is not None)
         rank_zero_info(
-            f"Wrote {len(ordered)} prediction(s) ({failed} could not be classified) to {path}"
+            f"Wrote {len(ordered)} prediction(s) ({self.last_failed} could not be classified) "
+            f"to {path}"
         )
 
     def _output_path(self, trainer: pl.Trainer) -> Path:

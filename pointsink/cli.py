@@ -357,11 +357,12 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> SinkformerCLI |
         SystemExit: Code 2, after printing one line, when the data are missing, the
             checkpoint given to fine-tune from (``--model.weights``) is unusable, or the
             one given as ``--ckpt_path`` was trained on other classes than the data's (or,
-            when resuming a fit, with another validation split).
+            when resuming a fit, with another validation split). Code 1 after ``predict``
+            from the command line (``args`` None) when a file could not be classified.
     """
     distributed_before = _distributed_initialized()
     try:
-        return SinkformerCLI(
+        cli = SinkformerCLI(
             SinkformerClassifier,
             ShapeFolderDataModule,
             trainer_class=BatchLimitTrainer,
@@ -376,6 +377,10 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> SinkformerCLI |
         # a checkpoint that fits the model and the data's classes.
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    else:
+        if args is None:
+            _exit_if_files_failed(cli)
+        return cli
     finally:
         # Lightning destroys only NCCL process groups at exit. A gloo group (DDP on CPUs)
         # left to interpreter finalization can abort the process ("terminate called
@@ -383,6 +388,25 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> SinkformerCLI |
         # every rank. A group the caller set up before is the caller's to destroy.
         if not distributed_before and _distributed_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _exit_if_files_failed(cli: SinkformerCLI) -> None:
+    """Exits with status 1 after ``predict`` if a file could not be classified.
+
+    As ``pointsink-predict`` does, so that a script sees the failure; the records, written
+    already, say why for each file. Only on the command line (``main()`` reading
+    ``sys.argv``): callers of ``main(args)`` get the CLI object and its writer's counts.
+    """
+    if cli.subcommand != "predict":
+        return
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, PredictionWriter) and callback.last_failed:
+            print(
+                f"error: {callback.last_failed} of {callback.last_count} file(s) could not be "
+                f"classified; their records in {callback.last_output} say why.",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
 
 
 def _distributed_initialized() -> bool:

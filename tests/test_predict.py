@@ -131,7 +131,7 @@ def test_help(capsys) -> None:
     assert "--votes" in capsys.readouterr().out
 
 
-def test_train_py_fit_then_predict(files, tmp_path) -> None:
+def test_train_py_fit_then_predict(files, tmp_path, monkeypatch, capsys) -> None:
     args = [
         "--config", str(REPO / "configs" / "synthetic.yaml"),
         "--data.root", str(tmp_path / "synthetic"),
@@ -189,6 +189,25 @@ def test_train_py_fit_then_predict(files, tmp_path) -> None:
         if reference["error"] is None:
             assert record["probability"] == pytest.approx(reference["probability"], abs=1e-5)
     assert "no such file" in records[-1]["error"]
+
+    # From the command line, predict exits with status 1 when a file failed, as
+    # pointsink-predict does; with only good files, 0.
+    command = ["predict", *args, "--ckpt_path", str(best)]
+    for predict_files, status in ((inputs, 1), (test_files, 0)):
+        output = tmp_path / f"predictions-{status}.json"
+        argv = [*command, "--data.predict_files", json.dumps(predict_files)]
+        monkeypatch.setattr(
+            sys, "argv", ["train.py", *argv, "--prediction_writer.output", str(output)]
+        )
+        capsys.readouterr()
+        if status:
+            with pytest.raises(SystemExit) as info:
+                train_main()
+            assert info.value.code == 1
+            assert f"1 of {len(inputs)} file(s) could not be classified" in capsys.readouterr().err
+        else:
+            assert train_main() is not None
+        assert len(json.loads(output.read_text())) == len(predict_files)
 
 
 @pytest.mark.parametrize(("num_files", "world_size"), [(1, 2), (3, 2), (4, 3)])
