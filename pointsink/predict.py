@@ -117,14 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _unwritable(output: Path) -> str | None:
-    """Why ``output`` cannot be written, or None; creates its missing parent folders."""
+    """Why ``output`` cannot be written, or None; creates nothing.
+
+    Missing folders on the way are created only when the records are written, so that a run
+    refused later (an unusable checkpoint) leaves none behind.
+    """
     if output.is_dir():
         return "is a folder; give a file name"
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"its folder cannot be created ({exc.strerror or exc})"
-    if not os.access(output.parent, os.W_OK) or (
+    existing = output.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK) or (
         output.exists() and not os.access(output, os.W_OK)
     ):
         return "not writable"
@@ -179,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
     else:
         try:
+            output.parent.mkdir(parents=True, exist_ok=True)
             # The file keeps such names' original bytes.
             output.write_text(text, encoding="utf-8", errors="surrogateescape")
         except OSError as exc:

@@ -80,10 +80,12 @@ def test_bad_files_are_reported_and_others_kept(checkpoint, files, tmp_path, cap
 def test_unusable_checkpoint_exits_2_without_traceback(files, tmp_path, capsys) -> None:
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"not a checkpoint at all")
-    assert main([str(broken), str(files["off"])]) == 2
+    output = tmp_path / "new" / "folders" / "predictions.json"
+    assert main([str(broken), str(files["off"]), "--output", str(output)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.startswith("pointsink-predict: error: ") and "not a readable PyTorch" in err
+    assert not (tmp_path / "new").exists()  # the refused run leaves no folders behind
 
 
 def test_too_few_points_for_the_model_exit_2(files, capsys) -> None:
