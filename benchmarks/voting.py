@@ -42,20 +42,29 @@ from pointsink.inference import ShapeClassifier, load_checkpoint, preprocess_vie
 
 
 def test_files(
-    root: Path, class_names: list[str], num_points: int, sample_seed: int
+    root: Path,
+    class_names: list[str],
+    num_points: int,
+    sample_seed: int,
+    cache_dir: Path | None = None,
 ) -> list[tuple[str, int]]:
     """``(path, label)`` of the shapes ``train.py test`` scores, in its order.
 
     The data module's test cache lists them (files unreadable when it was built are left
     out, as in testing); with the checkpoint's ``num_points`` and ``sample_seed`` it is the
-    cache ``train.py test`` builds and reuses.
+    cache ``train.py test`` builds and reuses (in ``cache_dir``, as its
+    ``--data.cache_dir``; None: the data module's default).
     """
     for name in class_names:
         folder = root / name / "test"
         if not folder.is_dir():
             raise SystemExit(f"error: {folder} does not exist; is --data-root the dataset?")
     data = ShapeFolderDataModule(
-        str(root), class_names=class_names, num_points=num_points, sample_seed=sample_seed
+        str(root),
+        class_names=class_names,
+        num_points=num_points,
+        sample_seed=sample_seed,
+        cache_dir=None if cache_dir is None else str(cache_dir),
     )
     data.setup("test")
     assert data.test_dataset is not None
@@ -69,10 +78,12 @@ def validation_files(
     split_seed: int,
     num_points: int = 1024,
     sample_seed: int = 0,
+    cache_dir: Path | None = None,
 ) -> list[tuple[str, int]]:
     """``(path, label)`` of the validation shapes that training carves out of ``train/``.
 
-    The split is the data module's own (stratified, seeded), from its preprocessing cache.
+    The split is the data module's own (stratified, seeded), from its preprocessing cache
+    (in ``cache_dir``; None: the data module's default).
     """
     data = ShapeFolderDataModule(
         str(root),
@@ -81,6 +92,7 @@ def validation_files(
         split_seed=split_seed,
         num_points=num_points,
         sample_seed=sample_seed,
+        cache_dir=None if cache_dir is None else str(cache_dir),
     )
     data.setup("fit")
     assert data.val_dataset is not None
@@ -153,6 +165,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by train.py fit")
     parser.add_argument("--data-root", required=True, type=Path)
     parser.add_argument(
+        "--cache-dir", type=Path, default=None,
+        help="the training run's data.cache_dir, if it gave one (default: the data "
+        "module's, root/processed or a user cache folder for a read-only root)",
+    )  # fmt: skip
+    parser.add_argument(
         "--split",
         default="test",
         choices=("test", "val"),
@@ -196,11 +213,19 @@ def main(argv: list[str] | None = None) -> str:
                 args.ckpt, checkpoint, args.val_fraction, args.split_seed
             )
             files = validation_files(
-                args.data_root, names, val_fraction, split_seed, num_points, classifier.sample_seed
+                args.data_root,
+                names,
+                val_fraction,
+                split_seed,
+                num_points,
+                classifier.sample_seed,
+                args.cache_dir,
             )
             check_recorded_files(args.ckpt, checkpoint, args.data_root, files)
         else:
-            files = test_files(args.data_root, names, num_points, classifier.sample_seed)
+            files = test_files(
+                args.data_root, names, num_points, classifier.sample_seed, args.cache_dir
+            )
     except DatasetLayoutError as error:  # no shapes, as train.py would say in one line
         raise SystemExit(f"error: {error}") from None
     files = files[: args.limit]

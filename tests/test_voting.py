@@ -156,6 +156,15 @@ def test_scores_what_train_py_test_scores(voting, tmp_path: Path, make_shape_fol
     assert "seed 0," in voting.main(
         ["--ckpt", str(path), "--data-root", str(root), "--votes", "1", "--seed", "0"]
     )
+    # --cache-dir: the caches of a training run that gave --data.cache_dir, not root's.
+    caches = tmp_path / "caches"
+    with pytest.warns(UserWarning, match="Skipping unreadable shape file"):
+        same = voting.main(
+            ["--ckpt", str(path), "--data-root", str(root), "--votes", "1",
+             "--cache-dir", str(caches)]
+        )  # fmt: skip
+    assert same.splitlines()[1:] == table.splitlines()[1:]
+    assert [cache.name.startswith("test") for cache in caches.glob("*.pt")] == [True]
 
 
 def test_no_test_shapes_is_one_sentence(voting, tmp_path: Path, make_shape_folder) -> None:
