@@ -678,8 +678,9 @@ class ShapeClassifier:
         Args:
             inputs: One input or a list of inputs. An input is a file path (str or path
                 object; a folder or glob pattern expands to its shape files, see
-                :func:`expand_paths`), a point array or tensor ``(P, 3)``, a batch of
-                point sets ``(B, P, 3)`` (one prediction each), or a
+                :func:`expand_paths`), a point array or tensor ``(P, 3)`` (or nested
+                lists of numbers, as ``points.tolist()`` gives), a batch of point sets
+                ``(B, P, 3)`` (one prediction each), or a
                 :class:`trimesh.Trimesh` / :class:`trimesh.Scene` /
                 :class:`trimesh.PointCloud`. Points are resampled and normalized like
                 files, so raw coordinates are fine.
@@ -794,6 +795,11 @@ def _flatten_inputs(inputs: Any) -> Iterator[_Item]:
     single = (str, os.PathLike, np.ndarray, Tensor, trimesh.Trimesh, trimesh.Scene)
     if isinstance(inputs, (*single, trimesh.PointCloud)) or not isinstance(inputs, Iterable):
         inputs = [inputs]
+    elif isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], (list, tuple)):
+        # points.tolist(): one point set (or a batch), not one input per point.
+        nested = _nested_numbers(inputs)
+        if nested is not None:
+            inputs = [nested]
     seen: set[str] = set()  # a file reached through several paths is classified once
     for item in inputs:
         if isinstance(item, (str, os.PathLike)):
@@ -803,7 +809,19 @@ def _flatten_inputs(inputs: Any) -> Iterator[_Item]:
             for index in range(item.shape[0]):
                 yield _Item(None, item[index], None)
         else:
+            if isinstance(item, (list, tuple)):
+                nested = _nested_numbers(item)
+                item = item if nested is None or nested.ndim != 2 else nested
             yield _Item(None, item, None)
+
+
+def _nested_numbers(value: list | tuple) -> np.ndarray | None:
+    """``value`` as a float array if it is a rectangular nest of numbers of depth 2 or 3."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return array if array.ndim in (2, 3) else None
 
 
 def state_dict_differences(expected: dict[str, Tensor], found: dict[str, Any]) -> list[str]:

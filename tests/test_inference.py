@@ -168,6 +168,12 @@ def test_in_memory_inputs(classifier: ShapeClassifier, format_files: dict[str, P
     single = classifier.predict(points[2])
     assert single[0].label == batch[2].label
     assert single[0].probability == pytest.approx(batch[2].probability, abs=1e-5)
+    # Nested lists of numbers are point sets, not one input per point.
+    (listed,) = classifier.predict(points[2].tolist())
+    assert listed.probability == pytest.approx(single[0].probability, abs=1e-6)
+    assert len(classifier.predict(points.tolist())) == 4
+    pair = classifier.predict([points[0].tolist(), tuple(map(tuple, points[2]))])
+    assert pair[1].probability == pytest.approx(single[0].probability, abs=1e-6)
     mixed = classifier.predict([points[0], mesh, np.zeros((5, 4)), "no/such/file.off"])
     assert [p.error is None for p in mixed] == [True, True, False, False]
     assert "shape (P, 3)" in mixed[2].error
