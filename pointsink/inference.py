@@ -27,6 +27,7 @@ import glob
 import inspect
 import io
 import json
+import numbers
 import os
 import pickle
 import warnings
@@ -805,23 +806,39 @@ def _flatten_inputs(inputs: Any) -> Iterator[_Item]:
         if isinstance(item, (str, os.PathLike)):
             for entry in _expand_one(item, seen):
                 yield _Item(entry.path, entry.path, entry.error)
-        elif isinstance(item, (np.ndarray, Tensor)) and item.ndim == 3:
+            continue
+        if isinstance(item, (list, tuple)):
+            nested = _nested_numbers(item)
+            item = item if nested is None else nested
+        if isinstance(item, (np.ndarray, Tensor)) and item.ndim == 3:
             for index in range(item.shape[0]):
                 yield _Item(None, item[index], None)
         else:
-            if isinstance(item, (list, tuple)):
-                nested = _nested_numbers(item)
-                item = item if nested is None or nested.ndim != 2 else nested
             yield _Item(None, item, None)
 
 
 def _nested_numbers(value: list | tuple) -> np.ndarray | None:
-    """``value`` as a float array if it is a rectangular nest of numbers of depth 2 or 3."""
+    """``value`` as a float array if it is a rectangular nest of numbers of depth 2 or 3.
+
+    Only lists and tuples of plain numbers qualify: a list that holds arrays, tensors or
+    strings is a list of inputs, each classified (or refused) on its own.
+    """
+    if not _is_number_nest(value, depth=3):
+        return None
     try:
         array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except ValueError:  # ragged
         return None
     return array if array.ndim in (2, 3) else None
+
+
+def _is_number_nest(value: Any, depth: int) -> bool:
+    """Whether ``value`` is a list or tuple of numbers, or of such nests, at most ``depth`` deep."""
+    if not isinstance(value, (list, tuple)) or not value or depth == 0:
+        return False
+    if all(isinstance(entry, numbers.Real) and not isinstance(entry, bool) for entry in value):
+        return True
+    return all(_is_number_nest(entry, depth - 1) for entry in value)
 
 
 def state_dict_differences(expected: dict[str, Tensor], found: dict[str, Any]) -> list[str]:

@@ -174,6 +174,14 @@ def test_in_memory_inputs(classifier: ShapeClassifier, format_files: dict[str, P
     assert len(classifier.predict(points.tolist())) == 4
     pair = classifier.predict([points[0].tolist(), tuple(map(tuple, points[2]))])
     assert pair[1].probability == pytest.approx(single[0].probability, abs=1e-6)
+    # A list of inputs whose second is a batch given as lists: one prediction per point set.
+    split = classifier.predict([points[2], points[1:3].tolist()])
+    assert len(split) == 3
+    assert split[2].probability == pytest.approx(single[0].probability, abs=1e-6)
+    # A list that holds a tensor is a list of inputs, even one numpy cannot convert.
+    tracked = torch.from_numpy(points[2]).requires_grad_()
+    from_tensors = classifier.predict([points[0].tolist(), tracked])
+    assert from_tensors[1].probability == pytest.approx(single[0].probability, abs=1e-6)
     mixed = classifier.predict([points[0], mesh, np.zeros((5, 4)), "no/such/file.off"])
     assert [p.error is None for p in mixed] == [True, True, False, False]
     assert "shape (P, 3)" in mixed[2].error
