@@ -15,6 +15,15 @@ from pointsink.validation import check_int
 
 AttentionKind = Literal["sinkhorn", "softmax"]
 ATTENTION_KINDS: tuple[str, ...] = ("sinkhorn", "softmax")
+# "head": logits QK^T / sqrt(d_h), as in the Set Transformer paper and standard attention;
+# "width": QK^T / sqrt(H * d_h), the Sinkformers reference code's scale.
+LogitScale = Literal["head", "width"]
+LOGIT_SCALES: tuple[str, ...] = ("head", "width")
+# "attention": Sinkhorn's rows sum to 1 and columns to n / m (the paper's formulation);
+# "uniform": the transport plan between uniform measures, rows 1 / n and columns 1 / m (the
+# reference code's weights, ours divided by n).
+SinkhornMarginals = Literal["attention", "uniform"]
+SINKHORN_MARGINALS: tuple[str, ...] = ("attention", "uniform")
 
 #: Smallest ``n * m`` for which, without CUDA and Triton, the memory-efficient Sinkhorn kernel
 #: is chosen automatically. Below it the weights are small and the dense path was faster on
@@ -25,8 +34,12 @@ EFFICIENT_SINKHORN_MIN_SIZE = 256 * 256
 
 __all__ = [
     "ATTENTION_KINDS",
+    "LOGIT_SCALES",
+    "SINKHORN_MARGINALS",
     "AttentionKind",
+    "LogitScale",
     "MultiheadAttention",
+    "SinkhornMarginals",
     "attention_marginals",
     "attention_weights",
     "dense_attention_weights",
@@ -39,6 +52,16 @@ def check_attention_kind(attention: str, n_iter: int) -> None:
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}; got {attention!r}.")
     check_int("n_iter", n_iter)
+
+
+def check_attention_options(logit_scale: str, sinkhorn_marginals: str) -> None:
+    """Raises a ValueError naming the accepted values when an option is invalid."""
+    if logit_scale not in LOGIT_SCALES:
+        raise ValueError(f"logit_scale must be one of {LOGIT_SCALES}; got {logit_scale!r}.")
+    if sinkhorn_marginals not in SINKHORN_MARGINALS:
+        raise ValueError(
+            f"sinkhorn_marginals must be one of {SINKHORN_MARGINALS}; got {sinkhorn_marginals!r}."
+        )
 
 
 def attention_weights(
@@ -166,11 +189,18 @@ class MultiheadAttention(nn.Module):
         num_heads: Number of heads ``H`` (``>= 1``); must divide ``channels``.
         attention: ``"sinkhorn"`` or ``"softmax"``.
         n_iter: Sinkhorn iterations (1 reproduces softmax exactly).
+        logit_scale: ``"head"`` divides the logits by :math:`\sqrt{d_h}`; ``"width"`` by
+            :math:`\sqrt{H d_h}`, as the Sinkformers reference code does. Applied to the
+            queries, so every attention implementation sees ordinary logits.
+        sinkhorn_marginals: ``"attention"``: Sinkhorn's rows sum to 1 and its columns to
+            ``n / m``; ``"uniform"``: the weights are the transport plan between uniform
+            measures (rows ``1 / n``, columns ``1 / m``), i.e. divided by the number of
+            queries ``n``, as in the reference code. Softmax attention ignores it.
 
     Raises:
         ValueError: An argument is not a positive integer (as :func:`check_int` defines
-            it), ``num_heads`` does not divide ``channels``, or ``attention`` or
-            ``n_iter`` is invalid.
+            it), ``num_heads`` does not divide ``channels``, or ``attention``, ``n_iter``,
+            ``logit_scale`` or ``sinkhorn_marginals`` is invalid.
     """
 
     def __init__(
@@ -181,6 +211,9 @@ class MultiheadAttention(nn.Module):
         num_heads: int,
         attention: AttentionKind = "sinkhorn",
         n_iter: int = 1,
+        *,
+        logit_scale: LogitScale = "head",
+        sinkhorn_marginals: SinkhornMarginals = "attention",
     ) -> None:
         super().__init__()
         query_channels = check_int("query_channels", query_channels)
@@ -190,11 +223,14 @@ class MultiheadAttention(nn.Module):
         if channels % num_heads != 0:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads}).")
         check_attention_kind(attention, n_iter)
+        check_attention_options(logit_scale, sinkhorn_marginals)
         self.channels = channels
         self.num_heads = num_heads
         self.head_channels = channels // num_heads
         self.attention = attention
         self.n_iter = n_iter
+        self.logit_scale = logit_scale
+        self.sinkhorn_marginals = sinkhorn_marginals
         self.lin_query = nn.Linear(query_channels, channels)
         self.lin_key = nn.Linear(key_channels, channels)
         self.lin_value = nn.Linear(key_channels, channels)
@@ -232,13 +268,24 @@ class MultiheadAttention(nn.Module):
             self._split_heads(self.lin_key(y)),
             self._split_heads(self.lin_value(y)),
         )
+        if self.logit_scale == "width":
+            q = q * (1.0 / math.sqrt(self.num_heads))  # (q / sqrt(H)) k^T / sqrt(d_h)
         if self.record_marginals:
+            # With uniform marginals these are n times the weights' sums; the deviation
+            # from doubly stochastic, relative to the target, is the same.
             with torch.no_grad():
                 self.last_marginals = attention_marginals(q, k, self.attention, self.n_iter)
         heads = scaled_dot_product_attention(q, k, v, self.attention, self.n_iter)
         batch, _, n, _ = heads.shape
+        if self.attention == "sinkhorn" and self.sinkhorn_marginals == "uniform":
+            heads = heads / n
         return query, heads.transpose(1, 2).reshape(batch, n, self.channels)
 
     def extra_repr(self) -> str:
         """Summary shown by ``print(module)``."""
-        return f"heads={self.num_heads}, attention={self.attention}, n_iter={self.n_iter}"
+        text = f"heads={self.num_heads}, attention={self.attention}, n_iter={self.n_iter}"
+        if self.logit_scale != "head":
+            text += f", logit_scale={self.logit_scale}"
+        if self.sinkhorn_marginals != "attention":
+            text += f", sinkhorn_marginals={self.sinkhorn_marginals}"
+        return text

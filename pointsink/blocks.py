@@ -6,11 +6,18 @@ in the set dimension; PMA is permutation-invariant.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pointsink.attention import AttentionKind, MultiheadAttention
+from pointsink.attention import (
+    AttentionKind,
+    LogitScale,
+    MultiheadAttention,
+    SinkhornMarginals,
+)
 from pointsink.validation import check_int
 
 __all__ = [
@@ -39,6 +46,8 @@ class MultiheadAttentionBlock(nn.Module):
         attention: ``"sinkhorn"`` or ``"softmax"``.
         n_iter: Sinkhorn iterations.
         layer_norm: Apply the two layer norms.
+        logit_scale, sinkhorn_marginals: see
+            :class:`~pointsink.attention.MultiheadAttention`.
 
     Raises:
         ValueError: Invalid arguments (see :class:`~pointsink.attention.MultiheadAttention`).
@@ -53,10 +62,20 @@ class MultiheadAttentionBlock(nn.Module):
         attention: AttentionKind = "sinkhorn",
         n_iter: int = 1,
         layer_norm: bool = False,
+        *,
+        logit_scale: LogitScale = "head",
+        sinkhorn_marginals: SinkhornMarginals = "attention",
     ) -> None:
         super().__init__()
         self.attn = MultiheadAttention(
-            query_channels, key_channels, channels, num_heads, attention, n_iter
+            query_channels,
+            key_channels,
+            channels,
+            num_heads,
+            attention,
+            n_iter,
+            logit_scale=logit_scale,
+            sinkhorn_marginals=sinkhorn_marginals,
         )
         self.lin_out = nn.Linear(channels, channels)
         self.norm_attn = nn.LayerNorm(channels) if layer_norm else nn.Identity()
@@ -102,12 +121,23 @@ class SetAttentionBlock(nn.Module):
         attention: AttentionKind = "sinkhorn",
         n_iter: int = 1,
         layer_norm: bool = False,
+        *,
+        logit_scale: LogitScale = "head",
+        sinkhorn_marginals: SinkhornMarginals = "attention",
     ) -> None:
         super().__init__()
         # Checked here too, so that the message names this block's argument.
         in_channels = check_int("in_channels", in_channels)
         self.mab = MultiheadAttentionBlock(
-            in_channels, in_channels, channels, num_heads, attention, n_iter, layer_norm
+            in_channels,
+            in_channels,
+            channels,
+            num_heads,
+            attention,
+            n_iter,
+            layer_norm,
+            logit_scale=logit_scale,
+            sinkhorn_marginals=sinkhorn_marginals,
         )
 
     def reset_parameters(self) -> None:
@@ -139,18 +169,26 @@ class InducedSetAttentionBlock(nn.Module):
         attention: AttentionKind = "sinkhorn",
         n_iter: int = 1,
         layer_norm: bool = False,
+        *,
+        logit_scale: LogitScale = "head",
+        sinkhorn_marginals: SinkhornMarginals = "attention",
     ) -> None:
         super().__init__()
         in_channels = check_int("in_channels", in_channels)
         channels = check_int("channels", channels)
         num_inducing_points = check_int("num_inducing_points", num_inducing_points)
         self.inducing_points = nn.Parameter(torch.empty(1, num_inducing_points, channels))
-        self.mab_induce = MultiheadAttentionBlock(
-            channels, in_channels, channels, num_heads, attention, n_iter, layer_norm
+        block = functools.partial(
+            MultiheadAttentionBlock,
+            num_heads=num_heads,
+            attention=attention,
+            n_iter=n_iter,
+            layer_norm=layer_norm,
+            logit_scale=logit_scale,
+            sinkhorn_marginals=sinkhorn_marginals,
         )
-        self.mab_out = MultiheadAttentionBlock(
-            in_channels, channels, channels, num_heads, attention, n_iter, layer_norm
-        )
+        self.mab_induce = block(channels, in_channels, channels)
+        self.mab_out = block(in_channels, channels, channels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -171,9 +209,12 @@ class PoolingByMultiheadAttention(nn.Module):
     .. math::
         \mathrm{PMA}(X) = \mathrm{MAB}(S, \mathrm{ReLU}(X W))
 
-    Input ``(B, N, channels)``, output ``(B, K, channels)``; invariant to permutations of
-    the ``N`` set elements. The integer arguments must be ``>= 1`` and ``num_heads`` must
-    divide ``channels`` (ValueError otherwise).
+    as in the Set Transformer paper, or :math:`\mathrm{MAB}(S, X)` without ``projection``
+    (the Sinkformers reference code). Input ``(B, N, channels)``, output
+    ``(B, K, channels)``; invariant to permutations of the ``N`` set elements. The integer
+    arguments must be ``>= 1`` and ``num_heads`` must divide ``channels`` (ValueError
+    otherwise). ``logit_scale`` and ``sinkhorn_marginals``: see
+    :class:`~pointsink.attention.MultiheadAttention`.
     """
 
     def __init__(
@@ -184,23 +225,37 @@ class PoolingByMultiheadAttention(nn.Module):
         attention: AttentionKind = "sinkhorn",
         n_iter: int = 1,
         layer_norm: bool = False,
+        *,
+        logit_scale: LogitScale = "head",
+        sinkhorn_marginals: SinkhornMarginals = "attention",
+        projection: bool = True,
     ) -> None:
         super().__init__()
         channels = check_int("channels", channels)
         num_seeds = check_int("num_seeds", num_seeds)
-        self.lin = nn.Linear(channels, channels)
+        self.lin = nn.Linear(channels, channels) if projection else None
         self.seeds = nn.Parameter(torch.empty(1, num_seeds, channels))
         self.mab = MultiheadAttentionBlock(
-            channels, channels, channels, num_heads, attention, n_iter, layer_norm
+            channels,
+            channels,
+            channels,
+            num_heads,
+            attention,
+            n_iter,
+            layer_norm,
+            logit_scale=logit_scale,
+            sinkhorn_marginals=sinkhorn_marginals,
         )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Re-initializes all parameters."""
-        self.lin.reset_parameters()
+        if self.lin is not None:
+            self.lin.reset_parameters()
         nn.init.xavier_uniform_(self.seeds)
         self.mab.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, N, channels)`` -> ``(B, num_seeds, channels)``."""
-        return self.mab(self.seeds.expand(x.shape[0], -1, -1), F.relu(self.lin(x)))
+        keys = x if self.lin is None else F.relu(self.lin(x))
+        return self.mab(self.seeds.expand(x.shape[0], -1, -1), keys)

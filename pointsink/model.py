@@ -8,7 +8,13 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from pointsink.attention import AttentionKind, check_attention_kind
+from pointsink.attention import (
+    AttentionKind,
+    LogitScale,
+    SinkhornMarginals,
+    check_attention_kind,
+    check_attention_options,
+)
 from pointsink.blocks import (
     InducedSetAttentionBlock,
     PoolingByMultiheadAttention,
@@ -66,6 +72,13 @@ class SetSinkformer(nn.Module):
             RMS group radius (see :class:`~pointsink.embedding.SetAbstraction`).
         group_hidden_layers: Hidden layers of the set abstraction's per-edge MLP (1: one
             hidden layer between the offsets and the token width).
+        logit_scale: ``"head"`` (logits divided by ``sqrt(channels / num_heads)``) or
+            ``"width"`` (by ``sqrt(channels)``, the Sinkformers reference code).
+        sinkhorn_marginals: ``"attention"`` (Sinkhorn's rows sum to 1, its columns to
+            ``n / m``) or ``"uniform"`` (the reference code's transport plan: rows ``1 / n``,
+            columns ``1 / m``); see :class:`~pointsink.attention.MultiheadAttention`.
+        pooling_projection: PMA attends to ``ReLU(X W)`` (the Set Transformer paper);
+            ``False`` attends to ``X`` itself (the reference code).
 
     Raises:
         ValueError: An invalid argument: e.g. ``in_channels``, ``channels``, ``num_heads``,
@@ -100,6 +113,9 @@ class SetSinkformer(nn.Module):
         group_size: int = 32,
         normalize_offsets: bool = False,
         group_hidden_layers: int = 1,
+        logit_scale: LogitScale = "head",
+        sinkhorn_marginals: SinkhornMarginals = "attention",
+        pooling_projection: bool = True,
     ) -> None:
         super().__init__()
         check_int("num_classes", num_classes, minimum=2)
@@ -119,6 +135,8 @@ class SetSinkformer(nn.Module):
                 "normalize_offsets applies to the set abstraction; set num_groups > 0 too."
             )
         check_attention_kind(attention, n_iter)
+        check_attention_options(logit_scale, sinkhorn_marginals)
+        attention_options = {"logit_scale": logit_scale, "sinkhorn_marginals": sinkhorn_marginals}
         self.in_channels = in_channels
         self.min_points = max(1, local_neighbors, num_groups, group_size if num_groups else 0)
         embeddings: list[EdgeConvEmbedding | SetAbstraction] = []
@@ -152,16 +170,32 @@ class SetSinkformer(nn.Module):
                         attention,
                         n_iter,
                         layer_norm,
+                        **attention_options,
                     )
                 )
             else:
                 blocks.append(
-                    SetAttentionBlock(block_in, channels, num_heads, attention, n_iter, layer_norm)
+                    SetAttentionBlock(
+                        block_in,
+                        channels,
+                        num_heads,
+                        attention,
+                        n_iter,
+                        layer_norm,
+                        **attention_options,
+                    )
                 )
         self.encoder = nn.ModuleList(blocks)
         self.dropout = nn.Dropout(dropout)
         self.pool = PoolingByMultiheadAttention(
-            channels, num_heads, num_seeds, pooling_attention or attention, n_iter, layer_norm
+            channels,
+            num_heads,
+            num_seeds,
+            pooling_attention or attention,
+            n_iter,
+            layer_norm,
+            **attention_options,
+            projection=pooling_projection,
         )
         self.head = nn.Linear(num_seeds * channels, num_classes)
         self.reset_parameters()

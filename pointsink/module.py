@@ -16,7 +16,7 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from pointsink.attention import AttentionKind
+from pointsink.attention import AttentionKind, LogitScale, SinkhornMarginals
 from pointsink.inference import (
     CheckpointError,
     checkpoint_state_dict,
@@ -105,7 +105,7 @@ class SinkformerClassifier(pl.LightningModule):
         channels, num_heads, num_blocks, encoder, num_inducing_points, num_seeds,
             attention, n_iter, layer_norm, pooling_attention, dropout, local_neighbors,
             local_channels, num_groups, group_size, normalize_offsets,
-            group_hidden_layers: see
+            group_hidden_layers, logit_scale, sinkhorn_marginals, pooling_projection: see
             :class:`~pointsink.model.SetSinkformer`.
         optimizer: ``"adamw"`` or ``"adam"``.
         lr: Peak learning rate.
@@ -177,6 +177,9 @@ class SinkformerClassifier(pl.LightningModule):
         group_size: int = 32,
         normalize_offsets: bool = False,
         group_hidden_layers: int = 1,
+        logit_scale: LogitScale = "head",
+        sinkhorn_marginals: SinkhornMarginals = "attention",
+        pooling_projection: bool = True,
         augmentation: dict[str, Any] | None = None,
         sample_seed: int = 0,
         weights: str | None = None,
@@ -230,6 +233,9 @@ class SinkformerClassifier(pl.LightningModule):
             group_size=group_size,
             normalize_offsets=normalize_offsets,
             group_hidden_layers=group_hidden_layers,
+            logit_scale=logit_scale,
+            sinkhorn_marginals=sinkhorn_marginals,
+            pooling_projection=pooling_projection,
         )
         if freeze_backbone:
             self.model.requires_grad_(False)
@@ -334,9 +340,10 @@ class SinkformerClassifier(pl.LightningModule):
 
         Every weight but the classification head must fit this model, and the checkpoint
         must have the same architecture hyperparameters (``channels``, ``num_groups``,
-        ``normalize_offsets``, ...); ``attention``, ``pooling_attention``, ``n_iter`` and
-        ``dropout`` may differ, and so may settings that build nothing in either model
-        (:func:`pointsink.model.unused_settings`, e.g. ``group_size`` without groups).
+        ``normalize_offsets``, ...); ``attention``, ``pooling_attention``, ``n_iter``,
+        ``logit_scale``, ``sinkhorn_marginals`` and ``dropout`` may differ, and so may
+        settings that build nothing in either model (:func:`pointsink.model.unused_settings`,
+        e.g. ``group_size`` without groups).
         The head's rows are carried over by class name for the classes both know; the others
         keep their fresh initialization, so a model trained on ModelNet10 can start a
         classifier of other classes. Read with a weights-only ``torch.load``.
@@ -367,6 +374,7 @@ class SinkformerClassifier(pl.LightningModule):
         # Settings without weights still shape what the weights see (the grouping of the
         # points, the offsets' scale), so they must match too; these may differ.
         free = {"num_classes", "attention", "pooling_attention", "n_iter", "dropout"}
+        free |= {"logit_scale", "sinkhorn_marginals"}
         free |= unused_settings(saved) & unused_settings(self.hparams)
         differing = [
             f"{key}={saved[key]!r} there, {self.hparams.get(key)!r} here"
@@ -382,7 +390,8 @@ class SinkformerClassifier(pl.LightningModule):
                     else "it was trained with other model settings"
                 )
                 + "; give the model the checkpoint's architecture (only attention, "
-                "pooling_attention, n_iter and dropout may differ)"
+                "pooling_attention, n_iter, logit_scale, sinkhorn_marginals and dropout may "
+                "differ)"
                 + (f". Model settings that differ: {'; '.join(differing)}." if differing else ".")
             )
         head_weight = own["head.weight"].clone()

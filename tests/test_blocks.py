@@ -369,3 +369,86 @@ def test_every_parameter_of_an_induced_block_gets_a_gradient() -> None:
     isab(torch.randn(2, 9, 3)).square().sum().backward()
     for name, parameter in isab.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def _reference_code_plan(cost: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """The Sinkformers reference code's plan for cost ``C`` (``(..., n, m)``), eps = 1.
+
+    Its log-domain loop: marginals ``1/n`` and ``1/m``, ``u`` updated on even steps and
+    ``v`` on odd ones, ``pi = exp(-C + u + v)`` (without its early stop).
+    """
+    n, m = cost.shape[-2:]
+    u = torch.zeros(*cost.shape[:-1], dtype=cost.dtype)
+    v = torch.zeros(*cost.shape[:-2], m, dtype=cost.dtype)
+
+    def modified() -> torch.Tensor:
+        return -cost + u.unsqueeze(-1) + v.unsqueeze(-2)
+
+    for step in range(n_iter):
+        if step % 2 == 0:
+            u = torch.log(torch.tensor(1.0 / n)) - torch.logsumexp(modified(), -1) + u
+        else:
+            v = torch.log(torch.tensor(1.0 / m)) - torch.logsumexp(modified(), -2) + v
+    return modified().exp()
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 3, 4])
+@pytest.mark.parametrize(("n", "m"), [(4, 9), (9, 4)])
+def test_reference_code_options_give_its_attention(n_iter: int, n: int, m: int) -> None:
+    """logit_scale="width" and sinkhorn_marginals="uniform" compute the reference code's
+    attention term: its plan for C = -(Q / width^1/4)(K / width^1/4)^T, times V."""
+    attn = MultiheadAttention(
+        3, 5, 16, 2, "sinkhorn", n_iter, logit_scale="width", sinkhorn_marginals="uniform"
+    ).double()
+    x = torch.randn(2, n, 3, dtype=torch.float64)
+    y = torch.randn(2, m, 5, dtype=torch.float64)
+    _, heads = attn(x, y)
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # (B, L, 16) -> (B, 2, L, 8)
+        return t.view(2, -1, 2, 8).transpose(1, 2)
+
+    root = 16**0.25
+    q, k, v = split(attn.lin_query(x)), split(attn.lin_key(y)), split(attn.lin_value(y))
+    plan = _reference_code_plan(-(q / root) @ (k / root).transpose(-2, -1), n_iter)
+    expected = (plan @ v).transpose(1, 2).reshape(2, n, 16)
+    torch.testing.assert_close(heads, expected)
+    # Not pointsink's default attention, which is n times larger and at another scale.
+    default = MultiheadAttention(3, 5, 16, 2, "sinkhorn", n_iter).double()
+    default.load_state_dict(attn.state_dict())
+    assert not torch.allclose(default(x, y)[1], heads, atol=1e-3)
+
+
+def test_uniform_marginals_leave_softmax_attention_alone() -> None:
+    softmax = MultiheadAttention(3, 3, 16, 2, "softmax", logit_scale="width")
+    ignoring = MultiheadAttention(
+        3, 3, 16, 2, "softmax", logit_scale="width", sinkhorn_marginals="uniform"
+    )
+    ignoring.load_state_dict(softmax.state_dict())
+    x, y = torch.randn(2, 6, 3), torch.randn(2, 4, 3)
+    torch.testing.assert_close(ignoring(x, y), softmax(x, y))
+    with pytest.raises(ValueError, match="logit_scale must be one of"):
+        MultiheadAttention(3, 3, 16, 2, logit_scale="model")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sinkhorn_marginals must be one of"):
+        SetSinkformer(3, sinkhorn_marginals="plan")  # type: ignore[arg-type]
+
+
+def test_pooling_without_projection_attends_to_the_set_itself() -> None:
+    """PMA(Z) = MAB(S, Z) with projection=False (the reference code), still invariant."""
+    pma = PoolingByMultiheadAttention(16, 2, 1, "sinkhorn", 3, projection=False)
+    assert not any(name.startswith("lin.") for name in pma.state_dict())
+    z = torch.randn(2, 9, 16)
+    torch.testing.assert_close(pma(z), pma.mab(pma.seeds.expand(2, -1, -1), z))
+    torch.testing.assert_close(pma(z[:, torch.randperm(9)]), pma(z), atol=1e-5, rtol=1e-4)
+    model = SetSinkformer(
+        3,
+        channels=16,
+        num_heads=2,
+        layer_norm=True,
+        logit_scale="width",
+        sinkhorn_marginals="uniform",
+        pooling_projection=False,
+    )
+    assert model.pool.lin is None
+    attentions = [m for m in model.modules() if isinstance(m, MultiheadAttention)]
+    assert len(attentions) == 5  # two per ISAB and the pooling's: every one configured
+    assert {(a.logit_scale, a.sinkhorn_marginals) for a in attentions} == {("width", "uniform")}

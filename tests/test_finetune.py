@@ -57,6 +57,9 @@ def test_load_pretrained_names_the_differing_architecture(pretrained: Path, tmp_
     module = SinkformerClassifier(class_names=NEW_CLASSES, **{**TINY, "channels": 8})
     with pytest.raises(CheckpointError, match=r"channels=16 there, 8 here"):
         module.load_pretrained(pretrained)
+    module = SinkformerClassifier(class_names=NEW_CLASSES, **TINY, pooling_projection=False)
+    with pytest.raises(CheckpointError, match=r"unexpected.*pool\.lin.*pooling_projection=True"):
+        module.load_pretrained(pretrained)
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         module.load_pretrained(tmp_path / "missing.ckpt")
 
@@ -68,6 +71,7 @@ def test_load_pretrained_refuses_other_weight_free_settings(tmp_path: Path) -> N
     path = tmp_path / "grouped.ckpt"
     torch.save({"state_dict": source.state_dict(), "hyper_parameters": dict(source.hparams)}, path)
     free = {"attention": "softmax", "pooling_attention": "sinkhorn", "n_iter": 3, "dropout": 0.3}
+    free |= {"logit_scale": "width", "sinkhorn_marginals": "uniform"}
     module = SinkformerClassifier(class_names=NEW_CLASSES, **{**grouped, **free})
     assert module.load_pretrained(path) == ["cone", "box"]
     for key, value in (("group_size", 8), ("normalize_offsets", False)):
