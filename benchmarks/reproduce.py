@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from pointsink import cli
 from pointsink.cli import find_checkpoint
@@ -53,11 +54,36 @@ VALIDATION_KEYS = ("val/oa", "val/macc", "val/loss")
 FINAL_EPOCHS = 5
 
 
-def _variants(n_iters: list[int]) -> list[tuple[str, str, int]]:
-    # One Sinkhorn iteration is softmax attention exactly, so n_iter = 1 is the softmax run.
+def _variants(
+    n_iters: list[int], sinkhorn_one_is_softmax: bool = True
+) -> list[tuple[str, str, int]]:
+    # One Sinkhorn iteration is softmax attention exactly, so n_iter = 1 is the softmax run,
+    # unless the weights are the reference code's transport plan (softmax over n).
     variants = [("softmax", "softmax", 1)]
-    variants += [(f"sinkhorn-{k}", "sinkhorn", k) for k in dict.fromkeys(n_iters) if k != 1]
+    variants += [
+        (f"sinkhorn-{k}", "sinkhorn", k)
+        for k in dict.fromkeys(n_iters)
+        if k != 1 or not sinkhorn_one_is_softmax
+    ]
     return variants
+
+
+def _sinkhorn_one_is_softmax(config: str | Path, extra: list[str]) -> bool:
+    """Whether Sinkhorn with ``n_iter`` 1 is softmax attention under ``config`` and ``extra``.
+
+    It is, unless ``model.sinkhorn_marginals`` (in the config, or a later flag) is
+    ``"uniform"``: then it is softmax divided by the number of queries.
+    """
+    settings = yaml.safe_load(Path(config).read_text()) or {}
+    model = settings.get("model") or {}
+    model = model.get("init_args", model) if isinstance(model, dict) else {}
+    marginals = str(model.get("sinkhorn_marginals", "attention"))
+    flags = ("--model.sinkhorn_marginals", "--model.init_args.sinkhorn_marginals")
+    for index, arg in enumerate(extra):
+        name, equals, value = arg.partition("=")
+        if name in flags:
+            marginals = value if equals else (extra[index + 1] if index + 1 < len(extra) else "")
+    return marginals != "uniform"
 
 
 def _parse_variant(name: str) -> tuple[str, str, int]:
@@ -553,7 +579,8 @@ def main(argv: list[str] | None = None) -> str:
         "--variants",
         nargs="+",
         default=None,
-        help="run only these, e.g. softmax sinkhorn-5 (default: softmax and every --n-iter)",
+        help="run only these, e.g. softmax sinkhorn-5 (default: softmax and every --n-iter; "
+        "n_iter 1 is the softmax run unless model.sinkhorn_marginals is uniform)",
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
     parser.add_argument(
@@ -574,7 +601,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1; got {args.jobs}")
     args.out.mkdir(parents=True, exist_ok=True)
-    variants = _variants(args.n_iter)
+    variants = _variants(args.n_iter, _sinkhorn_one_is_softmax(args.config, extra))
     if args.variants:
         variants = [_parse_variant(name) for name in args.variants]
     runs = [(*variant, seed) for variant in variants for seed in args.seeds]

@@ -23,6 +23,18 @@ def test_n_iter_one_is_the_softmax_run(reproduce) -> None:
     assert names == ["softmax", "sinkhorn-3", "sinkhorn-5", "sinkhorn-9"]
 
 
+def test_n_iter_one_is_its_own_run_with_the_reference_codes_weights(reproduce) -> None:
+    """With sinkhorn_marginals uniform, one Sinkhorn iteration is softmax over n: a run."""
+    reference = REPO / "configs" / "modelnet10-reference.yaml"
+    assert not reproduce._sinkhorn_one_is_softmax(reference, [])
+    assert reproduce._sinkhorn_one_is_softmax(reference, ["--model.sinkhorn_marginals=attention"])
+    paper = REPO / "configs" / "modelnet10-paper.yaml"
+    assert reproduce._sinkhorn_one_is_softmax(paper, [])
+    assert not reproduce._sinkhorn_one_is_softmax(paper, ["--model.sinkhorn_marginals", "uniform"])
+    names = [name for name, _, _ in reproduce._variants([1, 3], sinkhorn_one_is_softmax=False)]
+    assert names == ["softmax", "sinkhorn-1", "sinkhorn-3"]
+
+
 def test_parallel_grid_writes_results_and_resumes(
     reproduce, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
