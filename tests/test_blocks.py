@@ -452,3 +452,33 @@ def test_pooling_without_projection_attends_to_the_set_itself() -> None:
     attentions = [m for m in model.modules() if isinstance(m, MultiheadAttention)]
     assert len(attentions) == 5  # two per ISAB and the pooling's: every one configured
     assert {(a.logit_scale, a.sinkhorn_marginals) for a in attentions} == {("width", "uniform")}
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 7])
+def test_reference_settings_give_the_reference_codes_model(n_iter: int) -> None:
+    """With the settings of configs/modelnet10-reference.yaml the whole classifier (eval mode)
+    is the reference code's ModelNetSink, transcribed here from its blocks: heads stacked on
+    the batch axis, q and k divided by width^1/4, plan times V added to the projected
+    queries, LN, O + relu(W O), LN; ISAB = MAB(X, MAB(I, X)); PMA = MAB(S, X); linear."""
+    model = SetSinkformer(
+        5, channels=16, num_heads=2, num_inducing_points=4, n_iter=n_iter, layer_norm=True,
+        logit_scale="width", sinkhorn_marginals="uniform", pooling_projection=False,
+    ).double().eval()  # fmt: skip
+    _randomize_layer_norms(model)
+
+    def reference_mab(mab: MultiheadAttentionBlock, queries: torch.Tensor, keys: torch.Tensor):
+        attn, root = mab.attn, 16**0.25
+        q, k, v = attn.lin_query(queries), attn.lin_key(keys), attn.lin_value(keys)
+        q_, k_, v_ = (torch.cat(t.split(8, 2), 0) for t in (q, k, v))  # heads on the batch axis
+        plan = _reference_code_plan(-(q_ / root) @ (k_ / root).transpose(1, 2), n_iter)
+        out = torch.cat((q_ + plan @ v_).split(queries.shape[0], 0), 2)
+        out = mab.norm_attn(out)
+        return mab.norm_out(out + F.relu(mab.lin_out(out)))
+
+    x = torch.randn(3, 50, 3, dtype=torch.float64)
+    h = x
+    for block in model.encoder:
+        induced = reference_mab(block.mab_induce, block.inducing_points.repeat(3, 1, 1), h)
+        h = reference_mab(block.mab_out, h, induced)
+    pooled = reference_mab(model.pool.mab, model.pool.seeds.repeat(3, 1, 1), h)
+    torch.testing.assert_close(model(x), model.head(pooled.flatten(1)))
