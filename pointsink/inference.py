@@ -888,6 +888,9 @@ def _augmentation_from_hparams(
 
     pointsink's CLI records it as the model's ``augmentation`` hyperparameter; a data
     module that saves its own hyperparameters records the same settings by name.
+    Recorded settings this version cannot use (an unknown name, an invalid value) fall
+    back to the default augmentation with a warning: only test-time voting uses it, and
+    plain prediction stays exact.
     """
     recorded = hparams.get("augmentation")
     if isinstance(recorded, dict):
@@ -900,7 +903,13 @@ def _augmentation_from_hparams(
         }
     try:
         return PointCloudAugmentation(**kwargs)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as error:
+        warnings.warn(
+            f"the checkpoint's recorded augmentation {kwargs} cannot be used ({error}); "
+            "test-time voting uses the default augmentation instead.",
+            UserWarning,
+            stacklevel=3,
+        )
         return PointCloudAugmentation()
 
 

@@ -302,6 +302,16 @@ def test_num_points_override_and_fallback(checkpoint: Path, tmp_path: Path) -> N
     assert restored.augmentation.up_axis == 1
 
 
+def test_unusable_recorded_augmentation_warns(checkpoint: Path, tmp_path: Path) -> None:
+    content = torch.load(checkpoint, weights_only=True)
+    content["hyper_parameters"]["augmentation"] = {"scale_low": 2.0, "scale_high": 1.0}
+    broken = tmp_path / "bad_augmentation.ckpt"
+    torch.save(content, broken)
+    with pytest.warns(UserWarning, match="recorded augmentation .* cannot be used"):
+        restored = ShapeClassifier.from_checkpoint(broken)
+    assert restored.augmentation.settings() == PointCloudAugmentation().settings()
+
+
 def test_too_few_points_for_the_model_are_refused() -> None:
     module = SinkformerClassifier(
         class_names=CLASSES, channels=8, num_heads=2, num_inducing_points=2, num_groups=8,
