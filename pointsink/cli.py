@@ -211,6 +211,11 @@ class SinkformerCLI(LightningCLI):
             hparams.pop(name, None)
         if not hparams:
             return
+        # A checkpoint saved before a setting existed was trained with its default: rebuild
+        # that model, as SinkformerClassifier.load_from_checkpoint does, not the config's.
+        for name, parameter in inspect.signature(SinkformerClassifier.__init__).parameters.items():
+            if parameter.default is not inspect.Parameter.empty and name not in LINKED_FROM_DATA:
+                hparams.setdefault(name, parameter.default)
         given = config.model
         overridden = [
             f"{name}={given[name]!r} (checkpoint: {value!r})"

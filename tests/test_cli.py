@@ -216,6 +216,31 @@ def test_ckpt_path_names_resolve_and_overrides_are_reported(
     assert {record["label"] for record in records} <= set(first_classes(last))
 
 
+def test_checkpoint_from_before_a_setting_rebuilds_its_default(tmp_path: Path) -> None:
+    args = _tiny_args(tmp_path)
+    last = Path(
+        main(["fit", *args, "--trainer.max_epochs", "1"]).trainer.checkpoint_callback.dirpath
+    )
+    content = torch.load(last / "last.ckpt", weights_only=True)
+    for name in ("logit_scale", "sinkhorn_marginals", "pooling_projection", "group_hidden_layers"):
+        del content["hyper_parameters"][name]
+    old = tmp_path / "old.ckpt"
+    torch.save(content, old)
+    # The settings given (a config of the reference code's model) are not the checkpoint's.
+    with pytest.warns(UserWarning, match="logit_scale='width' \\(checkpoint: 'head'\\)"):
+        tested = main(
+            ["test", *args, "--ckpt_path", str(old), "--model.logit_scale", "width",
+             "--model.sinkhorn_marginals", "uniform", "--model.pooling_projection", "false",
+             "--model.group_hidden_layers", "2"]
+        )  # fmt: skip
+    hparams = tested.model.hparams
+    assert (hparams.logit_scale, hparams.sinkhorn_marginals) == ("head", "attention")
+    assert hparams.pooling_projection and hparams.group_hidden_layers == 1
+    assert {
+        module.logit_scale for module in tested.model.modules() if hasattr(module, "logit_scale")
+    } == {"head"}
+
+
 def first_classes(path: Path) -> list[str]:
     return torch.load(path, weights_only=True)["hyper_parameters"]["class_names"]
 
