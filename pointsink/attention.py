@@ -188,7 +188,8 @@ class MultiheadAttention(nn.Module):
         channels: Total width ``H * d_h`` of the projections (``>= 1``).
         num_heads: Number of heads ``H`` (``>= 1``); must divide ``channels``.
         attention: ``"sinkhorn"`` or ``"softmax"``.
-        n_iter: Sinkhorn iterations (1 reproduces softmax exactly).
+        n_iter: Sinkhorn iterations (1 reproduces softmax exactly; with
+            ``sinkhorn_marginals="uniform"``, softmax divided by ``n``).
         logit_scale: ``"head"`` divides the logits by :math:`\sqrt{d_h}`; ``"width"`` by
             :math:`\sqrt{H d_h}`, as the Sinkformers reference code does. Applied to the
             queries, so every attention implementation sees ordinary logits.

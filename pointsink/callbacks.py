@@ -180,7 +180,9 @@ class DoublyStochasticMonitor(pl.Callback):
     ``n / m``) and ``ds/<layer>/row_dev``. At the end of training it draws
     ``doubly_stochastic.png`` (column deviation per layer against epochs) in the logger's
     directory. The Sinkformers paper reports that softmax attention drifts towards doubly
-    stochastic during training; this callback measures whether it does.
+    stochastic during training; this callback measures whether it does. Under
+    ``sinkhorn_marginals="uniform"`` the sums are those of the weights before their
+    division by ``n``: the relative deviations are the same.
 
     Args:
         num_batches: Validation batches measured per epoch.
@@ -446,8 +448,9 @@ class PredictionWriter(BasePredictionWriter):
         self._class_names: list[str] = []
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Resets the records and settles the class names."""
+        """Resets the records and counts and settles the class names."""
         self._records = []
+        self.last_count = self.last_failed = 0
         self._class_names = self._resolve_class_names(pl_module)
 
     @staticmethod
