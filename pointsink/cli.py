@@ -35,7 +35,7 @@ from pointsink.data import (
     discover_class_names,
 )
 from pointsink.inference import CheckpointError, load_checkpoint
-from pointsink.module import SinkformerClassifier
+from pointsink.module import SinkformerClassifier, default_hparams
 
 __all__ = ["BatchLimitTrainer", "SinkformerCLI", "find_checkpoint", "main", "run"]
 
@@ -213,9 +213,9 @@ class SinkformerCLI(LightningCLI):
             return
         # A checkpoint saved before a setting existed was trained with its default: rebuild
         # that model, as SinkformerClassifier.load_from_checkpoint does, not the config's.
-        for name, parameter in inspect.signature(SinkformerClassifier.__init__).parameters.items():
-            if parameter.default is not inspect.Parameter.empty and name not in LINKED_FROM_DATA:
-                hparams.setdefault(name, parameter.default)
+        for name, default in default_hparams().items():
+            if name not in LINKED_FROM_DATA:
+                hparams.setdefault(name, default)
         given = config.model
         overridden = [
             f"{name}={given[name]!r} (checkpoint: {value!r})"

@@ -370,6 +370,9 @@ class SinkformerClassifier(pl.LightningModule):
         problems = state_dict_differences(_without_head(own), weights)
         saved = checkpoint.get("hyper_parameters")
         saved = saved if isinstance(saved, dict) else {}
+        if saved:
+            # A checkpoint saved before a setting existed was trained with its default.
+            saved = {**default_hparams(), **saved}
         architecture = inspect.signature(SetSinkformer.__init__).parameters
         # Settings without weights still shape what the weights see (the grouping of the
         # points, the offsets' scale), so they must match too; these may differ.
@@ -565,6 +568,16 @@ class SinkformerClassifier(pl.LightningModule):
             f"order), but the model was built for {self.class_names} from the data. Give "
             "--data.class_names in the checkpoint's order, or the data it was trained on."
         )
+
+
+def default_hparams() -> dict[str, Any]:
+    """:class:`SinkformerClassifier`'s arguments and their defaults.
+
+    A checkpoint saved before an argument existed was trained with its default, so this
+    fills the gaps of older checkpoints' hyperparameters.
+    """
+    parameters = inspect.signature(SinkformerClassifier.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def _without_head(state_dict: dict[str, Any]) -> dict[str, Any]:
