@@ -84,15 +84,13 @@ def test_load_pretrained_refuses_other_weight_free_settings(tmp_path: Path) -> N
     content = torch.load(path, weights_only=True)
     del content["hyper_parameters"]["normalize_offsets"]
     torch.save(content, path)
-    for value, refused in ((False, False), (True, True)):
-        module = SinkformerClassifier(
-            class_names=NEW_CLASSES, **{**grouped, "normalize_offsets": value}
-        )
-        if refused:
-            with pytest.raises(CheckpointError, match="normalize_offsets=False there, True here"):
-                module.load_pretrained(path)
-        else:
-            assert module.load_pretrained(path) == ["cone", "box"]
+    module = SinkformerClassifier(
+        class_names=NEW_CLASSES, **{**grouped, "normalize_offsets": False}
+    )
+    assert module.load_pretrained(path) == ["cone", "box"]
+    module = SinkformerClassifier(class_names=NEW_CLASSES, **grouped)  # normalize_offsets=True
+    with pytest.raises(CheckpointError, match="normalize_offsets=False there, True here"):
+        module.load_pretrained(path)
 
 
 def test_load_pretrained_ignores_settings_that_build_nothing(pretrained: Path) -> None:
