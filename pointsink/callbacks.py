@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from pointsink.attention import MultiheadAttention
+from pointsink.data import derive_seed
 from pointsink.inference import Prediction, format_predictions, make_prediction
 from pointsink.validation import check_int
 
@@ -62,7 +63,15 @@ class ResumableModelCheckpoint(ModelCheckpoint):
 
 
 class RandomStateCheckpoint(pl.Callback):
-    """Saves every rank's random generators in checkpoints; a resumed fit restores them.
+    """Gives each DDP rank its own random stream; saves them in checkpoints for resuming.
+
+    ``seed_everything`` seeds every rank alike, so under DDP all ranks would draw the same
+    dropout masks and region-mixing choices (on different samples). When a fit starts with
+    more than one rank, and not from restored generators, this callback reseeds torch's
+    generators (CPU and CUDA) of each rank with a seed mixed from ``torch.initial_seed()``
+    and the global rank (:func:`pointsink.data.derive_seed`), as Lightning's documentation
+    advises for per-process randomness. It runs after the model is built and broadcast, so
+    the ranks' weights stay equal; a single-process fit is left as it is.
 
     Lightning restores the weights, optimizer, schedule and loops, but not the generators:
     after ``fit --ckpt_path`` the random stream starts again from ``seed_everything``, so
@@ -82,6 +91,23 @@ class RandomStateCheckpoint(pl.Callback):
     """
 
     key = "random_states"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._restored = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Forgets an earlier fit's restore (called before this fit's checkpoint is read)."""
+        self._restored = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reseeds each rank's torch generators under DDP, unless a checkpoint restored them.
+
+        Before the training data loader is made: its augmentation seed is mixed from
+        ``torch.initial_seed()``, which a resumed fit gets back from the saved state.
+        """
+        if trainer.world_size > 1 and not self._restored:
+            torch.manual_seed(derive_seed(torch.initial_seed(), trainer.global_rank))
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -121,6 +147,7 @@ class RandomStateCheckpoint(pl.Callback):
             return
         rank = trainer.global_rank
         torch.set_rng_state(states["torch"][rank].clone())
+        self._restored = True
         if "cuda" in states and pl_module.device.type == "cuda":
             torch.cuda.set_rng_state(states["cuda"][rank].clone(), pl_module.device)
         dataset = _training_dataset(trainer)

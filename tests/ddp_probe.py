@@ -5,20 +5,23 @@ It runs inside the ``python train.py`` subprocesses of the DDP tests (added with
 writes ``<output_dir>/<stage>-rank<global rank>.json`` at teardown:
 
 ``{"train": [[epoch, [sample indices...], [sx, sy, sz]], ...], "train_loss": [[epoch,
-batch size, loss], ...], "val": [...], "test": [...]}``
+batch size, loss], ...], "torch_rng": [fingerprint, ...], "val": [...], "test": [...]}``
 
 where ``[sx, sy, sz]`` is the per-axis augmentation scale of the batch's first sample,
 recovered as augmented / cached points. That recovery is exact only when rotation, jitter
-and point shuffling are off, which the fit test configures.
+and point shuffling are off, which the fit test configures. The fingerprint is a hash of
+torch's global generator (what dropout and region mixing draw from) at the batch's start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 
 
 class SampleProbe(pl.Callback):
@@ -31,7 +34,9 @@ class SampleProbe(pl.Callback):
     def __init__(self, output_dir: str) -> None:
         super().__init__()
         self.output_dir = output_dir
-        self.records: dict[str, list[Any]] = {"train": [], "train_loss": [], "val": [], "test": []}
+        self.records: dict[str, list[Any]] = {
+            "train": [], "train_loss": [], "torch_rng": [], "val": [], "test": []
+        }  # fmt: skip
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -40,6 +45,8 @@ class SampleProbe(pl.Callback):
         clean = trainer.datamodule.train_dataset.points[int(index[0])].to(points.device)
         scale = (points[0] / clean).median(dim=0).values
         self.records["train"].append([trainer.current_epoch, index.tolist(), scale.tolist()])
+        state = torch.get_rng_state().numpy().tobytes()
+        self.records["torch_rng"].append(hashlib.sha256(state).hexdigest())
 
     def on_train_batch_end(
         self,

@@ -29,6 +29,7 @@ import torch.distributed
 from torch.utils.data import DataLoader, DistributedSampler
 
 import pointsink.data as data_module
+from pointsink.callbacks import RandomStateCheckpoint
 from pointsink.data import (
     DatasetLayoutError,
     PointCloudDataset,
@@ -220,6 +221,10 @@ def test_ddp_fit_writes_once_and_feeds_each_rank_its_share(ddp_fit: SimpleNamesp
     scales = [torch.tensor([scale for _, _, scale in rank["train"]]) for rank in records]
     assert scales[0].shape == scales[1].shape
     assert not torch.isclose(scales[0], scales[1], atol=1e-3).all(dim=1).any()
+    # ... and its own dropout and mixing stream (RandomStateCheckpoint reseeds per rank).
+    fingerprints = [rank["torch_rng"] for rank in records]
+    assert len(fingerprints[0]) == len(fingerprints[1]) > 0
+    assert not set(fingerprints[0]) & set(fingerprints[1])
 
     metrics = _metrics(ddp_fit.run)
     for accuracy in metrics["val/oa"]:
@@ -342,6 +347,26 @@ def test_augmentation_differs_per_rank_and_is_reproducible(tmp_path, make_shape_
     rank0 = first_samples(0)
     assert not torch.allclose(rank0, first_samples(1))
     torch.testing.assert_close(rank0, first_samples(0))
+
+
+def test_each_rank_gets_its_own_torch_stream_unless_restored() -> None:
+    def state_after_fit_start(world_size: int, rank: int, restored: bool = False) -> torch.Tensor:
+        callback = RandomStateCheckpoint()
+        trainer = SimpleNamespace(world_size=world_size, global_rank=rank)
+        callback.setup(trainer, None, "fit")
+        torch.manual_seed(0)  # what seed_everything(0) does on every rank
+        if restored:  # as on_load_checkpoint leaves it after setting the saved state
+            callback._restored = True
+        callback.on_fit_start(trainer, None)
+        return torch.get_rng_state()
+
+    torch.manual_seed(0)
+    seeded = torch.get_rng_state()
+    assert torch.equal(state_after_fit_start(1, 0), seeded)  # one process: untouched
+    rank0, rank1 = state_after_fit_start(2, 0), state_after_fit_start(2, 1)
+    assert not torch.equal(rank0, rank1) and not torch.equal(rank0, seeded)
+    assert torch.equal(rank0, state_after_fit_start(2, 0))  # reproducible
+    assert torch.equal(state_after_fit_start(2, 1, restored=True), seeded)
 
 
 def test_augmentation_differs_per_dataloader_worker() -> None:
