@@ -207,6 +207,10 @@ class SinkformerCLI(LightningCLI):
         saved_class_names = hparams.get("class_names")
         saved_points = hparams.get("num_points")
         saved_seed = hparams.get("sample_seed")
+        saved_augmentation = hparams.get("augmentation")
+        saved_up_axis = (
+            saved_augmentation.get("up_axis") if isinstance(saved_augmentation, dict) else None
+        )
         for name in LINKED_FROM_DATA:
             hparams.pop(name, None)
         if not hparams:
@@ -248,6 +252,17 @@ class SinkformerCLI(LightningCLI):
                     f"--ckpt_path {ckpt_path} was trained with {name}={saved}; this run uses "
                     f"{current} (--data.{name} {saved} to match)."
                 )
+        if (
+            subcommand == "predict"
+            and "up_axis" in data
+            and saved_up_axis not in (None, data.up_axis)
+        ):
+            # --data.predict_up_axis turns the files to the vertical the model was trained on.
+            rank_zero_warn(
+                f"--ckpt_path {ckpt_path} was trained with up_axis={saved_up_axis}; predict "
+                f"uses it (--data.up_axis {data.get('up_axis')} is not used)."
+            )
+            data.up_axis = saved_up_axis
         if subcommand == "predict" and saved_class_names is not None and "class_names" in data:
             data.class_names = [str(name) for name in saved_class_names]
             if "class_path" in config.data:

@@ -43,7 +43,12 @@ from pointsink.io import (
     file_extension,
 )
 from pointsink.synthetic import SYNTHETIC_CLASSES, generate_synthetic_shapes
-from pointsink.transforms import PointCloudAugmentation, load_for_sampling, preprocess_shape
+from pointsink.transforms import (
+    PointCloudAugmentation,
+    load_for_sampling,
+    preprocess_shape,
+    up_axis_rotation,
+)
 from pointsink.validation import check_int
 
 __all__ = [
@@ -682,6 +687,9 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         preprocess_workers: Processes used to build the caches (None: up to 8).
         predict_files: Files, folders (searched recursively) or glob patterns to classify
             with ``predict`` (not used by training); one path or a list.
+        predict_up_axis: The ``predict_files``' vertical axis (``"x"``, ``"y"``, ``"z"``),
+            turned to ``up_axis`` before classifying (e.g. ``"y"`` for glTF files); None:
+            they stand like the training shapes.
     """
 
     def __init__(
@@ -707,6 +715,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         preprocess_workers: int | None = None,
         predict_files: list[str] | str | None = None,
+        predict_up_axis: str | None = None,
     ) -> None:
         super().__init__()
         # Kept as the Python ints check_int returns: num_points reaches the model's
@@ -736,6 +745,9 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         if isinstance(predict_files, str):
             predict_files = [predict_files]
         self.predict_files = list(predict_files) if predict_files is not None else None
+        self.predict_orientation = (
+            None if predict_up_axis is None else up_axis_rotation(predict_up_axis, up_axis)
+        )
         # Built (and so validated) now, so bad augmentation settings fail at startup.
         augmentation = PointCloudAugmentation(
             scale_low=scale_low,
@@ -1048,7 +1060,9 @@ class ShapeFolderDataModule(pl.LightningDataModule):
                 "No files to predict: pass --data.predict_files PATH or "
                 "--data.predict_files '[PATH, ...]' (files, folders or glob patterns)."
             )
-        dataset = ShapePredictionDataset(self.predict_files, self.num_points, self.sample_seed)
+        dataset = ShapePredictionDataset(
+            self.predict_files, self.num_points, self.sample_seed, self.predict_orientation
+        )
         world_size, rank = self._world()
         sampler = None
         if world_size > 1:

@@ -43,7 +43,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, file_extension
-from pointsink.transforms import PointCloudAugmentation, load_for_sampling, preprocess_shape
+from pointsink.transforms import (
+    PointCloudAugmentation,
+    load_for_sampling,
+    preprocess_shape,
+    up_axis_rotation,
+)
 from pointsink.validation import check_int
 
 __all__ = [
@@ -300,6 +305,7 @@ def preprocess_views(
     seed: int = 0,
     votes: int = 1,
     augmentation: PointCloudAugmentation | None = None,
+    orientation: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Loads a shape once and makes the point sets that the classifier averages over.
 
@@ -310,6 +316,8 @@ def preprocess_views(
     ``sample_seed = seed``. Each further view ``v`` is sampled with its own seed derived
     from ``(s, v)`` and, if ``augmentation`` is given, augmented with a generator seeded
     the same way, so the result depends only on the arguments and the file's contents.
+    ``orientation`` turns every view before it is augmented (sampling and normalization
+    commute with a rotation, so this is the shape turned first).
 
     Args:
         source: A file path or an in-memory shape (see :func:`pointsink.io.as_shape`).
@@ -317,6 +325,9 @@ def preprocess_views(
         seed: Base seed (>= 0).
         votes: Number of views ``V`` (>= 1).
         augmentation: Augmentation of views 1 to ``V - 1``.
+        orientation: Rotation ``(3, 3)`` applied to every view as ``points @ R.T``, e.g.
+            :func:`pointsink.transforms.up_axis_rotation` for a file that is not z-up;
+            None: the shape as it is.
 
     Returns:
         ``(views, warnings)``: float32 array ``(V, N, 3)`` and the distinct messages of the
@@ -328,10 +339,10 @@ def preprocess_views(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         shape, seed = load_for_sampling(source, seed)
-        views = [preprocess_shape(shape, num_points, seed)]
+        views = [_turn(preprocess_shape(shape, num_points, seed), orientation)]
         for view in range(1, votes):
             view_seed = _view_seed(seed, view)
-            points = preprocess_shape(shape, num_points, view_seed)
+            points = _turn(preprocess_shape(shape, num_points, view_seed), orientation)
             if augmentation is not None:
                 generator = torch.Generator().manual_seed(view_seed)
                 with torch.no_grad():
@@ -345,12 +356,26 @@ def preprocess_views(
     return np.stack(views).astype(np.float32, copy=False), messages
 
 
+def _turn(points: np.ndarray, orientation: np.ndarray | None) -> np.ndarray:
+    """``points (N, 3) @ orientation.T`` in float32, or the points as they are for None."""
+    if orientation is None:
+        return points
+    return (points @ orientation.T).astype(np.float32, copy=False)
+
+
 def _safe_preprocess(
-    source: Any, num_points: int, seed: int, votes: int, augmentation: PointCloudAugmentation | None
+    source: Any,
+    num_points: int,
+    seed: int,
+    votes: int,
+    augmentation: PointCloudAugmentation | None,
+    orientation: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, str | None, str | None]:
     """:func:`preprocess_views` that returns ``(views or None, error or None, warning or None)``."""
     try:
-        views, messages = preprocess_views(source, num_points, seed, votes, augmentation)
+        views, messages = preprocess_views(
+            source, num_points, seed, votes, augmentation, orientation
+        )
     except ShapeLoadError as exc:
         return None, str(exc), None
     except Exception as exc:  # one odd input must never stop the others
@@ -373,6 +398,8 @@ class ShapePredictionDataset(Dataset):
         paths: Files, folders or glob patterns.
         num_points: Points per shape ``N``.
         seed: Sampling seed (>= 0).
+        orientation: Rotation ``(3, 3)`` of every shape (see :func:`preprocess_views`);
+            None: as they are.
 
     Items are dicts ``{"points": (N, 3) float32, "index": int, "path": str, "error": str,
     "warning": str}``, where an empty ``error``/``warning`` string means none (the default
@@ -380,7 +407,11 @@ class ShapePredictionDataset(Dataset):
     """
 
     def __init__(
-        self, paths: Sequence[str | os.PathLike[str]], num_points: int, seed: int = 0
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        num_points: int,
+        seed: int = 0,
+        orientation: np.ndarray | None = None,
     ) -> None:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -389,6 +420,7 @@ class ShapePredictionDataset(Dataset):
         self.entries: list[PathEntry] = expand_paths(paths)
         self.num_points = num_points
         self.seed = seed
+        self.orientation = orientation
 
     @property
     def paths(self) -> list[str]:
@@ -404,7 +436,7 @@ class ShapePredictionDataset(Dataset):
         error, warning, points = entry.error, None, None
         if error is None:
             views, error, warning = _safe_preprocess(
-                entry.path, self.num_points, self.seed, 1, None
+                entry.path, self.num_points, self.seed, 1, None, self.orientation
             )
             if views is not None:
                 points = torch.from_numpy(views[0])
@@ -570,6 +602,11 @@ class ShapeClassifier:
         """Class names in label order (a copy)."""
         return list(self._class_names)
 
+    @property
+    def up_axis(self) -> int:
+        """Index of the vertical axis of the training shapes (the augmentation's; 2 is z)."""
+        return self.augmentation.up_axis
+
     @classmethod
     def from_checkpoint(
         cls,
@@ -673,6 +710,7 @@ class ShapeClassifier:
         seed: int | None = None,
         batch_size: int = 32,
         progress: bool = False,
+        up_axis: int | str | None = None,
     ) -> list[Prediction]:
         """Classifies shapes.
 
@@ -693,6 +731,10 @@ class ShapeClassifier:
                 which view 0 of a file is the point set ``train.py test`` scores.
             batch_size: Shapes per forward pass.
             progress: Show a progress bar on stderr.
+            up_axis: The inputs' vertical axis, ``"x"``, ``"y"`` or ``"z"`` (e.g. ``"y"``
+                for glTF files); they are turned upright along :attr:`up_axis` first (see
+                :func:`pointsink.transforms.up_axis_rotation`). None: the inputs stand like
+                the training shapes.
 
         Returns:
             One :class:`Prediction` per input (per file of a folder or pattern, per item
@@ -705,6 +747,7 @@ class ShapeClassifier:
         check_int("votes", votes)
         check_int("batch_size", batch_size)
         seed = self.sample_seed if seed is None else check_int("seed", seed, minimum=0)
+        orientation = None if up_axis is None else up_axis_rotation(up_axis, self.up_axis)
         items = list(_flatten_inputs(inputs))
         results: list[Prediction] = []
         bar = None
@@ -715,7 +758,7 @@ class ShapeClassifier:
         try:
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
-                results.extend(self._predict_chunk(chunk, top_k, votes, seed))
+                results.extend(self._predict_chunk(chunk, top_k, votes, seed, orientation))
                 if bar is not None:
                     bar.update(len(chunk))
         finally:
@@ -757,7 +800,12 @@ class ShapeClassifier:
         return flat.reshape(*views.shape[:2], -1)
 
     def _predict_chunk(
-        self, chunk: list[_Item], top_k: int, votes: int, seed: int
+        self,
+        chunk: list[_Item],
+        top_k: int,
+        votes: int,
+        seed: int,
+        orientation: np.ndarray | None = None,
     ) -> list[Prediction]:
         prepared: list[tuple[np.ndarray | None, str | None, str | None]] = []
         for item in chunk:
@@ -765,7 +813,9 @@ class ShapeClassifier:
                 prepared.append((None, item.error, None))
             else:
                 prepared.append(
-                    _safe_preprocess(item.source, self.num_points, seed, votes, self.augmentation)
+                    _safe_preprocess(
+                        item.source, self.num_points, seed, votes, self.augmentation, orientation
+                    )
                 )
         valid = [views for views, _, _ in prepared if views is not None]
         probabilities = None

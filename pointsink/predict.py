@@ -26,6 +26,7 @@ from pointsink.inference import (
     ShapeClassifier,
     format_predictions,
 )
+from pointsink.transforms import AXIS_NAMES
 
 __all__ = ["build_parser", "main"]
 
@@ -113,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=_positive_int, default=32, metavar="B", help="shapes per batch"
     )
+    parser.add_argument(
+        "--up-axis",
+        choices=AXIS_NAMES,
+        default=None,
+        help="the files' vertical axis, turned to the model's before classifying (e.g. y for "
+        "glTF/GLB; default: the files stand like the training shapes, z-up for ModelNet). "
+        "The model knows shapes upright and facing roughly as in training: it was trained "
+        "turned by at most its augmentation's angle about the vertical",
+    )
     return parser
 
 
@@ -174,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         progress=sys.stderr.isatty(),
+        up_axis=args.up_axis,
     )
     text = format_predictions(predictions, args.format)
     if output is None:

@@ -30,7 +30,11 @@ __all__ = [
     "normalize_points",
     "preprocess_shape",
     "sample_points",
+    "up_axis_index",
+    "up_axis_rotation",
 ]
+
+AXIS_NAMES = ("x", "y", "z")
 
 
 def sample_points(shape: Any, num_points: int, seed: int) -> np.ndarray:
@@ -170,6 +174,45 @@ def preprocess_shape(
     # Sample in float64 and normalize before casting: a small object far from the origin
     # (coordinates ~1e6) would lose its detail if cast to float32 first.
     return normalize_points(_sample_points_float64(shape, num_points, seed))
+
+
+def up_axis_index(axis: int | str) -> int:
+    """Index of a coordinate axis given as ``0``, ``1``, ``2`` or ``"x"``, ``"y"``, ``"z"``.
+
+    Raises:
+        ValueError: Anything else.
+    """
+    if isinstance(axis, str) and axis.strip().lower() in AXIS_NAMES:
+        return AXIS_NAMES.index(axis.strip().lower())
+    if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool) and 0 <= axis <= 2:
+        return int(axis)
+    raise ValueError(f"an up axis is 'x', 'y', 'z' (or 0, 1, 2); got {axis!r}.")
+
+
+def up_axis_rotation(from_axis: int | str, to_axis: int | str) -> np.ndarray:
+    """The quarter turn that stands a shape whose vertical is ``from_axis`` up along ``to_axis``.
+
+    Files differ in which axis points up: glTF is y-up by definition, ModelNet and the
+    shipped models are z-up. This rotation ``R`` turns about the remaining axis ``c`` with
+    ``R e_from = e_to`` and ``R e_to = -e_from``, e.g. y-up to z-up maps ``(x, y, z)`` to
+    ``(x, -z, y)``, the usual glTF-to-z-up conversion. It is a proper rotation (no mirror
+    image) and exact in floating point (signs and a permutation). It fixes the vertical
+    only: the facing direction about it is whatever the file has.
+
+    Args:
+        from_axis: The input's vertical axis (see :func:`up_axis_index`).
+        to_axis: The vertical axis wanted.
+
+    Returns:
+        Float64 array ``(3, 3)``; rotate points ``(N, 3)`` as ``points @ R.T``. The
+        identity when the axes are the same.
+    """
+    source, target = up_axis_index(from_axis), up_axis_index(to_axis)
+    rotation = np.eye(3)
+    if source != target:
+        rotation[:, source] = np.eye(3)[target]
+        rotation[:, target] = -np.eye(3)[source]
+    return rotation
 
 
 def _sample_points_float64(

@@ -24,7 +24,12 @@ from pointsink.inference import (
     preprocess_views,
 )
 from pointsink.module import SinkformerClassifier
-from pointsink.transforms import PointCloudAugmentation, file_sample_seed, preprocess_shape
+from pointsink.transforms import (
+    PointCloudAugmentation,
+    file_sample_seed,
+    preprocess_shape,
+    up_axis_rotation,
+)
 
 
 @pytest.fixture(scope="session")
@@ -243,6 +248,26 @@ def test_seeded_and_reproducible_votes(classifier: ShapeClassifier, format_files
     found = torch.tensor([dict(everything.topk)[name] for name in CLASSES])
     expected = classifier.predict_probabilities(torch.from_numpy(views)).mean(dim=0)
     torch.testing.assert_close(found, expected, atol=1e-6, rtol=0)
+
+
+def test_up_axis_turns_a_lying_shape_upright_first(classifier: ShapeClassifier) -> None:
+    # A tall box is stood on its y axis, as a glTF file (y-up) would hold it.
+    upright = trimesh.creation.box(extents=[0.3, 0.5, 1.0])
+    lying = upright.copy()
+    lying.vertices = lying.vertices @ up_axis_rotation("z", "y").T
+    assert classifier.up_axis == 2
+    everything = {"top_k": len(CLASSES), "seed": 1, "votes": 2}
+
+    def probabilities(shape: trimesh.Trimesh, **kwargs) -> dict[str, float]:
+        return dict(classifier.predict(shape, **everything, **kwargs)[0].topk)
+
+    expected = probabilities(upright)
+    turned = probabilities(lying, up_axis="y")
+    assert turned == pytest.approx(expected, abs=1e-6)
+    assert probabilities(lying) != pytest.approx(expected, abs=1e-6)
+    assert probabilities(upright, up_axis="z") == expected
+    with pytest.raises(ValueError, match="up axis"):
+        classifier.predict(upright, up_axis="w")
 
 
 class _AxisSpreadModel(torch.nn.Module):

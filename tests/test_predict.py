@@ -8,6 +8,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from _inference_utils import CLASSES, build_tiny_checkpoint, write_bad_files, write_format_files
@@ -17,6 +18,7 @@ from pointsink.cli import main as train_main
 from pointsink.data import ShapeFolderDataModule
 from pointsink.inference import ShapeClassifier
 from pointsink.predict import main
+from pointsink.transforms import file_sample_seed, preprocess_shape, up_axis_rotation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +50,28 @@ def test_json_output_matches_the_python_api(checkpoint, files, tmp_path, capsys)
     assert {"path", "label", "probability", "topk", "error"} <= set(records[0])
     assert "missing.off: no such file" in captured.err
     assert "2 of 3 file(s) classified" in captured.err
+
+
+def test_up_axis_option_matches_the_python_api(checkpoint, files, capsys) -> None:
+    paths = [str(files["glb_scene"]), str(files["obj"])]
+    status = main([str(checkpoint), *paths, "--format", "json", "--up-axis", "y"])
+    records = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert records == _api_records(checkpoint, paths, up_axis="y")
+    assert records != _api_records(checkpoint, paths)
+    with pytest.raises(SystemExit):
+        main([str(checkpoint), *paths, "--up-axis", "w"])
+
+
+def test_predict_loader_turns_files_with_predict_up_axis(files) -> None:
+    path = files["obj"]
+    loader = ShapeFolderDataModule(
+        "unused", class_names=CLASSES, num_points=64, predict_files=[str(path)],
+        predict_up_axis="x",
+    ).predict_dataloader()  # fmt: skip
+    points = loader.dataset[0]["points"].numpy()
+    plain = preprocess_shape(path, 64, seed=file_sample_seed(path, 0))
+    np.testing.assert_array_equal(points, (plain @ up_axis_rotation("x", "z").T).astype("f4"))
 
 
 def test_folder_table_output_and_exit_zero(checkpoint, files, capsys) -> None:
@@ -133,6 +157,11 @@ def test_help(capsys) -> None:
     assert "--votes" in capsys.readouterr().out
 
 
+def _prediction_writer(cli) -> PredictionWriter:
+    (writer,) = [c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter)]
+    return writer
+
+
 def test_train_py_fit_then_predict(files, tmp_path, monkeypatch, capsys) -> None:
     args = [
         "--config", str(REPO / "configs" / "synthetic.yaml"),
@@ -176,10 +205,7 @@ def test_train_py_fit_then_predict(files, tmp_path, monkeypatch, capsys) -> None
             "--prediction_writer.top_k", "3",
         ]
     )  # fmt: skip
-    writer = predict.trainer.callbacks[
-        [type(c).__name__ for c in predict.trainer.callbacks].index("PredictionWriter")
-    ]
-    output = writer.last_output
+    output = _prediction_writer(predict).last_output
     assert output is not None and output.name == "predictions.json"
     assert (tmp_path / "run") in output.parents
     records = json.loads(output.read_text())
@@ -210,6 +236,20 @@ def test_train_py_fit_then_predict(files, tmp_path, monkeypatch, capsys) -> None
         else:
             assert train_main() is not None
         assert len(json.loads(output.read_text())) == len(predict_files)
+
+    # Files that stand on z are turned to the checkpoint's vertical (y), whatever the
+    # config's up_axis says, as pointsink-predict --up-axis z does.
+    with pytest.warns(UserWarning, match="trained with up_axis=1"):
+        turned = train_main(
+            [*command, "--data.up_axis", "2", "--data.predict_up_axis", "z",
+             "--data.predict_files", json.dumps(test_files)]
+        )  # fmt: skip
+    records = json.loads(_prediction_writer(turned).last_output.read_text())
+    expected = [p.to_dict() for p in classifier.predict(test_files, top_k=5, up_axis="z")]
+    plain = [p.to_dict() for p in classifier.predict(test_files, top_k=5)]
+    for record, reference in zip(records, expected, strict=True):
+        assert dict(record["topk"]) == pytest.approx(dict(reference["topk"]), abs=1e-5)
+    assert [r["topk"] for r in expected] != [r["topk"] for r in plain]
 
 
 @pytest.mark.parametrize(("num_files", "world_size"), [(1, 2), (3, 2), (4, 3)])

@@ -15,6 +15,7 @@ from pointsink.transforms import (
     normalize_points,
     preprocess_shape,
     sample_points,
+    up_axis_rotation,
 )
 
 EXTENTS = np.array([1.0, 1.0, 10.0])
@@ -348,3 +349,20 @@ def test_small_clouds_are_filled_with_random_repeats():
         points = sample_points(cloud, 1000, seed=0)
     _, counts = np.unique(points, axis=0, return_counts=True)
     assert len(counts) == 10 and counts.max() < 200
+
+
+def test_up_axis_rotation_stands_the_given_axis_up_without_mirroring():
+    point = np.array([1.0, 2.0, 3.0])
+    # glTF (y-up) to z-up: the usual (x, y, z) -> (x, -z, y).
+    np.testing.assert_array_equal(up_axis_rotation("y", "z") @ point, [1.0, -3.0, 2.0])
+    np.testing.assert_array_equal(up_axis_rotation("Z", 2), np.eye(3))
+    for source in range(3):
+        for target in range(3):
+            rotation = up_axis_rotation(source, target)
+            np.testing.assert_array_equal(rotation @ np.eye(3)[source], np.eye(3)[target])
+            np.testing.assert_array_equal(rotation.T @ rotation, np.eye(3))
+            assert np.linalg.det(rotation) == pytest.approx(1.0)  # a turn, not a mirror
+            np.testing.assert_array_equal(up_axis_rotation(target, source) @ rotation, np.eye(3))
+    for bad in ("up", 3, -1, True, 1.0):
+        with pytest.raises(ValueError, match="'x', 'y', 'z'"):
+            up_axis_rotation(bad, "z")
