@@ -221,10 +221,12 @@ class SinkformerCLI(LightningCLI):
             if name not in LINKED_FROM_DATA:
                 hparams.setdefault(name, default)
         given = config.model
+        # `weights` only records where a fine-tuned run started; with --ckpt_path it is never
+        # read again, so a config without it (the usual case) overrides nothing.
         overridden = [
             f"{name}={given[name]!r} (checkpoint: {value!r})"
             for name, value in hparams.items()
-            if name in given and given[name] != value
+            if name in given and given[name] != value and name != "weights"
         ]
         if overridden:
             rank_zero_warn(

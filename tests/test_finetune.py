@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,6 +162,17 @@ def test_fine_tune_a_linear_probe_through_the_cli(
     ])  # fmt: skip
     assert resumed.trainer.current_epoch == 2
     _assert_same_body(_model_weights(_last_checkpoint(tmp_path / "run")), old)
+
+    # Testing it with a config that does not name `weights` (the usual case) warns about no
+    # unused model argument: `weights` only records where the run started.
+    without_weights = [arg for arg in args if arg not in ("--model.weights", str(weights))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(
+            ["test", *without_weights, "--model.freeze_backbone", "true", "--ckpt_path", str(last)]
+        )
+    unused = [str(w.message) for w in caught if "arguments are not used" in str(w.message)]
+    assert not unused, unused
 
 
 def test_unusable_weights_fail_with_one_sentence(
