@@ -362,7 +362,10 @@ class ConfusionMatrixReport(pl.Callback):
         (directory / "test_report.json").write_text(json.dumps(self.report, indent=2))
         plot_confusion_matrix(matrix, class_names, directory / "confusion_matrix.png")
         lines = [
-            f"{name:>14s} {100 * acc:6.2f} %" for name, acc in self.report["per_class"].items()
+            f"{name:>14s} {100 * acc:6.2f} %"
+            if acc is not None
+            else f"{name:>14s}    n/a (no test shapes)"
+            for name, acc in self.report["per_class"].items()
         ]
         rank_zero_info(
             "Per-class test accuracy:\n" + "\n".join(lines) + f"\nReport and confusion matrix "
@@ -378,16 +381,21 @@ def confusion_report(matrix: torch.Tensor, class_names: Sequence[str]) -> dict[s
         class_names: ``C`` names.
 
     Returns:
-        A JSON-ready dict. Classes without test samples are left out of the mean.
+        A JSON-ready dict. A class without test samples has no accuracy (None, JSON null)
+        and is left out of the mean; with no samples at all the accuracies are None.
     """
     counts = matrix.double()
     support = counts.sum(dim=1)
     per_class = counts.diagonal() / support.clamp(min=1)
     present = support > 0
+    total = counts.sum()
     return {
-        "overall_accuracy": float(counts.diagonal().sum() / counts.sum().clamp(min=1)),
-        "mean_class_accuracy": float(per_class[present].mean()) if present.any() else 0.0,
-        "per_class": {name: float(acc) for name, acc in zip(class_names, per_class, strict=True)},
+        "overall_accuracy": float(counts.diagonal().sum() / total) if total > 0 else None,
+        "mean_class_accuracy": float(per_class[present].mean()) if present.any() else None,
+        "per_class": {
+            name: float(acc) if has_samples else None
+            for name, acc, has_samples in zip(class_names, per_class, present, strict=True)
+        },
         "support": {name: int(n) for name, n in zip(class_names, support, strict=True)},
         "confusion_matrix": counts.long().tolist(),
     }

@@ -234,10 +234,15 @@ def test_confusion_report_accuracies() -> None:
     matrix = torch.tensor([[8, 2, 0], [1, 3, 0], [0, 0, 0]])
     report = confusion_report(matrix, CLASSES)
     assert report["overall_accuracy"] == pytest.approx(11 / 14)
-    assert report["per_class"] == pytest.approx({"cone": 0.8, "cube": 0.75, "sphere": 0.0})
-    # The class without test samples does not drag the mean down.
+    # The class without test samples has no accuracy (not 0 %) and does not drag the mean down.
+    assert report["per_class"]["sphere"] is None
+    assert report["per_class"]["cone"] == pytest.approx(0.8)
+    assert report["per_class"]["cube"] == pytest.approx(0.75)
     assert report["mean_class_accuracy"] == pytest.approx((0.8 + 0.75) / 2)
     assert report["support"] == {"cone": 10, "cube": 4, "sphere": 0}
+    empty = confusion_report(torch.zeros(3, 3, dtype=torch.long), CLASSES)
+    assert empty["overall_accuracy"] is None and empty["mean_class_accuracy"] is None
+    assert set(empty["per_class"].values()) == {None}
 
 
 class _LabelledData(pl.LightningDataModule):
