@@ -1180,9 +1180,39 @@ class ModelNetDataModule(ShapeFolderDataModule):
         return any((self.root / name / "train").is_dir() for name in self.class_names)
 
     def _provide_source(self) -> None:
-        """Downloads and extracts the dataset if ``root`` lacks it."""
-        if not self._has_data():
-            self._download()
+        """Downloads and extracts the dataset if ``root`` lacks it (and is empty or absent).
+
+        Raises:
+            DatasetLayoutError: ``root`` holds class folders, but none of the classes asked
+                for: most likely the user's own shapes, for :class:`ShapeFolderDataModule`.
+            DatasetNotFoundError: ``root`` holds other files (the download would have to
+                replace them), or the download failed.
+        """
+        if self._has_data():
+            return
+        if self.root.is_dir() and any(self.root.iterdir()):
+            # Checked before downloading: the archive is large and could not be put there.
+            found = sorted(
+                folder.name
+                for folder in self.root.iterdir()
+                if folder.is_dir() and any((folder / split).is_dir() for split in SPLITS)
+            )
+            if found:
+                raise DatasetLayoutError(
+                    f"{self.root} holds class folders ({', '.join(found[:6])}"
+                    f"{', ...' if len(found) > 6 else ''}) but none of {self.name}'s classes "
+                    f"asked for ({', '.join(self.class_names[:6])}"
+                    f"{', ...' if len(self.class_names) > 6 else ''}); for your own classes, "
+                    "use --data pointsink.data.ShapeFolderDataModule (in Python, "
+                    "ShapeFolderDataModule) with this root."
+                )
+            raise DatasetNotFoundError(
+                f"{self.name} is not in {self.root}, and that folder holds other files, so it "
+                f"is not downloaded there; point --data.root at an empty or new folder, or at "
+                f"the extracted {self.name} folder (with <class>/train and <class>/test "
+                "sub-folders)."
+            )
+        self._download()
 
     def _download(self) -> None:
         from torch_geometric.data import download_url, extract_zip

@@ -21,6 +21,7 @@ import pointsink.data as data_module
 from pointsink.data import (
     MODELNET10_CLASSES,
     MODELNET40_CLASSES,
+    DatasetLayoutError,
     DatasetNotFoundError,
     ModelNetDataModule,
     PointCloudDataset,
@@ -623,6 +624,25 @@ def test_modelnet_offline_raises_dataset_not_found(tmp_path, monkeypatch):
     assert str(root) in message
     assert str(tmp_path / "data" / "ModelNet10.zip") in message
     assert not list((tmp_path / "data").glob("*.part"))
+
+
+def test_modelnet_on_a_folder_of_other_classes_points_to_shape_folders(
+    tmp_path, monkeypatch, make_shape_folder
+):
+    requested: list[str] = []
+    monkeypatch.setattr(
+        torch_geometric.data, "download_url", lambda url, *args, **kwargs: requested.append(url)
+    )
+    own = make_shape_folder(tmp_path / "mine", class_names=("mug", "vase"), train_per_class=2)
+    with pytest.raises(DatasetLayoutError, match=r"\(mug, vase\).*ShapeFolderDataModule"):
+        ModelNetDataModule(root=str(own), cache_dir=str(tmp_path / "cache")).prepare_data()
+
+    cluttered = tmp_path / "cluttered"
+    cluttered.mkdir()
+    (cluttered / "notes.txt").write_text("not a dataset")
+    with pytest.raises(DatasetNotFoundError, match="holds other files"):
+        ModelNetDataModule(root=str(cluttered), cache_dir=str(tmp_path / "cache")).prepare_data()
+    assert requested == []  # neither started a download
 
 
 def test_modelnet_download_is_extracted_into_root(tmp_path, monkeypatch, make_shape_folder):
