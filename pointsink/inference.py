@@ -471,6 +471,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             objects that a weights-only load refuses, or is not a dict.
     """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.ckpt"))[:3]
+        hint = f" (it holds e.g. {', '.join(map(str, found))})" if found else ""
+        raise CheckpointError(
+            f"{path}: a folder, not a checkpoint file; give a .ckpt file{hint}. With "
+            "pointsink-predict the checkpoint comes first, then the files to classify."
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file.")
     try:

@@ -382,6 +382,7 @@ def _broken_checkpoints(checkpoint: Path, folder: Path) -> dict[str, tuple[Path,
     truncated.write_bytes(checkpoint.read_bytes()[:2000])
     cases["truncated"] = (truncated, "not a readable PyTorch checkpoint")
     cases["missing"] = (folder / "missing.ckpt", "no such checkpoint file")
+    cases["folder"] = (folder, r"a folder, not a checkpoint file; give a .ckpt file \(it holds")
     return cases
 
 
