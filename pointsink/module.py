@@ -563,10 +563,16 @@ class SinkformerClassifier(pl.LightningModule):
             )
             self.class_names = saved
             return
+        if sorted(saved) == sorted(self.class_names):
+            advice = "Give --data.class_names in the checkpoint's order."
+        else:
+            advice = (
+                "It cannot score these classes: use the checkpoint trained on them (e.g. the "
+                "one fine-tuned on this data), or the data it was trained on."
+            )
         raise CheckpointError(
             f"The checkpoint was trained on the classes {saved} (in this label "
-            f"order), but the model was built for {self.class_names} from the data. Give "
-            "--data.class_names in the checkpoint's order, or the data it was trained on."
+            f"order), but the model was built for {self.class_names} from the data. {advice}"
         )
 
 

@@ -83,8 +83,15 @@ def test_checkpoint_of_other_classes_is_refused(tmp_path: Path) -> None:
     trainer.save_checkpoint(path)
     # What `train.py test --ckpt_path` builds when the data lists the classes in another order.
     reordered = _module(class_names=list(reversed(CLASSES)))
-    with pytest.raises(CheckpointError, match=r"trained on the classes \['cone', 'cube'"):
+    with pytest.raises(CheckpointError, match=r"trained on the classes \['cone', 'cube'") as info:
         _quiet_trainer(tmp_path).test(reordered, _loader(), ckpt_path=path)
+    assert "in the checkpoint's order" in str(info.value)
+    # Other classes altogether (e.g. the base model tested on fine-tuning data): no reordering
+    # helps, so the message says which checkpoint to use instead.
+    renamed = _module(class_names=[f"{name}2" for name in CLASSES])
+    with pytest.raises(CheckpointError, match="cannot score these classes") as info:
+        _quiet_trainer(tmp_path).test(renamed, _loader(), ckpt_path=path)
+    assert "order" not in str(info.value).split("data. ")[-1]
     _quiet_trainer(tmp_path).test(_module(), _loader(), ckpt_path=path)  # same classes: fine
     # predict scores nothing: the model takes the checkpoint's names, so outputs carry them.
     with pytest.warns(UserWarning, match="named after the checkpoint's classes"):
