@@ -335,6 +335,49 @@ class SinkformerClassifier(pl.LightningModule):
         if self.hparams.logit_adjustment:
             self._count_class_prior()
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        class_names: list[str],
+        **overrides: Any,
+    ) -> SinkformerClassifier:
+        """A classifier of new classes built like a checkpoint's model, from its weights.
+
+        Python's counterpart of ``train.py fit --model.weights CKPT`` with the config that
+        trained the checkpoint: every hyperparameter (architecture, optimizer, schedule, point
+        count, augmentation) is the checkpoint's unless given in ``overrides``, the classes
+        are ``class_names``, and :meth:`load_pretrained` then copies the body's weights and
+        the head rows of the classes both know, by name. ``weights`` records ``path``.
+
+        Args:
+            path: A ``.ckpt`` written by ``train.py fit``.
+            class_names: The new classifier's classes, in label order.
+            **overrides: Other :class:`SinkformerClassifier` arguments, e.g. ``lr=3e-4``,
+                ``freeze_backbone=True`` or ``num_points`` (match your data module's).
+
+        Returns:
+            The classifier, ready for ``Trainer.fit``.
+
+        Raises:
+            CheckpointError: As :meth:`load_pretrained`; also when an override changes the
+                architecture.
+            TypeError: An override that is not an argument of this class.
+        """
+        arguments = set(default_hparams())
+        unknown = sorted(set(overrides) - arguments)
+        if unknown:
+            raise TypeError(f"{unknown} are not arguments of {cls.__name__}.")
+        saved = load_checkpoint(path).get("hyper_parameters")
+        saved = saved if isinstance(saved, dict) else {}
+        settings = {name: value for name, value in saved.items() if name in arguments}
+        for name in ("class_names", "num_classes", "weights"):  # this model's own
+            settings.pop(name, None)
+        settings.update(freeze_backbone=False, **overrides)
+        module = cls(class_names=list(class_names), **{**settings, "weights": str(path)})
+        module.load_pretrained(path)
+        return module
+
     def load_pretrained(self, path: str | os.PathLike[str]) -> list[str]:
         """Starts from another pointsink checkpoint's weights (fine-tuning).
 

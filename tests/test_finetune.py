@@ -54,6 +54,27 @@ def test_load_pretrained_keeps_the_body_and_carries_head_rows_by_name(pretrained
     assert not torch.equal(new["head.weight"][1], old["head.weight"][1])
 
 
+def test_from_pretrained_builds_the_checkpoints_model_for_new_classes(pretrained: Path) -> None:
+    torch.manual_seed(1)
+    module = SinkformerClassifier.from_pretrained(pretrained, NEW_CLASSES, lr=3e-4)
+    saved = torch.load(pretrained, map_location="cpu", weights_only=True)["hyper_parameters"]
+    for name in (*TINY, "num_points", "n_iter", "attention"):
+        assert module.hparams[name] == saved[name], name
+    assert module.hparams.lr == 3e-4 and module.hparams.weights == str(pretrained)
+    assert module.class_names == NEW_CLASSES and not module.hparams.freeze_backbone
+    old, new = _model_weights(pretrained), module.model.state_dict()
+    _assert_same_body(new, old)
+    for row, name in enumerate(NEW_CLASSES):
+        if name in CLASSES:
+            torch.testing.assert_close(
+                new["head.weight"][row], old["head.weight"][CLASSES.index(name)]
+            )
+    with pytest.raises(CheckpointError, match="channels=16 there, 32 here"):
+        SinkformerClassifier.from_pretrained(pretrained, NEW_CLASSES, channels=32)
+    with pytest.raises(TypeError, match="learning_rate"):
+        SinkformerClassifier.from_pretrained(pretrained, NEW_CLASSES, learning_rate=1e-3)
+
+
 def test_load_pretrained_names_the_differing_architecture(pretrained: Path, tmp_path: Path) -> None:
     module = SinkformerClassifier(class_names=NEW_CLASSES, **{**TINY, "channels": 8})
     with pytest.raises(CheckpointError, match=r"channels=16 there, 8 here"):
