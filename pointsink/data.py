@@ -1,6 +1,6 @@
 """Datasets, the preprocessed-points disk cache, and Lightning DataModules.
 
-Shapes live in ModelNet's layout, ``root/<class>/{train,test}/<class>_*.<ext>``. Each split
+Shapes live in ModelNet's layout, ``root/<class>/{train,test}/*.<ext>``. Each split
 is preprocessed once (load → sample ``num_points`` → normalize, see
 :func:`pointsink.transforms.preprocess_shape`) into a single cache file, then served from
 memory. Batches are dicts::
@@ -146,7 +146,7 @@ class DatasetNotFoundError(RuntimeError):
 class DatasetLayoutError(ValueError):
     """The shapes cannot serve the run as laid out.
 
-    A folder is missing or not laid out as ``<class>/{train,test}/<class>_*.<ext>``, a
+    A folder is missing or not laid out as ``<class>/{train,test}/*.<ext>``, a
     split the run needs has no readable shapes, or an evaluation split has fewer shapes
     than there are processes to share it. The CLI reports it in one line.
     """
@@ -275,7 +275,10 @@ class PointCloudDataset(Dataset):
 def find_shape_files(
     root: str | os.PathLike[str], class_names: Sequence[str], split: str
 ) -> list[tuple[Path, int]]:
-    """Lists ``root/<class>/<split>/<class>_*.<ext>`` files with a supported extension.
+    """Lists the ``root/<class>/<split>/*.<ext>`` files with a supported extension.
+
+    Any file name works (ModelNet's are ``<class>_NNNN.off``); hidden files (``.name``,
+    e.g. macOS's ``._chair_0001.off``) are left out.
 
     Args:
         root: Dataset folder.
@@ -293,7 +296,7 @@ def find_shape_files(
             continue
         for path in sorted(folder.iterdir()):
             if (
-                path.name.startswith(f"{class_name}_")
+                not path.name.startswith(".")
                 and file_extension(path) in SUPPORTED_EXTENSIONS
                 and path.is_file()
             ):
@@ -628,7 +631,7 @@ def discover_class_names(root: str | Path) -> list[str]:
     """The class folders of a dataset: sub-folders of ``root`` with ``train/`` or ``test/``.
 
     Args:
-        root: Dataset folder, laid out as ``<class>/{train,test}/<class>_*.<ext>``.
+        root: Dataset folder, laid out as ``<class>/{train,test}/*.<ext>``.
 
     Returns:
         The class names, sorted.
@@ -637,7 +640,7 @@ def discover_class_names(root: str | Path) -> list[str]:
         DatasetLayoutError: ``root`` is missing, not a folder, or holds no class folder.
     """
     root = Path(root)
-    layout = "<class>/train or <class>/test holding <class>_*.<ext> shape files"
+    layout = "<class>/train or <class>/test holding shape files"
     if not root.exists():
         raise DatasetLayoutError(f"{root} does not exist: give the dataset folder ({layout}).")
     if not root.is_dir():
@@ -655,7 +658,7 @@ def discover_class_names(root: str | Path) -> list[str]:
 
 
 class ShapeFolderDataModule(pl.LightningDataModule):
-    """Shapes in ModelNet layout: ``root/<class>/{train,test}/<class>_*.<ext>``.
+    """Shapes in ModelNet layout: ``root/<class>/{train,test}/*.<ext>`` (any file names).
 
     ``prepare_data`` builds the preprocessed caches; ``setup`` loads them and carves a
     seeded, stratified validation split out of the train split (the test split is only
@@ -843,8 +846,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             every_class: Whether each class needs files, or only the split as a whole.
 
         Raises:
-            DatasetLayoutError: Naming the expected layout, and the classes whose files
-                are there but misnamed.
+            DatasetLayoutError: Naming the expected layout, and the classes whose folders
+                hold files of other kinds.
         """
         labels = {label for _, label in find_shape_files(self.root, self.class_names, split)}
         missing = [name for label, name in enumerate(self.class_names) if label not in labels]
@@ -852,22 +855,22 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             return
         kind = "training" if split == "train" else split
         expected = (
-            f"expected files <class>/{split}/<class>_*.<ext> with an extension in "
+            f"expected files <class>/{split}/*.<ext> with an extension in "
             f"{sorted(SUPPORTED_EXTENSIONS)}"
         )
-        misnamed = {
+        unsupported = {
             name: sorted(
                 path.name
                 for path in (self.root / name / split).iterdir()
-                if path.is_file() and file_extension(path) in SUPPORTED_EXTENSIONS
+                if path.is_file() and not path.name.startswith(".")
             )
             for name in missing
             if (self.root / name / split).is_dir()
         }
         hint = "; ".join(
-            f"{name}/{split} has {len(files)} shape files whose names do not start with "
-            f"'{name}_' (e.g. {files[0]})"
-            for name, files in misnamed.items()
+            f"{name}/{split} has {len(files)} files, none with a supported extension "
+            f"(e.g. {files[0]})"
+            for name, files in unsupported.items()
             if files
         )
         hint = f". {hint}." if hint else "."

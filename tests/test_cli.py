@@ -490,16 +490,16 @@ def test_test_split_alone_is_enough_to_test(
     assert cli.datamodule.train_dataset is None
     assert not list((test_only / "processed").glob("*train*"))
 
-    # Without test shapes (here misnamed), `test` stops with one sentence instead of
-    # testing nothing and exiting 0 without a metric.
+    # Without test shapes (here files of another kind), `test` stops with one sentence
+    # instead of testing nothing and exiting 0 without a metric.
     for path in test_only.glob("*/test/*"):
-        path.rename(path.with_name("shape_" + path.name))
+        path.rename(path.with_name(path.name + ".bak"))
     with pytest.raises(SystemExit) as exit_info:
         main(["test", *data, "--data.root", str(test_only), "--ckpt_path", "best"])
     assert exit_info.value.code == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert f"Found no test shapes in {test_only}" in line
-    assert "mug/test has 2 shape files whose names do not start with 'mug_'" in line
+    assert "mug/test has 2 files, none with a supported extension" in line
 
 
 def test_predict_with_another_data_config_takes_the_checkpoints_classes(

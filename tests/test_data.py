@@ -559,15 +559,24 @@ def test_root_without_class_folders_says_what_it_looked_for(tmp_path):
         datamodule.prepare_data()
 
 
-def test_a_class_without_training_files_is_an_error_naming_misnamed_files(
-    tmp_path, make_shape_folder
-):
+def test_any_file_name_is_a_shape_and_other_kinds_are_named(tmp_path, make_shape_folder):
     root = make_shape_folder(tmp_path / "shapes", class_names=("mug", "vase"))
+    vases = sorted((root / "vase" / "train").iterdir())
+    for number, path in enumerate(vases):
+        path.rename(path.with_name(f"scan {number}{path.suffix}"))  # not ModelNet's names
+    hidden = root / "vase" / "train" / f"._scan 0{vases[0].suffix}"  # macOS metadata
+    hidden.write_bytes(b"\x00\x05\x16\x07")
+    datamodule = _datamodule(root, tmp_path, val_fraction=0.0)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    paths = datamodule.train_dataset.paths
+    assert sum("/vase/train/scan " in path for path in paths) == 4 and len(paths) == 8
+
     for path in (root / "vase" / "train").iterdir():
-        path.rename(path.with_name(f"IMG_{path.name}"))  # not `vase_*`: not a vase shape
+        path.rename(path.with_name(path.name + ".bak"))  # no supported extension left
     with pytest.raises(ValueError, match=r"for the classes \['vase'\]") as error:
         _datamodule(root, tmp_path).prepare_data()
-    assert "vase/train has 4 shape files whose names do not start with 'vase_'" in str(error.value)
+    assert "vase/train has 4 files, none with a supported extension (e.g. " in str(error.value)
 
 
 def test_read_only_root_gets_a_user_cache_dir(tmp_path, make_shape_folder, monkeypatch):
