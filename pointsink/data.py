@@ -40,7 +40,7 @@ from pointsink.io import (
     SUPPORTED_EXTENSIONS,
     ShapeLoadError,
     exclusive_lock,
-    file_extension,
+    is_shape_file,
 )
 from pointsink.synthetic import SYNTHETIC_CLASSES, generate_synthetic_shapes
 from pointsink.transforms import (
@@ -295,11 +295,7 @@ def find_shape_files(
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            if (
-                not path.name.startswith(".")
-                and file_extension(path) in SUPPORTED_EXTENSIONS
-                and path.is_file()
-            ):
+            if is_shape_file(path):
                 files.append((path, label))
     return files
 

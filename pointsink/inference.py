@@ -42,7 +42,7 @@ import trimesh
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, file_extension
+from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, is_shape_file
 from pointsink.transforms import (
     PointCloudAugmentation,
     load_for_sampling,
@@ -238,7 +238,7 @@ def _expand_one(raw: str | os.PathLike[str], seen: set[str]) -> list[PathEntry]:
         for match in sorted(glob.glob(path, recursive=True)):
             if os.path.isdir(match):
                 found.extend(_shape_files_in(match))
-            elif _is_shape_file(match):
+            elif is_shape_file(match):
                 found.append(match)
         if not found:
             return [PathEntry(given, _no_files_error(given, "pattern"))]
@@ -262,15 +262,6 @@ def _no_files_error(given: str, kind: str) -> str:
     return f"{given}: this {kind} {where} no shape files (supported extensions: {extensions})."
 
 
-def _is_shape_file(path: str) -> bool:
-    name = os.path.basename(path)
-    return (
-        not name.startswith(".")
-        and file_extension(name) in SUPPORTED_EXTENSIONS
-        and os.path.isfile(path)
-    )
-
-
 def _shape_files_in(folder: str) -> list[str]:
     """Supported, non-hidden files under ``folder``, recursively, in sorted order.
 
@@ -289,7 +280,7 @@ def _shape_files_in(folder: str) -> list[str]:
         found.extend(
             os.path.join(directory, name)
             for name in sorted(files)
-            if _is_shape_file(os.path.join(directory, name))
+            if is_shape_file(os.path.join(directory, name))
         )
     return found
 

@@ -30,6 +30,7 @@ __all__ = [
     "as_shape",
     "exclusive_lock",
     "file_extension",
+    "is_shape_file",
     "load_shape",
 ]
 
@@ -58,6 +59,20 @@ class ShapeLoadError(ValueError):
 def file_extension(path: str | os.PathLike[str]) -> str:
     """Returns the lower-case extension without the dot (``"CHAIR.OFF"`` gives ``"off"``)."""
     return Path(path).suffix.lower().lstrip(".")
+
+
+def is_shape_file(path: str | os.PathLike[str]) -> bool:
+    """Whether a folder entry is a shape to read: a regular file with a supported extension.
+
+    Hidden files (``.name``, e.g. macOS's ``._chair_0001.off``) are metadata, not shapes.
+    Training folders and prediction folders are listed by this one rule.
+    """
+    name = os.path.basename(path)
+    return (
+        not name.startswith(".")
+        and file_extension(name) in SUPPORTED_EXTENSIONS
+        and os.path.isfile(path)
+    )
 
 
 def load_shape(path: str | os.PathLike[str]) -> trimesh.Trimesh | np.ndarray:
