@@ -647,8 +647,19 @@ def discover_class_names(root: str | Path) -> list[str]:
         if child.is_dir() and any((child / split).is_dir() for split in SPLITS)
     )
     if not found:
+        swapped = [
+            split
+            for split in SPLITS
+            if (root / split).is_dir() and any(child.is_dir() for child in (root / split).iterdir())
+        ]
+        hint = (
+            f" {root} holds {' and '.join(s + '/<class>' for s in swapped)} instead: swap the "
+            "two levels, <class>/train rather than train/<class>."
+            if swapped
+            else ""
+        )
         raise DatasetLayoutError(
-            f"Found no class folders in {root}: expected sub-folders {layout}."
+            f"Found no class folders in {root}: expected sub-folders {layout}.{hint}"
         )
     return found
 

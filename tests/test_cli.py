@@ -444,13 +444,17 @@ def test_main_destroys_the_process_group_it_created(
             torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("mistake", ["missing root", "no class folders", "no training files"])
+@pytest.mark.parametrize(
+    "mistake", ["missing root", "no class folders", "split above class", "no training files"]
+)
 def test_shape_folder_mistakes_fail_with_one_sentence(
     tmp_path: Path, make_shape_folder, capsys: pytest.CaptureFixture[str], mistake: str
 ) -> None:
     root = tmp_path / "shapes"
     if mistake == "no class folders":
         (root / "chair").mkdir(parents=True)  # no train/ or test/ inside
+    elif mistake == "split above class":
+        (root / "train" / "chair").mkdir(parents=True)  # train/<class>, not <class>/train
     elif mistake == "no training files":
         make_shape_folder(root, class_names=("mug", "vase"), train_per_class=0)
     with pytest.raises(SystemExit) as exit_info:
@@ -463,6 +467,7 @@ def test_shape_folder_mistakes_fail_with_one_sentence(
     expected = {
         "missing root": "does not exist",
         "no class folders": "Found no class folders",
+        "split above class": "holds train/<class> instead: swap the two levels",
         "no training files": "Found no training shapes",
     }[mistake]
     assert expected in line and str(root) in line
