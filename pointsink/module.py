@@ -435,9 +435,10 @@ class SinkformerClassifier(pl.LightningModule):
                     if problems
                     else "it was trained with other model settings"
                 )
-                + "; give the model the checkpoint's architecture (only attention, "
-                "pooling_attention, n_iter, logit_scale, sinkhorn_marginals and dropout may "
-                "differ)"
+                + "; give the model the checkpoint's architecture, e.g. with the config it "
+                "was trained with (in Python, SinkformerClassifier.from_pretrained builds it); "
+                "only attention, pooling_attention, n_iter, logit_scale, sinkhorn_marginals "
+                "and dropout may differ"
                 + (f". Model settings that differ: {'; '.join(differing)}." if differing else ".")
             )
         head_weight = own["head.weight"].clone()
