@@ -652,12 +652,23 @@ def discover_class_names(root: str | Path) -> list[str]:
             for split in SPLITS
             if (root / split).is_dir() and any(child.is_dir() for child in (root / split).iterdir())
         ]
-        hint = (
-            f" {root} holds {' and '.join(s + '/<class>' for s in swapped)} instead: swap the "
-            "two levels, <class>/train rather than train/<class>."
-            if swapped
-            else ""
+        flat = sorted(
+            child.name
+            for child in root.iterdir()
+            if child.is_dir() and any(is_shape_file(entry) for entry in child.iterdir())
         )
+        hint = ""
+        if swapped:
+            hint = (
+                f" {root} holds {' and '.join(s + '/<class>' for s in swapped)} instead: swap "
+                "the two levels, <class>/train rather than train/<class>."
+            )
+        elif flat:
+            hint = (
+                f" {', '.join(flat[:3])}{', ...' if len(flat) > 3 else ''} hold shape files "
+                "directly: move each class's files into <class>/train and <class>/test (a "
+                "validation split is carved out of train; test is only used by `test`)."
+            )
         raise DatasetLayoutError(
             f"Found no class folders in {root}: expected sub-folders {layout}.{hint}"
         )

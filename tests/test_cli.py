@@ -445,7 +445,8 @@ def test_main_destroys_the_process_group_it_created(
 
 
 @pytest.mark.parametrize(
-    "mistake", ["missing root", "no class folders", "split above class", "no training files"]
+    "mistake",
+    ["missing root", "no class folders", "split above class", "flat class", "no training files"],
 )
 def test_shape_folder_mistakes_fail_with_one_sentence(
     tmp_path: Path, make_shape_folder, capsys: pytest.CaptureFixture[str], mistake: str
@@ -455,6 +456,12 @@ def test_shape_folder_mistakes_fail_with_one_sentence(
         (root / "chair").mkdir(parents=True)  # no train/ or test/ inside
     elif mistake == "split above class":
         (root / "train" / "chair").mkdir(parents=True)  # train/<class>, not <class>/train
+    elif mistake == "flat class":
+        make_shape_folder(root, class_names=("mug", "vase"), train_per_class=2, test_per_class=0)
+        for path in root.glob("*/train/*"):
+            path.rename(path.parent.parent / path.name)  # <class>/*.<ext>, no split folders
+        for folder in [*root.glob("*/train"), *root.glob("*/test")]:
+            folder.rmdir()
     elif mistake == "no training files":
         make_shape_folder(root, class_names=("mug", "vase"), train_per_class=0)
     with pytest.raises(SystemExit) as exit_info:
@@ -468,6 +475,7 @@ def test_shape_folder_mistakes_fail_with_one_sentence(
         "missing root": "does not exist",
         "no class folders": "Found no class folders",
         "split above class": "holds train/<class> instead: swap the two levels",
+        "flat class": "mug, vase hold shape files directly: move each class's files into",
         "no training files": "Found no training shapes",
     }[mistake]
     assert expected in line and str(root) in line
