@@ -373,7 +373,8 @@ class SinkformerClassifier(pl.LightningModule):
         settings = {name: value for name, value in saved.items() if name in arguments}
         for name in ("class_names", "num_classes", "weights"):  # this model's own
             settings.pop(name, None)
-        settings.update(freeze_backbone=False, **overrides)
+        settings["freeze_backbone"] = False  # a frozen base is not a reason to freeze anew
+        settings.update(overrides)
         module = cls(class_names=list(class_names), **{**settings, "weights": str(path)})
         module.load_pretrained(path)
         return module

@@ -69,6 +69,8 @@ def test_from_pretrained_builds_the_checkpoints_model_for_new_classes(pretrained
             torch.testing.assert_close(
                 new["head.weight"][row], old["head.weight"][CLASSES.index(name)]
             )
+    probe = SinkformerClassifier.from_pretrained(pretrained, NEW_CLASSES, freeze_backbone=True)
+    assert probe.hparams.freeze_backbone
     with pytest.raises(CheckpointError, match="channels=16 there, 32 here"):
         SinkformerClassifier.from_pretrained(pretrained, NEW_CLASSES, channels=32)
     with pytest.raises(TypeError, match="learning_rate"):
