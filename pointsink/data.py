@@ -623,6 +623,15 @@ def _available_cpus() -> int:
 # --------------------------------------------------------------------------------------
 
 
+def _class_folders(root: Path) -> list[str]:
+    """Names of ``root``'s sub-folders holding a ``train/`` or ``test/`` folder, sorted."""
+    return sorted(
+        child.name
+        for child in root.iterdir()
+        if child.is_dir() and any((child / split).is_dir() for split in SPLITS)
+    )
+
+
 def discover_class_names(root: str | Path) -> list[str]:
     """The class folders of a dataset: sub-folders of ``root`` with ``train/`` or ``test/``.
 
@@ -641,11 +650,7 @@ def discover_class_names(root: str | Path) -> list[str]:
         raise DatasetLayoutError(f"{root} does not exist: give the dataset folder ({layout}).")
     if not root.is_dir():
         raise DatasetLayoutError(f"{root} is not a folder: give the dataset folder ({layout}).")
-    found = sorted(
-        child.name
-        for child in root.iterdir()
-        if child.is_dir() and any((child / split).is_dir() for split in SPLITS)
-    )
+    found = _class_folders(root)
     if not found:
         swapped = [
             split
@@ -1213,11 +1218,7 @@ class ModelNetDataModule(ShapeFolderDataModule):
             return
         if self.root.is_dir() and any(self.root.iterdir()):
             # Checked before downloading: the archive is large and could not be put there.
-            found = sorted(
-                folder.name
-                for folder in self.root.iterdir()
-                if folder.is_dir() and any((folder / split).is_dir() for split in SPLITS)
-            )
+            found = _class_folders(self.root)
             if found:
                 raise DatasetLayoutError(
                     f"{self.root} holds class folders ({', '.join(found[:6])}"

@@ -368,7 +368,8 @@ class SinkformerClassifier(pl.LightningModule):
         unknown = sorted(set(overrides) - arguments)
         if unknown:
             raise TypeError(f"{unknown} are not arguments of {cls.__name__}.")
-        saved = load_checkpoint(path).get("hyper_parameters")
+        checkpoint = load_checkpoint(path)
+        saved = checkpoint.get("hyper_parameters")
         saved = saved if isinstance(saved, dict) else {}
         settings = {name: value for name, value in saved.items() if name in arguments}
         for name in ("class_names", "num_classes", "weights"):  # this model's own
@@ -376,7 +377,7 @@ class SinkformerClassifier(pl.LightningModule):
         settings["freeze_backbone"] = False  # a frozen base is not a reason to freeze anew
         settings.update(overrides)
         module = cls(class_names=list(class_names), **{**settings, "weights": str(path)})
-        module.load_pretrained(path)
+        module._load_pretrained_checkpoint(checkpoint, path)  # the file is read once
         return module
 
     def load_pretrained(self, path: str | os.PathLike[str]) -> list[str]:
@@ -403,7 +404,12 @@ class SinkformerClassifier(pl.LightningModule):
                 architecture hyperparameters differ from this model's (the message names the
                 differing hyperparameters).
         """
-        checkpoint = load_checkpoint(path)
+        return self._load_pretrained_checkpoint(load_checkpoint(path), path)
+
+    def _load_pretrained_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str]
+    ) -> list[str]:
+        """:meth:`load_pretrained` on a checkpoint already read from ``path`` (for messages)."""
         found = {
             key.removeprefix("model."): value
             for key, value in checkpoint_state_dict(checkpoint, path).items()
