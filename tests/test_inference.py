@@ -199,6 +199,14 @@ def test_point_cloud_with_too_few_points_warns(classifier: ShapeClassifier) -> N
     assert "only 10 points" in prediction.warning
 
 
+def test_flat_shape_is_classified_with_a_warning(classifier: ShapeClassifier) -> None:
+    sheet = trimesh.creation.box(extents=[1.0, 0.8, 0.001])
+    (prediction,) = classifier.predict(sheet, votes=3)
+    assert prediction.error is None
+    # Said once, not once per view.
+    assert prediction.warning.count("The shape is flat") == 1
+
+
 def test_very_large_coordinates_are_normalized(classifier: ShapeClassifier) -> None:
     mesh = trimesh.creation.cone(radius=0.5, height=1.0, sections=12)
     far = mesh.copy()

@@ -14,6 +14,7 @@ from pointsink.transforms import (
     mix_point_regions,
     normalize_points,
     preprocess_shape,
+    principal_spreads,
     sample_points,
     up_axis_rotation,
 )
@@ -155,6 +156,50 @@ def test_load_for_sampling_seeds_a_file_by_its_contents(tmp_path):
     assert load_for_sampling(BOX, 2) == (BOX, 2)
     with pytest.raises(ValueError, match="seed"):
         load_for_sampling(BOX, -1)
+
+
+def test_principal_spreads_are_the_rms_spreads_along_the_principal_axes():
+    # A box's 8 corners lie at +-extent/2 on every axis: the RMS spread is extent/2, and a
+    # rotation leaves it unchanged.
+    turned = BOX.copy().apply_transform(
+        trimesh.transformations.rotation_matrix(0.7, [1.0, 2.0, 3.0])
+    )
+    np.testing.assert_allclose(principal_spreads(turned), EXTENTS[::-1] / 2, rtol=1e-9)
+    cloud = np.random.default_rng(0).normal(size=(20000, 3)) * [3.0, 1.0, 2.0]
+    np.testing.assert_allclose(principal_spreads(cloud), [3.0, 2.0, 1.0], rtol=0.03)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        (trimesh.creation.box(extents=[1.0, 0.8, 0.001]), "The shape is flat: .* 0.1 %"),
+        (np.c_[np.random.default_rng(0).random((500, 2)), np.zeros(500)], "is flat: .* 0.0 %"),
+        (np.outer(np.linspace(0.0, 1.0, 300), [1.0, 2.0, 3.0]), "is a line: .*second-widest"),
+    ],
+)
+def test_sheets_and_lines_warn_once_when_loaded(tmp_path, shape, message):
+    with pytest.warns(UserWarning, match=message) as caught:
+        loaded, seed = load_for_sampling(shape, 0)
+    assert len(caught) == 1
+    # Files warn too, and sampling and normalizing them still works.
+    path = tmp_path / "shape.ply"
+    (trimesh.PointCloud(shape) if isinstance(shape, np.ndarray) else shape).export(path)
+    with pytest.warns(UserWarning, match=message):
+        loaded, seed = load_for_sampling(path, 0)
+    assert preprocess_shape(loaded, 64, seed).shape == (64, 3)
+
+
+def test_thin_but_solid_shapes_do_not_warn():
+    # 3 % thick, like the flattest ModelNet10 shape (a monitor); and a cylinder and a torus.
+    shapes = [
+        trimesh.creation.box(extents=[1.0, 0.6, 0.04]),
+        trimesh.creation.cylinder(radius=0.05, height=1.0),
+        trimesh.creation.torus(major_radius=0.5, minor_radius=0.05),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for shape in shapes:
+            load_for_sampling(shape, 0)
 
 
 def test_sample_points_validates_num_points():
