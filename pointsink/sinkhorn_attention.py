@@ -77,7 +77,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from pointsink.sinkhorn import _no_autocast, sinkhorn
 from pointsink.validation import check_int
@@ -85,6 +85,7 @@ from pointsink.validation import check_int
 __all__ = [
     "Backend",
     "dense_sinkhorn_attention",
+    "differentiable_backward",
     "on_launch_device",
     "require_triton",
     "sinkhorn_attention",
@@ -167,6 +168,41 @@ def dense_sinkhorn_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     logits = q @ k.transpose(-2, -1) * scale
     return sinkhorn(logits, n_iter) @ v
+
+
+def differentiable_backward(
+    ctx: FunctionCtx, dout: Tensor, n_iter: int, scale: float
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients for ``q, k, v`` with a graph, through the dense reference.
+
+    The memory-efficient backends call this from their backward pass when autograd asks for
+    a differentiable one (``create_graph=True``: gradient penalties, Hessian-vector
+    products, meta-learning). Their own tiled backward passes are not differentiable;
+    returning them there would silently drop the attention's part of every higher-order
+    gradient. The recomputation costs the dense reference's memory, ``O(n * m * n_iter)``.
+
+    Args:
+        ctx: The autograd context, whose first three saved tensors are ``q, k, v``.
+        dout: Gradient of the output ``(G, n, e)``.
+        n_iter: Number of Sinkhorn normalizations.
+        scale: Logit scale.
+
+    Returns:
+        The gradients for ``q, k, v`` in their dtypes (None where no gradient is needed),
+        differentiable with respect to the inputs and ``dout``.
+    """
+    q, k, v = ctx.saved_tensors[:3]  # type: ignore[attr-defined]
+    needed = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+    inputs = [x for x, need in zip((q, k, v), needed, strict=True) if need]
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    with _no_autocast(q.device.type):
+        out = dense_sinkhorn_attention(
+            q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype), n_iter, scale
+        )
+        grads = iter(torch.autograd.grad(out, inputs, dout.to(compute_dtype), create_graph=True))
+    return tuple(  # type: ignore[return-value]
+        next(grads).to(x.dtype) if need else None for x, need in zip((q, k, v), needed, strict=True)
+    )
 
 
 def _resolve_chunks(
@@ -561,10 +597,12 @@ class _ChunkedSinkhornAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        q, k, v, out, us, vs = ctx.saved_tensors  # type: ignore[attr-defined]
+        n_iter: int = ctx.n_iter  # type: ignore[attr-defined]
         scale: float = ctx.scale  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: higher-order gradients follow
+            return (*differentiable_backward(ctx, dout, n_iter, scale), None, None, None, None)
+        q, k, v, out, us, vs = ctx.saved_tensors  # type: ignore[attr-defined]
         compute_dtype = us.dtype
         with _no_autocast(q.device.type):
             dq, dk, dv = _chunked_backward(
@@ -575,7 +613,7 @@ class _ChunkedSinkhornAttention(torch.autograd.Function):
                 dout.to(compute_dtype),
                 us,
                 vs,
-                ctx.n_iter,  # type: ignore[attr-defined]
+                n_iter,
                 *ctx.chunks,  # type: ignore[attr-defined]
             )
             dq = dq.mul_(scale).to(q.dtype)
@@ -649,7 +687,9 @@ def sinkhorn_attention(
     the inputs are cast to the autocast dtype first, except float64 inputs, which autocast
     leaves alone (as for ``torch.nn.functional.scaled_dot_product_attention`` and matmul),
     and the backend is chosen for the cast inputs; the normalization always runs in at
-    least float32. Only first-order gradients are supported (no double backward).
+    least float32. Higher-order gradients (``create_graph=True``) are exact too: the
+    ``"chunked"`` and ``"triton"`` backends then recompute the backward pass through the
+    dense reference, at its memory cost.
 
     No masking, as for :func:`pointsink.sinkhorn.sinkhorn`: keys cannot be masked out by
     ``-inf`` or large negative logits (Sinkhorn's column normalization restores a masked

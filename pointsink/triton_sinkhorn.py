@@ -59,10 +59,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 from triton.runtime.errors import OutOfResources
 
 from pointsink.sinkhorn_attention import (
+    differentiable_backward,
     on_launch_device,
     score_gradient_factors,
     use_factored_ds,
@@ -717,11 +718,12 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        q, k, v, out, us, vs = ctx.saved_tensors  # type: ignore[attr-defined]
         n_iter: int = ctx.n_iter  # type: ignore[attr-defined]
         scale: float = ctx.scale  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: higher-order gradients follow
+            return (*differentiable_backward(ctx, dout, n_iter, scale), None, None, None, None)
+        q, k, v, out, us, vs = ctx.saved_tensors  # type: ignore[attr-defined]
         cfg = ctx.cfg  # type: ignore[attr-defined]
         dout = dout.contiguous()
         g, n, d = q.shape

@@ -121,6 +121,30 @@ def test_chunked_gradcheck(n_iter: int) -> None:
     )
 
 
+@pytest.mark.parametrize("n_iter", [1, 4])
+def test_chunked_gradgradcheck(n_iter: int) -> None:
+    q, k, v = _qkv((2,), 5, 4, d=3, e=2)
+    assert torch.autograd.gradgradcheck(
+        lambda a, b, c: sinkhorn_attention(a, b, c, n_iter, backend="chunked", chunk_size=(2, 3)),
+        (q, k, v),
+    )
+
+
+def test_gradient_penalty_matches_dense() -> None:
+    # A gradient penalty (create_graph=True) through the chunked backend, inputs that do not
+    # all need gradients, and leading dimensions that broadcast.
+    q, k, v = _qkv((2, 3), 7, 5)
+    k = k[:1].detach()
+
+    def penalty_grads(backend: str) -> tuple[torch.Tensor, ...]:
+        out = sinkhorn_attention(q, k, v, 5, backend=backend, chunk_size=(3, 2))
+        grads = torch.autograd.grad((out * out.detach().cos()).sum(), (q, v), create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), (q, v))
+
+    for got, want in zip(penalty_grads("chunked"), penalty_grads("dense"), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
 def test_chunked_float32_close_to_dense() -> None:
     q, k, v = _qkv((2, 2), 64, 48, d=16, e=8, dtype=torch.float32)
     _assert_matches_dense(q, k, v, 5, atol=2e-5, rtol=1e-4, backend="chunked")
@@ -494,20 +518,31 @@ if DEVICE == "cuda":
                        for s in (n, m, m))
             err = errors(lambda a, b, c: sinkhorn_attention(a, b, c, 5), q, k, v, 5)
             results.append([str(dtype).removeprefix("torch."), 5, n, m, max(err)])
+# Second order (create_graph=True, e.g. a gradient penalty) through the Triton function.
+q, k, v = (torch.randn(2, s, 8, generator=gen).to(DEVICE) for s in (20, 9, 9))
+second = []
+for backend, dtype in (("triton", torch.float32), ("dense", torch.float64)):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = sinkhorn_attention(*leaves, 3, backend=backend)
+    grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+    second.append(torch.autograd.grad(sum(g.square().sum() for g in grads), leaves))
+err = max((a.double() - b).abs().max().item() / (1 + b.abs().max().item())
+          for a, b in zip(*second))
+results.append(["float32", 3, 20, 9, err])
 print(json.dumps(results))
 """
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_under_interpreter(triton_interpreter: None) -> None:
-    _check_triton_kernels("cpu", {"TRITON_INTERPRET": "1"}, expected_rows=12 + 2 + 2 + 6)
+    _check_triton_kernels("cpu", {"TRITON_INTERPRET": "1"}, expected_rows=12 + 2 + 2 + 6 + 1)
 
 
 @pytest.mark.skipif(
     not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA GPU"
 )
 def test_triton_kernels_on_cuda() -> None:
-    _check_triton_kernels("cuda", {"TRITON_INTERPRET": "0"}, expected_rows=12 + 2 + 2 + 6 + 8)
+    _check_triton_kernels("cuda", {"TRITON_INTERPRET": "0"}, expected_rows=12 + 2 + 2 + 6 + 1 + 8)
 
 
 def _check_triton_kernels(device: str, env: dict[str, str], expected_rows: int) -> None:
