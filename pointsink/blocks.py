@@ -13,6 +13,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from pointsink.attention import (
+    DEFAULT_N_ITER,
     AttentionKind,
     LogitScale,
     MultiheadAttention,
@@ -33,10 +34,11 @@ class MultiheadAttentionBlock(nn.Module):
 
     .. math::
         H &= \mathrm{LN}(X W^Q + \mathrm{Multihead}(X, Y, Y)) \\
-        \mathrm{MAB}(X, Y) &= \mathrm{LN}(H + \mathrm{ReLU}(H W^O))
+        \mathrm{MAB}(X, Y) &= \mathrm{LN}(H + \mathrm{ReLU}(H W^F))
 
     The residual uses the projected queries :math:`X W^Q`, as in the reference code, so
-    that the input and output widths may differ.
+    that the input and output widths may differ; :math:`W^F` (``lin_out``) is the
+    feed-forward layer, and the heads have no output projection of their own.
 
     Args:
         query_channels: Feature size of ``X``.
@@ -44,7 +46,7 @@ class MultiheadAttentionBlock(nn.Module):
         channels: Output width.
         num_heads: Attention heads.
         attention: ``"sinkhorn"`` or ``"softmax"``.
-        n_iter: Sinkhorn iterations.
+        n_iter: Sinkhorn iterations (default 5, the model's; 1 is softmax).
         layer_norm: Apply the two layer norms.
         logit_scale, sinkhorn_marginals: see
             :class:`~pointsink.attention.MultiheadAttention`.
@@ -60,7 +62,7 @@ class MultiheadAttentionBlock(nn.Module):
         channels: int,
         num_heads: int,
         attention: AttentionKind = "sinkhorn",
-        n_iter: int = 1,
+        n_iter: int = DEFAULT_N_ITER,
         layer_norm: bool = False,
         *,
         logit_scale: LogitScale = "head",
@@ -119,7 +121,7 @@ class SetAttentionBlock(nn.Module):
         channels: int,
         num_heads: int,
         attention: AttentionKind = "sinkhorn",
-        n_iter: int = 1,
+        n_iter: int = DEFAULT_N_ITER,
         layer_norm: bool = False,
         *,
         logit_scale: LogitScale = "head",
@@ -167,7 +169,7 @@ class InducedSetAttentionBlock(nn.Module):
         num_heads: int,
         num_inducing_points: int = 16,
         attention: AttentionKind = "sinkhorn",
-        n_iter: int = 1,
+        n_iter: int = DEFAULT_N_ITER,
         layer_norm: bool = False,
         *,
         logit_scale: LogitScale = "head",
@@ -215,6 +217,11 @@ class PoolingByMultiheadAttention(nn.Module):
     arguments must be ``>= 1`` and ``num_heads`` must divide ``channels`` (ValueError
     otherwise). ``logit_scale`` and ``sinkhorn_marginals``: see
     :class:`~pointsink.attention.MultiheadAttention`.
+
+    With one seed, Sinkhorn attention with ``n_iter >= 2`` pools by the plain mean: the
+    column normalization gives every element the same weight ``1 / N``. Pass
+    ``attention="softmax"`` (what ``configs/modelnet10.yaml`` does with
+    ``pooling_attention``) for a weighted pooling, or use several seeds.
     """
 
     def __init__(
@@ -223,7 +230,7 @@ class PoolingByMultiheadAttention(nn.Module):
         num_heads: int,
         num_seeds: int = 1,
         attention: AttentionKind = "sinkhorn",
-        n_iter: int = 1,
+        n_iter: int = DEFAULT_N_ITER,
         layer_norm: bool = False,
         *,
         logit_scale: LogitScale = "head",

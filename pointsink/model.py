@@ -9,6 +9,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from pointsink.attention import (
+    DEFAULT_N_ITER,
     AttentionKind,
     LogitScale,
     SinkhornMarginals,
@@ -24,12 +25,6 @@ from pointsink.embedding import EdgeConvEmbedding, SetAbstraction
 from pointsink.validation import check_int
 
 __all__ = ["DEFAULT_N_ITER", "SetSinkformer", "unused_settings"]
-
-#: Default Sinkhorn iterations. Odd, so the last normalization is over rows and every
-#: output is an exact weighted mean of the values (as with softmax); 5 iterations bring the
-#: column sums close to n/m at a third less cost than the reference code's 7 (the paper
-#: reports accuracy to be flat between 3 and 9 iterations on ModelNet).
-DEFAULT_N_ITER = 5
 
 
 class SetSinkformer(nn.Module):

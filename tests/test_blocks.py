@@ -482,3 +482,27 @@ def test_reference_settings_give_the_reference_codes_model(n_iter: int) -> None:
         h = reference_mab(block.mab_out, h, induced)
     pooled = reference_mab(model.pool.mab, model.pool.seeds.repeat(3, 1, 1), h)
     torch.testing.assert_close(model(x), model.head(pooled.flatten(1)))
+
+
+@pytest.mark.parametrize(
+    ("make", "inputs"),
+    [
+        (
+            lambda **kw: lambda x: MultiheadAttention(3, 3, 16, 2, **kw)(x, x)[1],
+            (torch.randn(2, 7, 3),),
+        ),
+        (lambda **kw: SetAttentionBlock(3, 16, 2, **kw), (torch.randn(2, 7, 3),)),
+        (lambda **kw: InducedSetAttentionBlock(3, 16, 2, 4, **kw), (torch.randn(2, 7, 3),)),
+        (lambda **kw: PoolingByMultiheadAttention(16, 2, 3, **kw), (torch.randn(2, 7, 16),)),
+    ],
+)
+def test_blocks_default_to_the_models_sinkhorn_iterations(make, inputs) -> None:
+    # A block dropped into another model without n_iter must be a Sinkformer block, not a
+    # softmax block labelled "sinkhorn" (n_iter=1 is softmax).
+    def output(**kwargs) -> torch.Tensor:
+        torch.manual_seed(1)
+        return make(**kwargs)(*inputs)
+
+    default = output()
+    torch.testing.assert_close(default, output(attention="sinkhorn", n_iter=5))
+    assert not torch.allclose(default, output(attention="softmax"), atol=1e-4)
