@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from pointsink.sinkhorn import sinkhorn
 from pointsink.sinkhorn_attention import sinkhorn_attention, triton_available
-from pointsink.validation import check_int
+from pointsink.validation import check_int, check_set_batch
 
 AttentionKind = Literal["sinkhorn", "softmax"]
 ATTENTION_KINDS: tuple[str, ...] = ("sinkhorn", "softmax")
@@ -271,6 +271,8 @@ class MultiheadAttention(nn.Module):
             ``(projected_queries, heads)``, both ``(B, n, channels)``: the projected
             queries feed the block's residual connection.
         """
+        check_set_batch("attention queries", x, self.lin_query.in_features, self.lin_query.weight)
+        check_set_batch("attention keys", y, self.lin_key.in_features, self.lin_key.weight)
         query = self.lin_query(x)
         q, k, v = (
             self._split_heads(query),

@@ -22,7 +22,7 @@ from pointsink.blocks import (
     SetAttentionBlock,
 )
 from pointsink.embedding import EdgeConvEmbedding, SetAbstraction
-from pointsink.validation import check_int
+from pointsink.validation import check_int, check_set_batch
 
 __all__ = ["DEFAULT_N_ITER", "SetSinkformer", "unused_settings"]
 
@@ -213,11 +213,7 @@ class SetSinkformer(nn.Module):
         Returns:
             Logits ``(B, num_classes)``.
         """
-        if points.dim() != 3 or points.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"expected points of shape (batch, num_points, {self.in_channels}); "
-                f"got {tuple(points.shape)}."
-            )
+        check_set_batch("points", points, self.in_channels, self.head.weight, "num_points")
         x = self.embedding(points)
         for block in self.encoder:
             x = block(x)

@@ -6,8 +6,9 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = ["check_int", "plain_value"]
+__all__ = ["check_int", "check_set_batch", "plain_value"]
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -32,6 +33,40 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}; got {value}.")
     return int(value)
+
+
+def check_set_batch(
+    name: str, x: torch.Tensor, channels: int, weight: torch.Tensor, size_name: str = "set_size"
+) -> None:
+    """Checks that ``x`` is a batch of sets that a layer with parameter ``weight`` can take.
+
+    Shape, dtype and device checks only (no host synchronization), so that a wrong input
+    fails with its name and the expected layout instead of a matrix-multiply error deep
+    inside the layer.
+
+    Args:
+        name: What ``x`` is, as the user knows it (used in the message).
+        x: The input, expected ``(B, N, channels)``.
+        channels: The feature size the layer takes.
+        weight: A parameter of the layer: ``x`` must share its device, and its dtype
+            unless autocast is on (autocast casts inside the layer).
+        size_name: Name of the set dimension in the message.
+
+    Raises:
+        ValueError: ``x`` is not ``(B, N, channels)`` or is on another device.
+        TypeError: ``x`` has another dtype than the parameters, outside autocast.
+    """
+    if x.dim() != 3 or x.shape[-1] != channels:
+        raise ValueError(
+            f"{name} must have shape (batch, {size_name}, {channels}); got {tuple(x.shape)}."
+        )
+    if x.device != weight.device:
+        raise ValueError(f"{name} is on {x.device} but the parameters are on {weight.device}.")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the parameters are {weight.dtype}: convert the "
+            f"input (.to({weight.dtype})) or the module (.to({x.dtype}))."
+        )
 
 
 def plain_value(value: Any) -> Any:

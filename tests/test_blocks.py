@@ -234,8 +234,34 @@ def test_bad_arguments_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="num_groups"):
         SetSinkformer(3, num_groups=-1)
     model = SetSinkformer(3, channels=16, num_heads=2)
-    with pytest.raises(ValueError, match=r"\(batch, num_points, 3\)"):
+    with pytest.raises(ValueError, match=r"points must have shape \(batch, num_points, 3\)"):
         model(torch.randn(10, 3))
+    with pytest.raises(TypeError, match=r"points has dtype torch.float64 .* torch.float32"):
+        model(torch.randn(2, 10, 3, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside the layers
+        assert model(torch.randn(2, 10, 3, dtype=torch.bfloat16)).shape == (2, 3)
+    with pytest.raises(ValueError, match="points is on meta but the parameters are on cpu"):
+        model(torch.randn(2, 10, 3, device="meta"))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "error", "message"),
+    [
+        (
+            (torch.randn(5, 3),),
+            ValueError,
+            r"(queries|keys) must have shape \(batch, set_size, 3\)",
+        ),
+        ((torch.randn(2, 5, 4),), ValueError, r"(queries|keys) must have shape .* got \(2, 5, 4\)"),
+        ((torch.randn(2, 5, 3).double(),), TypeError, "convert the input"),
+    ],
+)
+def test_blocks_name_a_wrong_input(inputs, error, message) -> None:
+    for block in (SetAttentionBlock(3, 16, 2), InducedSetAttentionBlock(3, 16, 2, 4)):
+        with pytest.raises(error, match=message):
+            block(*inputs)
+    with pytest.raises(ValueError, match=r"keys must have shape \(batch, set_size, 3\)"):
+        MultiheadAttentionBlock(5, 3, 16, 2)(torch.randn(2, 4, 5), torch.randn(2, 4, 5))
 
 
 def test_attention_weights_softmax() -> None:
