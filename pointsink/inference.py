@@ -496,6 +496,41 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return checkpoint
 
 
+def checkpoint_hparams(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> dict:
+    """The hyperparameters of a checkpoint read by :func:`load_checkpoint`.
+
+    Raises:
+        CheckpointError: The checkpoint records none (not saved from a pointsink module).
+    """
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict):
+        raise CheckpointError(
+            f"{path}: the checkpoint has no 'hyper_parameters'; it was not saved from a "
+            "pointsink SinkformerClassifier (use a .ckpt written by `train.py fit`)."
+        )
+    return hparams
+
+
+def checkpoint_class_names(hparams: dict[str, Any], path: str | os.PathLike[str]) -> list[str]:
+    """The class names, in label order, that a checkpoint's hyperparameters record.
+
+    Raises:
+        CheckpointError: They are missing or not a list of at least two names.
+    """
+    class_names = hparams.get("class_names")
+    if (
+        not isinstance(class_names, (list, tuple))
+        or len(class_names) < 2
+        or not all(isinstance(name, str) for name in class_names)
+    ):
+        raise CheckpointError(
+            f"{path}: the checkpoint does not record the class names "
+            "(hyper_parameters['class_names'] is missing or not a list of names), so "
+            "predictions could not be named."
+        )
+    return list(class_names)
+
+
 def checkpoint_state_dict(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> dict:
     """The model weights of a checkpoint read by :func:`load_checkpoint`.
 
@@ -640,23 +675,8 @@ class ShapeClassifier:
         from pointsink.module import SinkformerClassifier  # Lightning import kept lazy
 
         checkpoint = load_checkpoint(path)
-        hparams = checkpoint.get("hyper_parameters")
-        if not isinstance(hparams, dict):
-            raise CheckpointError(
-                f"{path}: the checkpoint has no 'hyper_parameters'; it was not saved from a "
-                "pointsink SinkformerClassifier (use a .ckpt written by `train.py fit`)."
-            )
-        class_names = hparams.get("class_names")
-        if (
-            not isinstance(class_names, (list, tuple))
-            or len(class_names) < 2
-            or not all(isinstance(name, str) for name in class_names)
-        ):
-            raise CheckpointError(
-                f"{path}: the checkpoint does not record the class names "
-                "(hyper_parameters['class_names'] is missing or not a list of names), so "
-                "predictions could not be named."
-            )
+        hparams = checkpoint_hparams(checkpoint, path)
+        class_names = checkpoint_class_names(hparams, path)
         state_dict = checkpoint_state_dict(checkpoint, path)
 
         accepted = inspect.signature(SinkformerClassifier.__init__).parameters
@@ -668,7 +688,7 @@ class ShapeClassifier:
                 f"{path}: the checkpoint's hyperparameters do not fit this version of "
                 f"pointsink ({type(exc).__name__}: {_first_line(exc)})."
             ) from exc
-        _check_state_dict(path, module.state_dict(), state_dict)
+        check_state_dict(path, module.state_dict(), state_dict)
         module.load_state_dict(state_dict, strict=True)
 
         data_hparams = checkpoint.get("datamodule_hyper_parameters")
@@ -916,7 +936,7 @@ def state_dict_differences(expected: dict[str, Tensor], found: dict[str, Any]) -
     return problems
 
 
-def _check_state_dict(
+def check_state_dict(
     path: str | os.PathLike[str], expected: dict[str, Tensor], found: dict[str, Any]
 ) -> None:
     """Raises :class:`CheckpointError` naming what differs between two state dicts."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -211,14 +212,79 @@ class SetSinkformer(nn.Module):
             points: ``(B, N, in_channels)``.
 
         Returns:
-            Logits ``(B, num_classes)``.
+            Logits ``(B, num_classes)``: ``head(dropout(forward_features(points)))``.
+        """
+        return self.head(self.dropout(self.forward_features(points)))
+
+    def forward_features(self, points: Tensor) -> Tensor:
+        """Embeds point sets: the pooled features that the classification head reads.
+
+        Args:
+            points: ``(B, N, in_channels)``.
+
+        Returns:
+            ``(B, num_seeds * channels)``, invariant to the order of the ``N`` points.
         """
         check_set_batch("points", points, self.in_channels, self.head.weight, "num_points")
         x = self.embedding(points)
         for block in self.encoder:
             x = block(x)
-        pooled = self.pool(self.dropout(x))
-        return self.head(self.dropout(pooled.flatten(1)))
+        return self.pool(self.dropout(x)).flatten(1)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str]) -> SetSinkformer:
+        """Rebuilds the model of a ``train.py fit`` checkpoint, without Lightning.
+
+        The architecture comes from the checkpoint's hyperparameters (settings that older
+        checkpoints lack take this class's defaults, as when Lightning loads them) and the
+        weights are read with a weights-only ``torch.load``. The class names, in label
+        order, are ``pointsink.inference.load_checkpoint(path)["hyper_parameters"]
+        ["class_names"]``; for classifying files, :class:`pointsink.ShapeClassifier` also
+        samples and normalizes them as in training.
+
+        Args:
+            path: The ``.ckpt`` file.
+
+        Returns:
+            The model on the CPU, in eval mode.
+
+        Raises:
+            pointsink.inference.CheckpointError: The file is not a usable pointsink
+                checkpoint (unreadable, no hyperparameters or class names, weights that do
+                not fit).
+        """
+        from pointsink.inference import (  # file reading lives with inference
+            CheckpointError,
+            check_state_dict,
+            checkpoint_class_names,
+            checkpoint_hparams,
+            checkpoint_state_dict,
+            load_checkpoint,
+        )
+
+        checkpoint = load_checkpoint(path)
+        hparams = checkpoint_hparams(checkpoint, path)
+        num_classes = len(checkpoint_class_names(hparams, path))
+        accepted = inspect.signature(cls.__init__).parameters
+        settings = {key: value for key, value in hparams.items() if key in accepted}
+        settings["num_classes"] = num_classes
+        try:
+            model = cls(**settings)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{path}: the checkpoint's hyperparameters do not fit this version of "
+                f"pointsink ({type(exc).__name__}: {exc})."
+            ) from exc
+        # The Lightning module holds this model as its `model` attribute.
+        prefix = "model."
+        weights = {
+            key.removeprefix(prefix): value
+            for key, value in checkpoint_state_dict(checkpoint, path).items()
+            if key.startswith(prefix)
+        }
+        check_state_dict(path, model.state_dict(), weights)
+        model.load_state_dict(weights, strict=True)
+        return model.eval()
 
 
 def unused_settings(settings: Mapping[str, Any]) -> set[str]:

@@ -1,5 +1,6 @@
 """The shipped checkpoints: they load safely, match their configs and reproduce their accuracy."""
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import yaml
 from _modelnet10 import MODELNET10_DIR, requires_modelnet10
 
 from pointsink.cli import main
+from pointsink.inference import CheckpointError
+from pointsink.model import SetSinkformer
 from pointsink.module import SinkformerClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +47,43 @@ def test_shipped_checkpoint_matches_its_config(name: str) -> None:
     # Rebuilt from the file alone, with every weight in place.
     model = SinkformerClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     assert model.state_dict().keys() == checkpoint["state_dict"].keys()
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_checkpoint_loads_in_plain_pytorch(name: str, tmp_path: Path) -> None:
+    """SetSinkformer.from_checkpoint rebuilds the model that Lightning loads, in eval mode."""
+    path = REPO / "checkpoints" / name
+    model = SetSinkformer.from_checkpoint(path)
+    lightning = SinkformerClassifier.load_from_checkpoint(path, map_location="cpu").eval()
+    assert not model.training
+    points = torch.randn(
+        2, lightning.hparams.num_points, 3, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(points), lightning(points))
+        # The features are what the head reads.
+        features = model.forward_features(points)
+        torch.testing.assert_close(model.head(features), model(points))
+    assert features.shape == (2, model.head.in_features)
+    # A checkpoint without pointsink's hyperparameters is named as such.
+    stripped = torch.load(path, map_location="cpu", weights_only=True)
+    del stripped["hyper_parameters"]
+    torch.save(stripped, tmp_path / "stripped.ckpt")
+    with pytest.raises(CheckpointError, match="no 'hyper_parameters'"):
+        SetSinkformer.from_checkpoint(tmp_path / "stripped.ckpt")
+
+
+def test_plain_and_lightning_loading_fill_missing_settings_alike() -> None:
+    # An older checkpoint's missing setting takes the class default: the two classes must
+    # agree on every default they share.
+    model = inspect.signature(SetSinkformer.__init__).parameters
+    module = inspect.signature(SinkformerClassifier.__init__).parameters
+    differing = {
+        name: (model[name].default, module[name].default)
+        for name in model.keys() & module.keys() - {"self", "num_classes"}
+        if model[name].default != module[name].default
+    }
+    assert differing == {}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
