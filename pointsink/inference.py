@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -87,6 +87,9 @@ _AUGMENTATION_HPARAMS = {
     "shuffle_points": "shuffle",
     "max_translation": "max_translation",
 }
+
+
+_Built = TypeVar("_Built")
 
 
 class CheckpointError(ValueError):
@@ -531,6 +534,32 @@ def checkpoint_class_names(hparams: dict[str, Any], path: str | os.PathLike[str]
     return list(class_names)
 
 
+def build_from_hparams(
+    cls: type[_Built], hparams: dict[str, Any], path: str | os.PathLike[str], **fixed: Any
+) -> _Built:
+    """Builds ``cls`` from the checkpoint hyperparameters that its constructor takes.
+
+    Args:
+        cls: The class to build, e.g. :class:`~pointsink.model.SetSinkformer`.
+        hparams: The checkpoint's hyperparameters; those ``cls`` does not take are left out,
+            and those it takes but the checkpoint lacks keep their defaults.
+        path: The checkpoint, named in errors.
+        **fixed: Arguments that override the hyperparameters.
+
+    Raises:
+        CheckpointError: The hyperparameters do not build ``cls`` in this version.
+    """
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {key: value for key, value in hparams.items() if key in accepted}
+    try:
+        return cls(**{**kwargs, **fixed})
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: the checkpoint's hyperparameters do not fit this version of "
+            f"pointsink ({type(exc).__name__}: {_first_line(exc)})."
+        ) from exc
+
+
 def checkpoint_state_dict(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> dict:
     """The model weights of a checkpoint read by :func:`load_checkpoint`.
 
@@ -679,15 +708,7 @@ class ShapeClassifier:
         class_names = checkpoint_class_names(hparams, path)
         state_dict = checkpoint_state_dict(checkpoint, path)
 
-        accepted = inspect.signature(SinkformerClassifier.__init__).parameters
-        kwargs = {key: value for key, value in hparams.items() if key in accepted}
-        try:
-            module = SinkformerClassifier(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(
-                f"{path}: the checkpoint's hyperparameters do not fit this version of "
-                f"pointsink ({type(exc).__name__}: {_first_line(exc)})."
-            ) from exc
+        module = build_from_hparams(SinkformerClassifier, hparams, path)
         check_state_dict(path, module.state_dict(), state_dict)
         module.load_state_dict(state_dict, strict=True)
 

@@ -254,7 +254,7 @@ class SetSinkformer(nn.Module):
                 not fit).
         """
         from pointsink.inference import (  # file reading lives with inference
-            CheckpointError,
+            build_from_hparams,
             check_state_dict,
             checkpoint_class_names,
             checkpoint_hparams,
@@ -265,16 +265,7 @@ class SetSinkformer(nn.Module):
         checkpoint = load_checkpoint(path)
         hparams = checkpoint_hparams(checkpoint, path)
         num_classes = len(checkpoint_class_names(hparams, path))
-        accepted = inspect.signature(cls.__init__).parameters
-        settings = {key: value for key, value in hparams.items() if key in accepted}
-        settings["num_classes"] = num_classes
-        try:
-            model = cls(**settings)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(
-                f"{path}: the checkpoint's hyperparameters do not fit this version of "
-                f"pointsink ({type(exc).__name__}: {exc})."
-            ) from exc
+        model = build_from_hparams(cls, hparams, path, num_classes=num_classes)
         # The Lightning module holds this model as its `model` attribute.
         prefix = "model."
         weights = {
