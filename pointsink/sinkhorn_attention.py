@@ -72,7 +72,7 @@ import contextlib
 import importlib.util
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -206,7 +206,7 @@ def differentiable_backward(
 
 
 def _resolve_chunks(
-    chunk_size: int | tuple[int, int] | None, g: int, n: int, m: int, device: torch.device
+    chunk_size: int | Sequence[int] | None, g: int, n: int, m: int, device: torch.device
 ) -> tuple[int, int]:
     """Query and key chunk sizes of the chunked backend (see :func:`sinkhorn_attention`)."""
     if chunk_size is None:
@@ -214,7 +214,7 @@ def _resolve_chunks(
         chunk_k = m if m <= _MAX_FULL_ROW else _MAX_FULL_ROW // 2
         chunk_q = max(_MIN_QUERY_CHUNK, budget // max(1, g * chunk_k))
     else:
-        pair = chunk_size if isinstance(chunk_size, tuple) else (chunk_size, chunk_size)
+        pair = tuple(chunk_size) if isinstance(chunk_size, (tuple, list)) else (chunk_size,) * 2
         if len(pair) != 2:
             raise TypeError(
                 f"chunk_size must be None, an int or a pair of ints; got {chunk_size!r}."
@@ -673,7 +673,7 @@ def sinkhorn_attention(
     v: Tensor,
     n_iter: int,
     scale: float | None = None,
-    chunk_size: int | tuple[int, int] | None = None,
+    chunk_size: int | Sequence[int] | None = None,
     backend: Backend = "auto",
 ) -> Tensor:
     """Sinkhorn attention ``sinkhorn(q @ k^T * scale, n_iter) @ v`` without ``n x m`` storage.
@@ -701,10 +701,10 @@ def sinkhorn_attention(
         v: Values of shape ``(..., m, e)``, on the device of ``q``.
         n_iter: Number of Sinkhorn normalizations, starting with the rows (``>= 1``).
         scale: Logit scale; defaults to ``1 / sqrt(d)``.
-        chunk_size: Tile size of the ``"chunked"`` backend: ``(queries, keys)`` per tile, or
-            one int for both. ``None`` picks tiles that span all keys (up to 8192) with about
-            ``2**22`` elements (CPU; ``2**24`` on other devices) over all batch and head
-            dimensions, and at least 16 queries. Ignored by other backends.
+        chunk_size: Tile size of the ``"chunked"`` backend: ``(queries, keys)`` per tile (a
+            tuple or list), or one int for both. ``None`` picks tiles that span all keys (up
+            to 8192) with about ``2**22`` elements (CPU; ``2**24`` on other devices) over all
+            batch and head dimensions, and at least 16 queries. Ignored by other backends.
         backend: ``"auto"`` (Triton for CUDA tensors of dtype float32/float16/bfloat16 when
             Triton is installed, else chunked), ``"chunked"``, ``"triton"`` or ``"dense"``.
 
@@ -716,12 +716,16 @@ def sinkhorn_attention(
         ValueError: Mismatched shapes, no queries or keys, inputs on different devices, an
             unknown ``backend``, or ``n_iter`` or a chunk size that is not an integer
             ``>= 1``.
-        TypeError: ``q``, ``k``, ``v`` do not share one floating dtype, or ``chunk_size`` is
-            a tuple of other than two sizes.
+        TypeError: ``q``, ``k``, ``v`` do not share one floating dtype, ``chunk_size`` is
+            a tuple or list of other than two sizes, or ``scale`` is a tensor that requires
+            a gradient (it would not get one).
     """
     _check_inputs(q, k, v, n_iter)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(scale, Tensor) and scale.requires_grad:
+        # float() would silently cut it from the graph.
+        raise TypeError("scale must be a number; to learn a temperature, multiply q by it instead.")
     scale = float(scale)
     device_type = q.device.type
     if (

@@ -333,6 +333,18 @@ def test_invalid_arguments() -> None:
         sinkhorn_attention(q, k, v, 1, chunk_size=(2, True))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="chunk_size"):
         sinkhorn_attention(q, k, v, 1, chunk_size=(2, 2, 2))  # type: ignore[arg-type]
+    # A list pair is a pair, as a tuple is.
+    torch.testing.assert_close(
+        sinkhorn_attention(q, k, v, 3, chunk_size=[2, 1]),
+        sinkhorn_attention(q, k, v, 3, chunk_size=(2, 1)),
+    )
+    # A learnable scale would silently get no gradient.
+    with pytest.raises(TypeError, match="multiply q"):
+        sinkhorn_attention(q, k, v, 1, scale=torch.tensor(0.5, requires_grad=True))  # type: ignore[arg-type]
+    torch.testing.assert_close(
+        sinkhorn_attention(q, k, v, 3, scale=torch.tensor(0.5)),  # type: ignore[arg-type]
+        sinkhorn_attention(q, k, v, 3, scale=0.5),
+    )
 
 
 def test_numpy_integer_chunk_sizes() -> None:
