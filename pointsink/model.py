@@ -225,7 +225,9 @@ class SetSinkformer(nn.Module):
         Returns:
             ``(B, num_seeds * channels)``, invariant to the order of the ``N`` points.
         """
-        check_set_batch("points", points, self.in_channels, self.head.weight, "num_points")
+        # The pooling seeds: a plain parameter of every model, whatever head or quantized
+        # layers a user swaps in.
+        check_set_batch("points", points, self.in_channels, self.pool.seeds, "num_points")
         x = self.embedding(points)
         for block in self.encoder:
             x = block(x)
@@ -250,8 +252,8 @@ class SetSinkformer(nn.Module):
 
         Raises:
             pointsink.inference.CheckpointError: The file is not a usable pointsink
-                checkpoint (unreadable, no hyperparameters or class names, weights that do
-                not fit).
+                checkpoint (unreadable, no hyperparameters, neither class names nor a number
+                of classes, weights that do not fit).
         """
         from pointsink.inference import (  # file reading lives with inference
             build_from_hparams,
@@ -264,7 +266,9 @@ class SetSinkformer(nn.Module):
 
         checkpoint = load_checkpoint(path)
         hparams = checkpoint_hparams(checkpoint, path)
-        num_classes = len(checkpoint_class_names(hparams, path))
+        num_classes = hparams.get("num_classes")
+        if hparams.get("class_names") is not None or not isinstance(num_classes, int):
+            num_classes = len(checkpoint_class_names(hparams, path))
         model = build_from_hparams(cls, hparams, path, num_classes=num_classes)
         # The Lightning module holds this model as its `model` attribute.
         prefix = "model."

@@ -723,7 +723,7 @@ def sinkhorn_attention(
     _check_inputs(q, k, v, n_iter)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if isinstance(scale, Tensor) and scale.requires_grad:
+    if isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled():
         # float() would silently cut it from the graph.
         raise TypeError("scale must be a number; to learn a temperature, multiply q by it instead.")
     scale = float(scale)

@@ -157,18 +157,36 @@ def load_for_sampling(
 
 
 def principal_spreads(shape: trimesh.Trimesh | np.ndarray) -> np.ndarray:
-    """Root-mean-square spread of a shape's points along its principal directions.
+    """Root-mean-square spread of a shape along its principal directions.
+
+    For a mesh this is the spread of its surface, the distribution that sampling draws
+    from (exact, not sampled): a finely tessellated face weighs by its area, not by its
+    vertex count, and unreferenced vertices do not count.
 
     Args:
-        shape: A validated mesh (its vertices are used) or point cloud ``(P, 3)``.
+        shape: A validated mesh or point cloud ``(P, 3)``.
 
     Returns:
         Float64 array ``(3,)``, widest direction first (the square roots of the
-        eigenvalues of the points' covariance).
+        eigenvalues of the covariance).
     """
-    points = np.asarray(shape.vertices if isinstance(shape, trimesh.Trimesh) else shape)
-    centred = points.astype(np.float64) - points.mean(axis=0, dtype=np.float64)
-    covariance = centred.T @ centred / len(centred)
+    if isinstance(shape, trimesh.Trimesh):
+        corners = np.asarray(shape.triangles, dtype=np.float64)  # (F, 3 corners, 3)
+        areas = np.asarray(shape.area_faces, dtype=np.float64)
+        weights = areas / areas.sum()
+        # A uniform point on triangle (a, b, c) has mean (a + b + c) / 3 and second moment
+        # (a a^T + b b^T + c c^T + (a + b + c)(a + b + c)^T) / 12.
+        mean = weights @ corners.mean(axis=1)
+        sums = corners.sum(axis=1)
+        second = (
+            np.einsum("f,fki,fkj->ij", weights, corners, corners)
+            + np.einsum("f,fi,fj->ij", weights, sums, sums)
+        ) / 12.0
+        covariance = second - np.outer(mean, mean)
+    else:
+        points = np.asarray(shape, dtype=np.float64)
+        centred = points - points.mean(axis=0)
+        covariance = centred.T @ centred / len(centred)
     eigenvalues = np.linalg.eigvalsh(covariance)[::-1]
     return np.sqrt(np.clip(eigenvalues, 0.0, None))
 

@@ -49,7 +49,8 @@ def check_set_batch(
         x: The input, expected ``(B, N, channels)``.
         channels: The feature size the layer takes.
         weight: A parameter of the layer: ``x`` must share its device, and its dtype
-            unless autocast is on (autocast casts inside the layer).
+            unless autocast is on (autocast casts inside the layer). Not checked against
+            unless it is a floating-point tensor (quantized layers take float inputs).
         size_name: Name of the set dimension in the message.
 
     Raises:
@@ -60,9 +61,15 @@ def check_set_batch(
         raise ValueError(
             f"{name} must have shape (batch, {size_name}, {channels}); got {tuple(x.shape)}."
         )
+    if not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
+        return  # quantized layers (a packed weight, or integer dtypes) take float inputs
     if x.device != weight.device:
         raise ValueError(f"{name} is on {x.device} but the parameters are on {weight.device}.")
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    device_type = x.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
+        device_type
+    )
+    if x.dtype != weight.dtype and not autocast:
         raise TypeError(
             f"{name} has dtype {x.dtype} but the parameters are {weight.dtype}: convert the "
             f"input (.to({weight.dtype})) or the module (.to({x.dtype}))."

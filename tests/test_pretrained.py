@@ -65,6 +65,15 @@ def test_shipped_checkpoint_loads_in_plain_pytorch(name: str, tmp_path: Path) ->
         features = model.forward_features(points)
         torch.testing.assert_close(model.head(features), model(points))
     assert features.shape == (2, model.head.in_features)
+    # A checkpoint with a number of classes but no names (as Lightning allows) loads too.
+    unnamed = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = unnamed["hyper_parameters"]
+    hparams["num_classes"], hparams["class_names"] = len(hparams["class_names"]), None
+    torch.save(unnamed, tmp_path / "unnamed.ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            SetSinkformer.from_checkpoint(tmp_path / "unnamed.ckpt")(points), model(points)
+        )
     # A checkpoint without pointsink's hyperparameters is named as such.
     stripped = torch.load(path, map_location="cpu", weights_only=True)
     del stripped["hyper_parameters"]

@@ -345,6 +345,10 @@ def test_invalid_arguments() -> None:
         sinkhorn_attention(q, k, v, 3, scale=torch.tensor(0.5)),  # type: ignore[arg-type]
         sinkhorn_attention(q, k, v, 3, scale=0.5),
     )
+    with torch.no_grad():  # no graph to be cut from: a parameter is just its value
+        scale = torch.nn.Parameter(torch.tensor(0.5))
+        out = sinkhorn_attention(q, k, v, 3, scale=scale)  # type: ignore[arg-type]
+    torch.testing.assert_close(out, sinkhorn_attention(q, k, v, 3, scale=0.5))
 
 
 def test_numpy_integer_chunk_sizes() -> None:

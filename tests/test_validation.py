@@ -1,4 +1,4 @@
-"""The shared integer check behind every count, size and seed argument."""
+"""The shared checks: integers behind every count, size and seed argument; batches of sets."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from pointsink.model import SetSinkformer
 from pointsink.sinkhorn import sinkhorn
-from pointsink.validation import check_int
+from pointsink.validation import check_int, check_set_batch
 
 
 @pytest.mark.parametrize("value", [3, np.int64(3), np.int32(3)])
@@ -37,3 +37,29 @@ def test_callers_report_the_argument_they_were_given() -> None:
         SetSinkformer(num_classes=2, normalize_offsets=True)
     with pytest.raises(ValueError, match="group_hidden_layers must be at least 1; got 0"):
         SetSinkformer(num_classes=2, num_groups=4, group_hidden_layers=0)
+
+
+def test_set_batch_check_skips_weights_it_cannot_compare() -> None:
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    float_weight = torch.zeros(4, 3)
+    with pytest.raises(TypeError, match="convert the input"):
+        check_set_batch("x", x, 3, float_weight)
+    # Quantized layers: a packed weight behind a method (torch.ao's dynamic Linear), or an
+    # integer tensor. They take float inputs, so there is nothing to compare the dtype with.
+    check_set_batch("x", x, 3, lambda: float_weight)  # type: ignore[arg-type]
+    check_set_batch("x", x, 3, torch.zeros(4, 3, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, set_size, 3\)"):
+        check_set_batch("x", x[0], 3, torch.zeros(4, 3, dtype=torch.int8))
+    # The meta device has no autocast; a mismatch is still a TypeError.
+    with pytest.raises(TypeError, match="convert the input"):
+        check_set_batch("x", x.to("meta"), 3, float_weight.to("meta"))
+
+
+def test_model_checks_inputs_whatever_head_it_is_given() -> None:
+    model = SetSinkformer(3, channels=16, num_heads=2).eval()
+    points = torch.randn(2, 10, 3)
+    features = model.forward_features(points)
+    model.head = torch.nn.Identity()  # embeddings: the head swapped out
+    torch.testing.assert_close(model(points), features)
+    with pytest.raises(TypeError, match=r"points has dtype torch\.float64"):
+        model(points.double())
