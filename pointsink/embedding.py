@@ -50,7 +50,12 @@ def knn_indices(points: Tensor, num_neighbors: int, queries: Tensor | None = Non
             f"num_neighbors must be between 1 and the number of points ({points.shape[1]}); "
             f"got {num_neighbors}."
         )
-    distances = torch.cdist(points if queries is None else queries, points)
+    queries = points if queries is None else queries
+    if points.dtype in (torch.float16, torch.bfloat16):
+        # In float32: cdist has no CPU kernel for half types (bf16-true / 16-true training),
+        # and their short mantissas would tie or misorder close neighbours.
+        points, queries = points.float(), queries.float()
+    distances = torch.cdist(queries, points)
     return distances.topk(num_neighbors, dim=-1, largest=False, sorted=True).indices
 
 

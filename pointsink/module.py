@@ -312,7 +312,10 @@ class SinkformerClassifier(pl.LightningModule):
     def _mix_regions(self, points: Tensor, target: Tensor) -> tuple[Tensor, Tensor, float]:
         """Region-mixed points ``(B, N, 3)``, the partners' labels ``(B,)`` and their weight."""
         batch_size, num_points, _ = points.shape
-        alpha = self.hparams.mix_alpha
+        # float32 parameters: under bf16-true / 16-true precision the default dtype is a
+        # half type, for which torch has no Beta (Dirichlet) sampler. The draws are the
+        # same as with float arguments under the usual float32 default.
+        alpha = torch.tensor(self.hparams.mix_alpha, dtype=torch.float32)
         ratio = float(torch.distributions.Beta(alpha, alpha).sample())
         num_replaced = round(ratio * num_points)
         # Drawn on the points' device: copying CPU-drawn indices to a GPU waits for it.

@@ -316,6 +316,27 @@ def test_logit_adjustment_errors(tmp_path) -> None:
     assert torch.equal(module.log_class_prior, torch.zeros(3))
 
 
+def test_region_mixing_trains_in_true_half_precision(tmp_path) -> None:
+    # bf16-true makes bfloat16 the default dtype, which has no Beta sampler.
+    module = _module(mix_probability=1.0)
+    trainer = _quiet_trainer(
+        tmp_path, max_steps=2, enable_checkpointing=False, precision="bf16-true"
+    )
+    trainer.fit(module, datamodule=_LabelledData())
+    assert trainer.global_step == 2
+    # The draws are float32's, whatever the default dtype.
+    points, labels = torch.randn(2, 16, 3), torch.tensor([0, 1])
+    torch.manual_seed(0)
+    expected = torch.distributions.Beta(1.0, 1.0).sample()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        _, _, weight = module._mix_regions(points, labels)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert weight == round(float(expected) * 16) / 16
+
+
 def test_region_mixing_weighs_both_labels_in_the_training_loss() -> None:
     module = _without_logging(_module(mix_probability=1.0, num_groups=8, group_size=4).eval())
     points = torch.randn(6, 16, 3, generator=torch.Generator().manual_seed(1))
