@@ -15,8 +15,9 @@ Example (the paper's setup on real ModelNet10)::
     python benchmarks/reproduce.py --config configs/modelnet10-paper.yaml \
         --data-root ../shared/data/ModelNet10 --seeds 0 1 2 --n-iter 1 3 5 9
 
-Extra arguments after ``--`` go to every ``train.py fit`` call (e.g.
-``-- --trainer.max_epochs 10 --data.num_points 512``).
+Extra arguments after ``--`` go to every ``train.py fit`` and ``test`` call (e.g.
+``-- --trainer.max_epochs 10 --data.num_points 512``); the attention, ``n_iter`` and seed
+are the grid's own and are refused there. A repeated seed or variant runs once.
 
 ``--jobs N`` trains N runs at once, each in its own process with its log in
 ``OUT/runs/<variant>-seed<k>/log.txt``; the CPU cores are split evenly between them and, with
@@ -52,6 +53,14 @@ VALIDATION_KEYS = ("val/oa", "val/macc", "val/loss")
 # Epochs averaged by final_validation: enough to smooth out single epochs, few enough to
 # stay at the end of the schedule.
 FINAL_EPOCHS = 5
+# Flags the grid sets for every run; after `--` they would silently override it.
+GRID_FLAGS = (
+    "--model.attention",
+    "--model.init_args.attention",
+    "--model.n_iter",
+    "--model.init_args.n_iter",
+    "--seed_everything",
+)
 
 
 def _variants(
@@ -90,13 +99,16 @@ def _parse_variant(name: str) -> tuple[str, str, int]:
     if name == "softmax":
         return ("softmax", "softmax", 1)
     kind, _, n_iter = name.partition("-")
-    if kind != "sinkhorn" or not n_iter.isdigit():
-        raise SystemExit(f"unknown variant {name!r}: use softmax or sinkhorn-K")
+    if kind != "sinkhorn" or not n_iter.isdigit() or int(n_iter) < 1:
+        raise SystemExit(f"unknown variant {name!r}: use softmax or sinkhorn-K with K >= 1")
     return (name, "sinkhorn", int(n_iter))
 
 
 def _read_logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-epoch curves of ``val/oa``, ``val/macc``, ``val/loss`` and each ``ds/<layer>/col_dev``.
+    """Per-epoch curves of ``val/oa``, ``val/macc``, ``val/loss`` and each ``ds/<layer>``.
+
+    ``ds/<layer>`` is the larger of the layer's logged column and row deviations
+    (``ds/<layer>/col_dev``, ``ds/<layer>/row_dev``): 0 means doubly stochastic.
 
     The fit and the later test write separate logger versions; only the fit logs these.
     """
@@ -107,10 +119,19 @@ def _read_logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
             for row in csv.DictReader(handle):
                 for key, value in row.items():
                     wanted = key in VALIDATION_KEYS or (
-                        key.startswith("ds/") and key.endswith("/col_dev")
+                        key.startswith("ds/") and key.endswith(("/col_dev", "/row_dev"))
                     )
                     if wanted and value:
                         curves.setdefault(key, []).append((int(row["epoch"]), float(value)))
+    # Doubly stochastic needs both marginals: after an even number of Sinkhorn iterations
+    # the columns are exact and the rows are not, so a layer's distance is the larger one.
+    for key in [key for key in curves if key.endswith("/col_dev")]:
+        columns = _by_epoch(curves.pop(key))
+        rows = _by_epoch(curves.pop(key.replace("/col_dev", "/row_dev"), []))
+        layer = key.removesuffix("/col_dev")
+        curves[layer] = [(e, max(v, rows.get(e, 0.0))) for e, v in sorted(columns.items())]
+    for key in [key for key in curves if key.endswith("/row_dev")]:
+        del curves[key]  # a row deviation without its column's: not a complete distance
     return curves
 
 
@@ -177,10 +198,11 @@ def _doubly_stochastic_layers(logged: list[dict[str, list[tuple[int, float]]]]) 
 
 
 def doubly_stochastic_table(by_variant: dict[str, list[dict]]) -> str:
-    """Markdown: per variant and layer, column deviation after the first and last epoch.
+    """Markdown: per variant and layer, deviation from doubly stochastic, first and last epoch.
 
-    Means over seeds of ``ds/<layer>/col_dev`` (0 = doubly stochastic), as logged by
-    ``DoublyStochasticMonitor``; empty if the runs did not use it.
+    Means over seeds of the larger of the column and row deviations that
+    ``DoublyStochasticMonitor`` logs (0 = doubly stochastic); empty if the runs did not use
+    it. For softmax and odd ``n_iter`` the rows are exact, so this is the column deviation.
 
     Args:
         by_variant: ``{variant: [logged curves of each seed's run]}``.
@@ -191,12 +213,13 @@ def doubly_stochastic_table(by_variant: dict[str, list[dict]]) -> str:
             curves = [_by_epoch(run[key]) for run in logged if run.get(key)]
             first = statistics.mean(curve[min(curve)] for curve in curves)
             last = statistics.mean(curve[max(curve)] for curve in curves)
-            layer = key.removeprefix("ds/").removesuffix("/col_dev")
+            layer = key.removeprefix("ds/")
             lines.append(f"| {name} | {layer} | {len(curves)} | {first:.3f} | {last:.3f} |")
     if not lines:
         return ""
     header = [
-        "| variant | attention layer | seeds | column deviation, first epoch | last epoch |",
+        "| variant | attention layer | seeds | deviation (larger of column and row), first epoch "
+        "| last epoch |",
         "|---|---|---|---|---|",
     ]
     return "\n".join(header + lines)
@@ -204,17 +227,17 @@ def doubly_stochastic_table(by_variant: dict[str, list[dict]]) -> str:
 
 def _plot_doubly_stochastic(by_variant: dict[str, list[dict]], path: Path, plt) -> None:
     keys = _doubly_stochastic_layers(next(iter(by_variant.values())))
-    figure, axes = plt.subplots(
-        1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False, sharey=True
-    )
+    # Log scale: Sinkhorn variants differ by orders of magnitude near 0 (1e-5 to 1e-2).
+    figure, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
     for axis, key in zip(axes[0], keys, strict=True):
         for name, logged in by_variant.items():
             curves = [run[key] for run in logged if run.get(key)]
             if curves:
                 axis.plot(*_mean_curve(curves), label=name)
-        axis.set_title(key.removeprefix("ds/").removesuffix("/col_dev"), fontsize=9)
+        axis.set_title(key.removeprefix("ds/"), fontsize=9)
         axis.set_xlabel("epoch")
-    axes[0][0].set_ylabel("column-sum deviation from n/m (relative)")
+        axis.set_yscale("symlog", linthresh=1e-4)
+    axes[0][0].set_ylabel("deviation from doubly stochastic\n(larger of column and row sums)")
     axes[0][0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -596,14 +619,26 @@ def main(argv: list[str] | None = None) -> str:
     )
     # Internal: a child of --jobs writes its result.json and leaves the summary to the parent.
     parser.add_argument("--no-summary", action="store_true", help=argparse.SUPPRESS)
-    args, extra = parser.parse_known_args(argv)
-    extra = [arg for arg in extra if arg != "--"]
+    raw = sys.argv[1:] if argv is None else list(argv)
+    split = raw.index("--") if "--" in raw else len(raw)
+    args = parser.parse_args(raw[:split])  # a mistyped flag is an error, not a train.py flag
+    extra = raw[split + 1 :]
+    for arg in extra:
+        name = arg.partition("=")[0]
+        if name in GRID_FLAGS:
+            parser.error(
+                f"{name} after -- would override every run's own setting; the grid sets it "
+                "(use --variants, --n-iter and --seeds)"
+            )
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1; got {args.jobs}")
+    if min(args.n_iter) < 1:
+        parser.error(f"--n-iter values must be at least 1; got {args.n_iter}")
+    args.seeds = list(dict.fromkeys(args.seeds))  # a repeated seed is the same run
     args.out.mkdir(parents=True, exist_ok=True)
     variants = _variants(args.n_iter, _sinkhorn_one_is_softmax(args.config, extra))
     if args.variants:
-        variants = [_parse_variant(name) for name in args.variants]
+        variants = [_parse_variant(name) for name in dict.fromkeys(args.variants)]
     runs = [(*variant, seed) for variant in variants for seed in args.seeds]
     done = {}
     if not args.rerun:

@@ -233,17 +233,62 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(
 
 def test_a_failed_parallel_run_is_named_and_fails_the_grid(reproduce, tmp_path: Path) -> None:
     out = tmp_path / "out"
+    config = str(REPO / "tests" / "conf" / "tiny.yaml")
+    extra = ["--data.init_args.root", str(tmp_path / "synthetic")]
     argv = [
-        "--config", str(REPO / "tests" / "conf" / "tiny.yaml"),
-        "--out", str(out), "--seeds", "0", "--variants", "softmax", "sinkhorn-0", "--jobs", "2",
-        "--", "--data.init_args.root", str(tmp_path / "synthetic"),
+        "--config", config, "--out", str(out), "--seeds", "0",
+        "--variants", "softmax", "sinkhorn-3", "--jobs", "2", "--", *extra,
     ]  # fmt: skip
-    # n_iter 0 is refused, so that child fails; softmax alone must not pass for the grid.
+    # The sinkhorn-3 run must resume from a corrupt last.ckpt, so that child fails; softmax
+    # alone must not pass for the grid.
+    run_dir = out / "runs" / "sinkhorn-3-seed0"
+    checkpoints = run_dir / "lightning_logs" / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").write_bytes(b"not a checkpoint")
+    arguments = reproduce._arguments(config, None, extra)
+    (run_dir / "arguments.json").write_text(json.dumps(arguments))
     with pytest.raises(SystemExit, match="1 of 2 runs failed"):
         reproduce.main(argv)
     summary = (out / "summary.md").read_text()
     assert "| softmax | 1 |" in summary
-    assert "**Failed, not in the table above:** sinkhorn-0 seed 0." in summary
+    assert "**Failed, not in the table above:** sinkhorn-3 seed 0." in summary
+
+
+def test_grid_settings_after_the_separator_are_refused(
+    reproduce, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    for flags in (
+        ["--model.n_iter", "9"],
+        ["--model.attention=sinkhorn"],
+        ["--seed_everything", "7"],
+    ):
+        with pytest.raises(SystemExit) as raised:
+            reproduce.main(["--out", str(out), "--", *flags])
+        assert raised.value.code == 2
+        assert "would override every run's own setting" in capsys.readouterr().err
+    # A mistyped flag before the separator is an error, not a train.py flag.
+    with pytest.raises(SystemExit):
+        reproduce.main(["--out", str(out), "--n_iter", "3"])
+    assert "unrecognized arguments: --n_iter 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="sinkhorn-K with K >= 1"):
+        reproduce.main(["--out", str(out), "--variants", "sinkhorn-0"])
+    assert not (out / "runs").exists()  # rejected before anything was started
+
+
+def test_doubly_stochastic_distance_is_the_larger_marginal_deviation(
+    reproduce, tmp_path: Path
+) -> None:
+    # After an even number of iterations the columns are exact and the rows are not.
+    logs = tmp_path / "lightning_logs" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "metrics.csv").write_text(
+        "epoch,val/oa,ds/pool.mab/col_dev,ds/pool.mab/row_dev\n0,0.5,0.0,0.03\n1,0.6,0.2,0.0\n"
+    )
+    logged = reproduce._read_logged(tmp_path)
+    assert logged["ds/pool.mab"] == [(0, 0.03), (1, 0.2)]
+    table = reproduce.doubly_stochastic_table({"sinkhorn-2": [logged]})
+    assert "| sinkhorn-2 | pool.mab | 1 | 0.030 | 0.200 |" in table
 
 
 def test_bad_jobs_is_a_usage_error(
