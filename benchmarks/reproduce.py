@@ -53,6 +53,8 @@ VALIDATION_KEYS = ("val/oa", "val/macc", "val/loss")
 # Epochs averaged by final_validation: enough to smooth out single epochs, few enough to
 # stay at the end of the schedule.
 FINAL_EPOCHS = 5
+# Lowest value drawn on the doubly-stochastic plot's log axis (exact marginals give 0).
+LOG_FLOOR = 1e-6
 # Flags the grid sets for every run; after `--` they would silently override it.
 GRID_FLAGS = (
     "--model.attention",
@@ -233,11 +235,13 @@ def _plot_doubly_stochastic(by_variant: dict[str, list[dict]], path: Path, plt) 
         for name, logged in by_variant.items():
             curves = [run[key] for run in logged if run.get(key)]
             if curves:
-                axis.plot(*_mean_curve(curves), label=name)
+                epochs, values = _mean_curve(curves)
+                axis.plot(epochs, [max(value, LOG_FLOOR) for value in values], label=name)
         axis.set_title(key.removeprefix("ds/"), fontsize=9)
         axis.set_xlabel("epoch")
-        axis.set_yscale("symlog", linthresh=1e-4)
-    axes[0][0].set_ylabel("deviation from doubly stochastic\n(larger of column and row sums)")
+        axis.set_yscale("log")
+    # The larger of the column and row deviations, values below LOG_FLOOR drawn at it.
+    axes[0][0].set_ylabel(f"deviation from doubly stochastic\n(columns or rows; min {LOG_FLOOR:g})")
     axes[0][0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -567,7 +571,8 @@ def summarize(rows: list[dict], out: Path) -> str:
     if doubly_stochastic:
         summary += (
             "\nDistance of the attention to doubly stochastic (relative mean absolute "
-            "deviation of column sums from n/m, first validation batch, mean over seeds):"
+            "deviation of column sums from n/m or of row sums from 1, whichever is larger; "
+            "first validation batch, mean over seeds):"
             "\n\n" + doubly_stochastic + "\n"
         )
     (out / "summary.md").write_text(summary)
