@@ -7,7 +7,7 @@ config and budget, evaluates the best-validation checkpoint on the test split, a
 * ``OUT/summary.md``: mean ± sample std of test overall / mean per-class accuracy and time
   per epoch, and, if the config has ``DoublyStochasticMonitor``, each attention layer's
   distance to doubly stochastic after the first and the last epoch,
-* ``OUT/learning_curves.png``: validation accuracy per epoch, mean over seeds,
+* ``OUT/learning_curves.png``: validation accuracy per epoch, mean and range over seeds,
 * ``OUT/doubly_stochastic.png``: that distance per layer and epoch, mean over seeds.
 
 Example (the paper's setup on real ModelNet10)::
@@ -584,9 +584,16 @@ def summarize(rows: list[dict], out: Path) -> str:
 
     figure, axis = plt.subplots(figsize=(7, 4))
     for name, logged in by_variant.items():
-        axis.plot(*_mean_curve([run.get("val/oa", []) for run in logged]), label=name)
+        curves = [_by_epoch(run.get("val/oa", [])) for run in logged]
+        epochs, mean = _mean_curve([run.get("val/oa", []) for run in logged])
+        (line,) = axis.plot(epochs, mean, label=f"{name} ({len(logged)} seeds)")
+        if len(curves) > 1:  # the spread over seeds: lowest to highest
+            lowest = [min(curve[epoch] for curve in curves) for epoch in epochs]
+            highest = [max(curve[epoch] for curve in curves) for epoch in epochs]
+            axis.fill_between(epochs, lowest, highest, color=line.get_color(), alpha=0.2)
     axis.set_xlabel("epoch")
-    axis.set_ylabel("validation overall accuracy (mean over seeds)")
+    axis.set_ylabel("validation overall accuracy")
+    axis.set_title("Validation OA: mean over seeds (line), lowest to highest (band)", fontsize=10)
     axis.legend()
     figure.tight_layout()
     figure.savefig(out / "learning_curves.png", dpi=120)
