@@ -957,6 +957,20 @@ def state_dict_differences(expected: dict[str, Tensor], found: dict[str, Any]) -
     return problems
 
 
+def checkpoint_model_weights(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> dict:
+    """The :class:`~pointsink.model.SetSinkformer` weights inside a checkpoint's state dict.
+
+    The Lightning module holds the network as its ``model`` attribute, so these are the
+    ``model.``-prefixed entries of :func:`checkpoint_state_dict`, without the prefix.
+    """
+    prefix = "model."
+    return {
+        key.removeprefix(prefix): value
+        for key, value in checkpoint_state_dict(checkpoint, path).items()
+        if key.startswith(prefix)
+    }
+
+
 def check_state_dict(
     path: str | os.PathLike[str], expected: dict[str, Tensor], found: dict[str, Any]
 ) -> None:

@@ -260,7 +260,7 @@ class SetSinkformer(nn.Module):
             check_state_dict,
             checkpoint_class_names,
             checkpoint_hparams,
-            checkpoint_state_dict,
+            checkpoint_model_weights,
             load_checkpoint,
         )
 
@@ -270,13 +270,7 @@ class SetSinkformer(nn.Module):
         if hparams.get("class_names") is not None or not isinstance(num_classes, int):
             num_classes = len(checkpoint_class_names(hparams, path))
         model = build_from_hparams(cls, hparams, path, num_classes=num_classes)
-        # The Lightning module holds this model as its `model` attribute.
-        prefix = "model."
-        weights = {
-            key.removeprefix(prefix): value
-            for key, value in checkpoint_state_dict(checkpoint, path).items()
-            if key.startswith(prefix)
-        }
+        weights = checkpoint_model_weights(checkpoint, path)
         check_state_dict(path, model.state_dict(), weights)
         model.load_state_dict(weights, strict=True)
         return model.eval()

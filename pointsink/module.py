@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from pointsink.attention import AttentionKind, LogitScale, SinkhornMarginals
 from pointsink.inference import (
     CheckpointError,
-    checkpoint_state_dict,
+    checkpoint_model_weights,
     load_checkpoint,
     state_dict_differences,
 )
@@ -413,11 +413,7 @@ class SinkformerClassifier(pl.LightningModule):
         self, checkpoint: dict[str, Any], path: str | os.PathLike[str]
     ) -> list[str]:
         """:meth:`load_pretrained` on a checkpoint already read from ``path`` (for messages)."""
-        found = {
-            key.removeprefix("model."): value
-            for key, value in checkpoint_state_dict(checkpoint, path).items()
-            if key.startswith("model.")
-        }
+        found = checkpoint_model_weights(checkpoint, path)
         own = self.model.state_dict()
         weights = _without_head(found)
         problems = state_dict_differences(_without_head(own), weights)
