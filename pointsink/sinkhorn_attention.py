@@ -80,7 +80,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from pointsink.sinkhorn import _no_autocast, sinkhorn
-from pointsink.validation import check_int
+from pointsink.validation import autocast_enabled, check_int
 
 __all__ = [
     "Backend",
@@ -728,11 +728,8 @@ def sinkhorn_attention(
         raise TypeError("scale must be a number; to learn a temperature, multiply q by it instead.")
     scale = float(scale)
     device_type = q.device.type
-    if (
-        q.dtype != torch.float64  # autocast's rule: float64 is never cast down
-        and torch.amp.is_autocast_available(device_type)
-        and torch.is_autocast_enabled(device_type)
-    ):
+    # autocast's rule: float64 is never cast down.
+    if q.dtype != torch.float64 and autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     chosen = _choose_backend(backend, q)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["check_int", "check_set_batch", "plain_value"]
+__all__ = ["autocast_enabled", "check_int", "check_set_batch", "plain_value"]
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -33,6 +33,14 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}; got {value}.")
     return int(value)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False where autocast does not exist.
+
+    ``torch.is_autocast_enabled`` itself raises on such devices (e.g. ``meta``).
+    """
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def check_set_batch(
@@ -65,11 +73,7 @@ def check_set_batch(
         return  # quantized layers (a packed weight, or integer dtypes) take float inputs
     if x.device != weight.device:
         raise ValueError(f"{name} is on {x.device} but the parameters are on {weight.device}.")
-    device_type = x.device.type
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
-        device_type
-    )
-    if x.dtype != weight.dtype and not autocast:
+    if x.dtype != weight.dtype and not autocast_enabled(x.device.type):
         raise TypeError(
             f"{name} has dtype {x.dtype} but the parameters are {weight.dtype}: convert the "
             f"input (.to({weight.dtype})) or the module (.to({x.dtype}))."
