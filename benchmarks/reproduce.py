@@ -132,8 +132,6 @@ def _read_logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         rows = _by_epoch(curves.pop(key.replace("/col_dev", "/row_dev"), []))
         layer = key.removesuffix("/col_dev")
         curves[layer] = [(e, max(v, rows.get(e, 0.0))) for e, v in sorted(columns.items())]
-    for key in [key for key in curves if key.endswith("/row_dev")]:
-        del curves[key]  # a row deviation without its column's: not a complete distance
     return curves
 
 
@@ -184,15 +182,21 @@ def _by_epoch(curve: list[tuple[int, float]]) -> dict[int, float]:
     return dict(curve)
 
 
-def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
-    """The epochs every run logged, and the mean over runs at each.
+def _aligned(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[list[float]]]:
+    """The epochs every run logged, and the runs' values at each.
 
     Matched by epoch, not by position, so an epoch logged twice by a resumed run does not
     shift the rest of its curve.
     """
     by_epoch = [_by_epoch(curve) for curve in curves]
     epochs = sorted(set.intersection(*(set(curve) for curve in by_epoch)))
-    return epochs, [statistics.mean(curve[epoch] for curve in by_epoch) for epoch in epochs]
+    return epochs, [[curve[epoch] for curve in by_epoch] for epoch in epochs]
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    """The epochs every run logged, and the mean over runs at each (see :func:`_aligned`)."""
+    epochs, values = _aligned(curves)
+    return epochs, [statistics.mean(at_epoch) for at_epoch in values]
 
 
 def _doubly_stochastic_layers(logged: list[dict[str, list[tuple[int, float]]]]) -> list[str]:
@@ -584,12 +588,11 @@ def summarize(rows: list[dict], out: Path) -> str:
 
     figure, axis = plt.subplots(figsize=(7, 4))
     for name, logged in by_variant.items():
-        curves = [_by_epoch(run.get("val/oa", [])) for run in logged]
-        epochs, mean = _mean_curve([run.get("val/oa", []) for run in logged])
+        epochs, values = _aligned([run.get("val/oa", []) for run in logged])
+        mean = [statistics.mean(at_epoch) for at_epoch in values]
         (line,) = axis.plot(epochs, mean, label=f"{name} ({len(logged)} seeds)")
-        if len(curves) > 1:  # the spread over seeds: lowest to highest
-            lowest = [min(curve[epoch] for curve in curves) for epoch in epochs]
-            highest = [max(curve[epoch] for curve in curves) for epoch in epochs]
+        if len(logged) > 1:  # the spread over seeds: lowest to highest
+            lowest, highest = [min(v) for v in values], [max(v) for v in values]
             axis.fill_between(epochs, lowest, highest, color=line.get_color(), alpha=0.2)
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation overall accuracy")
