@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pointsink.sinkhorn import sinkhorn
+from pointsink.sinkhorn import check_masks, sinkhorn
 from pointsink.sinkhorn_attention import sinkhorn_attention, triton_available
 from pointsink.validation import check_int, check_set_batch
 
@@ -71,38 +71,62 @@ def check_attention_options(logit_scale: str, sinkhorn_marginals: str) -> None:
         )
 
 
+def _zero_padded_rows(x: Tensor, query_mask: Tensor | None) -> Tensor:
+    """``x`` (``(..., n, c)``) with the rows of padded queries set to 0."""
+    return x if query_mask is None else x.masked_fill(~query_mask.unsqueeze(-1), 0.0)
+
+
 def attention_weights(
-    logits: Tensor, attention: AttentionKind = "sinkhorn", n_iter: int = DEFAULT_N_ITER
+    logits: Tensor,
+    attention: AttentionKind = "sinkhorn",
+    n_iter: int = DEFAULT_N_ITER,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Normalizes attention logits of shape ``(..., n, m)`` into weights of the same shape.
 
     ``softmax`` normalizes rows; ``sinkhorn`` runs ``n_iter`` alternating row and column
     normalizations (see :func:`pointsink.sinkhorn.sinkhorn`), so that ``n_iter=1`` equals
-    softmax.
+    softmax. With padding masks (``(..., n)`` and ``(..., m)`` bool, True for real
+    elements), padded keys get weight 0 and padded queries a row of zeros, for both kinds.
 
     Raises:
-        ValueError: ``attention`` is not one of :data:`ATTENTION_KINDS`, or ``n_iter`` is
-            not an integer ``>= 1``.
+        ValueError: ``attention`` is not one of :data:`ATTENTION_KINDS`, ``n_iter`` is
+            not an integer ``>= 1``, or a mask does not fit the logits.
     """
     check_attention_kind(attention, n_iter)
-    if attention == "softmax":
-        return torch.softmax(logits, dim=-1)
-    return sinkhorn(logits, n_iter)
+    if attention == "sinkhorn":
+        return sinkhorn(logits, n_iter, query_mask, key_mask)
+    check_masks(query_mask, key_mask, tuple(logits.shape[:-2]), *logits.shape[-2:], logits.device)
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask.unsqueeze(-2), -math.inf)
+    return _zero_padded_rows(torch.softmax(logits, dim=-1), query_mask)
 
 
 def dense_attention_weights(
-    query: Tensor, key: Tensor, attention: AttentionKind = "sinkhorn", n_iter: int = DEFAULT_N_ITER
+    query: Tensor,
+    key: Tensor,
+    attention: AttentionKind = "sinkhorn",
+    n_iter: int = DEFAULT_N_ITER,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Materialized weights ``normalize(QK^T / sqrt(d))`` of shape ``(B, H, n, m)``.
 
-    ``query`` is ``(B, H, n, d)`` and ``key`` is ``(B, H, m, d)``.
+    ``query`` is ``(B, H, n, d)`` and ``key`` is ``(B, H, m, d)``; the masks as in
+    :func:`attention_weights`.
     """
     logits = query @ key.transpose(-2, -1) * (1.0 / math.sqrt(query.shape[-1]))
-    return attention_weights(logits, attention, n_iter)
+    return attention_weights(logits, attention, n_iter, query_mask, key_mask)
 
 
 def attention_marginals(
-    query: Tensor, key: Tensor, attention: AttentionKind = "sinkhorn", n_iter: int = DEFAULT_N_ITER
+    query: Tensor,
+    key: Tensor,
+    attention: AttentionKind = "sinkhorn",
+    n_iter: int = DEFAULT_N_ITER,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Row and column sums of the weights ``normalize(QK^T / sqrt(d))``.
 
@@ -114,19 +138,31 @@ def attention_marginals(
         key: ``(B, H, m, d)``.
         attention: ``"softmax"`` or ``"sinkhorn"``.
         n_iter: Sinkhorn iterations (ignored for softmax).
+        query_mask: ``(B or 1, 1, n)`` bool, True for real queries, or None.
+        key_mask: ``(B or 1, 1, m)`` bool, True for real keys, or None.
 
     Returns:
         ``(row_sums, column_sums)`` of shapes ``(B, H, n)`` and ``(B, H, m)``; a doubly
-        stochastic matrix has rows summing to 1 and columns to ``n / m``.
+        stochastic matrix has rows summing to 1 and columns to ``n / m`` (padded sets: real
+        columns to ``n' / m'``, padded rows and columns to 0).
     """
     batch, heads, n, _ = query.shape
     m = key.shape[-2]
     # Empty to start with, so that an empty batch gives empty sums rather than cat([]).
     rows = [query.new_empty(0, heads, n, dtype=torch.float32)]
     columns = [query.new_empty(0, heads, m, dtype=torch.float32)]
+
+    def element(mask: Tensor | None, index: int) -> Tensor | None:
+        return mask if mask is None or mask.shape[0] == 1 else mask[index : index + 1]
+
     for index in range(batch):
         weights = dense_attention_weights(
-            query[index : index + 1], key[index : index + 1], attention, n_iter
+            query[index : index + 1],
+            key[index : index + 1],
+            attention,
+            n_iter,
+            element(query_mask, index),
+            element(key_mask, index),
         ).float()
         rows.append(weights.sum(dim=-1))
         columns.append(weights.sum(dim=-2))
@@ -140,6 +176,8 @@ def scaled_dot_product_attention(
     attention: AttentionKind = "sinkhorn",
     n_iter: int = DEFAULT_N_ITER,
     efficient: bool | None = None,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     r"""Computes :math:`\mathrm{normalize}(QK^\top/\sqrt{d})\,V`.
 
@@ -155,13 +193,17 @@ def scaled_dot_product_attention(
             materializes the weights: the readable reference. ``None`` (the model's
             default) chooses: always for softmax; for Sinkhorn on CUDA with Triton, or when
             ``n * m >= EFFICIENT_SINKHORN_MIN_SIZE``.
+        query_mask: ``(B or 1, 1, n)`` bool, True for real queries, or None: padded
+            queries get an output of 0 (and Sinkhorn excludes them from the column sums).
+        key_mask: ``(B or 1, 1, m)`` bool, True for real keys, or None: padded keys get
+            weight 0.
 
     Returns:
         ``(B, H, n, d_v)``.
 
     Raises:
-        ValueError: ``attention`` is not one of :data:`ATTENTION_KINDS`, or ``n_iter`` is
-            not an integer ``>= 1``.
+        ValueError: ``attention`` is not one of :data:`ATTENTION_KINDS`, ``n_iter`` is
+            not an integer ``>= 1``, or a mask does not fit.
     """
     # Without this, any string but "softmax" (e.g. "Softmax") would silently run Sinkhorn.
     check_attention_kind(attention, n_iter)
@@ -173,9 +215,36 @@ def scaled_dot_product_attention(
         )
     if efficient:
         if attention == "softmax":
-            return F.scaled_dot_product_attention(query, key, value)
-        return sinkhorn_attention(query, key, value, n_iter)
-    return dense_attention_weights(query, key, attention, n_iter) @ value
+            check_masks(
+                query_mask,
+                key_mask,
+                tuple(query.shape[:-2]),
+                query.shape[-2],
+                key.shape[-2],
+                query.device,
+            )
+            attn_mask = None if key_mask is None else key_mask.unsqueeze(-2)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+            return _zero_padded_rows(out, query_mask)
+        return sinkhorn_attention(
+            query, key, value, n_iter, query_mask=query_mask, key_mask=key_mask
+        )
+    weights = dense_attention_weights(query, key, attention, n_iter, query_mask, key_mask)
+    return weights @ value
+
+
+def _check_set_mask(name: str, mask: Tensor, x: Tensor) -> Tensor:
+    """Checks a ``(B, L)`` bool padding mask against the set batch ``x`` ``(B, L, C)``."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True: a real element); got {mask.dtype}.")
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"{name} must have shape (batch, set_size) = {tuple(x.shape[:2])}; "
+            f"got {tuple(mask.shape)}."
+        )
+    if mask.device != x.device:
+        raise ValueError(f"{name} is on {mask.device} but the set is on {x.device}.")
+    return mask
 
 
 class MultiheadAttention(nn.Module):
@@ -260,19 +329,40 @@ class MultiheadAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_channels).transpose(1, 2)
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        query_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Attends from ``x`` to ``y``.
 
         Args:
             x: Queries ``(B, n, query_channels)``.
             y: Keys and values ``(B, m, key_channels)``.
+            query_mask: ``(B, n)`` bool, True for the real queries of padded sets, or
+                None (all real). Padded queries get heads of 0; Sinkhorn leaves them out of
+                its column sums (real columns sum to ``n' / m'``).
+            key_mask: ``(B, m)`` bool, True for the real keys, or None: padded keys get
+                weight 0.
 
         Returns:
             ``(projected_queries, heads)``, both ``(B, n, channels)``: the projected
             queries feed the block's residual connection.
+
+        Raises:
+            ValueError: ``x``, ``y`` or a mask has the wrong shape or device.
+            TypeError: An input's dtype differs from the parameters' (outside autocast), or
+                a mask is not boolean.
         """
         check_set_batch("attention queries", x, self.lin_query.in_features, self.lin_query.weight)
         check_set_batch("attention keys", y, self.lin_key.in_features, self.lin_key.weight)
+        # (B, L) -> (B, 1, L): one mask for every head.
+        query_mask, key_mask = (
+            None if mask is None else _check_set_mask(name, mask, z).unsqueeze(1)
+            for name, mask, z in (("query_mask", query_mask, x), ("key_mask", key_mask, y))
+        )
         query = self.lin_query(x)
         q, k, v = (
             self._split_heads(query),
@@ -285,11 +375,18 @@ class MultiheadAttention(nn.Module):
             # With uniform marginals these are n times the weights' sums; the deviation
             # from doubly stochastic, relative to the target, is the same.
             with torch.no_grad():
-                self.last_marginals = attention_marginals(q, k, self.attention, self.n_iter)
-        heads = scaled_dot_product_attention(q, k, v, self.attention, self.n_iter)
+                self.last_marginals = attention_marginals(
+                    q, k, self.attention, self.n_iter, query_mask, key_mask
+                )
+        heads = scaled_dot_product_attention(
+            q, k, v, self.attention, self.n_iter, query_mask=query_mask, key_mask=key_mask
+        )
         batch, _, n, _ = heads.shape
         if self.attention == "sinkhorn" and self.sinkhorn_marginals == "uniform":
-            heads = heads / n
+            # Divided by the number of real queries n' of each set.
+            heads = heads / (
+                n if query_mask is None else query_mask.sum(-1, keepdim=True)[..., None]
+            )
         return query, heads.transpose(1, 2).reshape(batch, n, self.channels)
 
     def extra_repr(self) -> str:

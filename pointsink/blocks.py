@@ -2,6 +2,11 @@
 
 All blocks take sets as ``(B, N, C)`` tensors. SAB and ISAB are permutation-equivariant
 in the set dimension; PMA is permutation-invariant.
+
+Sets of different sizes are padded to one ``N`` and passed with ``mask`` (``(B, N)`` bool,
+True for real elements; e.g. from ``torch_geometric.utils.to_dense_batch``). Padding then
+changes nothing: the outputs at real elements equal those of the unpadded set, for softmax
+and Sinkhorn attention alike. Outputs at padded elements are not meaningful.
 """
 
 from __future__ import annotations
@@ -92,17 +97,25 @@ class MultiheadAttentionBlock(nn.Module):
             if isinstance(norm, nn.LayerNorm):
                 norm.reset_parameters()
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        query_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
         """Computes ``MAB(x, y)``.
 
         Args:
             x: Queries ``(B, n, query_channels)``.
             y: Keys and values ``(B, m, key_channels)``.
+            query_mask: ``(B, n)`` bool, True for real queries, or None (all real).
+            key_mask: ``(B, m)`` bool, True for real keys, or None (all real).
 
         Returns:
             ``(B, n, channels)``.
         """
-        query, heads = self.attn(x, y)
+        query, heads = self.attn(x, y, query_mask, key_mask)
         h = self.norm_attn(query + heads)
         return self.norm_out(h + F.relu(self.lin_out(h)))
 
@@ -146,9 +159,9 @@ class SetAttentionBlock(nn.Module):
         """Re-initializes all parameters."""
         self.mab.reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, N, in_channels)`` -> ``(B, N, channels)``."""
-        return self.mab(x, x)
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``(B, N, in_channels)`` -> ``(B, N, channels)``; ``mask``: ``(B, N)`` bool or None."""
+        return self.mab(x, x, mask, mask)
 
 
 class InducedSetAttentionBlock(nn.Module):
@@ -199,10 +212,14 @@ class InducedSetAttentionBlock(nn.Module):
         self.mab_induce.reset_parameters()
         self.mab_out.reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, N, in_channels)`` -> ``(B, N, channels)``."""
-        h = self.mab_induce(self.inducing_points.expand(x.shape[0], -1, -1), x)
-        return self.mab_out(x, h)
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``(B, N, in_channels)`` -> ``(B, N, channels)``; ``mask``: ``(B, N)`` bool or None.
+
+        The inducing points attend to the real elements only; every element attends to
+        all inducing points, and under Sinkhorn only real elements count in the column sums.
+        """
+        h = self.mab_induce(self.inducing_points.expand(x.shape[0], -1, -1), x, key_mask=mask)
+        return self.mab_out(x, h, query_mask=mask)
 
 
 class PoolingByMultiheadAttention(nn.Module):
@@ -262,7 +279,10 @@ class PoolingByMultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.seeds)
         self.mab.reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, N, channels)`` -> ``(B, num_seeds, channels)``."""
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``(B, N, channels)`` -> ``(B, num_seeds, channels)``.
+
+        Pools the real elements of ``mask`` (``(B, N)`` bool) only, or all for None.
+        """
         keys = x if self.lin is None else F.relu(self.lin(x))
-        return self.mab(self.seeds.expand(x.shape[0], -1, -1), keys)
+        return self.mab(self.seeds.expand(x.shape[0], -1, -1), keys, key_mask=mask)

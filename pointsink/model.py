@@ -205,33 +205,52 @@ class SetSinkformer(nn.Module):
         self.pool.reset_parameters()
         self.head.reset_parameters()
 
-    def forward(self, points: Tensor) -> Tensor:
+    def forward(self, points: Tensor, mask: Tensor | None = None) -> Tensor:
         """Classifies point sets.
 
         Args:
             points: ``(B, N, in_channels)``.
+            mask: ``(B, N)`` bool, True for real points, for sets of different sizes padded
+                to one ``N``, or None (all real). See :meth:`forward_features`.
 
         Returns:
-            Logits ``(B, num_classes)``: ``head(dropout(forward_features(points)))``.
+            Logits ``(B, num_classes)``: ``head(dropout(forward_features(points, mask)))``.
         """
-        return self.head(self.dropout(self.forward_features(points)))
+        return self.head(self.dropout(self.forward_features(points, mask)))
 
-    def forward_features(self, points: Tensor) -> Tensor:
+    def forward_features(self, points: Tensor, mask: Tensor | None = None) -> Tensor:
         """Embeds point sets: the pooled features that the classification head reads.
 
         Args:
             points: ``(B, N, in_channels)``.
+            mask: ``(B, N)`` bool, True for real points, or None (all real). A padded set
+                gives the features of its real points alone (to float rounding). Every set
+                needs a real point. Only for models without a point embedding
+                (``local_neighbors=0``, ``num_groups=0``): farthest-point sampling and
+                nearest-neighbour grouping take fixed-size sets.
 
         Returns:
             ``(B, num_seeds * channels)``, invariant to the order of the ``N`` points.
+
+        Raises:
+            ValueError: ``points`` or ``mask`` has the wrong shape or device, or a mask is
+                given to a model with a point embedding.
+            TypeError: ``points`` has another dtype than the parameters (outside autocast),
+                or ``mask`` is not boolean.
         """
         # The pooling seeds: a plain parameter of every model, whatever head or quantized
         # layers a user swaps in.
         check_set_batch("points", points, self.in_channels, self.pool.seeds, "num_points")
+        if mask is not None and len(self.embedding) > 0:
+            raise ValueError(
+                "mask (padded sets) needs a model without a point embedding (local_neighbors=0, "
+                "num_groups=0); resample each set to one size instead "
+                "(pointsink.transforms.sample_points)."
+            )
         x = self.embedding(points)
         for block in self.encoder:
-            x = block(x)
-        return self.pool(self.dropout(x)).flatten(1)
+            x = block(x, mask)
+        return self.pool(self.dropout(x), mask).flatten(1)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str]) -> SetSinkformer:

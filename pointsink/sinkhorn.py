@@ -13,6 +13,17 @@ In the log domain, with potentials ``u`` (one per query) and ``v`` (one per key)
     P = exp(S + u + v)
 
 Iteration 1 is a row normalization, so ``n_iter=1`` is exactly ``softmax(S, dim=-1)``.
+
+Padded sets: Sinkhorn cannot be masked through the logits, as softmax is (a column
+normalization would give a masked key its share back). Masks act on the marginals instead:
+with ``n'`` real queries and ``m'`` real keys, real rows sum to 1 and real columns to
+``n' / m'``, and padded rows and columns get mass 0 (:func:`log_marginals`)::
+
+    u <- log a - logsumexp_j(S_ij + v_j),   log a_i = 0 (real) or -inf (padded)
+    v <- log b - logsumexp_i(S_ij + u_i),   log b_j = log(n' / m') (real) or -inf (padded)
+
+starting from ``v = log [key is real]``. The real block of the result equals Sinkhorn on the
+unpadded logits, and padded rows and columns are exactly 0.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from torch import Tensor
 
 from pointsink.validation import check_int
 
-__all__ = ["log_sinkhorn", "sinkhorn", "sinkhorn_potentials"]
+__all__ = ["check_masks", "log_marginals", "log_sinkhorn", "sinkhorn", "sinkhorn_potentials"]
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[None]:
@@ -55,7 +66,104 @@ def _check(logits: Tensor, n_iter: int) -> None:
     check_int("n_iter", n_iter)
 
 
-def sinkhorn_potentials(logits: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
+def check_masks(
+    query_mask: Tensor | None,
+    key_mask: Tensor | None,
+    batch_shape: tuple[int, ...],
+    n: int,
+    m: int,
+    device: torch.device,
+) -> None:
+    """Checks padding masks against ``n`` queries and ``m`` keys with leading ``batch_shape``.
+
+    Shape, dtype and device only: no host synchronization, so a set with no real element is
+    not detected (its output is NaN, as for softmax over fully masked rows).
+
+    Raises:
+        ValueError: A mask's last dimension is not ``n`` (``m``), its leading dimensions are
+            not those of ``batch_shape`` (each equal or 1), or it is on another device.
+        TypeError: A mask is not boolean.
+    """
+    for name, mask, size, size_name in (
+        ("query_mask", query_mask, n, "n"),
+        ("key_mask", key_mask, m, "m"),
+    ):
+        if mask is None:
+            continue
+        if mask.dtype != torch.bool:
+            raise TypeError(
+                f"{name} must be a bool tensor (True: a real element); got {mask.dtype}."
+            )
+        # As many leading dimensions as the inputs, each equal or 1: right-aligned
+        # broadcasting would silently match a (B, n) mask's batch with the heads of
+        # (B, H, n, m) logits.
+        fits = mask.dim() == len(batch_shape) + 1 and all(
+            mask_size in (1, batch_size)
+            for mask_size, batch_size in zip(mask.shape[:-1], batch_shape, strict=True)
+        )
+        if not fits or mask.shape[-1] != size:
+            raise ValueError(
+                f"{name} must have shape (..., {size_name}) = (..., {size}) with one leading "
+                f"dimension per input dimension, each equal to it or 1 (inputs: "
+                f"{tuple(batch_shape)}); got {tuple(mask.shape)}."
+            )
+        if mask.device != device:
+            raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}.")
+
+
+def log_marginals(
+    query_mask: Tensor | None,
+    key_mask: Tensor | None,
+    n: int,
+    m: int,
+    dtype: torch.dtype,
+    masked: float = -math.inf,
+) -> tuple[Tensor | float, Tensor | float, Tensor | float]:
+    """Log target marginals of Sinkhorn attention, and the initial column potential.
+
+    Args:
+        query_mask: ``(..., n)`` bool, True for real queries, or None (all real).
+        key_mask: ``(..., m)`` bool, True for real keys, or None (all real).
+        n: Number of queries (padded).
+        m: Number of keys (padded).
+        dtype: Floating dtype of the results.
+        masked: Log-mass of a padded element: ``-inf`` (exact), or a large finite negative
+            number where differences of potentials must stay finite (tiled backward passes).
+
+    Returns:
+        ``(log_rows, log_cols, v_init)``: ``log a`` of shape ``(..., n)``, ``log b`` of shape
+        ``(..., m)`` (``log(n' / m')`` for real keys) and the starting column potential
+        ``(..., m)`` (0 for real keys), each ``masked`` where padded. Without masks, the
+        plain numbers ``0``, ``log(n / m)`` and ``0``.
+    """
+    if query_mask is None and key_mask is None:
+        return 0.0, math.log(n / m), 0.0
+    device = (query_mask if query_mask is not None else key_mask).device  # type: ignore[union-attr]
+
+    def count(mask: Tensor | None, size: int) -> Tensor:
+        if mask is None:
+            return torch.full((1,), float(size), dtype=dtype, device=device)
+        return mask.sum(-1, keepdim=True, dtype=dtype)
+
+    log_col_mass = count(query_mask, n).log() - count(key_mask, m).log()  # (..., 1)
+    masked_value = torch.tensor(masked, dtype=dtype, device=device)
+    log_rows: Tensor | float = 0.0
+    v_init: Tensor | float = 0.0
+    log_cols: Tensor | float = log_col_mass.expand(*log_col_mass.shape[:-1], m)
+    if query_mask is not None:
+        log_rows = torch.where(query_mask, 0.0, masked_value).to(dtype)
+    if key_mask is not None:
+        log_cols = torch.where(key_mask, log_col_mass, masked_value)
+        v_init = torch.where(key_mask, 0.0, masked_value).to(dtype)
+    return log_rows, log_cols, v_init
+
+
+def sinkhorn_potentials(
+    logits: Tensor,
+    n_iter: int,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Runs ``n_iter`` alternating normalizations and returns the dual potentials.
 
     Computation happens in at least float32 (also under fp16/bf16 autocast), so that
@@ -64,74 +172,106 @@ def sinkhorn_potentials(logits: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
     Args:
         logits: Attention logits ``S`` of shape ``(..., n, m)``.
         n_iter: Number of normalizations, starting with the rows (``>= 1``).
+        query_mask: ``(..., n)`` bool, True for real queries (padded ones get potential
+            ``-inf``); one leading dimension per leading dimension of ``logits``, each
+            equal to it or 1. None: all real.
+        key_mask: ``(..., m)`` bool, True for real keys, likewise.
 
     Returns:
         ``(u, v)`` of shapes ``(..., n, 1)`` and ``(..., 1, m)``, float32 or float64, such
         that ``exp(S + u + v)`` is the normalized attention matrix.
 
     Raises:
-        ValueError: ``logits`` has fewer than two dimensions, ``n`` or ``m`` is 0, or
-            ``n_iter`` is not an integer ``>= 1``.
-        TypeError: ``logits`` is not floating point.
+        ValueError: ``logits`` has fewer than two dimensions, ``n`` or ``m`` is 0,
+            ``n_iter`` is not an integer ``>= 1``, or a mask does not fit (see
+            :func:`check_masks`).
+        TypeError: ``logits`` is not floating point, or a mask is not boolean.
     """
     _check(logits, n_iter)
+    n, m = logits.shape[-2], logits.shape[-1]
+    check_masks(query_mask, key_mask, tuple(logits.shape[:-2]), n, m, logits.device)
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
     with _no_autocast(logits.device.type):
         scores = logits.to(compute_dtype)
-        n, m = scores.shape[-2], scores.shape[-1]
-        log_col_mass = math.log(n / m)
+        log_rows, log_cols, v_init = log_marginals(query_mask, key_mask, n, m, compute_dtype)
+        # Row and column vectors: (..., n, 1) and (..., 1, m).
+        log_rows = log_rows.unsqueeze(-1) if isinstance(log_rows, Tensor) else log_rows
+        log_cols = log_cols.unsqueeze(-2) if isinstance(log_cols, Tensor) else log_cols
         v = scores.new_zeros(*scores.shape[:-2], 1, m)
+        if isinstance(v_init, Tensor):  # padded keys start (and stay) at -inf
+            v = v + v_init.unsqueeze(-2)
         u = scores.new_zeros(*scores.shape[:-2], n, 1)
         for iteration in range(n_iter):
             if iteration % 2 == 0:
-                u = -torch.logsumexp(scores + v, dim=-1, keepdim=True)
+                u = log_rows - torch.logsumexp(scores + v, dim=-1, keepdim=True)
             else:
-                v = log_col_mass - torch.logsumexp(scores + u, dim=-2, keepdim=True)
+                v = log_cols - torch.logsumexp(scores + u, dim=-2, keepdim=True)
     return u, v
 
 
-def log_sinkhorn(logits: Tensor, n_iter: int) -> Tensor:
+def log_sinkhorn(
+    logits: Tensor,
+    n_iter: int,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+) -> Tensor:
     """Log of the Sinkhorn-normalized attention matrix.
 
     Args:
         logits: Attention logits of shape ``(..., n, m)``.
         n_iter: Number of alternating normalizations, starting with the rows.
+        query_mask: ``(..., n)`` bool padding mask of the queries, see :func:`sinkhorn`.
+        key_mask: ``(..., m)`` bool padding mask of the keys, see :func:`sinkhorn`.
 
     Returns:
-        Log-weights of shape ``(..., n, m)``, in float32 (float64 for float64 input).
+        Log-weights of shape ``(..., n, m)``, in float32 (float64 for float64 input);
+        ``-inf`` in padded rows and columns.
     """
-    u, v = sinkhorn_potentials(logits, n_iter)
+    u, v = sinkhorn_potentials(logits, n_iter, query_mask, key_mask)
     return logits.to(u.dtype) + u + v
 
 
-def sinkhorn(logits: Tensor, n_iter: int) -> Tensor:
+def sinkhorn(
+    logits: Tensor,
+    n_iter: int,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+) -> Tensor:
     """Sinkhorn-normalized attention weights.
 
     After an odd number of iterations every row sums to 1; after an even number every
     column sums to ``n / m``; both hold in the limit. ``n_iter=1`` equals
     ``torch.softmax(logits, dim=-1)``.
 
-    No masking: padded keys cannot be excluded by setting their logits to ``-inf`` or a
-    large negative value, as one would for softmax. The column normalization gives every
-    key, masked or not, a column sum of ``n / m`` again (restoring a masked key's share),
-    and a column of ``-inf`` makes it NaN. Large offsets also cost precision: the potentials
-    grow to cancel them, and ``logits + u + v`` loses the offset's digits (float32, 4 x 6
-    logits with two keys offset, 5 iterations: rows summed to 2.4-2.8 instead of 1 with a
-    ``-1e9`` offset, within ``1.1e-4`` of 1 with ``-1e4``). Use sets of one fixed size (as the
-    model does).
+    Padded sets take ``query_mask`` and ``key_mask``, not masked logits: setting a padded
+    key's logits to ``-inf`` or a large negative value, as one would for softmax, does not
+    work. The column normalization gives every key, masked or not, a column sum of
+    ``n / m`` again (restoring a masked key's share), and a column of ``-inf`` makes it NaN.
+    Large offsets also cost precision: the potentials grow to cancel them, and
+    ``logits + u + v`` loses the offset's digits (float32, 4 x 6 logits with two keys
+    offset, 5 iterations: rows summed to 2.4-2.8 instead of 1 with a ``-1e9`` offset, within
+    ``1.1e-4`` of 1 with ``-1e4``). The masks instead set the padded elements' target mass
+    to 0 (module docstring): the real block equals Sinkhorn on the unpadded logits, real
+    columns sum to ``n' / m'``, and padded rows and columns are 0.
 
     Args:
         logits: Attention logits ``S`` of shape ``(..., n, m)`` (``n`` queries, ``m`` keys,
             both ``>= 1``), floating point.
         n_iter: Number of alternating normalizations, starting with the rows (``>= 1``).
+        query_mask: ``(..., n)`` bool, True for real queries; its leading dimensions
+            match those of ``logits``, each equal or 1 (e.g. ``(B, 1, n)`` for
+            ``(B, H, n, m)``).
+            None: all queries are real. Every set needs at least one real query and one
+            real key (not checked, to avoid a host synchronization; the result is NaN).
+        key_mask: ``(..., m)`` bool, True for real keys, likewise.
 
     Returns:
         Attention weights of shape ``(..., n, m)`` in the dtype of ``logits``.
 
     Raises:
-        ValueError: ``logits`` has fewer than two dimensions, ``n`` or ``m`` is 0, or
-            ``n_iter`` is not an integer ``>= 1``.
-        TypeError: ``logits`` is not floating point.
+        ValueError: ``logits`` has fewer than two dimensions, ``n`` or ``m`` is 0,
+            ``n_iter`` is not an integer ``>= 1``, or a mask's shape or device does not fit.
+        TypeError: ``logits`` is not floating point, or a mask is not boolean.
     """
     with _no_autocast(logits.device.type):
-        return log_sinkhorn(logits, n_iter).exp().to(logits.dtype)
+        return log_sinkhorn(logits, n_iter, query_mask, key_mask).exp().to(logits.dtype)

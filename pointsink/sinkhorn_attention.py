@@ -48,6 +48,13 @@ entrywise and loses no term to underflow. Potentials fall by at most ``log n`` (
 88.7; at ``T = 9`` for ``n = m`` above about 41,000, at ``T = 5`` never in practice), each
 matrix is exponentiated on its own instead (:func:`use_factored_ds`).
 
+Padded sets (``query_mask``, ``key_mask``) change only the target marginals: ``u^t`` gains
+``log a_i`` (0, or :data:`MASKED_LOG_MASS` for a padded query), ``c`` becomes ``log b_j``
+(``log(n' / m')``, or :data:`MASKED_LOG_MASS` for a padded key), ``v^0`` starts at
+:data:`MASKED_LOG_MASS` on padded keys, and ``m / n`` becomes ``m' / n'``
+(:func:`real_size_ratio`). Every matrix above is then 0 in padded rows and columns, so the
+formulas hold as written.
+
 Saved for backward: ``q, k, v``, the output and the potentials (``ceil(T / 2)`` row and
 ``floor(T / 2) + 1`` column vectors per head).
 
@@ -79,14 +86,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from pointsink.sinkhorn import _no_autocast, sinkhorn
+from pointsink.sinkhorn import _no_autocast, check_masks, log_marginals, sinkhorn
 from pointsink.validation import autocast_enabled, check_int
 
 __all__ = [
+    "MASKED_LOG_MASS",
     "Backend",
     "dense_sinkhorn_attention",
     "differentiable_backward",
     "on_launch_device",
+    "real_size_ratio",
     "require_triton",
     "sinkhorn_attention",
     "triton_available",
@@ -103,6 +112,11 @@ _TILE_ELEMENTS_CPU = 1 << 22
 _TILE_ELEMENTS = 1 << 24
 _MAX_FULL_ROW = 8192
 _MIN_QUERY_CHUNK = 16
+
+#: Log-mass of a padded query or key in the tiled backends: finite, so that the backward
+#: pass's differences of potentials (e.g. ``u - max_t u``) stay finite, and far below any
+#: logit, so that ``exp()`` of it is exactly 0 in float32.
+MASKED_LOG_MASS = -1e30
 
 
 def triton_available() -> bool:
@@ -147,12 +161,18 @@ def on_launch_device(device: torch.device) -> contextlib.AbstractContextManager[
 
 
 def dense_sinkhorn_attention(
-    q: Tensor, k: Tensor, v: Tensor, n_iter: int, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    n_iter: int,
+    scale: float | None = None,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Reference Sinkhorn attention that materializes the ``n x m`` attention matrix.
 
-    ``sinkhorn(q @ k^T * scale, n_iter) @ v``; autograd stores one ``n x m`` matrix per
-    iteration.
+    ``sinkhorn(q @ k^T * scale, n_iter, query_mask, key_mask) @ v``; autograd stores one
+    ``n x m`` matrix per iteration.
 
     Args:
         q: Queries of shape ``(..., n, d)``.
@@ -160,18 +180,25 @@ def dense_sinkhorn_attention(
         v: Values of shape ``(..., m, e)``.
         n_iter: Number of Sinkhorn normalizations, starting with the rows (``>= 1``).
         scale: Logit scale; defaults to ``1 / sqrt(d)``.
+        query_mask: ``(..., n)`` bool, True for real queries, or None.
+        key_mask: ``(..., m)`` bool, True for real keys, or None.
 
     Returns:
-        Output of shape ``(..., n, e)``.
+        Output of shape ``(..., n, e)``; zero in padded query rows.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     logits = q @ k.transpose(-2, -1) * scale
-    return sinkhorn(logits, n_iter) @ v
+    return sinkhorn(logits, n_iter, query_mask, key_mask) @ v
 
 
 def differentiable_backward(
-    ctx: FunctionCtx, dout: Tensor, n_iter: int, scale: float
+    ctx: FunctionCtx,
+    dout: Tensor,
+    n_iter: int,
+    scale: float,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients for ``q, k, v`` with a graph, through the dense reference.
 
@@ -186,6 +213,8 @@ def differentiable_backward(
         dout: Gradient of the output ``(G, n, e)``.
         n_iter: Number of Sinkhorn normalizations.
         scale: Logit scale.
+        query_mask: ``(G, n)`` bool padding mask of the queries, or None.
+        key_mask: ``(G, m)`` bool padding mask of the keys, or None.
 
     Returns:
         The gradients for ``q, k, v`` in their dtypes (None where no gradient is needed),
@@ -197,12 +226,53 @@ def differentiable_backward(
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     with _no_autocast(q.device.type):
         out = dense_sinkhorn_attention(
-            q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype), n_iter, scale
+            q.to(compute_dtype),
+            k.to(compute_dtype),
+            v.to(compute_dtype),
+            n_iter,
+            scale,
+            query_mask,
+            key_mask,
         )
         grads = iter(torch.autograd.grad(out, inputs, dout.to(compute_dtype), create_graph=True))
     return tuple(  # type: ignore[return-value]
         next(grads).to(x.dtype) if need else None for x, need in zip((q, k, v), needed, strict=True)
     )
+
+
+def real_size_ratio(
+    query_mask: Tensor | None,
+    key_mask: Tensor | None,
+    g: int,
+    n: int,
+    m: int,
+    dtype: torch.dtype,
+) -> Tensor | None:
+    """``m' / n'`` per set, ``(G, 1)``: the inverse column mass of padded sets.
+
+    The backward passes scale the column gradients by it (``m / n`` without masks).
+
+    Args:
+        query_mask: ``(G, n)`` bool, True for real queries, or None.
+        key_mask: ``(G, m)`` bool, True for real keys, or None.
+        g: Number of sets ``G`` (batch times heads).
+        n: Number of queries.
+        m: Number of keys.
+        dtype: Floating dtype of the result.
+
+    Returns:
+        The ratios, or None without masks.
+    """
+    if query_mask is None and key_mask is None:
+        return None
+    device = (query_mask if query_mask is not None else key_mask).device  # type: ignore[union-attr]
+    real_queries, real_keys = (
+        torch.full((g, 1), float(size), dtype=dtype, device=device)
+        if mask is None
+        else mask.sum(-1, keepdim=True, dtype=dtype)
+        for mask, size in ((query_mask, n), (key_mask, m))
+    )
+    return real_keys / real_queries
 
 
 def _resolve_chunks(
@@ -275,12 +345,39 @@ class _Tiles:
             yield k0, k1, s
 
 
-def _exp_plus(s: Tensor, row: Tensor, col: Tensor, out: Tensor) -> Tensor:
+# Padded sets put MASKED_LOG_MASS into exponents, and PyTorch's vectorized CPU exp takes a
+# slow path for arguments whose result is subnormal or 0 (below about -87 in float32): 6-15x
+# slower per element on the 2-core Intel Xeon VM (2026-12-05), and the masked chunked
+# backward ran 2.2x slower than the unmasked one. With masks, exponents are clamped to this
+# floor and results at the floor set to 0 (exactly, so that no tiny factor makes subnormal
+# products later, which are slow on x86 too). Without masks the two extra passes cost
+# 10-20 % and logits rarely reach the floor, so they are skipped.
+_EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
+
+
+def _exp_floor(dtype: torch.dtype, masked: bool) -> float | None:
+    """The exponent floor of :func:`_exp_` for padded sets, or None."""
+    return _EXP_FLOOR.get(dtype, _EXP_FLOOR[torch.float32]) if masked else None
+
+
+def _exp_(x: Tensor, floor: float | None) -> Tensor:
+    """``exp(x)`` in place; with a ``floor``, 0 where ``x`` is at or below it."""
+    if floor is None:
+        return x.exp_()
+    x.clamp_min_(floor).exp_()
+    return torch.nn.functional.threshold_(x, 2.0 * math.exp(floor), 0.0)
+
+
+def _exp_plus(
+    s: Tensor, row: Tensor, col: Tensor, out: Tensor, floor: float | None = None
+) -> Tensor:
     """``exp(s + row[..., :, None] + col[..., None, :])``, written to ``out``."""
-    return torch.add(s, row.unsqueeze(-1), out=out).add_(col.unsqueeze(-2)).exp_()
+    return _exp_(torch.add(s, row.unsqueeze(-1), out=out).add_(col.unsqueeze(-2)), floor)
 
 
-def _row_lse(s: Tensor, col: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _row_lse(
+    s: Tensor, col: Tensor, out: Tensor, floor: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Row logsumexp ``lse_i = log sum_j exp(s_ij + col_j)``, stabilized by the row maximum.
 
     Returns:
@@ -288,21 +385,28 @@ def _row_lse(s: Tensor, col: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tenso
     """
     w = torch.add(s, col.unsqueeze(-2), out=out)
     mx = w.amax(dim=-1, keepdim=True)
-    w.sub_(mx).exp_()
+    _exp_(w.sub_(mx), floor)
     total = w.sum(dim=-1)
     return total.log().add_(mx.squeeze(-1)), w, total
 
 
-def _col_lse(s: Tensor, row: Tensor, out: Tensor) -> Tensor:
+def _col_lse(s: Tensor, row: Tensor, out: Tensor, floor: float | None = None) -> Tensor:
     """Column logsumexp ``lse_j = log sum_i exp(s_ij + row_i)``, stabilized by the maximum."""
     w = torch.add(s, row.unsqueeze(-1), out=out)
     mx = w.amax(dim=-2, keepdim=True)
-    w.sub_(mx).exp_()
+    _exp_(w.sub_(mx), floor)
     return w.sum(dim=-2).log_().add_(mx.squeeze(-2))
 
 
 def _chunked_forward(
-    qs: Tensor, k: Tensor, v: Tensor, n_iter: int, chunk_q: int, chunk_k: int
+    qs: Tensor,
+    k: Tensor,
+    v: Tensor,
+    n_iter: int,
+    chunk_q: int,
+    chunk_k: int,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Forward pass of the chunked backend.
 
@@ -313,21 +417,29 @@ def _chunked_forward(
         n_iter: Number of Sinkhorn iterations ``T``.
         chunk_q: Queries per tile.
         chunk_k: Keys per tile.
+        query_mask: ``(G, n)`` bool, True for real queries, or None.
+        key_mask: ``(G, m)`` bool, True for real keys, or None.
 
     Returns:
-        ``(out, us, vs)``: the output ``(G, n, e)``; the row potentials
-        ``us[i] = u^{2i+1}`` of shape ``(ceil(T / 2), G, n)``; the column potentials
-        ``vs[i] = v^{2i}`` of shape ``(floor(T / 2) + 1, G, m)`` with ``vs[0] = 0``.
+        ``(out, us, vs)``: the output ``(G, n, e)`` (zero in padded rows); the row
+        potentials ``us[i] = u^{2i+1}`` of shape ``(ceil(T / 2), G, n)``; the column
+        potentials ``vs[i] = v^{2i}`` of shape ``(floor(T / 2) + 1, G, m)`` with ``vs[0]``
+        0 (:data:`MASKED_LOG_MASS` for padded keys).
     """
     g, n, _ = qs.shape
     m = k.shape[1]
     n_u, n_v = (n_iter + 1) // 2, n_iter // 2
-    log_col_mass = math.log(n / m)
+    log_rows, log_cols, v_init = log_marginals(
+        query_mask, key_mask, n, m, qs.dtype, MASKED_LOG_MASS
+    )
+    floor = _exp_floor(qs.dtype, query_mask is not None or key_mask is not None)
     k_t = k.transpose(1, 2)
     key_blocks = _blocks(m, chunk_k)
     ws = _Workspace(2, g * chunk_q * chunk_k, qs)
     us = qs.new_empty(n_u, g, n)
     vs = qs.new_zeros(n_v + 1, g, m)
+    if isinstance(v_init, Tensor):
+        vs[0] += v_init
     out = qs.new_zeros(g, n, v.shape[-1])
 
     # Pass i computes u^{2i+1} (row logsumexp, complete within a query chunk) and then
@@ -341,32 +453,36 @@ def _chunked_forward(
             tiles = _Tiles(qs[:, q0:q1], k_t, key_blocks, ws)
             row_lse = None
             for k0, k1, s in tiles:
-                blk, w, total = _row_lse(s, v_prev[:, k0:k1], ws(1, s.shape))
+                blk, w, total = _row_lse(s, v_prev[:, k0:k1], ws(1, s.shape), floor)
                 row_lse = blk if row_lse is None else torch.logaddexp(row_lse, blk)
                 if last and tiles.single:  # P = w / total: O = (w V) / total
                     out[:, q0:q1].baddbmm_(w, v).div_(total.unsqueeze(-1))
             assert row_lse is not None
             u = row_lse.neg_()
+            if isinstance(log_rows, Tensor):
+                u += log_rows[:, q0:q1]
             us[i, :, q0:q1] = u
             if last and tiles.single:
                 continue
             for k0, k1, s in tiles:
                 if last:
-                    p = _exp_plus(s, u, v_prev[:, k0:k1], ws(1, s.shape))
+                    p = _exp_plus(s, u, v_prev[:, k0:k1], ws(1, s.shape), floor)
                     out[:, q0:q1].baddbmm_(p, v[:, k0:k1])
                 else:
                     assert col_lse is not None
-                    blk = _col_lse(s, u, ws(1, s.shape))
+                    blk = _col_lse(s, u, ws(1, s.shape), floor)
                     col_lse[:, k0:k1] = torch.logaddexp(col_lse[:, k0:k1], blk)
         if col_lse is not None:
-            vs[i + 1] = log_col_mass - col_lse
+            vs[i + 1] = log_cols - col_lse
 
     if n_iter % 2 == 0:  # P = exp(S + u^{T-1} + v^T): one more pass for the output
         u_fin, v_fin = us[n_u - 1], vs[n_v]
         for q0, q1 in _blocks(n, chunk_q):
             for k0, k1, s in _Tiles(qs[:, q0:q1], k_t, key_blocks, ws):
-                p = _exp_plus(s, u_fin[:, q0:q1], v_fin[:, k0:k1], ws(1, s.shape))
+                p = _exp_plus(s, u_fin[:, q0:q1], v_fin[:, k0:k1], ws(1, s.shape), floor)
                 out[:, q0:q1].baddbmm_(p, v[:, k0:k1])
+    if query_mask is not None:  # the single-tile shortcut above normalized padded rows too
+        out.masked_fill_(~query_mask.unsqueeze(-1), 0.0)
     return out, us, vs
 
 
@@ -449,6 +565,7 @@ def _chunked_backward(
     n_iter: int,
     chunk_q: int,
     chunk_k: int,
+    col_factor: Tensor | float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward pass of the chunked backend (see the module docstring for the formulas).
 
@@ -463,6 +580,8 @@ def _chunked_backward(
         n_iter: Number of Sinkhorn iterations ``T``.
         chunk_q: Queries per tile.
         chunk_k: Keys per tile.
+        col_factor: ``m / n``, the inverse of the column mass; ``(G, 1)`` holding
+            ``m' / n'`` for padded sets (padded potentials make every padded term 0).
 
     Returns:
         ``(dS K, dS^T (scale Q), dV)``: multiply the first by ``scale`` to get ``dQ``; the
@@ -483,7 +602,9 @@ def _chunked_backward(
     # gv[i]: gradient w.r.t. v^{2i} times m / n (the factor of the column softmax, so that
     # it multiplies B^{2i} directly); gv[0] stays unused.
     gv = torch.zeros_like(vs)
-    col_factor = m / n
+    floor = _exp_floor(qs.dtype, col_factor is not None)  # col_factor: set for padded sets
+    if col_factor is None:
+        col_factor = m / n
     dq_unscaled = torch.zeros_like(qs)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
@@ -500,7 +621,7 @@ def _chunked_backward(
         ds = torch.bmm(dout_c, v[:, k0:k1].transpose(1, 2), out=ws(2, s.shape))  # dP
         if factors is not None:  # dS = E * (alpha beta dP - a b^T): one exponential
             rows, cols = factors[0], factors[1][:, :, k0:k1]
-            e = _exp_plus(s, rows[SHIFT], cols[SHIFT], ws(1, s.shape))
+            e = _exp_plus(s, rows[SHIFT], cols[SHIFT], ws(1, s.shape), floor)
             ds.mul_(rows[FINAL_SCALE].unsqueeze(-1)).mul_(cols[FINAL_SCALE].unsqueeze(-2))
             rank_terms = torch.bmm(
                 rows[FIRST_FACTOR:].permute(1, 2, 0),
@@ -509,15 +630,15 @@ def _chunked_backward(
             )
             ds.sub_(rank_terms).mul_(e)
         else:  # one exponential per matrix
-            p = _exp_plus(s, u_fin[:, q0:q1], v_fin[:, k0:k1], ws(1, s.shape))
+            p = _exp_plus(s, u_fin[:, q0:q1], v_fin[:, k0:k1], ws(1, s.shape), floor)
             # The last iteration's matrix is P itself: fold its term into P * (dP - g).
             ds.sub_(gu[n_u - 1, :, q0:q1, None] if odd else gv[n_v, :, None, k0:k1]).mul_(p)
             tmp = ws(3, s.shape)
             for i in range(n_u - 1 if odd else n_u):  # A^{2i+1} = exp(S + u^{2i+1} + v^{2i})
-                a = _exp_plus(s, us[i, :, q0:q1], vs[i, :, k0:k1], tmp)
+                a = _exp_plus(s, us[i, :, q0:q1], vs[i, :, k0:k1], tmp, floor)
                 ds.sub_(a.mul_(gu[i, :, q0:q1, None]))
             for j in range(1, n_v + 1 if odd else n_v):  # B^{2j} = exp(S + u^{2j-1} + v^{2j})
-                b = _exp_plus(s, us[j - 1, :, q0:q1], vs[j, :, k0:k1], tmp)
+                b = _exp_plus(s, us[j - 1, :, q0:q1], vs[j, :, k0:k1], tmp, floor)
                 ds.sub_(b.mul_(gv[j, :, None, k0:k1]))
             if n_iter == 1:
                 dv[:, k0:k1].baddbmm_(p.transpose(1, 2), dout_c)
@@ -534,7 +655,7 @@ def _chunked_backward(
     # E_j - [T odd] sum_i D_i P_ij (step T for odd T, whose matrix A^T is P).
     for q0, q1 in query_blocks:
         for k0, k1, s in _Tiles(qs[:, q0:q1], k_t, key_blocks, ws):
-            p = _exp_plus(s, u_fin[:, q0:q1], v_fin[:, k0:k1], ws(1, s.shape))
+            p = _exp_plus(s, u_fin[:, q0:q1], v_fin[:, k0:k1], ws(1, s.shape), floor)
             dv[:, k0:k1].baddbmm_(p.transpose(1, 2), dout[:, q0:q1])
             if odd:
                 gv[n_v, :, k0:k1].sub_(torch.bmm(delta[:, None, q0:q1], p).squeeze(1))
@@ -552,7 +673,7 @@ def _chunked_backward(
             else:
                 row = qs.new_zeros(g, q1 - q0)
             for k0, k1, s in tiles:
-                b = _exp_plus(s, us[j - 1, :, q0:q1], vs[j, :, k0:k1], ws(1, s.shape))
+                b = _exp_plus(s, us[j - 1, :, q0:q1], vs[j, :, k0:k1], ws(1, s.shape), floor)
                 row.sub_(torch.bmm(b, gv[j, :, k0:k1, None]).squeeze(-1))
             gu[j - 1, :, q0:q1] = row
             factors = None
@@ -562,7 +683,9 @@ def _chunked_backward(
                 if final:
                     final_tile(q0, q1, k0, k1, s, factors)
                 else:
-                    a = _exp_plus(s, us[j - 1, :, q0:q1], vs[j - 1, :, k0:k1], ws(1, s.shape))
+                    a = _exp_plus(
+                        s, us[j - 1, :, q0:q1], vs[j - 1, :, k0:k1], ws(1, s.shape), floor
+                    )
                     gv[j - 1, :, k0:k1].sub_(torch.bmm(row[:, None, :], a).squeeze(1))
         if not final:
             gv[j - 1].mul_(col_factor)
@@ -582,28 +705,45 @@ class _ChunkedSinkhornAttention(torch.autograd.Function):
         scale: float,
         chunk_q: int,
         chunk_k: int,
+        query_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
     ) -> Tensor:
         compute_dtype = torch.promote_types(q.dtype, torch.float32)
         with _no_autocast(q.device.type):
             qs = q.to(compute_dtype) * scale
             out, us, vs = _chunked_forward(
-                qs, k.to(compute_dtype), v.to(compute_dtype), n_iter, chunk_q, chunk_k
+                qs,
+                k.to(compute_dtype),
+                v.to(compute_dtype),
+                n_iter,
+                chunk_q,
+                chunk_k,
+                query_mask,
+                key_mask,
             )
             out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, us, vs)
         ctx.n_iter = n_iter  # type: ignore[attr-defined]
         ctx.scale = scale  # type: ignore[attr-defined]
         ctx.chunks = (chunk_q, chunk_k)  # type: ignore[attr-defined]
+        # Bool masks take no gradient: kept on ctx rather than among the saved tensors.
+        ctx.masks = (query_mask, key_mask)  # type: ignore[attr-defined]
         return out
 
     @staticmethod
     def backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         n_iter: int = ctx.n_iter  # type: ignore[attr-defined]
         scale: float = ctx.scale  # type: ignore[attr-defined]
+        query_mask, key_mask = ctx.masks  # type: ignore[attr-defined]
+        no_grads = (None,) * 6  # n_iter, scale, chunk_q, chunk_k and the masks
         if torch.is_grad_enabled():  # create_graph=True: higher-order gradients follow
-            return (*differentiable_backward(ctx, dout, n_iter, scale), None, None, None, None)
+            grads = differentiable_backward(ctx, dout, n_iter, scale, query_mask, key_mask)
+            return (*grads, *no_grads)
         q, k, v, out, us, vs = ctx.saved_tensors  # type: ignore[attr-defined]
         compute_dtype = us.dtype
+        col_factor = real_size_ratio(
+            query_mask, key_mask, q.shape[0], q.shape[1], k.shape[1], compute_dtype
+        )
         with _no_autocast(q.device.type):
             dq, dk, dv = _chunked_backward(
                 q.to(compute_dtype) * scale,
@@ -615,9 +755,10 @@ class _ChunkedSinkhornAttention(torch.autograd.Function):
                 vs,
                 n_iter,
                 *ctx.chunks,  # type: ignore[attr-defined]
+                col_factor,
             )
             dq = dq.mul_(scale).to(q.dtype)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), *no_grads
 
 
 def _flatten(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, torch.Size]:
@@ -675,6 +816,9 @@ def sinkhorn_attention(
     scale: float | None = None,
     chunk_size: int | Sequence[int] | None = None,
     backend: Backend = "auto",
+    *,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Sinkhorn attention ``sinkhorn(q @ k^T * scale, n_iter) @ v`` without ``n x m`` storage.
 
@@ -691,9 +835,11 @@ def sinkhorn_attention(
     ``"chunked"`` and ``"triton"`` backends then recompute the backward pass through the
     dense reference, at its memory cost.
 
-    No masking, as for :func:`pointsink.sinkhorn.sinkhorn`: keys cannot be masked out by
-    ``-inf`` or large negative logits (Sinkhorn's column normalization restores a masked
-    key's share, and ``-inf`` gives NaN). Use sets of one fixed size.
+    Padded sets: ``query_mask`` and ``key_mask`` give each set's real elements, as for
+    :func:`pointsink.sinkhorn.sinkhorn` (masked marginals: keys cannot be masked out by
+    ``-inf`` or large negative logits, since Sinkhorn's column normalization restores a
+    masked key's share). The output's real rows equal Sinkhorn attention on the unpadded
+    set, padded rows are 0, and padded keys get no gradient, on every backend.
 
     Args:
         q: Queries of shape ``(..., n, d)``.
@@ -707,6 +853,12 @@ def sinkhorn_attention(
             batch and head dimensions, and at least 16 queries. Ignored by other backends.
         backend: ``"auto"`` (Triton for CUDA tensors of dtype float32/float16/bfloat16 when
             Triton is installed, else chunked), ``"chunked"``, ``"triton"`` or ``"dense"``.
+        query_mask: ``(..., n)`` bool, True for real queries, or None (all real). One
+            leading dimension per leading dimension of the output, each equal to it or 1
+            (e.g. ``(B, 1, n)`` for ``(B, H, n, d)`` queries). Every set needs at least one
+            real query and one real key (not checked, to avoid a host synchronization; the
+            output is NaN).
+        key_mask: ``(..., m)`` bool, True for real keys, or None, likewise.
 
     Returns:
         Output of shape ``(..., n, e)`` in the input dtype (the autocast dtype under autocast,
@@ -714,13 +866,17 @@ def sinkhorn_attention(
 
     Raises:
         ValueError: Mismatched shapes, no queries or keys, inputs on different devices, an
-            unknown ``backend``, or ``n_iter`` or a chunk size that is not an integer
-            ``>= 1``.
+            unknown ``backend``, ``n_iter`` or a chunk size that is not an integer ``>= 1``,
+            or a mask whose shape or device does not fit.
         TypeError: ``q``, ``k``, ``v`` do not share one floating dtype, ``chunk_size`` is
-            a tuple or list of other than two sizes, or ``scale`` is a tensor that requires
-            a gradient (it would not get one).
+            a tuple or list of other than two sizes, ``scale`` is a tensor that requires
+            a gradient (it would not get one), or a mask is not boolean.
     """
     _check_inputs(q, k, v, n_iter)
+    masked = query_mask is not None or key_mask is not None
+    if masked:
+        batch_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        check_masks(query_mask, key_mask, tuple(batch_shape), q.shape[-2], k.shape[-2], q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled():
@@ -734,18 +890,24 @@ def sinkhorn_attention(
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     chosen = _choose_backend(backend, q)
     if chosen == "dense":
-        return dense_sinkhorn_attention(q, k, v, n_iter, scale)
+        return dense_sinkhorn_attention(q, k, v, n_iter, scale, query_mask, key_mask)
 
     qf, kf, vf, batch = _flatten(q, k, v)
     n, m = qf.shape[1], kf.shape[1]
+    query_mask, key_mask = (
+        None if mask is None else mask.expand(*batch, mask.shape[-1]).reshape(-1, mask.shape[-1])
+        for mask in (query_mask, key_mask)
+    )
     apply: Callable[..., Tensor]
     if chosen == "triton":
         require_triton(qf, "chunked")
         from pointsink.triton_sinkhorn import triton_sinkhorn_attention
 
-        out = triton_sinkhorn_attention(qf, kf, vf, n_iter, scale)
+        out = triton_sinkhorn_attention(
+            qf, kf, vf, n_iter, scale, query_mask=query_mask, key_mask=key_mask
+        )
     else:
         chunk_q, chunk_k = _resolve_chunks(chunk_size, qf.shape[0], n, m, qf.device)
         apply = _ChunkedSinkhornAttention.apply
-        out = apply(qf, kf, vf, n_iter, scale, chunk_q, chunk_k)
+        out = apply(qf, kf, vf, n_iter, scale, chunk_q, chunk_k, query_mask, key_mask)
     return out.reshape(*batch, n, vf.shape[-1])

@@ -40,6 +40,13 @@ Backward, reverse-mode through the unrolled iterations: ``T - 1`` (odd ``T``) or
   at any practical size), ``dS = E * (alpha beta dP - a b^T)`` from rank-``T`` row and
   column factors computed once per call, one exponential per element; else ``T``.
 
+Padded sets (query and key masks) need no kernel of their own: the masks only change the
+target marginals, so between launches the row potentials gain ``log a`` and the column
+potentials ``log b`` (:func:`~pointsink.sinkhorn.log_marginals`, with the finite
+:data:`~pointsink.sinkhorn_attention.MASKED_LOG_MASS` for padded elements, whose ``exp2`` is
+0), and the backward's column gradients are scaled by ``m' / n'`` per set instead of
+``m / n``.
+
 Inputs may be float32, float16 or bfloat16; logits, potentials, reductions and
 accumulators are float32. Float32 ``tl.dot`` uses one TF32 product exactly when
 ``torch.backends.cuda.matmul.allow_tf32`` is set (as torch's own matmul does), else three
@@ -62,9 +69,12 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 from triton.runtime.errors import OutOfResources
 
+from pointsink.sinkhorn import log_marginals
 from pointsink.sinkhorn_attention import (
+    MASKED_LOG_MASS,
     differentiable_backward,
     on_launch_device,
+    real_size_ratio,
     score_gradient_factors,
     use_factored_ds,
 )
@@ -681,6 +691,8 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         scale: float,
         block_m: int | None,
         block_n: int | None,
+        query_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
     ) -> Tensor:
         g, n, d = q.shape
         m, e = v.shape[1], v.shape[2]
@@ -692,7 +704,14 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         nbm, _, row = _launch(cfg, "row", n, m)
         _, nbn, col = _launch(cfg, "col", n, m)
         block_e = cfg["BLOCK_E"]
-        log_col_mass = math.log(n / m)
+        masked = query_mask is not None or key_mask is not None
+        log_rows, log_cols, v_init = log_marginals(
+            query_mask, key_mask, n, m, torch.float32, MASKED_LOG_MASS
+        )
+        # With masks the kernel subtracts the logsumexp alone and log b is added after it.
+        log_col_mass = 0.0 if masked else math.log(n / m)
+        if masked:
+            vs[0] += v_init
         for i in range(n_u):
             last = 2 * i + 1 == n_iter
             _run(
@@ -700,29 +719,39 @@ class _TritonSinkhornAttention(torch.autograd.Function):
                 q, k, v, vs[i], us[i], out, n, m, nbm, scale,
                 D=d, E=e, BLOCK_E=block_e, HAS_OUT=last, **row,
             )  # fmt: skip
+            if masked:
+                us[i] += log_rows
             if not last:
                 _run(
                     _col_lse_kernel, (g * nbn,),
                     q, k, us[i], vs[i + 1], n, m, nbn, scale, log_col_mass, D=d, **col,
                 )  # fmt: skip
+                if masked:
+                    vs[i + 1] += log_cols
         if n_iter % 2 == 0:
             _run(
                 _out_kernel, (g * nbm,),
                 q, k, v, us[n_u - 1], vs[n_v], out, n, m, nbm, scale,
                 D=d, E=e, BLOCK_E=block_e, **row,
             )  # fmt: skip
+        elif query_mask is not None:  # the row kernel normalized padded rows too
+            out.masked_fill_(~query_mask.unsqueeze(-1), 0.0)
         ctx.save_for_backward(q, k, v, out, us, vs)
         ctx.n_iter = n_iter  # type: ignore[attr-defined]
         ctx.scale = scale  # type: ignore[attr-defined]
         ctx.cfg = cfg  # type: ignore[attr-defined]
+        ctx.masks = (query_mask, key_mask)  # type: ignore[attr-defined]
         return out
 
     @staticmethod
     def backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         n_iter: int = ctx.n_iter  # type: ignore[attr-defined]
         scale: float = ctx.scale  # type: ignore[attr-defined]
+        query_mask, key_mask = ctx.masks  # type: ignore[attr-defined]
+        no_grads = (None,) * 6  # n_iter, scale, block_m, block_n and the masks
         if torch.is_grad_enabled():  # create_graph=True: higher-order gradients follow
-            return (*differentiable_backward(ctx, dout, n_iter, scale), None, None, None, None)
+            grads = differentiable_backward(ctx, dout, n_iter, scale, query_mask, key_mask)
+            return (*grads, *no_grads)
         q, k, v, out, us, vs = ctx.saved_tensors  # type: ignore[attr-defined]
         cfg = ctx.cfg  # type: ignore[attr-defined]
         dout = dout.contiguous()
@@ -735,7 +764,9 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         nbm_dq, _, dq_args = _launch(cfg, "dq", n, m)
         _, nbn_dkdv, dkdv_args = _launch(cfg, "dkdv", n, m)
         block_e = cfg["BLOCK_E"]
-        col_factor = m / n
+        # With masks m' / n' differs per set: the kernels scale by 1, and gv by it after them.
+        set_factor = real_size_ratio(query_mask, key_mask, g, n, m, torch.float32)
+        col_factor = m / n if set_factor is None else 1.0
 
         delta = (dout.float() * out.float()).sum(-1)  # D_i = dO_i . O_i, (G, n)
         gu = torch.zeros_like(us)
@@ -753,6 +784,8 @@ class _TritonSinkhornAttention(torch.autograd.Function):
                 n, m, nbn_col, scale, col_factor,
                 D=d, E=e, BLOCK_E=block_e, HAS_DV=True, HAS_GROW=odd, **bwd_col,
             )  # fmt: skip
+            if set_factor is not None:
+                gv[n_v] *= set_factor
             for j in range(n_v, 0, -1):
                 # gu[j-1] = [u^{2j-1} final] D - B^{2j} gv[j]
                 _run(
@@ -769,6 +802,8 @@ class _TritonSinkhornAttention(torch.autograd.Function):
                         n, m, nbn_col, scale, col_factor,
                         D=d, E=e, BLOCK_E=block_e, HAS_DV=False, HAS_GROW=True, **bwd_col,
                     )  # fmt: skip
+                    if set_factor is not None:
+                        gv[j - 1] *= set_factor
         # dS from rank-T factors, one exponential per element, where E cannot overflow.
         factored = use_factored_ds(n, m, n_iter)
         rowf, colf = score_gradient_factors(us, vs, gu, gv, n_iter) if factored else (us, vs)
@@ -785,7 +820,7 @@ class _TritonSinkhornAttention(torch.autograd.Function):
             n, m, nbn_dkdv, n_u, n_v, g * n, g * m, scale,
             D=d, E=e, BLOCK_E=block_e, HAS_DV=n_iter == 1, **terms, **dkdv_args,
         )  # fmt: skip
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, *no_grads
 
 
 def triton_sinkhorn_attention(
@@ -796,6 +831,8 @@ def triton_sinkhorn_attention(
     scale: float,
     block_m: int | None = None,
     block_n: int | None = None,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Sinkhorn attention with the fused Triton kernels.
 
@@ -809,11 +846,15 @@ def triton_sinkhorn_attention(
         block_m: Queries per tile (power of two ``>= 16``) of every kernel; default per
             head dimension and dtype (:func:`_blocks_for`).
         block_n: Keys per tile, likewise.
+        query_mask: ``(G, n)`` bool, True for real queries, or None (all real).
+        key_mask: ``(G, m)`` bool, True for real keys, or None (all real).
 
     Returns:
-        Output ``(G, n, e)`` in the input dtype.
+        Output ``(G, n, e)`` in the input dtype; 0 in padded query rows.
     """
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"the triton backend supports float32/float16/bfloat16; got {q.dtype}.")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _TritonSinkhornAttention.apply(q, k, v, n_iter, float(scale), block_m, block_n)
+    return _TritonSinkhornAttention.apply(
+        q, k, v, n_iter, float(scale), block_m, block_n, query_mask, key_mask
+    )

@@ -544,20 +544,46 @@ for backend, dtype in (("triton", torch.float32), ("dense", torch.float64)):
 err = max((a.double() - b).abs().max().item() / (1 + b.abs().max().item())
           for a, b in zip(*second))
 results.append(["float32", 3, 20, 9, err])
+# Padded sets: masks against the masked dense reference, with whole tiles of padding
+# (40 queries, 20 keys, blocks of 16) and sets with one real element.
+def masked_errors(fn, q, k, v, n_iter, query_mask, key_mask):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    grad_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    ref = dense_sinkhorn_attention(*ref_leaves, n_iter, None, query_mask.cpu(), key_mask.cpu())
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.cpu().double())
+    return max((g.cpu().double() - w).abs().max().item() / (1 + w.abs().max().item())
+               for g, w in zip([out, *grads], [ref, *ref_grads]))
+
+for dtype, n_iter in [(torch.float32, t) for t in (1, 2, 3, 5)] + [(torch.bfloat16, 5)]:
+    for n, m in ((40, 20), (20, 40)):
+        q, k, v = (torch.randn(3, s, 8, generator=gen).to(DEVICE, dtype) for s in (n, m, m))
+        real_n, real_m = torch.tensor([n, 17, 1]), torch.tensor([2, m, 19])
+        query_mask = (torch.randperm(n, generator=gen)[None] < real_n[:, None]).to(DEVICE)
+        key_mask = (torch.randperm(m, generator=gen)[None] < real_m[:, None]).to(DEVICE)
+        err = masked_errors(
+            lambda a, b, c: triton_sinkhorn_attention(a, b, c, n_iter, 8 ** -0.5, 16, 16,
+                                                      query_mask, key_mask),
+            q, k, v, n_iter, query_mask, key_mask)
+        results.append([str(dtype).removeprefix("torch."), n_iter, n, m, err])
 print(json.dumps(results))
 """
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_under_interpreter(triton_interpreter: None) -> None:
-    _check_triton_kernels("cpu", {"TRITON_INTERPRET": "1"}, expected_rows=12 + 2 + 2 + 6 + 1)
+    _check_triton_kernels("cpu", {"TRITON_INTERPRET": "1"}, expected_rows=12 + 2 + 2 + 6 + 1 + 10)
 
 
 @pytest.mark.skipif(
     not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA GPU"
 )
 def test_triton_kernels_on_cuda() -> None:
-    _check_triton_kernels("cuda", {"TRITON_INTERPRET": "0"}, expected_rows=12 + 2 + 2 + 6 + 1 + 8)
+    _check_triton_kernels(
+        "cuda", {"TRITON_INTERPRET": "0"}, expected_rows=12 + 2 + 2 + 6 + 1 + 10 + 8
+    )
 
 
 def _check_triton_kernels(device: str, env: dict[str, str], expected_rows: int) -> None:

@@ -1,0 +1,350 @@
+"""Padded sets: masked Sinkhorn equals Sinkhorn on the unpadded set, in every layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from pointsink import SetSinkformer, sinkhorn, sinkhorn_attention
+from pointsink.attention import MultiheadAttention, attention_marginals, attention_weights
+from pointsink.blocks import (
+    InducedSetAttentionBlock,
+    PoolingByMultiheadAttention,
+    SetAttentionBlock,
+)
+from pointsink.sinkhorn_attention import dense_sinkhorn_attention
+
+ATTENTIONS = [("softmax", 1), ("sinkhorn", 1), ("sinkhorn", 4), ("sinkhorn", 5)]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _lengths_mask(lengths: list[int], size: int) -> torch.Tensor:
+    """``(B, size)`` bool, True for the first ``lengths[b]`` elements of set ``b``."""
+    return torch.arange(size)[None] < torch.tensor(lengths)[:, None]
+
+
+def _scattered_mask(lengths: list[int], size: int) -> torch.Tensor:
+    """Like :func:`_lengths_mask`, with the real elements at random places in each set."""
+    rows = [torch.randperm(size)[:count] for count in lengths]
+    mask = torch.zeros(len(lengths), size, dtype=torch.bool)
+    for index, row in enumerate(rows):
+        mask[index, row] = True
+    return mask
+
+
+# --- sinkhorn -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_iter", range(1, 10))
+def test_masked_sinkhorn_is_sinkhorn_of_the_real_block(n_iter: int) -> None:
+    logits = torch.randn(4, 9, 7, dtype=torch.float64) * 2
+    query_mask = _scattered_mask([9, 4, 1, 6], 9)
+    key_mask = _scattered_mask([7, 3, 5, 1], 7)
+    weights = sinkhorn(logits, n_iter, query_mask, key_mask)
+    for b in range(4):
+        real = logits[b][query_mask[b]][:, key_mask[b]]
+        block = weights[b][query_mask[b]][:, key_mask[b]]
+        torch.testing.assert_close(block, sinkhorn(real, n_iter), rtol=0, atol=1e-12)
+        # Padded rows and columns carry exactly nothing.
+        assert weights[b][~query_mask[b]].abs().sum() == 0
+        assert weights[b][:, ~key_mask[b]].abs().sum() == 0
+
+
+def test_masked_sinkhorn_marginals() -> None:
+    logits = torch.randn(3, 8, 6, dtype=torch.float64)
+    query_mask = _lengths_mask([8, 5, 2], 8)
+    key_mask = _lengths_mask([3, 6, 4], 6)
+    real_n = query_mask.sum(-1, keepdim=True).double()
+    real_m = key_mask.sum(-1, keepdim=True).double()
+    rows = sinkhorn(logits, 9, query_mask, key_mask).sum(-1)
+    torch.testing.assert_close(rows, query_mask.double())  # odd: rows exact
+    columns = sinkhorn(logits, 8, query_mask, key_mask).sum(-2)
+    torch.testing.assert_close(columns, key_mask * real_n / real_m)  # even: columns exact
+
+
+def test_one_masked_iteration_is_masked_softmax() -> None:
+    logits = torch.randn(2, 3, 5, 6)
+    key_mask = _lengths_mask([4, 6], 6)[:, None]  # one mask for every head
+    expected = logits.masked_fill(~key_mask[..., None, :], float("-inf")).softmax(-1)
+    torch.testing.assert_close(sinkhorn(logits, 1, key_mask=key_mask), expected)
+    torch.testing.assert_close(attention_weights(logits, "softmax", 1, key_mask=key_mask), expected)
+
+
+def test_masked_sinkhorn_gradcheck() -> None:
+    logits = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    query_mask = _lengths_mask([3, 5], 5)
+    key_mask = _lengths_mask([4, 2], 4)
+    assert torch.autograd.gradcheck(lambda s: sinkhorn(s, 4, query_mask, key_mask), (logits,))
+    sinkhorn(logits, 5, query_mask, key_mask).square().sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert logits.grad[1, :, 2:].abs().sum() == 0  # padded keys of set 1
+
+
+def test_all_true_masks_change_nothing() -> None:
+    logits = torch.randn(2, 5, 4)
+    everything = sinkhorn(
+        logits, 5, torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool)
+    )
+    torch.testing.assert_close(everything, sinkhorn(logits, 5))
+
+
+@pytest.mark.parametrize(
+    ("query_mask", "key_mask", "error", "message"),
+    [
+        (torch.ones(2, 5, dtype=torch.int64), None, TypeError, "query_mask must be a bool"),
+        (
+            None,
+            torch.ones(2, 5, dtype=torch.bool),
+            ValueError,
+            r"key_mask must have shape \(\.\.\., m\) = \(\.\.\., 4\)",
+        ),
+        (torch.ones(3, 5, dtype=torch.bool), None, ValueError, "each equal to it or 1"),
+        (torch.ones(2, 2, 5, dtype=torch.bool), None, ValueError, "one leading dimension per"),
+        (torch.ones(5, dtype=torch.bool), None, ValueError, "one leading dimension per"),
+        (torch.ones(1, 5, dtype=torch.bool, device="meta"), None, ValueError, "is on meta"),
+    ],
+)
+def test_bad_masks_name_themselves(query_mask, key_mask, error, message) -> None:
+    with pytest.raises(error, match=message):
+        sinkhorn(torch.randn(2, 5, 4), 3, query_mask, key_mask)
+
+
+# --- sinkhorn_attention: the memory-efficient backend ---------------------------------------
+
+
+def _padded_case(
+    n: int, m: int, query_lengths: list[int], key_lengths: list[int], heads: int = 2
+) -> tuple[torch.Tensor, ...]:
+    batch = len(query_lengths)
+    q = torch.randn(batch, heads, n, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(batch, heads, m, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(batch, heads, m, 3, dtype=torch.float64, requires_grad=True)
+    return (
+        q,
+        k,
+        v,
+        _scattered_mask(query_lengths, n)[:, None],
+        _scattered_mask(key_lengths, m)[:, None],
+    )
+
+
+@pytest.mark.parametrize("n_iter", range(1, 10))
+@pytest.mark.parametrize(
+    ("n", "m", "chunk_size"),
+    [(11, 9, None), (11, 9, (4, 3)), (40, 16, (7, 5)), (16, 40, (5, 7))],
+)
+def test_chunked_masked_attention_is_attention_on_the_real_elements(
+    n_iter: int, n: int, m: int, chunk_size: tuple[int, int] | None
+) -> None:
+    q, k, v, query_mask, key_mask = _padded_case(n, m, [n, 3, 1], [2, m, 5])
+    out = sinkhorn_attention(
+        q,
+        k,
+        v,
+        n_iter,
+        chunk_size=chunk_size,
+        backend="chunked",
+        query_mask=query_mask,
+        key_mask=key_mask,
+    )
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for b in range(3):
+        rows, cols = query_mask[b, 0], key_mask[b, 0]
+        qb, kb, vb = q[b : b + 1, :, rows], k[b : b + 1, :, cols], v[b : b + 1, :, cols]
+        expected = dense_sinkhorn_attention(qb, kb, vb, n_iter)
+        torch.testing.assert_close(out[b : b + 1, :, rows], expected, rtol=0, atol=1e-10)
+        assert out[b, :, ~rows].abs().sum() == 0
+        expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out[b : b + 1, :, rows])
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            # Padded queries and keys get exactly zero gradient, as outside set b.
+            torch.testing.assert_close(grad[b], expected_grad[b], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("which", ["query", "key"])
+def test_chunked_one_sided_mask_matches_dense(which: str) -> None:
+    q, k, v, query_mask, key_mask = _padded_case(13, 10, [13, 4], [10, 3])
+    masks = {"query_mask": query_mask} if which == "query" else {"key_mask": key_mask}
+    outputs = [
+        sinkhorn_attention(q, k, v, 5, backend=backend, chunk_size=4, **masks)
+        for backend in ("chunked", "dense")
+    ]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-10)
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in outputs]
+    for chunked, dense in zip(*grads, strict=True):
+        torch.testing.assert_close(chunked, dense, rtol=0, atol=1e-10)
+
+
+def test_masked_attention_higher_order_gradients_are_exact() -> None:
+    q, k, v, query_mask, key_mask = _padded_case(6, 5, [6, 2], [3, 5])
+    masks = {"query_mask": query_mask, "key_mask": key_mask}
+    assert torch.autograd.gradgradcheck(
+        lambda q, k, v: sinkhorn_attention(q, k, v, 3, backend="chunked", chunk_size=2, **masks),
+        (q, k, v),
+    )
+
+
+def test_masked_attention_in_float32_and_bfloat16_autocast() -> None:
+    q, k, v, query_mask, key_mask = (
+        t.detach().float() if t.is_floating_point() else t
+        for t in _padded_case(30, 20, [30, 7], [9, 20])
+    )
+    masks = {"query_mask": query_mask, "key_mask": key_mask}
+    dense = sinkhorn_attention(q, k, v, 5, backend="dense", **masks)
+    chunked = sinkhorn_attention(q, k, v, 5, backend="chunked", chunk_size=(8, 6), **masks)
+    torch.testing.assert_close(chunked, dense, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = sinkhorn_attention(q, k, v, 5, backend="chunked", **masks)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), dense, rtol=0.05, atol=0.05)
+
+
+def test_attention_mask_shape_errors() -> None:
+    q, k, v, query_mask, key_mask = _padded_case(5, 4, [5, 2], [4, 4])
+    with pytest.raises(ValueError, match=r"query_mask must have shape \(\.\.\., n\)"):
+        sinkhorn_attention(q, k, v, 3, query_mask=query_mask[:, 0])  # (B, n) for (B, H, n, d)
+    with pytest.raises(TypeError, match="key_mask must be a bool"):
+        sinkhorn_attention(q, k, v, 3, key_mask=key_mask.float())
+
+
+# --- blocks and the model -------------------------------------------------------------------
+
+
+def _blocks(attention: str, n_iter: int) -> list[torch.nn.Module]:
+    return [
+        SetAttentionBlock(5, 8, 2, attention, n_iter),
+        InducedSetAttentionBlock(5, 8, 2, 3, attention, n_iter),
+        PoolingByMultiheadAttention(5, 1, 2, attention, n_iter),
+    ]
+
+
+@pytest.mark.parametrize(("attention", "n_iter"), ATTENTIONS)
+@pytest.mark.parametrize("efficient", [False, True])
+def test_blocks_ignore_padding(
+    attention: str, n_iter: int, efficient: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pointsink.attention as attention_module
+
+    # Route every Sinkhorn attention through the dense reference or through the tiled kernel.
+    monkeypatch.setattr(attention_module, "EFFICIENT_SINKHORN_MIN_SIZE", 1 if efficient else 10**9)
+    lengths = [9, 4, 1]
+    x = torch.randn(3, 9, 5, dtype=torch.float64)
+    mask = _scattered_mask(lengths, 9)
+    x = x.masked_fill(~mask[..., None], 1e3)  # padding values that would show if they leaked
+    for block in _blocks(attention, n_iter):
+        block = block.double().eval()
+        padded = block(x, mask)
+        for b in range(3):
+            alone = block(x[b : b + 1, mask[b]])
+            if isinstance(block, PoolingByMultiheadAttention):
+                torch.testing.assert_close(padded[b : b + 1], alone, rtol=0, atol=1e-10)
+            else:
+                torch.testing.assert_close(padded[b : b + 1, mask[b]], alone, rtol=0, atol=1e-10)
+
+
+def test_padded_rows_do_not_count_in_sinkhorn_columns() -> None:
+    # A block's Sinkhorn columns over real queries sum to n' / m'; a padded query left in
+    # the column sums would change them.
+    attn = MultiheadAttention(4, 4, 4, 1, "sinkhorn", 2).double()
+    x = torch.randn(1, 6, 4, dtype=torch.float64)
+    mask = _lengths_mask([4], 6)
+    attn.record_marginals = True
+    attn(x, x, mask, mask)
+    assert attn.last_marginals is not None
+    _, columns = attn.last_marginals
+    torch.testing.assert_close(columns[0, 0], torch.tensor([1.0, 1, 1, 1, 0, 0]))
+
+
+def test_uniform_marginals_divide_by_the_real_set_size() -> None:
+    attn = MultiheadAttention(4, 4, 4, 1, "sinkhorn", 3, sinkhorn_marginals="uniform").double()
+    x = torch.randn(1, 6, 4, dtype=torch.float64)
+    mask = _lengths_mask([4], 6)
+    _, heads = attn(x, x, mask, mask)
+    _, alone = attn(x[:, :4], x[:, :4])
+    torch.testing.assert_close(heads[:, :4], alone)
+
+
+@pytest.mark.parametrize("encoder", ["isab", "sab"])
+@pytest.mark.parametrize(
+    ("attention", "pooling"), [("sinkhorn", "softmax"), ("sinkhorn", None), ("softmax", None)]
+)
+def test_model_classifies_a_padded_set_as_the_set_itself(
+    encoder: str, attention: str, pooling: str | None
+) -> None:
+    model = (
+        SetSinkformer(
+            num_classes=4,
+            channels=8,
+            num_heads=2,
+            num_blocks=2,
+            encoder=encoder,
+            num_inducing_points=3,
+            attention=attention,
+            pooling_attention=pooling,
+        )
+        .double()
+        .eval()
+    )
+    sizes = [20, 7, 13]
+    clouds = [torch.randn(size, 3, dtype=torch.float64) for size in sizes]
+    padded = torch.zeros(3, 20, 3, dtype=torch.float64)
+    for index, cloud in enumerate(clouds):
+        padded[index, : len(cloud)] = cloud
+    logits = model(padded, _lengths_mask(sizes, 20))
+    for index, cloud in enumerate(clouds):
+        torch.testing.assert_close(logits[index], model(cloud[None])[0], rtol=0, atol=1e-10)
+    # Without the mask the zero padding is part of the set: the logits change.
+    assert not torch.allclose(model(padded)[1], logits[1])
+
+
+def test_model_with_a_point_embedding_refuses_masks() -> None:
+    model = SetSinkformer(num_classes=2, channels=8, num_heads=2, num_groups=4, group_size=3)
+    with pytest.raises(ValueError, match="needs a model without a point embedding"):
+        model(torch.randn(2, 10, 3), torch.ones(2, 10, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "message"),
+    [
+        (
+            torch.ones(2, 9, dtype=torch.bool),
+            ValueError,
+            r"mask must have shape \(batch, set_size\) = \(2, 10\)",
+        ),
+        (torch.ones(2, 10), TypeError, "mask must be a bool"),
+    ],
+)
+def test_model_names_a_wrong_mask(mask: torch.Tensor, error: type, message: str) -> None:
+    model = SetSinkformer(num_classes=2, channels=8, num_heads=2)
+    with pytest.raises(error, match=message):
+        model(torch.randn(2, 10, 3), mask)
+
+
+def test_masked_softmax_attention_matches_sdpa_on_real_rows() -> None:
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    key_mask = _lengths_mask([6, 3], 6)[:, None]
+    query_mask = _lengths_mask([6, 2], 6)[:, None]
+    from pointsink.attention import scaled_dot_product_attention
+
+    out = scaled_dot_product_attention(q, k, v, "softmax", query_mask=query_mask, key_mask=key_mask)
+    expected = F.scaled_dot_product_attention(q[1:, :, :2], k[1:, :, :3], v[1:, :, :3])
+    torch.testing.assert_close(out[1:, :, :2], expected)
+    assert out[1, :, 2:].abs().sum() == 0
+    dense = scaled_dot_product_attention(
+        q, k, v, "softmax", efficient=False, query_mask=query_mask, key_mask=key_mask
+    )
+    torch.testing.assert_close(out, dense)
+
+
+def test_attention_marginals_with_masks_count_real_elements_only() -> None:
+    q, k = torch.randn(2, 1, 5, 3), torch.randn(2, 1, 4, 3)
+    query_mask = _lengths_mask([5, 2], 5)[:, None]
+    key_mask = _lengths_mask([4, 3], 4)[:, None]
+    rows, columns = attention_marginals(q, k, "sinkhorn", 8, query_mask, key_mask)
+    torch.testing.assert_close(columns[1, 0], torch.tensor([2 / 3, 2 / 3, 2 / 3, 0.0]))
+    torch.testing.assert_close(rows[1, 0, 2:], torch.zeros(3))
