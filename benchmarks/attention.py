@@ -28,6 +28,10 @@ before every run, so they count as extra for every implementation).
   ``clear_refs`` is not writable it falls back to ``ru_maxrss`` (then the peak includes
   everything since the process started and is only an upper bound).
 
+Padded sets (``--padded-fraction F``): the last ``floor(F * N)`` queries and keys of every
+set are padding, given to the Sinkhorn implementations as ``query_mask`` and ``key_mask``
+and to ``sdpa`` as a boolean ``attn_mask`` over the keys.
+
 Examples::
 
     python benchmarks/attention.py --device cpu --sizes 1024 2048 4096 --heads 4
@@ -60,17 +64,22 @@ IMPLEMENTATIONS = ("sdpa", "dense", "chunked", "triton")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def attention_fn(impl: str, n_iter: int, chunk_size: int | None) -> Callable[..., torch.Tensor]:
+def attention_fn(
+    impl: str, n_iter: int, chunk_size: int | None, mask: torch.Tensor | None = None
+) -> Callable[..., torch.Tensor]:
+    """The implementation ``impl`` as ``f(q, k, v)``; ``mask`` ``(B, 1, N)``: real elements."""
+    masks = {"query_mask": mask, "key_mask": mask}
     if impl == "sdpa":
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+        attn_mask = None if mask is None else mask.unsqueeze(-2)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     if impl == "dense":
-        return lambda q, k, v: dense_sinkhorn_attention(q, k, v, n_iter)
+        return lambda q, k, v: dense_sinkhorn_attention(q, k, v, n_iter, None, mask, mask)
     if impl == "chunked":
         return lambda q, k, v: sinkhorn_attention(
-            q, k, v, n_iter, backend="chunked", chunk_size=chunk_size
+            q, k, v, n_iter, backend="chunked", chunk_size=chunk_size, **masks
         )
     if impl == "triton":
-        return lambda q, k, v: sinkhorn_attention(q, k, v, n_iter, backend="triton")
+        return lambda q, k, v: sinkhorn_attention(q, k, v, n_iter, backend="triton", **masks)
     raise ValueError(impl)
 
 
@@ -107,7 +116,11 @@ def measure(
         for _ in range(3)
     )
     grad_out = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    fn = attention_fn(impl, args.n_iter, args.chunk_size)
+    mask = None
+    if args.padded_fraction > 0:
+        real = size - int(args.padded_fraction * size)
+        mask = (torch.arange(size, device=device) < real).expand(args.batch, 1, size)
+    fn = attention_fn(impl, args.n_iter, args.chunk_size, mask)
     cuda = device.type == "cuda"
 
     def run() -> None:
@@ -169,7 +182,8 @@ _MEMORY_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD
 def measure_in_subprocess(args: argparse.Namespace, impl: str, size: int) -> dict:
     """CPU: memory and time of one config, each in a fresh worker process."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", impl, str(size)]
-    for flag in ("device", "n_iter", "batch", "heads", "dim", "dtype", "repeats", "warmup"):
+    flags = ("device", "n_iter", "batch", "heads", "dim", "dtype", "repeats", "warmup")
+    for flag in (*flags, "padded_fraction"):
         command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     if args.chunk_size is not None:
         command += ["--chunk-size", str(args.chunk_size)]
@@ -251,10 +265,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS)
     )
+    parser.add_argument(
+        "--padded-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of each set that is padding, passed as masks (default 0: no masks)",
+    )
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", default="both", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.padded_fraction < 1.0:
+        parser.error(f"--padded-fraction must be in [0, 1); got {args.padded_fraction}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"batch={args.batch} heads={args.heads} dim={args.dim} n_iter={args.n_iter} "
         f"dtype={args.dtype} repeats={args.repeats} warmup={args.warmup} "
+        f"padded_fraction={args.padded_fraction} "
         f"torch={torch.__version__} threads={torch.get_num_threads()} "
         f"memory={rows[0].get('memory_method', '?') if rows else '?'}"
     )

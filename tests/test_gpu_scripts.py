@@ -161,3 +161,25 @@ def test_attention_benchmark_fails_when_a_measurement_fails(
         attention.main(arguments)
     sdpa_row = [line for line in capsys.readouterr().out.splitlines() if "sdpa" in line]
     assert sdpa_row and "error" not in sdpa_row[0].lower()
+
+
+def test_attention_benchmark_passes_padding_masks() -> None:
+    from _benchmark_utils import load_benchmark
+
+    attention = load_benchmark("attention")
+    q, k, v = (torch.randn(2, 1, 8, 4) for _ in range(3))
+    mask = (torch.arange(8) < 6).expand(2, 1, 8)
+    outputs = {
+        impl: attention.attention_fn(impl, 3, None, mask)(q, k, v)
+        for impl in ("sdpa", "dense", "chunked")
+    }
+    torch.testing.assert_close(outputs["chunked"], outputs["dense"])
+    assert outputs["chunked"][:, :, 6:].abs().sum() == 0  # padded queries
+    # The padded keys are out of every implementation: changing them changes nothing.
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 6:], v2[:, :, 6:] = 100.0, 100.0
+    for impl, out in outputs.items():
+        again = attention.attention_fn(impl, 3, None, mask)(q, k2, v2)
+        torch.testing.assert_close(again[:, :, :6], out[:, :, :6])
+    with pytest.raises(SystemExit):
+        attention.parse_args(["--padded-fraction", "1.0"])
