@@ -313,9 +313,11 @@ class MultiheadAttention(nn.Module):
         self.lin_key = nn.Linear(key_channels, channels)
         self.lin_value = nn.Linear(key_channels, channels)
         # Set by monitoring callbacks; when True, forward also keeps the row and column
-        # sums of its weights, (B, H, n) and (B, H, m), in `last_marginals`.
+        # sums of its weights, (B, H, n) and (B, H, m), in `last_marginals`, and the padding
+        # masks, (B, 1, n) and (B, 1, m) or None, in `last_masks`.
         self.record_marginals = False
         self.last_marginals: tuple[Tensor, Tensor] | None = None
+        self.last_masks: tuple[Tensor | None, Tensor | None] = (None, None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -378,6 +380,7 @@ class MultiheadAttention(nn.Module):
                 self.last_marginals = attention_marginals(
                     q, k, self.attention, self.n_iter, query_mask, key_mask
                 )
+                self.last_masks = (query_mask, key_mask)
         heads = scaled_dot_product_attention(
             q, k, v, self.attention, self.n_iter, query_mask=query_mask, key_mask=key_mask
         )

@@ -182,19 +182,34 @@ def doubly_stochastic_deviation(weights: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def marginal_deviation(
-    row_sums: torch.Tensor, column_sums: torch.Tensor
+    row_sums: torch.Tensor,
+    column_sums: torch.Tensor,
+    query_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`doubly_stochastic_deviation` from the marginals of ``(..., n, m)`` weights.
 
     Args:
         row_sums: ``(..., n)``.
         column_sums: ``(..., m)``.
+        query_mask: For padded sets, ``(..., n)`` bool (broadcasting to ``row_sums``), True
+            for real queries: only real rows and columns count, and the column target is
+            each set's ``n' / m'``. None: every query is real.
+        key_mask: Likewise ``(..., m)`` for the keys.
 
     Returns:
         ``(column_deviation, row_deviation)``, scalars.
     """
-    target = row_sums.shape[-1] / column_sums.shape[-1]
-    return (column_sums - target).abs().mean() / target, (row_sums - 1.0).abs().mean()
+    if query_mask is None and key_mask is None:
+        target = row_sums.shape[-1] / column_sums.shape[-1]
+        return (column_sums - target).abs().mean() / target, (row_sums - 1.0).abs().mean()
+    real_rows = torch.ones_like(row_sums, dtype=torch.bool) if query_mask is None else query_mask
+    real_columns = torch.ones_like(column_sums, dtype=torch.bool) if key_mask is None else key_mask
+    real_rows = real_rows.expand_as(row_sums)
+    real_columns = real_columns.expand_as(column_sums)
+    target = real_rows.sum(-1, keepdim=True) / real_columns.sum(-1, keepdim=True)
+    column_deviation = ((column_sums - target).abs() / target)[real_columns].mean()
+    return column_deviation, (row_sums - 1.0).abs()[real_rows].mean()
 
 
 class DoublyStochasticMonitor(pl.Callback):
@@ -257,7 +272,7 @@ class DoublyStochasticMonitor(pl.Callback):
         for name, layer in self._layers(pl_module).items():
             if layer.last_marginals is None:
                 continue
-            col_dev, row_dev = marginal_deviation(*layer.last_marginals)
+            col_dev, row_dev = marginal_deviation(*layer.last_marginals, *layer.last_masks)
             self._sums.setdefault(name, []).append(torch.stack([col_dev, row_dev]))
         if batch_idx == self.num_batches - 1:
             self._set_recording(pl_module, False)

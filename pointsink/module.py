@@ -270,19 +270,30 @@ class SinkformerClassifier(pl.LightningModule):
         """The fewest points per shape the model takes (:attr:`SetSinkformer.min_points`)."""
         return self.model.min_points
 
-    def forward(self, points: Tensor) -> Tensor:
-        """``(B, N, 3)`` points -> ``(B, C)`` logits."""
-        return self.model(points)
+    def forward(self, points: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``(B, N, 3)`` points -> ``(B, C)`` logits.
+
+        ``mask``: ``(B, N)`` bool, True for the real points of padded sets (see
+        :meth:`~pointsink.model.SetSinkformer.forward_features`), or None.
+        """
+        return self.model(points, mask)
 
     def _shared_step(
         self, batch: Batch, stage: str, metrics: MetricCollection
     ) -> tuple[Tensor, Tensor]:
         """Loss and logits of one batch; updates and logs the stage's metrics."""
         points, target = batch["points"], batch["label"]
+        # A data module of padded sets of different sizes adds "mask" (B, N) to its batches.
+        mask = batch.get("mask")
+        if mask is not None and stage == "train" and self.hparams.mix_probability > 0.0:
+            raise ValueError(
+                "region mixing (mix_probability > 0) takes fixed-size sets; this batch has a "
+                "padding mask. Set mix_probability to 0."
+            )
         partner_target, partner_weight = None, 0.0
         if stage == "train" and self._mix_this_batch():
             points, partner_target, partner_weight = self._mix_regions(points, target)
-        logits = self(points)
+        logits = self(points, mask)
         loss_logits = logits
         if stage == "train" and self.hparams.logit_adjustment:
             loss_logits = logits + self.hparams.logit_adjustment * self.log_class_prior
@@ -512,7 +523,7 @@ class SinkformerClassifier(pl.LightningModule):
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Class probabilities ``(B, C)`` with the batch's ``index`` for mapping to files."""
         # float32 before the softmax: under bf16 autocast it would round to steps of 2**-8.
-        probabilities = self(batch["points"]).float().softmax(dim=-1)
+        probabilities = self(batch["points"], batch.get("mask")).float().softmax(dim=-1)
         return {"index": batch["index"], "probabilities": probabilities}
 
     def configure_optimizers(self) -> Any:

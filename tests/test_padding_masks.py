@@ -348,3 +348,72 @@ def test_attention_marginals_with_masks_count_real_elements_only() -> None:
     rows, columns = attention_marginals(q, k, "sinkhorn", 8, query_mask, key_mask)
     torch.testing.assert_close(columns[1, 0], torch.tensor([2 / 3, 2 / 3, 2 / 3, 0.0]))
     torch.testing.assert_close(rows[1, 0, 2:], torch.zeros(3))
+
+
+# --- training on padded batches -------------------------------------------------------------
+
+
+def _padded_loader(sizes: list[int], num_points: int = 12) -> torch.utils.data.DataLoader:
+    """Sets of ``sizes`` points padded to ``num_points``, with a "mask" as a data module of
+    sets of different sizes would give."""
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for index, size in enumerate(sizes):
+        label = index % 3
+        points = torch.zeros(num_points, 3)
+        points[:size] = torch.randn(size, 3, generator=generator) * (label + 1)
+        mask = torch.arange(num_points) < size
+        samples.append(
+            {"points": points, "mask": mask, "label": torch.tensor(label), "index": index}
+        )
+    return torch.utils.data.DataLoader(samples, batch_size=4)
+
+
+def test_lightning_module_trains_and_monitors_padded_batches(tmp_path) -> None:
+    import pytorch_lightning as pl
+
+    from pointsink.callbacks import DoublyStochasticMonitor
+    from pointsink.module import SinkformerClassifier
+
+    module = SinkformerClassifier(
+        class_names=["a", "b", "c"], channels=8, num_heads=2, num_inducing_points=3, n_iter=2
+    )
+    loader = _padded_loader([12, 5, 9, 3, 7, 12, 4, 6])
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[DoublyStochasticMonitor(plot=False)],
+    )
+    trainer.fit(module, loader, loader)
+    # Two iterations end on the columns: every real column sums to exactly n' / m', so the
+    # deviation over real elements is 0 (padded columns, summing to 0, would count as 100 %).
+    deviations = {k: v for k, v in trainer.callback_metrics.items() if k.endswith("col_dev")}
+    assert len(deviations) == 5
+    assert max(float(v) for v in deviations.values()) < 1e-5
+    # Prediction reads the mask too: a padded set gets the logits of the set alone.
+    module.eval()
+    batch = next(iter(loader))
+    with torch.no_grad():
+        padded = module.predict_step(batch, 0)["probabilities"]
+        alone = module(batch["points"][1:2, :5]).softmax(-1)
+    torch.testing.assert_close(padded[1:2], alone)
+
+
+def test_region_mixing_refuses_padded_batches() -> None:
+    from pointsink.module import SinkformerClassifier
+
+    module = SinkformerClassifier(
+        class_names=["a", "b", "c"],
+        channels=8,
+        num_heads=2,
+        num_inducing_points=3,
+        mix_probability=0.5,
+    )
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    batch = next(iter(_padded_loader([12, 5, 9, 3])))
+    with pytest.raises(ValueError, match=r"region mixing .* takes fixed-size sets"):
+        module.training_step(batch, 0)
