@@ -73,7 +73,7 @@ def attention_fn(
         attn_mask = None if mask is None else mask.unsqueeze(-2)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     if impl == "dense":
-        return lambda q, k, v: dense_sinkhorn_attention(q, k, v, n_iter, None, mask, mask)
+        return lambda q, k, v: dense_sinkhorn_attention(q, k, v, n_iter, **masks)
     if impl == "chunked":
         return lambda q, k, v: sinkhorn_attention(
             q, k, v, n_iter, backend="chunked", chunk_size=chunk_size, **masks

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pointsink.sinkhorn import check_masks, sinkhorn
+from pointsink.sinkhorn import check_masks, prepare_masks, sinkhorn, zero_padded
 from pointsink.sinkhorn_attention import sinkhorn_attention, triton_available
-from pointsink.validation import check_int, check_set_batch
+from pointsink.validation import check_int, check_set_batch, check_set_mask
 
 AttentionKind = Literal["sinkhorn", "softmax"]
 ATTENTION_KINDS: tuple[str, ...] = ("sinkhorn", "softmax")
@@ -71,15 +71,16 @@ def check_attention_options(logit_scale: str, sinkhorn_marginals: str) -> None:
         )
 
 
-def _zero_padded_rows(x: Tensor, query_mask: Tensor | None) -> Tensor:
-    """``x`` (``(..., n, c)``) with the rows of padded queries set to 0."""
-    return x if query_mask is None else x.masked_fill(~query_mask.unsqueeze(-1), 0.0)
+def _zero_empty_sets(x: Tensor, keep: Tensor | None) -> Tensor:
+    """``x`` ``(..., n, c)`` set to 0 in the sets without a real query or key (``keep``)."""
+    return x if keep is None else x.masked_fill(~keep.unsqueeze(-1), 0.0)
 
 
 def attention_weights(
     logits: Tensor,
     attention: AttentionKind = "sinkhorn",
     n_iter: int = DEFAULT_N_ITER,
+    *,
     query_mask: Tensor | None = None,
     key_mask: Tensor | None = None,
 ) -> Tensor:
@@ -88,7 +89,8 @@ def attention_weights(
     ``softmax`` normalizes rows; ``sinkhorn`` runs ``n_iter`` alternating row and column
     normalizations (see :func:`pointsink.sinkhorn.sinkhorn`), so that ``n_iter=1`` equals
     softmax. With padding masks (``(..., n)`` and ``(..., m)`` bool, True for real
-    elements), padded keys get weight 0 and padded queries a row of zeros, for both kinds.
+    elements), padded keys get weight 0 and padded queries a row of zeros, for both kinds;
+    padded logits are never read, and a set without a real query or key gets weights 0.
 
     Raises:
         ValueError: ``attention`` is not one of :data:`ATTENTION_KINDS`, ``n_iter`` is
@@ -96,11 +98,15 @@ def attention_weights(
     """
     check_attention_kind(attention, n_iter)
     if attention == "sinkhorn":
-        return sinkhorn(logits, n_iter, query_mask, key_mask)
+        return sinkhorn(logits, n_iter, query_mask=query_mask, key_mask=key_mask)
     check_masks(query_mask, key_mask, tuple(logits.shape[:-2]), *logits.shape[-2:], logits.device)
+    query_mask, key_mask, keep = prepare_masks(query_mask, key_mask)
+    # Padded queries' rows are set to 0 before the softmax too: a NaN there would make the
+    # softmax's backward NaN (0 * nan).
+    logits = zero_padded(logits, query_mask)
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask.unsqueeze(-2), -math.inf)
-    return _zero_padded_rows(torch.softmax(logits, dim=-1), query_mask)
+    return _zero_empty_sets(zero_padded(torch.softmax(logits, dim=-1), query_mask), keep)
 
 
 def dense_attention_weights(
@@ -108,6 +114,7 @@ def dense_attention_weights(
     key: Tensor,
     attention: AttentionKind = "sinkhorn",
     n_iter: int = DEFAULT_N_ITER,
+    *,
     query_mask: Tensor | None = None,
     key_mask: Tensor | None = None,
 ) -> Tensor:
@@ -116,8 +123,10 @@ def dense_attention_weights(
     ``query`` is ``(B, H, n, d)`` and ``key`` is ``(B, H, m, d)``; the masks as in
     :func:`attention_weights`.
     """
+    # Zeroed padding: dQ = dS K would be NaN for NaN padded keys, although dS is 0 there.
+    query, key = zero_padded(query, query_mask), zero_padded(key, key_mask)
     logits = query @ key.transpose(-2, -1) * (1.0 / math.sqrt(query.shape[-1]))
-    return attention_weights(logits, attention, n_iter, query_mask, key_mask)
+    return attention_weights(logits, attention, n_iter, query_mask=query_mask, key_mask=key_mask)
 
 
 def attention_marginals(
@@ -125,6 +134,7 @@ def attention_marginals(
     key: Tensor,
     attention: AttentionKind = "sinkhorn",
     n_iter: int = DEFAULT_N_ITER,
+    *,
     query_mask: Tensor | None = None,
     key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -161,8 +171,8 @@ def attention_marginals(
             key[index : index + 1],
             attention,
             n_iter,
-            element(query_mask, index),
-            element(key_mask, index),
+            query_mask=element(query_mask, index),
+            key_mask=element(key_mask, index),
         ).float()
         rows.append(weights.sum(dim=-1))
         columns.append(weights.sum(dim=-2))
@@ -176,6 +186,7 @@ def scaled_dot_product_attention(
     attention: AttentionKind = "sinkhorn",
     n_iter: int = DEFAULT_N_ITER,
     efficient: bool | None = None,
+    *,
     query_mask: Tensor | None = None,
     key_mask: Tensor | None = None,
 ) -> Tensor:
@@ -223,28 +234,20 @@ def scaled_dot_product_attention(
                 key.shape[-2],
                 query.device,
             )
+            query_mask, key_mask, keep = prepare_masks(query_mask, key_mask)
+            query = zero_padded(query, query_mask)
+            key, value = zero_padded(key, key_mask), zero_padded(value, key_mask)
             attn_mask = None if key_mask is None else key_mask.unsqueeze(-2)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
-            return _zero_padded_rows(out, query_mask)
+            return _zero_empty_sets(zero_padded(out, query_mask), keep)
         return sinkhorn_attention(
             query, key, value, n_iter, query_mask=query_mask, key_mask=key_mask
         )
-    weights = dense_attention_weights(query, key, attention, n_iter, query_mask, key_mask)
-    return weights @ value
-
-
-def _check_set_mask(name: str, mask: Tensor, x: Tensor) -> Tensor:
-    """Checks a ``(B, L)`` bool padding mask against the set batch ``x`` ``(B, L, C)``."""
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True: a real element); got {mask.dtype}.")
-    if tuple(mask.shape) != tuple(x.shape[:2]):
-        raise ValueError(
-            f"{name} must have shape (batch, set_size) = {tuple(x.shape[:2])}; "
-            f"got {tuple(mask.shape)}."
-        )
-    if mask.device != x.device:
-        raise ValueError(f"{name} is on {mask.device} but the set is on {x.device}.")
-    return mask
+    weights = dense_attention_weights(
+        query, key, attention, n_iter, query_mask=query_mask, key_mask=key_mask
+    )
+    # Padded values are never read: 0 * nan would be NaN.
+    return weights @ zero_padded(value, key_mask)
 
 
 class MultiheadAttention(nn.Module):
@@ -362,9 +365,13 @@ class MultiheadAttention(nn.Module):
         check_set_batch("attention keys", y, self.lin_key.in_features, self.lin_key.weight)
         # (B, L) -> (B, 1, L): one mask for every head.
         query_mask, key_mask = (
-            None if mask is None else _check_set_mask(name, mask, z).unsqueeze(1)
+            None if mask is None else check_set_mask(name, mask, z).unsqueeze(1)
             for name, mask, z in (("query_mask", query_mask, x), ("key_mask", key_mask, y))
         )
+        # Padding values never reach a projection: their weight gradients would be NaN for
+        # NaN padding (0 * nan), even though no result depends on them.
+        x = zero_padded(x, None if query_mask is None else query_mask[:, 0])
+        y = zero_padded(y, None if key_mask is None else key_mask[:, 0])
         query = self.lin_query(x)
         q, k, v = (
             self._split_heads(query),
@@ -378,7 +385,7 @@ class MultiheadAttention(nn.Module):
             # from doubly stochastic, relative to the target, is the same.
             with torch.no_grad():
                 self.last_marginals = attention_marginals(
-                    q, k, self.attention, self.n_iter, query_mask, key_mask
+                    q, k, self.attention, self.n_iter, query_mask=query_mask, key_mask=key_mask
                 )
                 self.last_masks = (query_mask, key_mask)
         heads = scaled_dot_product_attention(

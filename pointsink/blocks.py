@@ -6,7 +6,8 @@ in the set dimension; PMA is permutation-invariant.
 Sets of different sizes are padded to one ``N`` and passed with ``mask`` (``(B, N)`` bool,
 True for real elements; e.g. from ``torch_geometric.utils.to_dense_batch``). Padding then
 changes nothing: the outputs at real elements equal those of the unpadded set, for softmax
-and Sinkhorn attention alike. Outputs at padded elements are not meaningful.
+and Sinkhorn attention alike. Outputs at padded elements are not meaningful; padding
+values are never read (not even NaN ones), and padded elements get zero gradient.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pointsink.attention import (
     MultiheadAttention,
     SinkhornMarginals,
 )
-from pointsink.validation import check_int
+from pointsink.sinkhorn import zero_padded
+from pointsink.validation import check_int, check_set_mask
 
 __all__ = [
     "InducedSetAttentionBlock",
@@ -101,6 +103,7 @@ class MultiheadAttentionBlock(nn.Module):
         self,
         x: Tensor,
         y: Tensor,
+        *,
         query_mask: Tensor | None = None,
         key_mask: Tensor | None = None,
     ) -> Tensor:
@@ -161,7 +164,9 @@ class SetAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``(B, N, in_channels)`` -> ``(B, N, channels)``; ``mask``: ``(B, N)`` bool or None."""
-        return self.mab(x, x, mask, mask)
+        if mask is not None:
+            check_set_mask("mask", mask, x)
+        return self.mab(x, x, query_mask=mask, key_mask=mask)
 
 
 class InducedSetAttentionBlock(nn.Module):
@@ -218,6 +223,8 @@ class InducedSetAttentionBlock(nn.Module):
         The inducing points attend to the real elements only; every element attends to
         all inducing points, and under Sinkhorn only real elements count in the column sums.
         """
+        if mask is not None:
+            check_set_mask("mask", mask, x)
         h = self.mab_induce(self.inducing_points.expand(x.shape[0], -1, -1), x, key_mask=mask)
         return self.mab_out(x, h, query_mask=mask)
 
@@ -284,5 +291,9 @@ class PoolingByMultiheadAttention(nn.Module):
 
         Pools the real elements of ``mask`` (``(B, N)`` bool) only, or all for None.
         """
+        if mask is not None:
+            # Zeroed before the projection: NaN padding would make its weight gradient NaN.
+            check_set_mask("mask", mask, x)
+            x = zero_padded(x, mask)
         keys = x if self.lin is None else F.relu(self.lin(x))
         return self.mab(self.seeds.expand(x.shape[0], -1, -1), keys, key_mask=mask)

@@ -194,7 +194,8 @@ def marginal_deviation(
         column_sums: ``(..., m)``.
         query_mask: For padded sets, ``(..., n)`` bool (broadcasting to ``row_sums``), True
             for real queries: only real rows and columns count, and the column target is
-            each set's ``n' / m'``. None: every query is real.
+            each set's ``n' / m'``; the means are over all real rows (columns) of the
+            batch, not per set. None: every query is real.
         key_mask: Likewise ``(..., m)`` for the keys.
 
     Returns:
@@ -251,6 +252,7 @@ class DoublyStochasticMonitor(pl.Callback):
             layer.record_marginals = enabled
             if not enabled:
                 layer.last_marginals = None
+                layer.last_masks = (None, None)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Starts recording attention weights."""

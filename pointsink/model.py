@@ -23,7 +23,7 @@ from pointsink.blocks import (
     SetAttentionBlock,
 )
 from pointsink.embedding import EdgeConvEmbedding, SetAbstraction
-from pointsink.validation import check_int, check_set_batch
+from pointsink.validation import check_int, check_set_batch, check_set_mask
 
 __all__ = ["DEFAULT_N_ITER", "SetSinkformer", "unused_settings"]
 
@@ -224,8 +224,8 @@ class SetSinkformer(nn.Module):
         Args:
             points: ``(B, N, in_channels)``.
             mask: ``(B, N)`` bool, True for real points, or None (all real). A padded set
-                gives the features of its real points alone (to float rounding). Every set
-                needs a real point. Only for models without a point embedding
+                gives the features of its real points alone (to float rounding); padding
+                values are never read. Only for models without a point embedding
                 (``local_neighbors=0``, ``num_groups=0``): farthest-point sampling and
                 nearest-neighbour grouping take fixed-size sets.
 
@@ -241,6 +241,8 @@ class SetSinkformer(nn.Module):
         # The pooling seeds: a plain parameter of every model, whatever head or quantized
         # layers a user swaps in.
         check_set_batch("points", points, self.in_channels, self.pool.seeds, "num_points")
+        if mask is not None:
+            check_set_mask("mask", mask, points, "num_points")
         if mask is not None and len(self.embedding) > 0:
             raise ValueError(
                 "mask (padded sets) needs a model without a point embedding (local_neighbors=0, "

@@ -36,7 +36,15 @@ from torch import Tensor
 
 from pointsink.validation import check_int
 
-__all__ = ["check_masks", "log_marginals", "log_sinkhorn", "sinkhorn", "sinkhorn_potentials"]
+__all__ = [
+    "check_masks",
+    "log_marginals",
+    "log_sinkhorn",
+    "prepare_masks",
+    "sinkhorn",
+    "sinkhorn_potentials",
+    "zero_padded",
+]
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[None]:
@@ -76,13 +84,13 @@ def check_masks(
 ) -> None:
     """Checks padding masks against ``n`` queries and ``m`` keys with leading ``batch_shape``.
 
-    Shape, dtype and device only: no host synchronization, so a set with no real element is
-    not detected (its output is NaN, as for softmax over fully masked rows).
+    Type, shape, dtype and device only: no host synchronization. (A set without a real
+    element is allowed; :func:`prepare_masks` handles it.)
 
     Raises:
         ValueError: A mask's last dimension is not ``n`` (``m``), its leading dimensions are
             not those of ``batch_shape`` (each equal or 1), or it is on another device.
-        TypeError: A mask is not boolean.
+        TypeError: A mask is not a bool tensor.
     """
     for name, mask, size, size_name in (
         ("query_mask", query_mask, n, "n"),
@@ -90,9 +98,10 @@ def check_masks(
     ):
         if mask is None:
             continue
-        if mask.dtype != torch.bool:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
             raise TypeError(
-                f"{name} must be a bool tensor (True: a real element); got {mask.dtype}."
+                f"{name} must be a bool torch.Tensor (True: a real element); got {got}."
             )
         # As many leading dimensions as the inputs, each equal or 1: right-aligned
         # broadcasting would silently match a (B, n) mask's batch with the heads of
@@ -102,10 +111,13 @@ def check_masks(
             for mask_size, batch_size in zip(mask.shape[:-1], batch_shape, strict=True)
         )
         if not fits or mask.shape[-1] != size:
+            hint = ""
+            if mask.dim() == len(batch_shape) and len(batch_shape) >= 2:
+                hint = f" For heads, pass {name}[:, None] (one mask for every head)."
             raise ValueError(
                 f"{name} must have shape (..., {size_name}) = (..., {size}) with one leading "
                 f"dimension per input dimension, each equal to it or 1 (inputs: "
-                f"{tuple(batch_shape)}); got {tuple(mask.shape)}."
+                f"{tuple(batch_shape)}); got {tuple(mask.shape)}.{hint}"
             )
         if mask.device != device:
             raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}.")
@@ -158,9 +170,91 @@ def log_marginals(
     return log_rows, log_cols, v_init
 
 
+def prepare_masks(
+    query_mask: Tensor | None, key_mask: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Padding masks made safe for sets with no real query or no real key.
+
+    Such a set is computed as if all its elements were real (so nothing is NaN, in the
+    output or the gradients), and ``keep`` marks it for its result to be set to 0.
+    Tensor operations only, no host synchronization.
+
+    Args:
+        query_mask: ``(..., n)`` bool, True for real queries, or None.
+        key_mask: ``(..., m)`` bool, True for real keys, or None.
+
+    Returns:
+        ``(query_mask, key_mask, keep)``: the masks with empty sets filled, and ``keep``
+        ``(..., 1)`` bool, False for the sets without a real query or key (None without
+        masks).
+    """
+    keep: Tensor | None = None
+    filled: list[Tensor | None] = []
+    for mask in (query_mask, key_mask):
+        if mask is None:
+            filled.append(None)
+            continue
+        has_real = mask.any(-1, keepdim=True)
+        filled.append(mask | ~has_real)
+        keep = has_real if keep is None else keep & has_real
+    return filled[0], filled[1], keep
+
+
+def zero_padded(x: Tensor, mask: Tensor | None) -> Tensor:
+    """``x`` of shape ``(..., L, C)`` with the rows where ``mask`` ``(..., L)`` is False set to 0.
+
+    Padding values never reach a result this way, not even NaN or inf ones (``0 * nan`` is
+    NaN), and padded positions get zero gradient.
+    """
+    return x if mask is None else x.masked_fill(~mask.unsqueeze(-1), 0.0)
+
+
+def _masked_scores(
+    logits: Tensor, n_iter: int, query_mask: Tensor | None, key_mask: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Checks the arguments; logits in the compute dtype with padded entries set to 0.
+
+    Returns:
+        ``(scores, query_mask, key_mask, keep)``, the masks from :func:`prepare_masks`.
+    """
+    _check(logits, n_iter)
+    n, m = logits.shape[-2], logits.shape[-1]
+    check_masks(query_mask, key_mask, tuple(logits.shape[:-2]), n, m, logits.device)
+    query_mask, key_mask, keep = prepare_masks(query_mask, key_mask)
+    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if query_mask is not None or key_mask is not None:
+        # Padded logits never enter a sum, but a NaN or inf there would survive "+ (-inf)".
+        real = True if query_mask is None else query_mask.unsqueeze(-1)
+        real = real if key_mask is None else key_mask.unsqueeze(-2) & real
+        scores = scores.masked_fill(~real, 0.0)  # type: ignore[operator]
+    return scores, query_mask, key_mask, keep
+
+
+def _potentials(
+    scores: Tensor, n_iter: int, query_mask: Tensor | None, key_mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The loop of :func:`sinkhorn_potentials` on checked scores and prepared masks."""
+    n, m = scores.shape[-2], scores.shape[-1]
+    log_rows, log_cols, v_init = log_marginals(query_mask, key_mask, n, m, scores.dtype)
+    # Row and column vectors: (..., n, 1) and (..., 1, m).
+    log_rows = log_rows.unsqueeze(-1) if isinstance(log_rows, Tensor) else log_rows
+    log_cols = log_cols.unsqueeze(-2) if isinstance(log_cols, Tensor) else log_cols
+    v = scores.new_zeros(*scores.shape[:-2], 1, m)
+    if isinstance(v_init, Tensor):  # padded keys start (and stay) at -inf
+        v = v + v_init.unsqueeze(-2)
+    u = scores.new_zeros(*scores.shape[:-2], n, 1)
+    for iteration in range(n_iter):
+        if iteration % 2 == 0:
+            u = log_rows - torch.logsumexp(scores + v, dim=-1, keepdim=True)
+        else:
+            v = log_cols - torch.logsumexp(scores + u, dim=-2, keepdim=True)
+    return u, v
+
+
 def sinkhorn_potentials(
     logits: Tensor,
     n_iter: int,
+    *,
     query_mask: Tensor | None = None,
     key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -174,44 +268,30 @@ def sinkhorn_potentials(
         n_iter: Number of normalizations, starting with the rows (``>= 1``).
         query_mask: ``(..., n)`` bool, True for real queries (padded ones get potential
             ``-inf``); one leading dimension per leading dimension of ``logits``, each
-            equal to it or 1. None: all real.
+            equal to it or 1. None: all real. A set without real queries or keys is
+            computed as if all its elements were real (:func:`sinkhorn` then zeroes it).
         key_mask: ``(..., m)`` bool, True for real keys, likewise.
 
     Returns:
         ``(u, v)`` of shapes ``(..., n, 1)`` and ``(..., 1, m)``, float32 or float64, such
-        that ``exp(S + u + v)`` is the normalized attention matrix.
+        that ``exp(S + u + v)`` is the normalized attention matrix (with padded logits
+        read as 0).
 
     Raises:
         ValueError: ``logits`` has fewer than two dimensions, ``n`` or ``m`` is 0,
             ``n_iter`` is not an integer ``>= 1``, or a mask does not fit (see
             :func:`check_masks`).
-        TypeError: ``logits`` is not floating point, or a mask is not boolean.
+        TypeError: ``logits`` is not floating point, or a mask is not a bool tensor.
     """
-    _check(logits, n_iter)
-    n, m = logits.shape[-2], logits.shape[-1]
-    check_masks(query_mask, key_mask, tuple(logits.shape[:-2]), n, m, logits.device)
-    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
     with _no_autocast(logits.device.type):
-        scores = logits.to(compute_dtype)
-        log_rows, log_cols, v_init = log_marginals(query_mask, key_mask, n, m, compute_dtype)
-        # Row and column vectors: (..., n, 1) and (..., 1, m).
-        log_rows = log_rows.unsqueeze(-1) if isinstance(log_rows, Tensor) else log_rows
-        log_cols = log_cols.unsqueeze(-2) if isinstance(log_cols, Tensor) else log_cols
-        v = scores.new_zeros(*scores.shape[:-2], 1, m)
-        if isinstance(v_init, Tensor):  # padded keys start (and stay) at -inf
-            v = v + v_init.unsqueeze(-2)
-        u = scores.new_zeros(*scores.shape[:-2], n, 1)
-        for iteration in range(n_iter):
-            if iteration % 2 == 0:
-                u = log_rows - torch.logsumexp(scores + v, dim=-1, keepdim=True)
-            else:
-                v = log_cols - torch.logsumexp(scores + u, dim=-2, keepdim=True)
-    return u, v
+        scores, query_mask, key_mask, _ = _masked_scores(logits, n_iter, query_mask, key_mask)
+        return _potentials(scores, n_iter, query_mask, key_mask)
 
 
 def log_sinkhorn(
     logits: Tensor,
     n_iter: int,
+    *,
     query_mask: Tensor | None = None,
     key_mask: Tensor | None = None,
 ) -> Tensor:
@@ -225,15 +305,21 @@ def log_sinkhorn(
 
     Returns:
         Log-weights of shape ``(..., n, m)``, in float32 (float64 for float64 input);
-        ``-inf`` in padded rows and columns.
+        ``-inf`` in padded rows and columns, and in sets without a real query or key.
     """
-    u, v = sinkhorn_potentials(logits, n_iter, query_mask, key_mask)
-    return logits.to(u.dtype) + u + v
+    with _no_autocast(logits.device.type):
+        scores, query_mask, key_mask, keep = _masked_scores(logits, n_iter, query_mask, key_mask)
+        u, v = _potentials(scores, n_iter, query_mask, key_mask)
+        log_weights = scores + u + v
+        if keep is not None:
+            log_weights = log_weights.masked_fill(~keep.unsqueeze(-1), -math.inf)
+    return log_weights
 
 
 def sinkhorn(
     logits: Tensor,
     n_iter: int,
+    *,
     query_mask: Tensor | None = None,
     key_mask: Tensor | None = None,
 ) -> Tensor:
@@ -261,8 +347,8 @@ def sinkhorn(
         query_mask: ``(..., n)`` bool, True for real queries; its leading dimensions
             match those of ``logits``, each equal or 1 (e.g. ``(B, 1, n)`` for
             ``(B, H, n, m)``).
-            None: all queries are real. Every set needs at least one real query and one
-            real key (not checked, to avoid a host synchronization; the result is NaN).
+            None: all queries are real. A set without a real query or key gets weights
+            of 0 (and zero gradient). Padded logits are never read, not even NaN ones.
         key_mask: ``(..., m)`` bool, True for real keys, likewise.
 
     Returns:
@@ -271,7 +357,8 @@ def sinkhorn(
     Raises:
         ValueError: ``logits`` has fewer than two dimensions, ``n`` or ``m`` is 0,
             ``n_iter`` is not an integer ``>= 1``, or a mask's shape or device does not fit.
-        TypeError: ``logits`` is not floating point, or a mask is not boolean.
+        TypeError: ``logits`` is not floating point, or a mask is not a bool tensor.
     """
     with _no_autocast(logits.device.type):
-        return log_sinkhorn(logits, n_iter, query_mask, key_mask).exp().to(logits.dtype)
+        log_weights = log_sinkhorn(logits, n_iter, query_mask=query_mask, key_mask=key_mask)
+        return log_weights.exp().to(logits.dtype)

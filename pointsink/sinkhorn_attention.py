@@ -86,7 +86,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from pointsink.sinkhorn import _no_autocast, check_masks, log_marginals, sinkhorn
+from pointsink.sinkhorn import (
+    _no_autocast,
+    check_masks,
+    log_marginals,
+    prepare_masks,
+    sinkhorn,
+    zero_padded,
+)
 from pointsink.validation import autocast_enabled, check_int
 
 __all__ = [
@@ -166,6 +173,7 @@ def dense_sinkhorn_attention(
     v: Tensor,
     n_iter: int,
     scale: float | None = None,
+    *,
     query_mask: Tensor | None = None,
     key_mask: Tensor | None = None,
 ) -> Tensor:
@@ -188,8 +196,11 @@ def dense_sinkhorn_attention(
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    # Zeroed padding: dQ = dS K would be NaN for NaN padded keys, although dS is 0 there.
+    q, k = zero_padded(q, query_mask), zero_padded(k, key_mask)
     logits = q @ k.transpose(-2, -1) * scale
-    return sinkhorn(logits, n_iter, query_mask, key_mask) @ v
+    weights = sinkhorn(logits, n_iter, query_mask=query_mask, key_mask=key_mask)
+    return weights @ zero_padded(v, key_mask)  # padded values never read (0 * nan)
 
 
 def differentiable_backward(
@@ -231,8 +242,8 @@ def differentiable_backward(
             v.to(compute_dtype),
             n_iter,
             scale,
-            query_mask,
-            key_mask,
+            query_mask=query_mask,
+            key_mask=key_mask,
         )
         grads = iter(torch.autograd.grad(out, inputs, dout.to(compute_dtype), create_graph=True))
     return tuple(  # type: ignore[return-value]
@@ -722,24 +733,22 @@ class _ChunkedSinkhornAttention(torch.autograd.Function):
                 key_mask,
             )
             out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, us, vs)
+        # The masks too, so that autograd refuses a backward after they change in place.
+        ctx.save_for_backward(q, k, v, out, us, vs, query_mask, key_mask)
         ctx.n_iter = n_iter  # type: ignore[attr-defined]
         ctx.scale = scale  # type: ignore[attr-defined]
         ctx.chunks = (chunk_q, chunk_k)  # type: ignore[attr-defined]
-        # Bool masks take no gradient: kept on ctx rather than among the saved tensors.
-        ctx.masks = (query_mask, key_mask)  # type: ignore[attr-defined]
         return out
 
     @staticmethod
     def backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         n_iter: int = ctx.n_iter  # type: ignore[attr-defined]
         scale: float = ctx.scale  # type: ignore[attr-defined]
-        query_mask, key_mask = ctx.masks  # type: ignore[attr-defined]
+        q, k, v, out, us, vs, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
         no_grads = (None,) * 6  # n_iter, scale, chunk_q, chunk_k and the masks
         if torch.is_grad_enabled():  # create_graph=True: higher-order gradients follow
             grads = differentiable_backward(ctx, dout, n_iter, scale, query_mask, key_mask)
             return (*grads, *no_grads)
-        q, k, v, out, us, vs = ctx.saved_tensors  # type: ignore[attr-defined]
         compute_dtype = us.dtype
         col_factor = real_size_ratio(
             query_mask, key_mask, q.shape[0], q.shape[1], k.shape[1], compute_dtype
@@ -839,7 +848,9 @@ def sinkhorn_attention(
     :func:`pointsink.sinkhorn.sinkhorn` (masked marginals: keys cannot be masked out by
     ``-inf`` or large negative logits, since Sinkhorn's column normalization restores a
     masked key's share). The output's real rows equal Sinkhorn attention on the unpadded
-    set, padded rows are 0, and padded keys get no gradient, on every backend.
+    set, padded rows are 0, and padded queries, keys and values get no gradient, on every
+    backend. Padding values are never read, not even NaN or inf ones; a set without a real
+    query or key gets an output of 0 and zero gradients.
 
     Args:
         q: Queries of shape ``(..., n, d)``.
@@ -855,9 +866,7 @@ def sinkhorn_attention(
             Triton is installed, else chunked), ``"chunked"``, ``"triton"`` or ``"dense"``.
         query_mask: ``(..., n)`` bool, True for real queries, or None (all real). One
             leading dimension per leading dimension of the output, each equal to it or 1
-            (e.g. ``(B, 1, n)`` for ``(B, H, n, d)`` queries). Every set needs at least one
-            real query and one real key (not checked, to avoid a host synchronization; the
-            output is NaN).
+            (e.g. ``(B, 1, n)`` for ``(B, H, n, d)`` queries).
         key_mask: ``(..., m)`` bool, True for real keys, or None, likewise.
 
     Returns:
@@ -870,13 +879,16 @@ def sinkhorn_attention(
             or a mask whose shape or device does not fit.
         TypeError: ``q``, ``k``, ``v`` do not share one floating dtype, ``chunk_size`` is
             a tuple or list of other than two sizes, ``scale`` is a tensor that requires
-            a gradient (it would not get one), or a mask is not boolean.
+            a gradient (it would not get one), or a mask is not a bool tensor.
     """
     _check_inputs(q, k, v, n_iter)
-    masked = query_mask is not None or key_mask is not None
-    if masked:
+    keep: Tensor | None = None
+    if query_mask is not None or key_mask is not None:
         batch_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         check_masks(query_mask, key_mask, tuple(batch_shape), q.shape[-2], k.shape[-2], q.device)
+        query_mask, key_mask, keep = prepare_masks(query_mask, key_mask)
+        # Padding values never reach a sum (a NaN there would: 0 * nan).
+        q, k, v = zero_padded(q, query_mask), zero_padded(k, key_mask), zero_padded(v, key_mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled():
@@ -890,7 +902,10 @@ def sinkhorn_attention(
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     chosen = _choose_backend(backend, q)
     if chosen == "dense":
-        return dense_sinkhorn_attention(q, k, v, n_iter, scale, query_mask, key_mask)
+        out = dense_sinkhorn_attention(
+            q, k, v, n_iter, scale, query_mask=query_mask, key_mask=key_mask
+        )
+        return out if keep is None else out.masked_fill(~keep.unsqueeze(-1), 0.0)
 
     qf, kf, vf, batch = _flatten(q, k, v)
     n, m = qf.shape[1], kf.shape[1]
@@ -910,4 +925,6 @@ def sinkhorn_attention(
         chunk_q, chunk_k = _resolve_chunks(chunk_size, qf.shape[0], n, m, qf.device)
         apply = _ChunkedSinkhornAttention.apply
         out = apply(qf, kf, vf, n_iter, scale, chunk_q, chunk_k, query_mask, key_mask)
-    return out.reshape(*batch, n, vf.shape[-1])
+    out = out.reshape(*batch, n, vf.shape[-1])
+    # Sets without a real query or key were computed as fully real: their output is 0.
+    return out if keep is None else out.masked_fill(~keep.unsqueeze(-1), 0.0)

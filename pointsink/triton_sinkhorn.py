@@ -736,23 +736,21 @@ class _TritonSinkhornAttention(torch.autograd.Function):
             )  # fmt: skip
         elif query_mask is not None:  # the row kernel normalized padded rows too
             out.masked_fill_(~query_mask.unsqueeze(-1), 0.0)
-        ctx.save_for_backward(q, k, v, out, us, vs)
+        ctx.save_for_backward(q, k, v, out, us, vs, query_mask, key_mask)
         ctx.n_iter = n_iter  # type: ignore[attr-defined]
         ctx.scale = scale  # type: ignore[attr-defined]
         ctx.cfg = cfg  # type: ignore[attr-defined]
-        ctx.masks = (query_mask, key_mask)  # type: ignore[attr-defined]
         return out
 
     @staticmethod
     def backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         n_iter: int = ctx.n_iter  # type: ignore[attr-defined]
         scale: float = ctx.scale  # type: ignore[attr-defined]
-        query_mask, key_mask = ctx.masks  # type: ignore[attr-defined]
+        q, k, v, out, us, vs, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
         no_grads = (None,) * 6  # n_iter, scale, block_m, block_n and the masks
         if torch.is_grad_enabled():  # create_graph=True: higher-order gradients follow
             grads = differentiable_backward(ctx, dout, n_iter, scale, query_mask, key_mask)
             return (*grads, *no_grads)
-        q, k, v, out, us, vs = ctx.saved_tensors  # type: ignore[attr-defined]
         cfg = ctx.cfg  # type: ignore[attr-defined]
         dout = dout.contiguous()
         g, n, d = q.shape

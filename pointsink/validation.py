@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["autocast_enabled", "check_int", "check_set_batch", "plain_value"]
+__all__ = ["autocast_enabled", "check_int", "check_set_batch", "check_set_mask", "plain_value"]
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -78,6 +78,37 @@ def check_set_batch(
             f"{name} has dtype {x.dtype} but the parameters are {weight.dtype}: convert the "
             f"input (.to({weight.dtype})) or the module (.to({x.dtype}))."
         )
+
+
+def check_set_mask(
+    name: str, mask: Any, x: torch.Tensor, size_name: str = "set_size"
+) -> torch.Tensor:
+    """Checks a ``(B, N)`` bool padding mask against the set batch ``x`` ``(B, N, C)``.
+
+    Args:
+        name: The mask's name, as the user passed it (used in the message).
+        mask: The mask, True for real elements.
+        x: The sets it masks.
+        size_name: Name of the set dimension in the message.
+
+    Returns:
+        ``mask``.
+
+    Raises:
+        TypeError: ``mask`` is not a bool tensor.
+        ValueError: Its shape is not ``x``'s first two, or it is on another device.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a bool torch.Tensor (True: a real element); got {got}.")
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"{name} must have shape (batch, {size_name}) = {tuple(x.shape[:2])}; "
+            f"got {tuple(mask.shape)}."
+        )
+    if mask.device != x.device:
+        raise ValueError(f"{name} is on {mask.device} but the set is on {x.device}.")
+    return mask
 
 
 def plain_value(value: Any) -> Any:

@@ -45,7 +45,7 @@ def test_masked_sinkhorn_is_sinkhorn_of_the_real_block(n_iter: int) -> None:
     logits = torch.randn(4, 9, 7, dtype=torch.float64) * 2
     query_mask = _scattered_mask([9, 4, 1, 6], 9)
     key_mask = _scattered_mask([7, 3, 5, 1], 7)
-    weights = sinkhorn(logits, n_iter, query_mask, key_mask)
+    weights = sinkhorn(logits, n_iter, query_mask=query_mask, key_mask=key_mask)
     for b in range(4):
         real = logits[b][query_mask[b]][:, key_mask[b]]
         block = weights[b][query_mask[b]][:, key_mask[b]]
@@ -61,9 +61,9 @@ def test_masked_sinkhorn_marginals() -> None:
     key_mask = _lengths_mask([3, 6, 4], 6)
     real_n = query_mask.sum(-1, keepdim=True).double()
     real_m = key_mask.sum(-1, keepdim=True).double()
-    rows = sinkhorn(logits, 9, query_mask, key_mask).sum(-1)
+    rows = sinkhorn(logits, 9, query_mask=query_mask, key_mask=key_mask).sum(-1)
     torch.testing.assert_close(rows, query_mask.double())  # odd: rows exact
-    columns = sinkhorn(logits, 8, query_mask, key_mask).sum(-2)
+    columns = sinkhorn(logits, 8, query_mask=query_mask, key_mask=key_mask).sum(-2)
     torch.testing.assert_close(columns, key_mask * real_n / real_m)  # even: columns exact
 
 
@@ -79,8 +79,10 @@ def test_masked_sinkhorn_gradcheck() -> None:
     logits = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
     query_mask = _lengths_mask([3, 5], 5)
     key_mask = _lengths_mask([4, 2], 4)
-    assert torch.autograd.gradcheck(lambda s: sinkhorn(s, 4, query_mask, key_mask), (logits,))
-    sinkhorn(logits, 5, query_mask, key_mask).square().sum().backward()
+    assert torch.autograd.gradcheck(
+        lambda s: sinkhorn(s, 4, query_mask=query_mask, key_mask=key_mask), (logits,)
+    )
+    sinkhorn(logits, 5, query_mask=query_mask, key_mask=key_mask).square().sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert logits.grad[1, :, 2:].abs().sum() == 0  # padded keys of set 1
 
@@ -88,7 +90,10 @@ def test_masked_sinkhorn_gradcheck() -> None:
 def test_all_true_masks_change_nothing() -> None:
     logits = torch.randn(2, 5, 4)
     everything = sinkhorn(
-        logits, 5, torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool)
+        logits,
+        5,
+        query_mask=torch.ones(2, 5, dtype=torch.bool),
+        key_mask=torch.ones(2, 4, dtype=torch.bool),
     )
     torch.testing.assert_close(everything, sinkhorn(logits, 5))
 
@@ -111,7 +116,7 @@ def test_all_true_masks_change_nothing() -> None:
 )
 def test_bad_masks_name_themselves(query_mask, key_mask, error, message) -> None:
     with pytest.raises(error, match=message):
-        sinkhorn(torch.randn(2, 5, 4), 3, query_mask, key_mask)
+        sinkhorn(torch.randn(2, 5, 4), 3, query_mask=query_mask, key_mask=key_mask)
 
 
 # --- sinkhorn_attention: the memory-efficient backend ---------------------------------------
@@ -206,8 +211,9 @@ def test_masked_attention_in_float32_and_bfloat16_autocast() -> None:
 
 def test_attention_mask_shape_errors() -> None:
     q, k, v, query_mask, key_mask = _padded_case(5, 4, [5, 2], [4, 4])
-    with pytest.raises(ValueError, match=r"query_mask must have shape \(\.\.\., n\)"):
+    with pytest.raises(ValueError, match=r"query_mask must have shape \(\.\.\., n\)") as error:
         sinkhorn_attention(q, k, v, 3, query_mask=query_mask[:, 0])  # (B, n) for (B, H, n, d)
+    assert "pass query_mask[:, None]" in str(error.value)
     with pytest.raises(TypeError, match="key_mask must be a bool"):
         sinkhorn_attention(q, k, v, 3, key_mask=key_mask.float())
 
@@ -314,9 +320,10 @@ def test_model_with_a_point_embedding_refuses_masks() -> None:
         (
             torch.ones(2, 9, dtype=torch.bool),
             ValueError,
-            r"mask must have shape \(batch, set_size\) = \(2, 10\)",
+            r"^mask must have shape \(batch, num_points\) = \(2, 10\)",
         ),
-        (torch.ones(2, 10), TypeError, "mask must be a bool"),
+        (torch.ones(2, 10), TypeError, "^mask must be a bool"),
+        ([[True] * 10] * 2, TypeError, "^mask must be a bool torch.Tensor .*; got list"),
     ],
 )
 def test_model_names_a_wrong_mask(mask: torch.Tensor, error: type, message: str) -> None:
@@ -345,7 +352,9 @@ def test_attention_marginals_with_masks_count_real_elements_only() -> None:
     q, k = torch.randn(2, 1, 5, 3), torch.randn(2, 1, 4, 3)
     query_mask = _lengths_mask([5, 2], 5)[:, None]
     key_mask = _lengths_mask([4, 3], 4)[:, None]
-    rows, columns = attention_marginals(q, k, "sinkhorn", 8, query_mask, key_mask)
+    rows, columns = attention_marginals(
+        q, k, "sinkhorn", 8, query_mask=query_mask, key_mask=key_mask
+    )
     torch.testing.assert_close(columns[1, 0], torch.tensor([2 / 3, 2 / 3, 2 / 3, 0.0]))
     torch.testing.assert_close(rows[1, 0, 2:], torch.zeros(3))
 
@@ -417,3 +426,95 @@ def test_region_mixing_refuses_padded_batches() -> None:
     batch = next(iter(_padded_loader([12, 5, 9, 3])))
     with pytest.raises(ValueError, match=r"region mixing .* takes fixed-size sets"):
         module.training_step(batch, 0)
+
+
+# --- empty sets, non-finite padding, mask lifetime ------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["dense", "chunked"])
+@pytest.mark.parametrize("n_iter", [1, 4, 5])
+def test_a_set_without_real_elements_gives_zero_and_harms_no_other(
+    backend: str, n_iter: int
+) -> None:
+    q, k, v, query_mask, key_mask = _padded_case(6, 5, [6, 3, 4], [5, 2, 3])
+    query_mask[1] = False  # set 1: no real query
+    key_mask[2] = False  # set 2: no real key
+    out = sinkhorn_attention(
+        q, k, v, n_iter, backend=backend, chunk_size=2, query_mask=query_mask, key_mask=key_mask
+    )
+    assert out[1:].abs().sum() == 0
+    expected = dense_sinkhorn_attention(q[:1], k[:1], v[:1], n_iter, key_mask=key_mask[:1])
+    torch.testing.assert_close(out[:1], expected, rtol=0, atol=1e-10)
+    out.square().sum().backward()
+    for tensor in (q, k, v):
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all()
+        assert tensor.grad[1:].abs().sum() == 0
+
+
+def test_empty_sets_leave_the_model_gradients_finite() -> None:
+    model = SetSinkformer(num_classes=3, channels=8, num_heads=2, num_inducing_points=3).double()
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[1] = False
+    logits = model(torch.randn(3, 10, 3, dtype=torch.float64), mask)
+    assert torch.isfinite(logits).all()
+    logits[[0, 2]].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_empty_sets_in_the_weights_are_zero() -> None:
+    logits = torch.randn(2, 4, 3)
+    key_mask = torch.tensor([[True, True, False], [False, False, False]])
+    for attention, n_iter in [("softmax", 1), ("sinkhorn", 1), ("sinkhorn", 4)]:
+        weights = attention_weights(logits, attention, n_iter, key_mask=key_mask)
+        assert weights[1].abs().sum() == 0 and torch.isfinite(weights).all()
+
+
+@pytest.mark.parametrize("backend", ["dense", "chunked"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_padding_values_never_reach_a_result(backend: str, bad: float) -> None:
+    q, k, v, query_mask, key_mask = _padded_case(7, 6, [4, 7], [5, 3])
+    clean = sinkhorn_attention(
+        q, k, v, 4, backend=backend, query_mask=query_mask, key_mask=key_mask
+    )
+    dirty = [
+        t.detach().masked_fill(~mask[..., None], bad).requires_grad_()
+        for t, mask in ((q, query_mask), (k, key_mask), (v, key_mask))
+    ]
+    out = sinkhorn_attention(*dirty, 4, backend=backend, query_mask=query_mask, key_mask=key_mask)
+    torch.testing.assert_close(out, clean, rtol=0, atol=1e-12)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in dirty)
+
+
+@pytest.mark.parametrize(("attention", "n_iter"), [("softmax", 1), ("sinkhorn", 5)])
+def test_nan_padding_leaves_the_model_and_its_gradients_finite(attention: str, n_iter: int) -> None:
+    model = SetSinkformer(
+        num_classes=3,
+        channels=8,
+        num_heads=2,
+        num_inducing_points=3,
+        attention=attention,
+        n_iter=n_iter,
+    ).double()
+    model.eval()  # no dropout: the two calls are compared
+    points = torch.randn(2, 9, 3, dtype=torch.float64)
+    mask = _lengths_mask([9, 5], 9)
+    clean = model(points, mask)
+    logits = model(points.masked_fill(~mask[..., None], float("nan")), mask)
+    torch.testing.assert_close(logits, clean)
+    logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("backend", ["dense", "chunked"])
+def test_changing_a_mask_in_place_before_backward_changes_nothing(backend: str) -> None:
+    q, k, v = (torch.randn(2, 6, 4, requires_grad=True) for _ in range(3))
+    grads = []
+    for reuse in (False, True):
+        key_mask = _lengths_mask([6, 3], 6)
+        out = sinkhorn_attention(q, k, v, 4, backend=backend, key_mask=key_mask)
+        if reuse:
+            key_mask[1] = True  # a caller reusing its mask buffer for the next batch
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for before, after in zip(*grads, strict=True):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)

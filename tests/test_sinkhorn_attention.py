@@ -552,7 +552,8 @@ def masked_errors(fn, q, k, v, n_iter, query_mask, key_mask):
     grad_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, leaves, grad_out)
     ref_leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    ref = dense_sinkhorn_attention(*ref_leaves, n_iter, None, query_mask.cpu(), key_mask.cpu())
+    ref = dense_sinkhorn_attention(*ref_leaves, n_iter, query_mask=query_mask.cpu(),
+                                   key_mask=key_mask.cpu())
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.cpu().double())
     return max((g.cpu().double() - w).abs().max().item() / (1 + w.abs().max().item())
                for g, w in zip([out, *grads], [ref, *ref_grads]))
@@ -568,13 +569,26 @@ for dtype, n_iter in [(torch.float32, t) for t in (1, 2, 3, 5)] + [(torch.bfloat
                                                       query_mask, key_mask),
             q, k, v, n_iter, query_mask, key_mask)
         results.append([str(dtype).removeprefix("torch."), n_iter, n, m, err])
+# Through the public entry point: a set without real queries (output 0) and NaN padding.
+q, k, v = (torch.randn(3, s, 8, generator=gen).to(DEVICE) for s in (20, 9, 9))
+query_mask = (torch.arange(20)[None] < torch.tensor([20, 0, 7])[:, None]).to(DEVICE)
+key_mask = (torch.arange(9)[None] < torch.tensor([4, 9, 9])[:, None]).to(DEVICE)
+q, k, v = (t.masked_fill(~mask[..., None], float("nan"))
+           for t, mask in ((q, query_mask), (k, key_mask), (v, key_mask)))
+err = masked_errors(
+    lambda a, b, c: sinkhorn_attention(a, b, c, 5, backend="triton", query_mask=query_mask,
+                                       key_mask=key_mask),
+    q, k, v, 5, query_mask, key_mask)
+results.append(["float32", 5, 20, 9, err])
 print(json.dumps(results))
 """
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_under_interpreter(triton_interpreter: None) -> None:
-    _check_triton_kernels("cpu", {"TRITON_INTERPRET": "1"}, expected_rows=12 + 2 + 2 + 6 + 1 + 10)
+    _check_triton_kernels(
+        "cpu", {"TRITON_INTERPRET": "1"}, expected_rows=12 + 2 + 2 + 6 + 1 + 10 + 1
+    )
 
 
 @pytest.mark.skipif(
