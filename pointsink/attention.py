@@ -71,11 +71,6 @@ def check_attention_options(logit_scale: str, sinkhorn_marginals: str) -> None:
         )
 
 
-def _zero_empty_sets(x: Tensor, keep: Tensor | None) -> Tensor:
-    """``x`` ``(..., n, c)`` set to 0 in the sets without a real query or key (``keep``)."""
-    return x if keep is None else x.masked_fill(~keep.unsqueeze(-1), 0.0)
-
-
 def attention_weights(
     logits: Tensor,
     attention: AttentionKind = "sinkhorn",
@@ -106,7 +101,8 @@ def attention_weights(
     logits = zero_padded(logits, query_mask)
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask.unsqueeze(-2), -math.inf)
-    return _zero_empty_sets(zero_padded(torch.softmax(logits, dim=-1), query_mask), keep)
+    # keep (..., 1): a set without a real query or key gets weights 0.
+    return zero_padded(zero_padded(torch.softmax(logits, dim=-1), query_mask), keep)
 
 
 def dense_attention_weights(
@@ -239,7 +235,7 @@ def scaled_dot_product_attention(
             key, value = zero_padded(key, key_mask), zero_padded(value, key_mask)
             attn_mask = None if key_mask is None else key_mask.unsqueeze(-2)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
-            return _zero_empty_sets(zero_padded(out, query_mask), keep)
+            return zero_padded(zero_padded(out, query_mask), keep)
         return sinkhorn_attention(
             query, key, value, n_iter, query_mask=query_mask, key_mask=key_mask
         )
@@ -338,6 +334,7 @@ class MultiheadAttention(nn.Module):
         self,
         x: Tensor,
         y: Tensor,
+        *,
         query_mask: Tensor | None = None,
         key_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -393,9 +390,12 @@ class MultiheadAttention(nn.Module):
         )
         batch, _, n, _ = heads.shape
         if self.attention == "sinkhorn" and self.sinkhorn_marginals == "uniform":
-            # Divided by the number of real queries n' of each set.
+            # Divided by the number of real queries n' of each set (at least 1: a set
+            # without real queries has heads of 0, which must not become 0 / 0).
             heads = heads / (
-                n if query_mask is None else query_mask.sum(-1, keepdim=True)[..., None]
+                n
+                if query_mask is None
+                else query_mask.sum(-1, keepdim=True).clamp_min(1)[..., None]
             )
         return query, heads.transpose(1, 2).reshape(batch, n, self.channels)
 

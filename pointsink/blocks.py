@@ -118,7 +118,7 @@ class MultiheadAttentionBlock(nn.Module):
         Returns:
             ``(B, n, channels)``.
         """
-        query, heads = self.attn(x, y, query_mask, key_mask)
+        query, heads = self.attn(x, y, query_mask=query_mask, key_mask=key_mask)
         h = self.norm_attn(query + heads)
         return self.norm_out(h + F.relu(self.lin_out(h)))
 

@@ -184,6 +184,7 @@ def doubly_stochastic_deviation(weights: torch.Tensor) -> tuple[torch.Tensor, to
 def marginal_deviation(
     row_sums: torch.Tensor,
     column_sums: torch.Tensor,
+    *,
     query_mask: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,9 +209,17 @@ def marginal_deviation(
     real_columns = torch.ones_like(column_sums, dtype=torch.bool) if key_mask is None else key_mask
     real_rows = real_rows.expand_as(row_sums)
     real_columns = real_columns.expand_as(column_sums)
-    target = real_rows.sum(-1, keepdim=True) / real_columns.sum(-1, keepdim=True)
-    column_deviation = ((column_sums - target).abs() / target)[real_columns].mean()
-    return column_deviation, (row_sums - 1.0).abs()[real_rows].mean()
+    real_queries = real_rows.sum(-1, keepdim=True)
+    real_keys = real_columns.sum(-1, keepdim=True)
+    # Sets without a real query or key have no target (n' / m' = 0 or undefined): left out.
+    counted_columns = real_columns & (real_queries > 0) & (real_keys > 0)
+    counted_rows = real_rows & (real_keys > 0)
+    target = real_queries / real_keys.clamp_min(1)
+    column_error = (column_sums - target).abs() / target.clamp_min(1e-12)
+    # Sums over the counted elements instead of boolean indexing, which syncs with the host.
+    column_deviation = (column_error * counted_columns).sum() / counted_columns.sum()
+    row_deviation = ((row_sums - 1.0).abs() * counted_rows).sum() / counted_rows.sum()
+    return column_deviation, row_deviation
 
 
 class DoublyStochasticMonitor(pl.Callback):
@@ -274,7 +283,10 @@ class DoublyStochasticMonitor(pl.Callback):
         for name, layer in self._layers(pl_module).items():
             if layer.last_marginals is None:
                 continue
-            col_dev, row_dev = marginal_deviation(*layer.last_marginals, *layer.last_masks)
+            query_mask, key_mask = layer.last_masks
+            col_dev, row_dev = marginal_deviation(
+                *layer.last_marginals, query_mask=query_mask, key_mask=key_mask
+            )
             self._sums.setdefault(name, []).append(torch.stack([col_dev, row_dev]))
         if batch_idx == self.num_batches - 1:
             self._set_recording(pl_module, False)

@@ -41,6 +41,7 @@ __all__ = [
     "log_marginals",
     "log_sinkhorn",
     "prepare_masks",
+    "real_count",
     "sinkhorn",
     "sinkhorn_potentials",
     "zero_padded",
@@ -86,6 +87,14 @@ def check_masks(
 
     Type, shape, dtype and device only: no host synchronization. (A set without a real
     element is allowed; :func:`prepare_masks` handles it.)
+
+    Args:
+        query_mask: ``(..., n)`` bool, True for real queries, or None.
+        key_mask: ``(..., m)`` bool, True for real keys, or None.
+        batch_shape: Leading dimensions of the inputs.
+        n: Number of queries.
+        m: Number of keys.
+        device: Device of the inputs.
 
     Raises:
         ValueError: A mask's last dimension is not ``n`` (``m``), its leading dimensions are
@@ -151,23 +160,36 @@ def log_marginals(
     if query_mask is None and key_mask is None:
         return 0.0, math.log(n / m), 0.0
     device = (query_mask if query_mask is not None else key_mask).device  # type: ignore[union-attr]
-
-    def count(mask: Tensor | None, size: int) -> Tensor:
-        if mask is None:
-            return torch.full((1,), float(size), dtype=dtype, device=device)
-        return mask.sum(-1, keepdim=True, dtype=dtype)
-
-    log_col_mass = count(query_mask, n).log() - count(key_mask, m).log()  # (..., 1)
-    masked_value = torch.tensor(masked, dtype=dtype, device=device)
+    log_col_mass = (
+        real_count(query_mask, n, dtype, device).log()
+        - real_count(key_mask, m, dtype, device).log()
+    )  # (..., 1)
+    # Python scalars only: a tensor made from a number on CUDA would be a blocking copy.
     log_rows: Tensor | float = 0.0
     v_init: Tensor | float = 0.0
     log_cols: Tensor | float = log_col_mass.expand(*log_col_mass.shape[:-1], m)
     if query_mask is not None:
-        log_rows = torch.where(query_mask, 0.0, masked_value).to(dtype)
+        log_rows = torch.zeros(query_mask.shape, dtype=dtype, device=device)
+        log_rows.masked_fill_(~query_mask, masked)
     if key_mask is not None:
-        log_cols = torch.where(key_mask, log_col_mass, masked_value)
-        v_init = torch.where(key_mask, 0.0, masked_value).to(dtype)
+        log_cols = log_col_mass.expand(*key_mask.shape[:-1], m).masked_fill(~key_mask, masked)
+        v_init = torch.zeros(key_mask.shape, dtype=dtype, device=device)
+        v_init.masked_fill_(~key_mask, masked)
     return log_rows, log_cols, v_init
+
+
+def real_count(mask: Tensor | None, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Number of real elements per set, ``(..., 1)`` (``(1,)`` holding ``size`` for None).
+
+    Args:
+        mask: ``(..., size)`` bool, True for real elements, or None (all real).
+        size: The padded set size.
+        dtype: Floating dtype of the result.
+        device: Device of the result.
+    """
+    if mask is None:
+        return torch.full((1,), float(size), dtype=dtype, device=device)
+    return mask.sum(-1, keepdim=True, dtype=dtype)
 
 
 def prepare_masks(
@@ -346,9 +368,9 @@ def sinkhorn(
         n_iter: Number of alternating normalizations, starting with the rows (``>= 1``).
         query_mask: ``(..., n)`` bool, True for real queries; its leading dimensions
             match those of ``logits``, each equal or 1 (e.g. ``(B, 1, n)`` for
-            ``(B, H, n, m)``).
-            None: all queries are real. A set without a real query or key gets weights
-            of 0 (and zero gradient). Padded logits are never read, not even NaN ones.
+            ``(B, H, n, m)``). None: all queries are real. A set without a real query or
+            key gets weights of 0 (and zero gradient). Padded logits are never read, not
+            even NaN ones.
         key_mask: ``(..., m)`` bool, True for real keys, likewise.
 
     Returns:

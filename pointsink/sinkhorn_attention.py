@@ -55,7 +55,8 @@ Padded sets (``query_mask``, ``key_mask``) change only the target marginals: ``u
 (:func:`real_size_ratio`). Every matrix above is then 0 in padded rows and columns, so the
 formulas hold as written.
 
-Saved for backward: ``q, k, v``, the output and the potentials (``ceil(T / 2)`` row and
+Saved for backward: ``q, k, v`` (with masks, their copies with padding set to 0), the
+output, the masks and the potentials (``ceil(T / 2)`` row and
 ``floor(T / 2) + 1`` column vectors per head).
 
 Backends:
@@ -91,6 +92,7 @@ from pointsink.sinkhorn import (
     check_masks,
     log_marginals,
     prepare_masks,
+    real_count,
     sinkhorn,
     zero_padded,
 )
@@ -179,8 +181,8 @@ def dense_sinkhorn_attention(
 ) -> Tensor:
     """Reference Sinkhorn attention that materializes the ``n x m`` attention matrix.
 
-    ``sinkhorn(q @ k^T * scale, n_iter, query_mask, key_mask) @ v``; autograd stores one
-    ``n x m`` matrix per iteration.
+    ``sinkhorn(q @ k^T * scale, n_iter, query_mask=..., key_mask=...) @ v``; autograd stores
+    one ``n x m`` matrix per iteration.
 
     Args:
         q: Queries of shape ``(..., n, d)``.
@@ -208,6 +210,7 @@ def differentiable_backward(
     dout: Tensor,
     n_iter: int,
     scale: float,
+    *,
     query_mask: Tensor | None = None,
     key_mask: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -277,13 +280,8 @@ def real_size_ratio(
     if query_mask is None and key_mask is None:
         return None
     device = (query_mask if query_mask is not None else key_mask).device  # type: ignore[union-attr]
-    real_queries, real_keys = (
-        torch.full((g, 1), float(size), dtype=dtype, device=device)
-        if mask is None
-        else mask.sum(-1, keepdim=True, dtype=dtype)
-        for mask, size in ((query_mask, n), (key_mask, m))
-    )
-    return real_keys / real_queries
+    ratio = real_count(key_mask, m, dtype, device) / real_count(query_mask, n, dtype, device)
+    return ratio.expand(g, 1)
 
 
 def _resolve_chunks(
@@ -576,7 +574,7 @@ def _chunked_backward(
     n_iter: int,
     chunk_q: int,
     chunk_k: int,
-    col_factor: Tensor | float | None = None,
+    col_factor: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward pass of the chunked backend (see the module docstring for the formulas).
 
@@ -591,8 +589,9 @@ def _chunked_backward(
         n_iter: Number of Sinkhorn iterations ``T``.
         chunk_q: Queries per tile.
         chunk_k: Keys per tile.
-        col_factor: ``m / n``, the inverse of the column mass; ``(G, 1)`` holding
-            ``m' / n'`` for padded sets (padded potentials make every padded term 0).
+        col_factor: For padded sets, ``m' / n'`` per set ``(G, 1)`` (the inverse column
+            mass; padded potentials make every padded term 0), which also turns on the
+            exponent floor; None: no masks, ``m / n``.
 
     Returns:
         ``(dS K, dS^T (scale Q), dV)``: multiply the first by ``scale`` to get ``dQ``; the
@@ -613,9 +612,9 @@ def _chunked_backward(
     # gv[i]: gradient w.r.t. v^{2i} times m / n (the factor of the column softmax, so that
     # it multiplies B^{2i} directly); gv[0] stays unused.
     gv = torch.zeros_like(vs)
-    floor = _exp_floor(qs.dtype, col_factor is not None)  # col_factor: set for padded sets
-    if col_factor is None:
-        col_factor = m / n
+    masked = col_factor is not None  # a per-set ratio comes only with masks
+    floor = _exp_floor(qs.dtype, masked)
+    column_factor: Tensor | float = m / n if col_factor is None else col_factor
     dq_unscaled = torch.zeros_like(qs)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
@@ -670,7 +669,7 @@ def _chunked_backward(
             dv[:, k0:k1].baddbmm_(p.transpose(1, 2), dout[:, q0:q1])
             if odd:
                 gv[n_v, :, k0:k1].sub_(torch.bmm(delta[:, None, q0:q1], p).squeeze(1))
-    gv[n_v].add_((dv * v).sum(-1)).mul_(col_factor)
+    gv[n_v].add_((dv * v).sum(-1)).mul_(column_factor)
 
     # Passes for the even steps s = 2j, j = n_v, ..., 1: with gv[j] complete, the row sums
     # of B^{2j} give gu[j-1] (complete within a query chunk); then the column sums of
@@ -699,7 +698,7 @@ def _chunked_backward(
                     )
                     gv[j - 1, :, k0:k1].sub_(torch.bmm(row[:, None, :], a).squeeze(1))
         if not final:
-            gv[j - 1].mul_(col_factor)
+            gv[j - 1].mul_(column_factor)
     return dq_unscaled, dk, dv
 
 
@@ -747,7 +746,9 @@ class _ChunkedSinkhornAttention(torch.autograd.Function):
         q, k, v, out, us, vs, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
         no_grads = (None,) * 6  # n_iter, scale, chunk_q, chunk_k and the masks
         if torch.is_grad_enabled():  # create_graph=True: higher-order gradients follow
-            grads = differentiable_backward(ctx, dout, n_iter, scale, query_mask, key_mask)
+            grads = differentiable_backward(
+                ctx, dout, n_iter, scale, query_mask=query_mask, key_mask=key_mask
+            )
             return (*grads, *no_grads)
         compute_dtype = us.dtype
         col_factor = real_size_ratio(
@@ -905,7 +906,7 @@ def sinkhorn_attention(
         out = dense_sinkhorn_attention(
             q, k, v, n_iter, scale, query_mask=query_mask, key_mask=key_mask
         )
-        return out if keep is None else out.masked_fill(~keep.unsqueeze(-1), 0.0)
+        return zero_padded(out, keep)
 
     qf, kf, vf, batch = _flatten(q, k, v)
     n, m = qf.shape[1], kf.shape[1]
@@ -927,4 +928,4 @@ def sinkhorn_attention(
         out = apply(qf, kf, vf, n_iter, scale, chunk_q, chunk_k, query_mask, key_mask)
     out = out.reshape(*batch, n, vf.shape[-1])
     # Sets without a real query or key were computed as fully real: their output is 0.
-    return out if keep is None else out.masked_fill(~keep.unsqueeze(-1), 0.0)
+    return zero_padded(out, keep)

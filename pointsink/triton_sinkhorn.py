@@ -749,7 +749,9 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         q, k, v, out, us, vs, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
         no_grads = (None,) * 6  # n_iter, scale, block_m, block_n and the masks
         if torch.is_grad_enabled():  # create_graph=True: higher-order gradients follow
-            grads = differentiable_backward(ctx, dout, n_iter, scale, query_mask, key_mask)
+            grads = differentiable_backward(
+                ctx, dout, n_iter, scale, query_mask=query_mask, key_mask=key_mask
+            )
             return (*grads, *no_grads)
         cfg = ctx.cfg  # type: ignore[attr-defined]
         dout = dout.contiguous()
@@ -829,6 +831,7 @@ def triton_sinkhorn_attention(
     scale: float,
     block_m: int | None = None,
     block_n: int | None = None,
+    *,
     query_mask: Tensor | None = None,
     key_mask: Tensor | None = None,
 ) -> Tensor:
@@ -845,7 +848,11 @@ def triton_sinkhorn_attention(
             head dimension and dtype (:func:`_blocks_for`).
         block_n: Keys per tile, likewise.
         query_mask: ``(G, n)`` bool, True for real queries, or None (all real).
-        key_mask: ``(G, m)`` bool, True for real keys, or None (all real).
+        key_mask: ``(G, m)`` bool, True for real keys, or None (all real). The masks are
+            taken as prepared by :func:`~pointsink.sinkhorn_attention.sinkhorn_attention`,
+            which calls this: every set has a real query and a real key, and padded
+            inputs are finite (:func:`~pointsink.sinkhorn.prepare_masks`,
+            :func:`~pointsink.sinkhorn.zero_padded`); else the output is NaN.
 
     Returns:
         Output ``(G, n, e)`` in the input dtype; 0 in padded query rows.

@@ -260,7 +260,7 @@ def test_padded_rows_do_not_count_in_sinkhorn_columns() -> None:
     x = torch.randn(1, 6, 4, dtype=torch.float64)
     mask = _lengths_mask([4], 6)
     attn.record_marginals = True
-    attn(x, x, mask, mask)
+    attn(x, x, query_mask=mask, key_mask=mask)
     assert attn.last_marginals is not None
     _, columns = attn.last_marginals
     torch.testing.assert_close(columns[0, 0], torch.tensor([1.0, 1, 1, 1, 0, 0]))
@@ -270,7 +270,7 @@ def test_uniform_marginals_divide_by_the_real_set_size() -> None:
     attn = MultiheadAttention(4, 4, 4, 1, "sinkhorn", 3, sinkhorn_marginals="uniform").double()
     x = torch.randn(1, 6, 4, dtype=torch.float64)
     mask = _lengths_mask([4], 6)
-    _, heads = attn(x, x, mask, mask)
+    _, heads = attn(x, x, query_mask=mask, key_mask=mask)
     _, alone = attn(x[:, :4], x[:, :4])
     torch.testing.assert_close(heads[:, :4], alone)
 
@@ -518,3 +518,30 @@ def test_changing_a_mask_in_place_before_backward_changes_nothing(backend: str) 
         grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
     for before, after in zip(*grads, strict=True):
         torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_uniform_marginals_with_an_empty_set_keep_gradients_finite() -> None:
+    model = SetSinkformer(
+        num_classes=3, channels=8, num_heads=2, num_inducing_points=3, sinkhorn_marginals="uniform"
+    ).double()
+    model.eval()
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1] = False
+    logits = model(torch.randn(2, 7, 3, dtype=torch.float64), mask)
+    assert torch.isfinite(logits).all()
+    logits[0].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_marginal_deviation_leaves_out_sets_without_real_queries() -> None:
+    from pointsink.callbacks import marginal_deviation
+
+    attn = MultiheadAttention(4, 4, 4, 1, "sinkhorn", 2).double()
+    attn.record_marginals = True
+    x, y = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    query_mask = torch.tensor([[True, True, True, False, False], [False] * 5])
+    attn(x, y, query_mask=query_mask)
+    query, key = attn.last_masks
+    columns, rows = marginal_deviation(*attn.last_marginals, query_mask=query, key_mask=key)
+    # n_iter 2 ends on the columns: the one set with real queries is exact.
+    assert float(columns) < 1e-12 and torch.isfinite(rows)

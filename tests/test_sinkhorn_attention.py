@@ -566,7 +566,8 @@ for dtype, n_iter in [(torch.float32, t) for t in (1, 2, 3, 5)] + [(torch.bfloat
         key_mask = (torch.randperm(m, generator=gen)[None] < real_m[:, None]).to(DEVICE)
         err = masked_errors(
             lambda a, b, c: triton_sinkhorn_attention(a, b, c, n_iter, 8 ** -0.5, 16, 16,
-                                                      query_mask, key_mask),
+                                                      query_mask=query_mask,
+                                                      key_mask=key_mask),
             q, k, v, n_iter, query_mask, key_mask)
         results.append([str(dtype).removeprefix("torch."), n_iter, n, m, err])
 # Through the public entry point: a set without real queries (output 0) and NaN padding.
@@ -596,7 +597,7 @@ def test_triton_kernels_under_interpreter(triton_interpreter: None) -> None:
 )
 def test_triton_kernels_on_cuda() -> None:
     _check_triton_kernels(
-        "cuda", {"TRITON_INTERPRET": "0"}, expected_rows=12 + 2 + 2 + 6 + 1 + 10 + 8
+        "cuda", {"TRITON_INTERPRET": "0"}, expected_rows=12 + 2 + 2 + 6 + 1 + 10 + 1 + 8
     )
 
 
