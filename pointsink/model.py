@@ -251,7 +251,8 @@ class SetSinkformer(nn.Module):
             )
         x = self.embedding(points)
         for block in self.encoder:
-            x = block(x, mask)
+            # Without a mask, blocks get x alone: a user's own encoder block need not take one.
+            x = block(x) if mask is None else block(x, mask)
         return self.pool(self.dropout(x), mask).flatten(1)
 
     @classmethod

@@ -545,3 +545,13 @@ def test_marginal_deviation_leaves_out_sets_without_real_queries() -> None:
     columns, rows = marginal_deviation(*attn.last_marginals, query_mask=query, key_mask=key)
     # n_iter 2 ends on the columns: the one set with real queries is exact.
     assert float(columns) < 1e-12 and torch.isfinite(rows)
+
+
+def test_unmasked_model_calls_its_blocks_with_the_points_alone() -> None:
+    class Doubling(torch.nn.Module):  # a user's own encoder block, without a mask argument
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * x
+
+    model = SetSinkformer(num_classes=2, channels=8, num_heads=2, num_inducing_points=3).eval()
+    model.encoder[1] = Doubling()
+    assert model(torch.randn(2, 6, 3)).shape == (2, 2)
