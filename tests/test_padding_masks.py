@@ -555,3 +555,31 @@ def test_unmasked_model_calls_its_blocks_with_the_points_alone() -> None:
     model = SetSinkformer(num_classes=2, channels=8, num_heads=2, num_inducing_points=3).eval()
     model.encoder[1] = Doubling()
     assert model(torch.randn(2, 6, 3)).shape == (2, 2)
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 5])
+@pytest.mark.parametrize(("n", "m", "chunks"), [(1024, 16, (300, 7)), (16, 1024, (7, 300))])
+def test_chunked_masks_at_isab_shapes(n_iter: int, n: int, m: int, chunks: tuple[int, int]) -> None:
+    # ISAB's shapes: points attending to 16 inducing points, and the transpose.
+    real_n, real_m = [n, n // 3], [m, m // 2 + 1]
+    q, k, v, query_mask, key_mask = _padded_case(n, m, real_n, real_m, heads=2)
+    out = sinkhorn_attention(
+        q,
+        k,
+        v,
+        n_iter,
+        chunk_size=chunks,
+        backend="chunked",
+        query_mask=query_mask,
+        key_mask=key_mask,
+    )
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for b in range(2):
+        rows, cols = query_mask[b, 0], key_mask[b, 0]
+        expected = dense_sinkhorn_attention(
+            q[b : b + 1, :, rows], k[b : b + 1, :, cols], v[b : b + 1, :, cols], n_iter
+        )
+        torch.testing.assert_close(out[b : b + 1, :, rows], expected, rtol=0, atol=1e-10)
+        expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad[b], expected_grad[b], rtol=0, atol=1e-10)
