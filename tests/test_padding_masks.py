@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -583,3 +584,25 @@ def test_chunked_masks_at_isab_shapes(n_iter: int, n: int, m: int, chunks: tuple
         expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
         for grad, expected_grad in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(grad[b], expected_grad[b], rtol=0, atol=1e-10)
+
+
+def test_partial_clouds_benchmark_gives_both_methods_the_same_points() -> None:
+    from _benchmark_utils import load_benchmark
+
+    partial = load_benchmark("partial_clouds")
+    cloud = torch.randn(100, 3, generator=torch.Generator().manual_seed(0)).double().numpy()
+    made = partial.inputs(cloud, 10, 32, seed=5)
+    masked_points, mask = made["mask"]
+    repeated, everything = made["repeat"]
+    assert mask.sum() == 10 and everything.all() and (masked_points[10:] == 0).all()
+    # The repeated cloud holds the same 10 points (normalized with the repeats, so compare
+    # after normalizing its distinct points alone).
+    distinct = np.unique(repeated.round(6), axis=0)
+    assert len(distinct) == 10
+    from pointsink.transforms import normalize_points
+
+    renormalized = normalize_points(distinct.astype(np.float64))
+    by_x = np.argsort(renormalized[:, 0])
+    np.testing.assert_allclose(
+        renormalized[by_x], masked_points[:10][np.argsort(masked_points[:10, 0])], atol=1e-4
+    )

@@ -1,0 +1,131 @@
+"""Sparse point clouds: padding masks against filling up with repeated points.
+
+A point cloud with fewer points than a model takes is filled up by repeating random points
+(``pointsink.transforms.sample_points``), which every data loader and ``pointsink-predict``
+do. A model without a point embedding can instead take the real points alone, padded and
+masked (README, "Sets of different sizes"). This script scores both on the ModelNet10 test
+split, with clouds cut down to ``k`` real points:
+
+* ``repeat``: the ``k`` points filled up to the model's ``num_points`` by repetition and
+  normalized, exactly as ``preprocess_shape`` does for such a cloud;
+* ``mask``: the ``k`` points normalized, padded to ``num_points`` and masked: the model sees
+  the set of ``k`` points itself;
+* ``full``: the usual input (``num_points`` of the file's points), for reference.
+
+The ``k`` points of a file are the same for both methods (drawn with the file's sampling
+seed, :func:`pointsink.transforms.file_sample_seed`). No test-time voting.
+
+    python benchmarks/partial_clouds.py --data-root ../shared/data/ModelNet10
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pointsink import SetSinkformer
+from pointsink.io import is_shape_file, load_shape
+from pointsink.transforms import file_sample_seed, normalize_points, preprocess_shape
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_files(root: Path, class_names: list[str]) -> list[tuple[Path, int]]:
+    """``(path, label)`` of every test file of the checkpoint's classes."""
+    files = []
+    for label, name in enumerate(class_names):
+        folder = root / name / "test"
+        files += [(path, label) for path in sorted(folder.iterdir()) if is_shape_file(path)]
+    return files
+
+
+def inputs(
+    points: np.ndarray, k: int | None, num_points: int, seed: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The model inputs ``(points (N, 3), mask (N,))`` of one cloud for each method."""
+    everything = np.ones(num_points, dtype=bool)
+    if k is None:
+        return {"full": (preprocess_shape(points, num_points, seed), everything)}
+    rng = np.random.default_rng(seed)
+    subset = points[rng.choice(len(points), size=k, replace=False)]
+    padded = np.zeros((num_points, 3), dtype=np.float32)
+    padded[:k] = normalize_points(subset)
+    with warnings.catch_warnings():  # "sampling with replacement": the point of the method
+        warnings.simplefilter("ignore", UserWarning)
+        repeated = preprocess_shape(subset, num_points, seed)
+    return {"repeat": (repeated, everything), "mask": (padded, np.arange(num_points) < k)}
+
+
+def accuracies(
+    predictions: np.ndarray, labels: np.ndarray, num_classes: int
+) -> tuple[float, float]:
+    """Overall and mean per-class accuracy, in percent."""
+    correct = predictions == labels
+    per_class = [correct[labels == c].mean() for c in range(num_classes) if (labels == c).any()]
+    return 100.0 * correct.mean(), 100.0 * float(np.mean(per_class))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument(
+        "--checkpoint", type=Path, default=REPO / "checkpoints" / "modelnet10-cpu-sinkformer.ckpt"
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    model = SetSinkformer.from_checkpoint(args.checkpoint)
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    class_names, num_points = list(hparams["class_names"]), int(hparams["num_points"])
+    if any(k > num_points for k in args.sizes):
+        parser.error(f"--sizes must be at most the model's num_points ({num_points})")
+    files = test_files(args.data_root, class_names)
+    labels = np.array([label for _, label in files])
+
+    start = time.perf_counter()
+    batches: dict[tuple[str, int | None], list[tuple[np.ndarray, np.ndarray]]] = {}
+    for path, _ in files:
+        points = np.asarray(load_shape(path), dtype=np.float64)
+        seed = file_sample_seed(path, args.seed)
+        for k in [None, *args.sizes]:
+            for method, pair in inputs(points, k, num_points, seed).items():
+                batches.setdefault((method, k), []).append(pair)
+
+    rows = []
+    with torch.no_grad():
+        for (method, k), pairs in batches.items():
+            predictions = []
+            for begin in range(0, len(pairs), args.batch_size):
+                chunk = pairs[begin : begin + args.batch_size]
+                points = torch.from_numpy(np.stack([p for p, _ in chunk]))
+                mask = torch.from_numpy(np.stack([m for _, m in chunk]))
+                logits = model(points, None if method != "mask" else mask)
+                predictions.append(logits.argmax(-1).numpy())
+            oa, macc = accuracies(np.concatenate(predictions), labels, len(class_names))
+            rows.append((k, method, oa, macc))
+    elapsed = time.perf_counter() - start
+
+    print(
+        f"checkpoint={args.checkpoint.name} num_points={num_points} shapes={len(files)} "
+        f"seed={args.seed} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"time={elapsed:.0f}s"
+    )
+    print("| real points k | method | test OA (%) | test mAcc (%) |")
+    print("|---:|---|---:|---:|")
+    for k, method, oa, macc in sorted(rows, key=lambda r: (r[0] or 10**9, r[1])):
+        print(f"| {num_points if k is None else k} | {method} | {oa:.2f} | {macc:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
