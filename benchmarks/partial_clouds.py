@@ -13,7 +13,9 @@ split, with clouds cut down to ``k`` real points:
 * ``full``: the usual input (``num_points`` of the file's points), for reference.
 
 The ``k`` points of a file are the same for both methods (drawn with the file's sampling
-seed, :func:`pointsink.transforms.file_sample_seed`). No test-time voting.
+seed, :func:`pointsink.transforms.file_sample_seed`). No test-time voting. The test files
+must be point clouds of at least ``num_points`` points (``../shared/data/ModelNet10`` holds
+1024 per shape), so that ``full`` subsamples real points only; meshes are refused.
 
     python benchmarks/partial_clouds.py --data-root ../shared/data/ModelNet10
 """
@@ -96,7 +98,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     batches: dict[tuple[str, int | None], list[tuple[np.ndarray, np.ndarray]]] = {}
     for path, _ in files:
-        points = np.asarray(load_shape(path), dtype=np.float64)
+        shape = load_shape(path)
+        if not isinstance(shape, np.ndarray) or len(shape) < num_points:
+            raise SystemExit(
+                f"error: {path} is not a point cloud of at least {num_points} points; this "
+                "benchmark needs point-cloud files (e.g. ../shared/data/ModelNet10)"
+            )
+        points = shape.astype(np.float64)
         seed = file_sample_seed(path, args.seed)
         for k in [None, *args.sizes]:
             for method, pair in inputs(points, k, num_points, seed).items():

@@ -217,8 +217,10 @@ def marginal_deviation(
     target = real_queries / real_keys.clamp_min(1)
     column_error = (column_sums - target).abs() / target.clamp_min(1e-12)
     # Sums over the counted elements instead of boolean indexing, which syncs with the host.
-    column_deviation = (column_error * counted_columns).sum() / counted_columns.sum()
-    row_deviation = ((row_sums - 1.0).abs() * counted_rows).sum() / counted_rows.sum()
+    # where, not a product: a NaN in a left-out position must not reach the sums (0 * nan).
+    column_deviation = torch.where(counted_columns, column_error, 0.0).sum() / counted_columns.sum()
+    row_error = torch.where(counted_rows, (row_sums - 1.0).abs(), 0.0)
+    row_deviation = row_error.sum() / counted_rows.sum()
     return column_deviation, row_deviation
 
 

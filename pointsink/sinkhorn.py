@@ -172,7 +172,9 @@ def log_marginals(
         log_rows = torch.zeros(query_mask.shape, dtype=dtype, device=device)
         log_rows.masked_fill_(~query_mask, masked)
     if key_mask is not None:
-        log_cols = log_col_mass.expand(*key_mask.shape[:-1], m).masked_fill(~key_mask, masked)
+        # Out of place: broadcasts masks whose leading dimensions differ (e.g. per-head query
+        # masks with one key mask for all heads).
+        log_cols = log_col_mass.masked_fill(~key_mask, masked)
         v_init = torch.zeros(key_mask.shape, dtype=dtype, device=device)
         v_init.masked_fill_(~key_mask, masked)
     return log_rows, log_cols, v_init

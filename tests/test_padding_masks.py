@@ -606,3 +606,26 @@ def test_partial_clouds_benchmark_gives_both_methods_the_same_points() -> None:
     np.testing.assert_allclose(
         renormalized[by_x], masked_points[:10][np.argsort(masked_points[:10, 0])], atol=1e-4
     )
+
+
+def test_per_head_query_masks_with_one_key_mask_for_all_heads() -> None:
+    logits = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    query_mask = torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(1)) < 0.7
+    query_mask[..., 0] = True
+    key_mask = _lengths_mask([4, 2], 4)[:, None]
+    weights = sinkhorn(logits, 4, query_mask=query_mask, key_mask=key_mask)
+    for b in range(2):
+        for h in range(3):
+            rows, cols = query_mask[b, h], key_mask[b, 0]
+            expected = sinkhorn(logits[b, h][rows][:, cols], 4)
+            torch.testing.assert_close(weights[b, h][rows][:, cols], expected)
+
+
+def test_marginal_deviation_ignores_nan_in_left_out_positions() -> None:
+    from pointsink.callbacks import marginal_deviation
+
+    rows = torch.tensor([[1.0, float("nan")]])
+    columns = torch.tensor([[0.5, 0.5, float("nan")]])
+    query_mask, key_mask = torch.tensor([[True, False]]), torch.tensor([[True, True, False]])
+    deviations = marginal_deviation(rows, columns, query_mask=query_mask, key_mask=key_mask)
+    assert [float(d) for d in deviations] == [0.0, 0.0]
