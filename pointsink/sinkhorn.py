@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from pointsink.validation import check_int
+from pointsink.validation import check_bool_mask, check_int
 
 __all__ = [
     "check_masks",
@@ -107,11 +107,7 @@ def check_masks(
     ):
         if mask is None:
             continue
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-            raise TypeError(
-                f"{name} must be a bool torch.Tensor (True: a real element); got {got}."
-            )
+        check_bool_mask(name, mask, device)
         # As many leading dimensions as the inputs, each equal or 1: right-aligned
         # broadcasting would silently match a (B, n) mask's batch with the heads of
         # (B, H, n, m) logits.
@@ -128,8 +124,6 @@ def check_masks(
                 f"dimension per input dimension, each equal to it or 1 (inputs: "
                 f"{tuple(batch_shape)}); got {tuple(mask.shape)}.{hint}"
             )
-        if mask.device != device:
-            raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}.")
 
 
 def log_marginals(

@@ -883,13 +883,9 @@ def sinkhorn_attention(
             a gradient (it would not get one), or a mask is not a bool tensor.
     """
     _check_inputs(q, k, v, n_iter)
-    keep: Tensor | None = None
     if query_mask is not None or key_mask is not None:
         batch_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         check_masks(query_mask, key_mask, tuple(batch_shape), q.shape[-2], k.shape[-2], q.device)
-        query_mask, key_mask, keep = prepare_masks(query_mask, key_mask)
-        # Padding values never reach a sum (a NaN there would: 0 * nan).
-        q, k, v = zero_padded(q, query_mask), zero_padded(k, key_mask), zero_padded(v, key_mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled():
@@ -902,12 +898,15 @@ def sinkhorn_attention(
         dtype = torch.get_autocast_dtype(device_type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     chosen = _choose_backend(backend, q)
-    if chosen == "dense":
-        out = dense_sinkhorn_attention(
+    if chosen == "dense":  # it prepares the masks and zeroes the padding itself
+        return dense_sinkhorn_attention(
             q, k, v, n_iter, scale, query_mask=query_mask, key_mask=key_mask
         )
-        return zero_padded(out, keep)
 
+    # Sets without a real query or key are computed as fully real (keep marks them), and
+    # padding values never reach a sum (a NaN there would: 0 * nan).
+    query_mask, key_mask, keep = prepare_masks(query_mask, key_mask)
+    q, k, v = zero_padded(q, query_mask), zero_padded(k, key_mask), zero_padded(v, key_mask)
     qf, kf, vf, batch = _flatten(q, k, v)
     n, m = qf.shape[1], kf.shape[1]
     query_mask, key_mask = (

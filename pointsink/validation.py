@@ -8,7 +8,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["autocast_enabled", "check_int", "check_set_batch", "check_set_mask", "plain_value"]
+__all__ = [
+    "autocast_enabled",
+    "check_bool_mask",
+    "check_int",
+    "check_set_batch",
+    "check_set_mask",
+    "plain_value",
+]
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -80,6 +87,29 @@ def check_set_batch(
         )
 
 
+def check_bool_mask(name: str, mask: Any, device: torch.device) -> torch.Tensor:
+    """Checks that a padding mask is a bool tensor on ``device``; shapes are the caller's.
+
+    Args:
+        name: The mask's name, as the user passed it (used in the message).
+        mask: The mask, True for real elements.
+        device: The device of the inputs it masks.
+
+    Returns:
+        ``mask``.
+
+    Raises:
+        TypeError: ``mask`` is not a bool tensor.
+        ValueError: It is on another device.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a bool torch.Tensor (True: a real element); got {got}.")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}.")
+    return mask
+
+
 def check_set_mask(
     name: str, mask: Any, x: torch.Tensor, size_name: str = "set_size"
 ) -> torch.Tensor:
@@ -98,16 +128,12 @@ def check_set_mask(
         TypeError: ``mask`` is not a bool tensor.
         ValueError: Its shape is not ``x``'s first two, or it is on another device.
     """
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"{name} must be a bool torch.Tensor (True: a real element); got {got}.")
+    check_bool_mask(name, mask, x.device)
     if tuple(mask.shape) != tuple(x.shape[:2]):
         raise ValueError(
             f"{name} must have shape (batch, {size_name}) = {tuple(x.shape[:2])}; "
             f"got {tuple(mask.shape)}."
         )
-    if mask.device != x.device:
-        raise ValueError(f"{name} is on {mask.device} but the set is on {x.device}.")
     return mask
 
 
