@@ -2,9 +2,10 @@
 
 A point cloud with fewer points than a model takes is filled up by repeating random points
 (``pointsink.transforms.sample_points``), which every data loader and ``pointsink-predict``
-do. A model without a point embedding can instead take the real points alone, padded and
-masked (README, "Sets of different sizes"). This script scores both on the ModelNet10 test
-split, with clouds cut down to ``k`` real points:
+do. A model can instead take the real points alone, padded and masked (README, "Sets of
+different sizes"); with a set abstraction it then makes one token per real point up to its
+``num_groups``. This script scores both on the ModelNet10 test split, with clouds cut down
+to ``k`` real points:
 
 * ``repeat``: the ``k`` points filled up to the model's ``num_points`` by repetition and
   normalized, exactly as ``preprocess_shape`` does for such a cloud;

@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from pointsink.sinkhorn_attention import require_triton, triton_available
-from pointsink.validation import check_int
+from pointsink.validation import check_int, check_set_mask
 
 __all__ = [
     "EdgeConvEmbedding",
@@ -24,10 +24,18 @@ __all__ = [
     "farthest_point_sampling",
     "gather_neighbors",
     "knn_indices",
+    "leading_mask",
+    "neighbor_mask",
+    "real_counts",
 ]
 
 
-def knn_indices(points: Tensor, num_neighbors: int, queries: Tensor | None = None) -> Tensor:
+def knn_indices(
+    points: Tensor,
+    num_neighbors: int,
+    queries: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
     """Indices of the ``k`` points nearest each query (each point itself by default).
 
     Dense pairwise distances, ``O(B N^2)`` memory: about 4 MiB per shape at ``N = 1024``.
@@ -41,6 +49,11 @@ def knn_indices(points: Tensor, num_neighbors: int, queries: Tensor | None = Non
             ``points`` themselves, each then among its own ``k`` nearest (``cdist`` computes
             distances through a matrix product, whose rounding can put a point a hair
             closer to another, so it need not come first).
+        mask: ``(B, N)`` bool, True for real points, or None (all real). Padded points
+            come after every real one, so a set with ``n'`` real points has real
+            neighbours in its first ``min(k, n')`` columns (:func:`neighbor_mask`), the
+            neighbours it has alone up to exact distance ties (``topk`` may order tied
+            points differently in a longer row).
 
     Returns:
         ``(B, M, k)`` indices into the ``N`` points, nearest first (``M = N`` by default).
@@ -56,6 +69,8 @@ def knn_indices(points: Tensor, num_neighbors: int, queries: Tensor | None = Non
         # and their short mantissas would tie or misorder close neighbours.
         points, queries = points.float(), queries.float()
     distances = torch.cdist(queries, points)
+    if mask is not None:
+        distances = distances.masked_fill(~mask.unsqueeze(1), float("inf"))
     return distances.topk(num_neighbors, dim=-1, largest=False, sorted=True).indices
 
 
@@ -71,8 +86,31 @@ def gather_neighbors(features: Tensor, indices: Tensor) -> Tensor:
     return flat[indices + offsets]
 
 
+def real_counts(mask: Tensor) -> Tensor:
+    """Real points per set, ``(B,)`` long, from a ``(B, N)`` padding mask (no host sync)."""
+    return mask.sum(dim=1)
+
+
+def leading_mask(counts: Tensor, size: int) -> Tensor:
+    """``(B, size)`` bool: True in the first ``counts[b]`` positions of each row.
+
+    With masks, the embeddings put each set's real elements first: farthest-point sampling
+    picks real points before it repeats any, and nearest-neighbour lists rank padded points
+    last. So which tokens or neighbours are real follows from the counts alone.
+    """
+    return torch.arange(size, device=counts.device) < counts.unsqueeze(-1)
+
+
+def neighbor_mask(counts: Tensor, num_neighbors: int) -> Tensor:
+    """``(B, 1, k)`` bool: which columns of :func:`knn_indices` with a mask are real points."""
+    return leading_mask(counts, num_neighbors).unsqueeze(1)
+
+
 def farthest_point_sampling(
-    points: Tensor, num_samples: int, backend: Literal["auto", "loop", "triton"] = "auto"
+    points: Tensor,
+    num_samples: int,
+    backend: Literal["auto", "loop", "triton"] = "auto",
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Indices of ``num_samples`` points spread over each set by farthest-point sampling.
 
@@ -87,18 +125,32 @@ def farthest_point_sampling(
             ``"triton"``: all steps in one kernel launch (:mod:`pointsink.triton_sampling`;
             CUDA, up to 4,096 points of up to 16 coordinates, computed in float32), the
             same picks; ``"auto"``: Triton where it applies and is installed, else the loop.
+            The kernel takes no mask: with one, ``"auto"`` runs the loop.
+        mask: ``(B, N)`` bool, True for real points, or None (all real). Padded points are
+            never picked while a real one is left, and the start is the real point farthest
+            from the real points' mean: a set with ``n'`` real points gets the picks it gets
+            alone in its first ``min(M, n')`` entries, up to exact distance ties (as on a
+            grid). The rest repeat real points (index 0 in a set without any), and ``M``
+            may exceed ``N``.
 
     Returns:
         ``(B, M)`` indices into the ``N`` points, in the order they were chosen.
     """
     _, num_points, dim = points.shape
-    if not 1 <= num_samples <= num_points:
+    if mask is None and not 1 <= num_samples <= num_points:
         raise ValueError(
             f"num_samples must be between 1 and the number of points ({num_points}); "
             f"got {num_samples}."
         )
+    if mask is not None and num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1 with a mask; got {num_samples}.")
     if backend not in ("auto", "loop", "triton"):
         raise ValueError(f"unknown backend {backend!r}; use auto, loop or triton.")
+    if mask is not None:
+        if backend == "triton":
+            raise ValueError("the triton backend takes no mask; use backend='loop' or 'auto'.")
+        check_set_mask("mask", mask, points, "num_points")
+        return _farthest_point_sampling_loop(points, num_samples, mask)
     if backend == "auto":
         backend = "loop"
         if points.is_cuda and triton_available():
@@ -115,7 +167,9 @@ def farthest_point_sampling(
 
 
 @torch.no_grad()  # indices only; the out= buffers below refuse autograd
-def _farthest_point_sampling_loop(points: Tensor, num_samples: int) -> Tensor:
+def _farthest_point_sampling_loop(
+    points: Tensor, num_samples: int, mask: Tensor | None = None
+) -> Tensor:
     """The ``"loop"`` backend of :func:`farthest_point_sampling`: one step per sample."""
     # In at least float32, as the Triton kernel works: half-precision distances would tie
     # and round differently, so the two backends would pick other points.
@@ -123,10 +177,21 @@ def _farthest_point_sampling_loop(points: Tensor, num_samples: int) -> Tensor:
     batch, num_points, _ = points.shape
     rows = torch.arange(batch, device=points.device)
     chosen = torch.empty(batch, num_samples, dtype=torch.long, device=points.device)
-    current = (points - points.mean(dim=1, keepdim=True)).square().sum(dim=-1).argmax(dim=1)
     nearest = torch.full(
         (batch, num_points), float("inf"), dtype=points.dtype, device=points.device
     )
+    if mask is None:
+        center = points.mean(dim=1, keepdim=True)
+    else:
+        # Padding zeroed first: it is never read, not even NaN. At -inf, padded points lose
+        # every argmax below to a real point, and stay at -inf through the minimum.
+        points = points.masked_fill(~mask.unsqueeze(-1), 0.0)
+        count = real_counts(mask).clamp_min(1).to(points.dtype)
+        center = (points.sum(dim=1) / count.unsqueeze(-1)).unsqueeze(1)
+        nearest.masked_fill_(~mask, float("-inf"))
+    # nearest is +inf at real points and -inf at padded ones: the start is the real point
+    # farthest from the mean.
+    current = torch.minimum((points - center).square().sum(dim=-1), nearest).argmax(dim=1)
     # Coordinate-major (B, D, N) and preallocated buffers: the loop runs num_samples times
     # per batch, and summing D contiguous rows in place is 3x faster on a CPU than
     # reducing the last dimension of (B, N, D) into fresh tensors (benchmarks/RESULTS.md).
@@ -208,21 +273,40 @@ class EdgeConvEmbedding(nn.Module):
         nn.init.zeros_(self.lin_out.weight)
         nn.init.zeros_(self.lin_out.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Embeds every point from its neighbourhood.
 
         Args:
             x: ``(B, N, in_channels)``, coordinates first.
+            mask: ``(B, N)`` bool, True for real points, or None (all real). Real points
+                get the features they get in their set alone, from their
+                ``min(num_neighbors, n')`` nearest real points; padded rows are 0.
+                Up to exact distance ties (see :func:`knn_indices`). Padding values are
+                never read and get zero gradient.
 
         Returns:
             ``(B, N, in_channels + channels)``: ``x`` followed by the local features.
         """
+        num_neighbors = self.num_neighbors
+        real_neighbors = None
+        if mask is not None:
+            check_set_mask("mask", mask, x, "num_points")
+            x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+            num_neighbors = min(num_neighbors, x.shape[1])
+            real_neighbors = neighbor_mask(real_counts(mask), num_neighbors)
         coordinates = x[..., :3]
         with torch.no_grad():
-            indices = knn_indices(coordinates.float(), self.num_neighbors)
+            indices = knn_indices(coordinates.float(), num_neighbors, mask=mask)
         # Each point's RMS distance to its neighbours, differentiable (the k-NN graph is not).
         offsets = gather_neighbors(coordinates, indices) - coordinates.unsqueeze(2)
-        radius = (offsets.square().sum(dim=-1).mean(dim=-1, keepdim=True) + 1e-12).sqrt()
+        squared = offsets.square().sum(dim=-1)
+        if real_neighbors is None:
+            radius = (squared.mean(dim=-1, keepdim=True) + 1e-12).sqrt()
+        else:
+            count = real_neighbors.sum(dim=-1, keepdim=True).clamp_min(1)
+            radius = (
+                torch.where(real_neighbors, squared, 0.0).sum(dim=-1, keepdim=True) / count + 1e-12
+            ).sqrt()
         # The projection stays in float32 under autocast: max_j Theta x_j - Theta x_i is the
         # difference of two larger products, divided by a small radius, and in bf16 it lost
         # about 1.5 % (relative) of the features. It is N x channels, cheap at any precision.
@@ -232,12 +316,23 @@ class EdgeConvEmbedding(nn.Module):
         with torch.no_grad():
             # Which neighbour attains the max, per point and channel; gathering only those
             # keeps the backward pass at (B, N, channels) instead of (B, N, k, channels).
-            best = gather_neighbors(projected, indices).max(dim=2).indices
+            neighbors = gather_neighbors(projected, indices)
+            if real_neighbors is not None:
+                neighbors.masked_fill_(~real_neighbors.unsqueeze(-1), float("-inf"))
+            best = neighbors.max(dim=2).indices
             winner = indices.gather(2, best)
         local_max = projected.gather(1, winner) - projected
         edge = local_max / radius.to(local_max.dtype) + self.lin_center(x)
         local = self.lin_out(torch.relu(self.norm(edge.to(x.dtype))))
-        return torch.cat([x, local.to(x.dtype)], dim=-1)
+        features = torch.cat([x, local.to(x.dtype)], dim=-1)
+        if mask is not None:
+            # Padded rows were built from real neighbours: 0, so no gradient flows back.
+            features = features.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return features
+
+    def output_mask(self, mask: Tensor) -> Tensor:
+        """Which rows of :meth:`forward` with ``mask`` are real: ``mask`` itself."""
+        return mask
 
     def extra_repr(self) -> str:
         """Sizes shown in the module's ``repr``."""
@@ -344,51 +439,87 @@ class SetAbstraction(nn.Module):
             hidden[0].reset_parameters()
             hidden[1].reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Summarizes the set into local tokens.
 
         Args:
             x: ``(B, N, in_channels)``, coordinates first.
+            mask: ``(B, N)`` bool, True for real points, or None (all real). A set with
+                ``n'`` real points gets the tokens it gets alone in its first
+                ``min(num_groups, n')`` rows (:meth:`output_mask`), each from its
+                ``min(group_size, n')`` nearest real points; its other rows are 0. Up to
+                exact distance ties, as the sampling and the neighbours are. Padding
+                values are never read and get zero gradient. With a mask, a set may have
+                fewer points than ``num_groups`` or ``group_size``.
 
         Returns:
             Tokens ``(B, num_groups, channels)``.
         """
-        if x.shape[1] < max(self.num_groups, self.group_size):
+        if mask is None and x.shape[1] < max(self.num_groups, self.group_size):
             raise ValueError(
                 f"SetAbstraction with num_groups={self.num_groups} and "
                 f"group_size={self.group_size} needs at least that many points; "
-                f"got {x.shape[1]}."
+                f"got {x.shape[1]} (pass a mask to take smaller sets)."
             )
+        group_size = min(self.group_size, x.shape[1])
+        token_mask = edge_mask = None
+        if mask is not None:
+            check_set_mask("mask", mask, x, "num_points")
+            x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+            counts = real_counts(mask)
+            token_mask = leading_mask(counts, self.num_groups)
+            edge_mask = token_mask.unsqueeze(-1) & neighbor_mask(counts, group_size)
         with torch.no_grad():
             coordinates = x[..., :3].float()
-            centers = farthest_point_sampling(coordinates, self.num_groups)
+            centers = farthest_point_sampling(coordinates, self.num_groups, mask=mask)
             center_xyz = gather_neighbors(coordinates, centers)
-            groups = knn_indices(coordinates, self.group_size, queries=center_xyz)
+            groups = knn_indices(coordinates, group_size, queries=center_xyz, mask=mask)
         center_features = gather_neighbors(x, centers)
         # Offsets first, then Theta (see the class docstring): Theta x_j - Theta c_i in bf16
         # lost about 2 % (relative) of the tokens of a trained model.
         offsets = gather_neighbors(x, groups) - center_features.unsqueeze(2)
         if self.normalize_offsets:
-            offsets = offsets * self._offset_scale(offsets)
+            offsets = offsets * self._offset_scale(offsets, edge_mask)
         hidden = self.lin_offset(offsets) + self.lin_center(center_features).unsqueeze(2)
         hidden = torch.relu(self.norm(hidden))
         for layer in self.hidden:
             hidden = layer(hidden)
         edges = self.lin_out(hidden)
+        if edge_mask is not None:
+            edges = edges.masked_fill(~edge_mask.unsqueeze(-1), float("-inf"))
         # max with indices, not amax: its backward scatters to one winner per channel instead
         # of building tie masks over all M k edges (1.4x faster for fwd+bwd on a CPU).
-        return edges.max(dim=2).values
+        tokens = edges.max(dim=2).values
+        if token_mask is not None:
+            # Padded tokens have no real edge (-inf): 0, so that nothing after reads inf.
+            tokens = tokens.masked_fill(~token_mask.unsqueeze(-1), 0.0)
+        return tokens
 
-    def _offset_scale(self, offsets: Tensor) -> Tensor:
+    def output_mask(self, mask: Tensor) -> Tensor:
+        """Which tokens of :meth:`forward` with ``mask`` are real: ``(B, num_groups)`` bool.
+
+        Args:
+            mask: ``(B, N)`` bool, True for real points.
+        """
+        return leading_mask(real_counts(mask), self.num_groups)
+
+    def _offset_scale(self, offsets: Tensor, edge_mask: Tensor | None = None) -> Tensor:
         """Per-shape factors ``(B, 1, 1, in_channels)``: ``1 / sigma`` on xyz, ``1`` elsewhere.
 
         Args:
             offsets: ``(B, M, k, in_channels)``, each group's points minus its centre.
                 ``sigma`` is the RMS length of their xyz part, without gradient.
+            edge_mask: ``(B, M, k)`` bool, the real edges, which alone count; None for all.
         """
         with torch.no_grad():
-            xyz = offsets[..., :3].float()
-            sigma = xyz.square().sum(dim=-1).mean(dim=(1, 2)).sqrt()
+            xyz = offsets[..., :3]
+            xyz = xyz.to(torch.promote_types(xyz.dtype, torch.float32))
+            squared = xyz.square().sum(dim=-1)
+            if edge_mask is None:
+                sigma = squared.mean(dim=(1, 2)).sqrt()
+            else:
+                count = edge_mask.sum(dim=(1, 2)).clamp_min(1)
+                sigma = (torch.where(edge_mask, squared, 0.0).sum(dim=(1, 2)) / count).sqrt()
             scale = xyz.new_ones(offsets.shape[0], 1, 1, self.in_channels)
             # A shape whose points all coincide has sigma 0 and offsets 0: scale 1 leaves them
             # at 0 (a huge 1 / sigma would overflow to inf in half precision, and 0 * inf is NaN).

@@ -83,9 +83,10 @@ class SetSinkformer(nn.Module):
             ``channels``.
 
     Attributes:
-        min_points: The fewest points per set the model takes: the nearest-neighbour
-            searches and the farthest-point sampling need at least ``local_neighbors``,
-            ``num_groups`` and ``group_size`` points.
+        min_points: The fewest points per set the model takes without a mask: the
+            nearest-neighbour searches and the farthest-point sampling need at least
+            ``local_neighbors``, ``num_groups`` and ``group_size`` points. Padded, masked
+            sets may have fewer real points (:meth:`forward`).
     """
 
     def __init__(
@@ -225,16 +226,17 @@ class SetSinkformer(nn.Module):
             points: ``(B, N, in_channels)``.
             mask: ``(B, N)`` bool, True for real points, or None (all real). A padded set
                 gives the features of its real points alone (to float rounding); padding
-                values are never read. Only for models without a point embedding
-                (``local_neighbors=0``, ``num_groups=0``): farthest-point sampling and
-                nearest-neighbour grouping take fixed-size sets.
+                values are never read. With a mask a set may have fewer real points than
+                :attr:`min_points`: the set abstraction then makes one token per real point
+                and groups of all of them, and the EdgeConv embedding takes all of them as
+                neighbours.
 
         Returns:
             ``(B, num_seeds * channels)``, invariant to the order of the ``N`` points.
 
         Raises:
-            ValueError: ``points`` or ``mask`` has the wrong shape or device, or a mask is
-                given to a model with a point embedding.
+            ValueError: ``points`` or ``mask`` has the wrong shape or device, or, without a
+                mask, ``points`` has fewer than :attr:`min_points` points.
             TypeError: ``points`` has another dtype than the parameters (outside autocast),
                 or ``mask`` is not boolean.
         """
@@ -243,13 +245,13 @@ class SetSinkformer(nn.Module):
         check_set_batch("points", points, self.in_channels, self.pool.seeds, "num_points")
         if mask is not None:
             check_set_mask("mask", mask, points, "num_points")
-        if mask is not None and len(self.embedding) > 0:
-            raise ValueError(
-                "mask (padded sets) needs a model without a point embedding (local_neighbors=0, "
-                "num_groups=0); resample each set to one size instead "
-                "(pointsink.transforms.sample_points)."
-            )
-        x = self.embedding(points)
+        if mask is None:
+            x = self.embedding(points)
+        else:
+            x = points
+            for embedding in self.embedding:
+                # The set abstraction turns the point mask into a token mask.
+                x, mask = embedding(x, mask), embedding.output_mask(mask)
         for block in self.encoder:
             # Without a mask, blocks get x alone: a user's own encoder block need not take one.
             x = block(x) if mask is None else block(x, mask)

@@ -309,12 +309,6 @@ def test_model_classifies_a_padded_set_as_the_set_itself(
     assert not torch.allclose(model(padded)[1], logits[1])
 
 
-def test_model_with_a_point_embedding_refuses_masks() -> None:
-    model = SetSinkformer(num_classes=2, channels=8, num_heads=2, num_groups=4, group_size=3)
-    with pytest.raises(ValueError, match="needs a model without a point embedding"):
-        model(torch.randn(2, 10, 3), torch.ones(2, 10, dtype=torch.bool))
-
-
 @pytest.mark.parametrize(
     ("mask", "error", "message"),
     [
@@ -379,14 +373,24 @@ def _padded_loader(sizes: list[int], num_points: int = 12) -> torch.utils.data.D
     return torch.utils.data.DataLoader(samples, batch_size=4)
 
 
-def test_lightning_module_trains_and_monitors_padded_batches(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "embedding",
+    [{}, {"num_groups": 4, "group_size": 3, "normalize_offsets": True}],
+    ids=["points", "set-abstraction"],
+)
+def test_lightning_module_trains_and_monitors_padded_batches(tmp_path, embedding) -> None:
     import pytorch_lightning as pl
 
     from pointsink.callbacks import DoublyStochasticMonitor
     from pointsink.module import SinkformerClassifier
 
     module = SinkformerClassifier(
-        class_names=["a", "b", "c"], channels=8, num_heads=2, num_inducing_points=3, n_iter=2
+        class_names=["a", "b", "c"],
+        channels=8,
+        num_heads=2,
+        num_inducing_points=3,
+        n_iter=2,
+        **embedding,
     )
     loader = _padded_loader([12, 5, 9, 3, 7, 12, 4, 6])
     trainer = pl.Trainer(
@@ -401,6 +405,7 @@ def test_lightning_module_trains_and_monitors_padded_batches(tmp_path) -> None:
     trainer.fit(module, loader, loader)
     # Two iterations end on the columns: every real column sums to exactly n' / m', so the
     # deviation over real elements is 0 (padded columns, summing to 0, would count as 100 %).
+    # With the set abstraction the blocks see its token mask (a set of 3 points: 3 tokens).
     deviations = {k: v for k, v in trainer.callback_metrics.items() if k.endswith("col_dev")}
     assert len(deviations) == 5
     assert max(float(v) for v in deviations.values()) < 1e-5
