@@ -1,16 +1,16 @@
 """Sparse point clouds: padding masks against filling up with repeated points.
 
-A point cloud with fewer points than a model takes is filled up by repeating random points
-(``pointsink.transforms.sample_points``), which every data loader and ``pointsink-predict``
-do. A model can instead take the real points alone, padded and masked (README, "Sets of
-different sizes"); with a set abstraction it then makes one token per real point up to its
-``num_groups``. This script scores both on the ModelNet10 test split, with clouds cut down
-to ``k`` real points:
+A point cloud with fewer points than a model takes can be filled up by repeating random
+points (``pointsink.transforms.preprocess_shape``; the data modules and ``pointsink-predict``
+did so until 2026-12-06), or its real points can be padded and masked (README, "Sets of
+different sizes"; ``pointsink.transforms.preprocess_set``, what they do now); with a set
+abstraction the model then makes one token per real point up to its ``num_groups``. This
+script scores both on the ModelNet10 test split, with clouds cut down to ``k`` real points:
 
 * ``repeat``: the ``k`` points filled up to the model's ``num_points`` by repetition and
   normalized, exactly as ``preprocess_shape`` does for such a cloud;
-* ``mask``: the ``k`` points normalized, padded to ``num_points`` and masked: the model sees
-  the set of ``k`` points itself;
+* ``mask``: the ``k`` points normalized, padded to ``num_points`` and masked, as
+  ``preprocess_set`` gives them: the model sees the set of ``k`` points itself;
 * ``full``: the usual input (``num_points`` of the file's points), for reference.
 
 The ``k`` points of a file are the same for both methods (drawn with the file's sampling
@@ -33,7 +33,7 @@ import torch
 
 from pointsink import SetSinkformer
 from pointsink.io import is_shape_file, load_shape
-from pointsink.transforms import file_sample_seed, normalize_points, preprocess_shape
+from pointsink.transforms import file_sample_seed, preprocess_set, preprocess_shape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,12 +56,11 @@ def inputs(
         return {"full": (preprocess_shape(points, num_points, seed), everything)}
     rng = np.random.default_rng(seed)
     subset = points[rng.choice(len(points), size=k, replace=False)]
-    padded = np.zeros((num_points, 3), dtype=np.float32)
-    padded[:k] = normalize_points(subset)
-    with warnings.catch_warnings():  # "sampling with replacement": the point of the method
+    with warnings.catch_warnings():  # "only k points": the point of the benchmark
         warnings.simplefilter("ignore", UserWarning)
+        padded, count = preprocess_set(subset, num_points, seed)
         repeated = preprocess_shape(subset, num_points, seed)
-    return {"repeat": (repeated, everything), "mask": (padded, np.arange(num_points) < k)}
+    return {"repeat": (repeated, everything), "mask": (padded, np.arange(num_points) < count)}
 
 
 def accuracies(

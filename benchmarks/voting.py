@@ -155,8 +155,11 @@ def view_probabilities(
     probabilities = []
     for first in range(0, len(paths), batch_size):
         chunk = paths[first : first + batch_size]
-        sets = [preprocess_views(path, num_points, seed, views, augmentation)[0] for path in chunk]
-        probabilities.append(classifier.view_probabilities(np.stack(sets)))
+        prepared = [preprocess_views(path, num_points, seed, views, augmentation) for path in chunk]
+        counts = np.array([count for _, count, _ in prepared])
+        mask = torch.from_numpy(np.arange(num_points) < counts[:, None])  # padded clouds
+        sets = np.stack([points for points, _, _ in prepared])
+        probabilities.append(classifier.view_probabilities(sets, mask))
     return torch.cat(probabilities)
 
 

@@ -2,10 +2,14 @@
 
 Shapes live in ModelNet's layout, ``root/<class>/{train,test}/*.<ext>``. Each split
 is preprocessed once (load → sample ``num_points`` → normalize, see
-:func:`pointsink.transforms.preprocess_shape`) into a single cache file, then served from
+:func:`pointsink.transforms.preprocess_set`) into a single cache file, then served from
 memory. Batches are dicts::
 
     {"points": FloatTensor (B, N, 3), "label": LongTensor (B,), "index": LongTensor (B,)}
+
+plus ``"mask"`` (BoolTensor ``(B, N)``, True for real points) in every batch of a split
+that holds point clouds smaller than ``N`` (padded, not filled up by repeated points);
+:class:`~pointsink.module.SinkformerClassifier` passes it to the model.
 
 where ``index`` is the position of the sample in its split's dataset, so
 ``dataset.paths[index]`` maps a prediction back to its file.
@@ -32,7 +36,13 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    default_collate,
+    get_worker_info,
+)
 from tqdm.auto import tqdm
 
 from pointsink.inference import CheckpointError, ShapePredictionDataset
@@ -46,7 +56,7 @@ from pointsink.synthetic import SYNTHETIC_CLASSES, generate_synthetic_shapes
 from pointsink.transforms import (
     PointCloudAugmentation,
     load_for_sampling,
-    preprocess_shape,
+    preprocess_set,
     up_axis_rotation,
 )
 from pointsink.validation import check_int
@@ -64,6 +74,7 @@ __all__ = [
     "ShapeFolderDataModule",
     "SyntheticShapesDataModule",
     "build_point_cache",
+    "collate_point_sets",
     "default_cache_dir",
     "derive_seed",
     "find_shape_files",
@@ -72,8 +83,9 @@ __all__ = [
 ]
 
 #: Bump when the preprocessing changes, so existing caches are rebuilt. (3 follows 1: a
-#: reverted commit wrote version-2 caches with one seed for all files.)
-CACHE_VERSION = 3
+#: reverted commit wrote version-2 caches with one seed for all files. 4 records each set's
+#: count of real points: point clouds smaller than num_points are padded, not repeated.)
+CACHE_VERSION = 4
 SPLITS = ("train", "test")
 
 MODELNET10_CLASSES: tuple[str, ...] = (
@@ -157,6 +169,20 @@ class DatasetLayoutError(ValueError):
 # --------------------------------------------------------------------------------------
 
 
+def collate_point_sets(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate`` of point-set items, without a ``"mask"`` that is True everywhere.
+
+    A split (or a prediction run) with one padded point cloud gives every item a mask, so
+    that items collate; a batch whose sets are all full then drops it and takes the
+    model's unmasked path (on CUDA, the Triton farthest-point sampling, which takes no
+    mask). The check runs on the CPU, in the loader: no device synchronization.
+    """
+    batch = default_collate(items)
+    if "mask" in batch and bool(batch["mask"].all()):
+        del batch["mask"]
+    return batch
+
+
 class PointCloudDataset(Dataset):
     """Preprocessed point sets held in memory, with an optional augmentation.
 
@@ -172,6 +198,10 @@ class PointCloudDataset(Dataset):
             DataLoader worker's seed in a worker process, so every process draws its own
             deterministic stream. The data modules set it per rank (see
             :meth:`ShapeFolderDataModule.train_dataloader`).
+        counts: Int tensor ``(S,)``, the real points of each set, its first rows (the rest
+            is padding), or None (all real). When a set has fewer than ``N``, every item
+            carries ``"mask"`` (``(N,)`` bool), so that batches collate, and the transform
+            sees the real rows alone.
     """
 
     def __init__(
@@ -181,6 +211,7 @@ class PointCloudDataset(Dataset):
         paths: Sequence[str],
         transform: Callable[..., Tensor] | None = None,
         seed: int | None = None,
+        counts: Tensor | None = None,
     ) -> None:
         if points.dim() != 3 or points.shape[-1] != 3:
             raise ValueError(f"points must have shape (S, N, 3); got {tuple(points.shape)}.")
@@ -189,6 +220,16 @@ class PointCloudDataset(Dataset):
                 f"Got {len(points)} point sets, labels of shape {tuple(labels.shape)} and "
                 f"{len(paths)} paths; they must match."
             )
+        if counts is not None:
+            counts = torch.as_tensor(counts).long()
+            if counts.shape != (len(points),) or ((counts < 1) | (counts > points.shape[1])).any():
+                raise ValueError(
+                    f"counts must hold one number between 1 and {points.shape[1]} per point "
+                    f"set ({len(points)}); got shape {tuple(counts.shape)}."
+                )
+            if bool((counts == points.shape[1]).all()):
+                counts = None  # no padding: items without masks, as before
+        self.counts = counts
         self.points = points.float()
         self.labels = labels.long()
         self.paths: list[str] = [str(path) for path in paths]
@@ -201,16 +242,25 @@ class PointCloudDataset(Dataset):
         return len(self.points)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """Returns ``{"points": (N, 3) float, "label": () long, "index": int}``."""
+        """One sample: ``{"points": (N, 3) float, "label": () long, "index": int}``.
+
+        With padded sets in the dataset, also ``"mask"``: ``(N,)`` bool, True for real points.
+        """
         points = self.points[index]
+        count = len(points) if self.counts is None else int(self.counts[index])
         if self.transform is not None:
             # Clone so that a transform working in place cannot corrupt the shared cache.
-            points = points.clone()
+            # Only the real rows: a shuffle must keep the padding last, jitter must skip it.
+            real = points[:count].clone()
             if self.seed is None:
-                points = self.transform(points)
+                real = self.transform(real)
             else:
-                points = self.transform(points, generator=self._generator(self.seed))
-        return {"points": points, "label": self.labels[index], "index": int(index)}
+                real = self.transform(real, generator=self._generator(self.seed))
+            points = real if count == len(points) else torch.cat([real, points[count:]])
+        item = {"points": points, "label": self.labels[index], "index": int(index)}
+        if self.counts is not None:
+            item["mask"] = torch.arange(len(points)) < count
+        return item
 
     def _generator(self, seed: int) -> torch.Generator:
         """This process's transform generator, (re)created when the seed or process changes."""
@@ -264,6 +314,7 @@ class PointCloudDataset(Dataset):
             [self.paths[i] for i in index_tensor.tolist()],
             self.transform if transform is _KEEP_TRANSFORM else transform,
             seed=self.seed,
+            counts=None if self.counts is None else self.counts[index_tensor],
         )
 
 
@@ -306,6 +357,9 @@ class PointCache:
 
     Attributes:
         points: Float32 tensor ``(S, N, 3)``.
+        counts: Int64 tensor ``(S,)``: the real points of each set, its first rows (``N``
+            except for point clouds smaller than ``N``, padded with zeros; see
+            :func:`pointsink.transforms.preprocess_set`).
         labels: Int64 tensor ``(S,)``.
         paths: ``S`` file paths relative to the dataset root (POSIX separators).
         skipped: One message per source file that could not be used.
@@ -313,6 +367,7 @@ class PointCache:
     """
 
     points: Tensor
+    counts: Tensor
     labels: Tensor
     paths: list[str]
     skipped: list[str]
@@ -402,11 +457,13 @@ def build_point_cache(
         _REPORTED_CACHES.add(cache_path)
 
         points = np.zeros((len(kept), num_points, 3), dtype=np.float32)
+        counts = np.zeros(len(kept), dtype=np.int64)
         for row, i in enumerate(kept):
-            points[row] = results[i][0]
+            points[row], counts[row] = results[i][0]
         payload = {
             "version": CACHE_VERSION,
             "points": torch.from_numpy(points),
+            "counts": torch.from_numpy(counts),
             "labels": torch.tensor([files[i][1] for i in kept], dtype=torch.int64),
             "paths": [relative_paths[i] for i in kept],
             "skipped": skipped,
@@ -466,6 +523,7 @@ def load_point_cache(cache_path: str | os.PathLike[str]) -> PointCache:
         raise ValueError(f"{cache_path}: cache version {payload.get('version')} is outdated.")
     return PointCache(
         points=payload["points"],
+        counts=payload["counts"],
         labels=payload["labels"],
         paths=list(payload["paths"]),
         skipped=list(payload["skipped"]),
@@ -571,8 +629,10 @@ def _short_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
-def _preprocess_file(task: tuple[str, int, int]) -> tuple[np.ndarray | None, str | None, list[str]]:
-    """Preprocesses one file; returns ``(points or None, error or None, warning messages)``.
+def _preprocess_file(
+    task: tuple[str, int, int],
+) -> tuple[tuple[np.ndarray, int] | None, str | None, list[str]]:
+    """Preprocesses one file: ``((points, count) or None, error or None, warning messages)``.
 
     Errors and warnings are returned rather than raised or printed, so that a bad file
     never stops the build and worker-process warnings reach the parent.
@@ -582,7 +642,7 @@ def _preprocess_file(task: tuple[str, int, int]) -> tuple[np.ndarray | None, str
         warnings.simplefilter("always")
         try:
             shape, shape_seed = load_for_sampling(path, sample_seed)
-            points = preprocess_shape(shape, num_points, shape_seed)
+            points = preprocess_set(shape, num_points, shape_seed)
         except ShapeLoadError as exc:
             return None, str(exc), []
         except Exception as exc:  # an unexpected failure in one file must not stop the run
@@ -922,7 +982,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
                 stacklevel=2,
             )
         paths = [str(self.root / relative) for relative in cache.paths]
-        return PointCloudDataset(cache.points, cache.labels, paths)
+        return PointCloudDataset(cache.points, cache.labels, paths, counts=cache.counts)
 
     def setup(self, stage: str | None = None) -> None:
         """Loads the caches needed by ``stage`` and makes the validation split."""
@@ -1102,6 +1162,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_point_sets,
         )
 
     def _predicting(self) -> bool:
@@ -1155,6 +1216,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_point_sets,
         )
 
 

@@ -8,8 +8,9 @@ The usual entry point is :class:`ShapeClassifier`::
     for prediction in classifier.predict(["chair.obj", "scans/", "parts/*.stl"], top_k=3):
         print(prediction.path, prediction.label, prediction.probability, prediction.error)
 
-Every input goes through :func:`pointsink.transforms.preprocess_shape`, the function that
-built the training data, with the number of points used in training. A bad input (missing
+Every input goes through :func:`pointsink.transforms.preprocess_set`, the function that
+built the training data, with the number of points used in training (a point cloud with
+fewer points is padded and masked, not filled up with repeated points). A bad input (missing
 or corrupt file, empty or degenerate mesh, NaN coordinates, ...) gives a
 :class:`Prediction` whose ``error`` says what is wrong; the other inputs are still
 classified.
@@ -46,6 +47,7 @@ from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, is_shape_file
 from pointsink.transforms import (
     PointCloudAugmentation,
     load_for_sampling,
+    preprocess_set,
     preprocess_shape,
     up_axis_rotation,
 )
@@ -112,7 +114,7 @@ class Prediction:
         topk: ``(class name, probability)`` pairs, most probable first.
         error: None, or one sentence saying why this input could not be classified.
         warning: None, or a note about the input that did not stop its classification
-            (e.g. a point cloud with fewer points than requested, sampled with replacement).
+            (e.g. a point cloud with fewer points than requested, padded and masked).
     """
 
     path: str | None
@@ -300,18 +302,21 @@ def preprocess_views(
     votes: int = 1,
     augmentation: PointCloudAugmentation | None = None,
     orientation: np.ndarray | None = None,
-) -> tuple[np.ndarray, list[str]]:
+    pad_small_clouds: bool = True,
+) -> tuple[np.ndarray, int, list[str]]:
     """Loads a shape once and makes the point sets that the classifier averages over.
 
     View 0 is the training pipeline's sampling and normalization,
-    ``preprocess_shape(shape, num_points, s)``, where ``s`` is ``seed`` for an in-memory
+    ``preprocess_set(shape, num_points, s)``, where ``s`` is ``seed`` for an in-memory
     shape and :func:`pointsink.transforms.file_sample_seed` of ``(source, seed)`` for a
     file: a file's view 0 is the sample the training cache holds for it with
     ``sample_seed = seed``. Each further view ``v`` is sampled with its own seed derived
     from ``(s, v)`` and, if ``augmentation`` is given, augmented with a generator seeded
     the same way, so the result depends only on the arguments and the file's contents.
     ``orientation`` turns every view before it is augmented (sampling and normalization
-    commute with a rotation, so this is the shape turned first).
+    commute with a rotation, so this is the shape turned first). A point cloud of fewer
+    than ``num_points`` points gives its points first in every view and zeros after them
+    (``count`` says how many are real), and the augmentation moves only the real ones.
 
     Args:
         source: A file path or an in-memory shape (see :func:`pointsink.io.as_shape`).
@@ -322,10 +327,14 @@ def preprocess_views(
         orientation: Rotation ``(3, 3)`` applied to every view as ``points @ R.T``, e.g.
             :func:`pointsink.transforms.up_axis_rotation` for a file that is not z-up;
             None: the shape as it is.
+        pad_small_clouds: False fills a small point cloud up with repeated points
+            (:func:`pointsink.transforms.preprocess_shape`, ``count`` then ``N``), for a
+            model that takes no padding mask.
 
     Returns:
-        ``(views, warnings)``: float32 array ``(V, N, 3)`` and the distinct messages of the
-        warnings raised while loading and sampling (e.g. sampling with replacement).
+        ``(views, count, warnings)``: float32 array ``(V, N, 3)``, the real points of each
+        view (its first ``count`` rows; ``N`` but for a smaller point cloud), and the
+        distinct messages of the warnings raised while loading and sampling.
 
     Raises:
         pointsink.io.ShapeLoadError: The source is not a usable shape.
@@ -333,21 +342,31 @@ def preprocess_views(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         shape, seed = load_for_sampling(source, seed)
-        views = [_turn(preprocess_shape(shape, num_points, seed), orientation)]
+        if pad_small_clouds:
+            first, count = preprocess_set(shape, num_points, seed)
+        else:
+            first, count = preprocess_shape(shape, num_points, seed), num_points
+        views = [_turn(first, orientation)]
         for view in range(1, votes):
             view_seed = _view_seed(seed, view)
-            points = _turn(preprocess_shape(shape, num_points, view_seed), orientation)
+            if pad_small_clouds:
+                points = preprocess_set(shape, num_points, view_seed)[0]
+            else:
+                points = preprocess_shape(shape, num_points, view_seed)
+            points = _turn(points, orientation)
             if augmentation is not None:
                 generator = torch.Generator().manual_seed(view_seed)
                 with torch.no_grad():
-                    points = augmentation(torch.from_numpy(points), generator=generator).numpy()
+                    real = torch.from_numpy(points[:count])
+                    real = augmentation(real, generator=generator).numpy()
+                points = real if count == num_points else np.concatenate([real, points[count:]])
             views.append(points)
     messages: list[str] = []
     for caught_warning in caught:
         message = str(caught_warning.message)
         if issubclass(caught_warning.category, UserWarning) and message not in messages:
             messages.append(message)
-    return np.stack(views).astype(np.float32, copy=False), messages
+    return np.stack(views).astype(np.float32, copy=False), count, messages
 
 
 def _turn(points: np.ndarray, orientation: np.ndarray | None) -> np.ndarray:
@@ -364,25 +383,26 @@ def _safe_preprocess(
     votes: int,
     augmentation: PointCloudAugmentation | None,
     orientation: np.ndarray | None = None,
-) -> tuple[np.ndarray | None, str | None, str | None]:
-    """:func:`preprocess_views` that returns ``(views or None, error or None, warning or None)``."""
+    pad_small_clouds: bool = True,
+) -> tuple[tuple[np.ndarray, int] | None, str | None, str | None]:
+    """:func:`preprocess_views` that returns ``((views, count) or None, error, warning)``."""
     try:
-        views, messages = preprocess_views(
-            source, num_points, seed, votes, augmentation, orientation
+        views, count, messages = preprocess_views(
+            source, num_points, seed, votes, augmentation, orientation, pad_small_clouds
         )
     except ShapeLoadError as exc:
         return None, str(exc), None
     except Exception as exc:  # one odd input must never stop the others
         name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "input"
         return None, f"{name}: preprocessing failed ({type(exc).__name__}: {exc}).", None
-    return views, None, " ".join(messages) or None
+    return (views, count), None, " ".join(messages) or None
 
 
 class ShapePredictionDataset(Dataset):
     """Shape files preprocessed on the fly for ``Trainer.predict``, errors included.
 
     Folders and glob patterns are expanded with :func:`expand_paths`. Each item is one
-    file, sampled and normalized with :func:`pointsink.transforms.preprocess_shape` (one
+    file, sampled and normalized with :func:`pointsink.transforms.preprocess_set` (one
     view, the file's :func:`pointsink.transforms.file_sample_seed` of ``seed``, as in the
     training cache), like :meth:`ShapeClassifier.predict` with ``votes=1``. A file that
     cannot be used (or an argument that matched no file) is an item too: its points are
@@ -395,9 +415,12 @@ class ShapePredictionDataset(Dataset):
         orientation: Rotation ``(3, 3)`` of every shape (see :func:`preprocess_views`);
             None: as they are.
 
-    Items are dicts ``{"points": (N, 3) float32, "index": int, "path": str, "error": str,
-    "warning": str}``, where an empty ``error``/``warning`` string means none (the default
-    collate function cannot batch None).
+    Items are dicts ``{"points": (N, 3) float32, "mask": (N,) bool, "index": int, "path":
+    str, "error": str, "warning": str}``, where an empty ``error``/``warning`` string means
+    none (the default collate function cannot batch None) and ``mask`` marks the real
+    points (a point cloud of fewer than ``N`` points is padded). :meth:`collate`
+    (:func:`pointsink.data.collate_point_sets`) batches them and leaves out a mask that is
+    True everywhere, so that full batches take the model's unmasked path.
     """
 
     def __init__(
@@ -425,24 +448,32 @@ class ShapePredictionDataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """Returns ``{"points": (N, 3), "index", "path", "error", "warning"}``."""
+        """Returns ``{"points": (N, 3), "mask": (N,), "index", "path", "error", "warning"}``."""
         entry = self.entries[index]
-        error, warning, points = entry.error, None, None
+        error, warning, points, count = entry.error, None, None, self.num_points
         if error is None:
-            views, error, warning = _safe_preprocess(
+            prepared, error, warning = _safe_preprocess(
                 entry.path, self.num_points, self.seed, 1, None, self.orientation
             )
-            if views is not None:
-                points = torch.from_numpy(views[0])
+            if prepared is not None:
+                points, count = torch.from_numpy(prepared[0][0]), prepared[1]
         if points is None:
             points = torch.zeros(self.num_points, 3)
         return {
             "points": points,
+            "mask": torch.arange(self.num_points) < count,
             "index": int(index),
             "path": entry.path,
             "error": error or "",
             "warning": warning or "",
         }
+
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        """:func:`pointsink.data.collate_point_sets`: without ``"mask"`` if all is real."""
+        from pointsink.data import collate_point_sets  # pointsink.data imports this module
+
+        return collate_point_sets(items)
 
 
 # --------------------------------------------------------------------------------------
@@ -618,7 +649,10 @@ class ShapeClassifier:
 
     Args:
         model: Module mapping points ``(B, N, 3)`` to logits ``(B, C)``, e.g. a
-            :class:`~pointsink.module.SinkformerClassifier`.
+            :class:`~pointsink.module.SinkformerClassifier`. If its ``forward`` takes
+            ``mask`` (``(B, N)`` bool, True for real points), point clouds smaller than
+            ``num_points`` are padded and masked; otherwise they are filled up with
+            repeated points (:attr:`takes_mask`).
         class_names: The ``C`` class names in label order.
         num_points: Points sampled per shape (use the training's number); at least the
             model's ``min_points`` when it has one.
@@ -658,6 +692,10 @@ class ShapeClassifier:
         self._class_names = names
         self.num_points = num_points
         self.augmentation = augmentation if augmentation is not None else PointCloudAugmentation()
+        #: Whether ``model`` takes a padding mask (a ``mask`` argument of its ``forward``):
+        #: point clouds smaller than ``num_points`` are then padded and masked, otherwise
+        #: filled up with repeated points.
+        self.takes_mask = "mask" in inspect.signature(model.forward).parameters
 
     @property
     def class_names(self) -> list[str]:
@@ -805,29 +843,41 @@ class ShapeClassifier:
                 bar.close()
         return results
 
-    def predict_probabilities(self, points: Tensor | np.ndarray) -> Tensor:
+    def predict_probabilities(
+        self, points: Tensor | np.ndarray, mask: Tensor | np.ndarray | None = None
+    ) -> Tensor:
         """Class probabilities of already preprocessed point sets.
 
         Args:
             points: ``(B, N, 3)`` (or ``(N, 3)``) points, normalized like
-                :func:`pointsink.transforms.preprocess_shape` output.
+                :func:`pointsink.transforms.preprocess_set` output.
+            mask: ``(B, N)`` (or ``(N,)``) bool, True for real points, for padded sets;
+                None: all real.
 
         Returns:
             Float32 CPU tensor ``(B, C)`` (``(1, C)`` for a single set).
         """
         batch = torch.as_tensor(points)
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            mask = (mask.unsqueeze(0) if batch.dim() == 2 else mask).to(self.device)
         if batch.dim() == 2:
             batch = batch.unsqueeze(0)
         with torch.inference_mode():
-            logits = self.model(batch.to(self.device, torch.float32))
+            points = batch.to(self.device, torch.float32)
+            logits = self.model(points) if mask is None else self.model(points, mask)
         return logits.float().softmax(dim=-1).cpu()
 
-    def view_probabilities(self, views: Tensor | np.ndarray) -> Tensor:
+    def view_probabilities(
+        self, views: Tensor | np.ndarray, mask: Tensor | np.ndarray | None = None
+    ) -> Tensor:
         """Class probabilities of every view of every shape, one forward pass for all.
 
         Args:
             views: ``(S, V, N, 3)`` preprocessed views, e.g. a stack of
                 :func:`preprocess_views` outputs.
+            mask: ``(S, N)`` bool, each shape's real points (the same in all its views),
+                or None (all real).
 
         Returns:
             Float32 CPU tensor ``(S, V, C)``; averaging over ``V`` is voting.
@@ -835,7 +885,15 @@ class ShapeClassifier:
         views = torch.as_tensor(views)
         if views.dim() != 4:
             raise ValueError(f"views must have shape (S, V, N, 3); got {tuple(views.shape)}.")
-        flat = self.predict_probabilities(views.reshape(-1, *views.shape[2:]))
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if mask.shape != (views.shape[0], views.shape[2]):
+                raise ValueError(
+                    f"mask must have shape (S, N) = {(views.shape[0], views.shape[2])}; "
+                    f"got {tuple(mask.shape)}."
+                )
+            mask = mask.repeat_interleave(views.shape[1], dim=0)
+        flat = self.predict_probabilities(views.reshape(-1, *views.shape[2:]), mask)
         return flat.reshape(*views.shape[:2], -1)
 
     def _predict_chunk(
@@ -846,20 +904,31 @@ class ShapeClassifier:
         seed: int,
         orientation: np.ndarray | None = None,
     ) -> list[Prediction]:
-        prepared: list[tuple[np.ndarray | None, str | None, str | None]] = []
+        prepared: list[tuple[tuple[np.ndarray, int] | None, str | None, str | None]] = []
         for item in chunk:
             if item.error is not None:
                 prepared.append((None, item.error, None))
             else:
                 prepared.append(
                     _safe_preprocess(
-                        item.source, self.num_points, seed, votes, self.augmentation, orientation
+                        item.source,
+                        self.num_points,
+                        seed,
+                        votes,
+                        self.augmentation,
+                        orientation,
+                        self.takes_mask,
                     )
                 )
         valid = [views for views, _, _ in prepared if views is not None]
         probabilities = None
         if valid:
-            probabilities = self.view_probabilities(np.stack(valid)).mean(dim=1)  # (b, C)
+            counts = np.array([count for _, count in valid])
+            mask = None
+            if (counts < self.num_points).any():  # padded point clouds in this chunk
+                mask = torch.from_numpy(np.arange(self.num_points) < counts[:, None])
+            stacked = np.stack([views for views, _ in valid])
+            probabilities = self.view_probabilities(stacked, mask).mean(dim=1)  # (b, C)
         predictions = []
         row = 0
         for item, (views, error, warning) in zip(chunk, prepared, strict=True):

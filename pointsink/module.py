@@ -128,7 +128,8 @@ class SinkformerClassifier(pl.LightningModule):
             each shape swaps the ``K`` points nearest one of its points for the same region
             of a partner shape from the batch, ``K / N ~ Beta(mix_alpha, mix_alpha)`` per
             batch, and the loss weighs the two labels by ``1 - K/N`` and ``K/N``. ``0``
-            turns it off. Training metrics on a mixed batch count the first label.
+            turns it off. Training metrics on a mixed batch count the first label. A batch
+            with padded point clouds (a ``"mask"``) is not mixed (warned once).
         mix_alpha: Both parameters of the Beta distribution of the mixing ratio (> 0).
         augmentation: Settings of the training augmentation
             (:meth:`~pointsink.transforms.PointCloudAugmentation.settings`, linked from the
@@ -214,6 +215,7 @@ class SinkformerClassifier(pl.LightningModule):
         )
         self.class_names = class_names or [str(index) for index in range(num_classes)]
         self.num_classes = num_classes
+        self._warned_unmixed = False  # said once that padded batches are not region-mixed
         self.model = SetSinkformer(
             num_classes=num_classes,
             channels=channels,
@@ -285,13 +287,16 @@ class SinkformerClassifier(pl.LightningModule):
         points, target = batch["points"], batch["label"]
         # A data module of padded sets of different sizes adds "mask" (B, N) to its batches.
         mask = batch.get("mask")
-        if mask is not None and stage == "train" and self.hparams.mix_probability > 0.0:
-            raise ValueError(
-                "region mixing (mix_probability > 0) takes fixed-size sets; this batch has a "
-                "padding mask. Set mix_probability to 0."
-            )
+        mixable = mask is None
+        if not mixable and stage == "train" and self.hparams.mix_probability > 0.0:
+            if not self._warned_unmixed:
+                self._warned_unmixed = True
+                rank_zero_warn(
+                    "region mixing (mix_probability > 0) takes fixed-size sets: batches with "
+                    "padded point clouds (smaller than num_points) are not mixed."
+                )
         partner_target, partner_weight = None, 0.0
-        if stage == "train" and self._mix_this_batch():
+        if stage == "train" and mixable and self._mix_this_batch():
             points, partner_target, partner_weight = self._mix_regions(points, target)
         logits = self(points, mask)
         loss_logits = logits

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         metavar="V",
-        help="average V views: the plain one plus V-1 resampled and augmented (default: 1)",
+        help="average V views: the plain one plus V-1 resampled (point clouds smaller than "
+        "the model's number of points keep all their points) and augmented (default: 1)",
     )
     parser.add_argument(
         "--format", choices=OUTPUT_FORMATS, default="table", help="output format (default: table)"

@@ -34,7 +34,12 @@ from pointsink.data import (
 )
 from pointsink.inference import CheckpointError, ShapePredictionDataset, preprocess_views
 from pointsink.synthetic import SYNTHETIC_CLASSES
-from pointsink.transforms import PointCloudAugmentation, file_sample_seed, preprocess_shape
+from pointsink.transforms import (
+    PointCloudAugmentation,
+    file_sample_seed,
+    preprocess_set,
+    preprocess_shape,
+)
 
 CLASSES = ["alpha", "beta", "gamma"]
 
@@ -49,9 +54,9 @@ def count_preprocessing(monkeypatch):
 
     def counting(shape, num_points, seed=0):
         calls.append(shape)
-        return preprocess_shape(shape, num_points, seed=seed)
+        return preprocess_set(shape, num_points, seed=seed)
 
-    monkeypatch.setattr(data_module, "preprocess_shape", counting)
+    monkeypatch.setattr(data_module, "preprocess_set", counting)
     return calls
 
 
@@ -100,12 +105,12 @@ def test_prediction_sees_the_points_the_cache_holds(tmp_path, make_shape_folder)
 
     # pointsink-predict / ShapeClassifier.predict (view 0) and Trainer.predict's dataset.
     for row in (0, 7):
-        views, _ = preprocess_views(paths[row], 32, seed=2, votes=2)
+        views, _, _ = preprocess_views(paths[row], 32, seed=2, votes=2)
         np.testing.assert_array_equal(views[0], cache.points[row].numpy())
     dataset = ShapePredictionDataset(paths, 32, seed=2)
     torch.testing.assert_close(torch.stack([item["points"] for item in dataset]), cache.points)
     # Another base seed draws other points.
-    other, _ = preprocess_views(paths[0], 32, seed=3)
+    other, _, _ = preprocess_views(paths[0], 32, seed=3)
     assert not np.allclose(other[0], cache.points[0].numpy())
 
 
@@ -262,9 +267,9 @@ def test_concurrent_builds_are_serialized(tmp_path, make_shape_folder, monkeypat
     def slow(path, num_points, seed=0):
         calls.append(str(path))
         time.sleep(0.01)  # widen the window in which the two builds would overlap
-        return preprocess_shape(path, num_points, seed=seed)
+        return preprocess_set(path, num_points, seed=seed)
 
-    monkeypatch.setattr(data_module, "preprocess_shape", slow)
+    monkeypatch.setattr(data_module, "preprocess_set", slow)
     results: list[Path] = []
     # flock locks belong to open file descriptions, so threads exclude each other too.
     threads = [

@@ -395,7 +395,7 @@ def _build_at_barrier(
     barrier: Any, root: str, cache_dir: str, calls: str, results: Any, name: str
 ) -> None:
     """Child process: waits for the other one, then builds the cache, counting files."""
-    original = data_module.preprocess_shape
+    original = data_module.preprocess_set
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         with open(calls, "a") as log:
@@ -403,7 +403,7 @@ def _build_at_barrier(
         time.sleep(0.005)  # widen the window in which the two builds overlap
         return original(*args, **kwargs)
 
-    data_module.preprocess_shape = counted  # this process's copy of the module only
+    data_module.preprocess_set = counted  # this process's copy of the module only
     barrier.wait()
     path = build_point_cache(root, CLASSES, "train", num_points=64, cache_dir=cache_dir, workers=1)
     results.put(str(path))

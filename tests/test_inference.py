@@ -95,7 +95,7 @@ def test_scene_geometries_are_merged(format_files: dict[str, Path]) -> None:
     # The scenes hold a box (x in [-0.5, 0.5]) and a sphere (x in [1.5, 2.5]): both must be
     # sampled, so the x coordinates form two clusters with an empty gap between them.
     for name in ["glb_scene", "gltf_scene", "3mf_scene"]:
-        views, _ = preprocess_views(format_files[name], num_points=256, seed=0)
+        views, _, _ = preprocess_views(format_files[name], num_points=256, seed=0)
         x = np.sort(views[0][:, 0])
         split = int(np.argmax(np.diff(x)))
         assert np.diff(x)[split] > 0.3, name
@@ -213,8 +213,8 @@ def test_very_large_coordinates_are_normalized(classifier: ShapeClassifier) -> N
     # float32 spacing is 2 at 3e7, four times the cone's radius: any float32 step before
     # the centring would scramble the points.
     far.apply_translation([1e7, -3e7, 2e7])
-    near_views, _ = preprocess_views(mesh, NUM_POINTS, seed=0)
-    far_views, _ = preprocess_views(far, NUM_POINTS, seed=0)
+    near_views, _, _ = preprocess_views(mesh, NUM_POINTS, seed=0)
+    far_views, _, _ = preprocess_views(far, NUM_POINTS, seed=0)
     np.testing.assert_allclose(far_views, near_views, atol=1e-5)
     near_prediction, far_prediction = classifier.predict([mesh, far])
     assert far_prediction.error is None
@@ -243,7 +243,7 @@ def test_seeded_and_reproducible_votes(classifier: ShapeClassifier, format_files
     other_seed = classifier.predict(path, seed=4, votes=3)[0]
     assert other_seed.topk != first.topk
     # View 0 is exactly the training preprocessing; further views differ from it.
-    views, _ = preprocess_views(
+    views, _, _ = preprocess_views(
         path, NUM_POINTS, seed=3, votes=3, augmentation=classifier.augmentation
     )
     assert views.shape == (3, NUM_POINTS, 3)
@@ -288,7 +288,7 @@ class _AxisSpreadModel(torch.nn.Module):
 def test_votes_average_probabilities_not_logits(format_files) -> None:
     path = format_files["obj"]
     classifier = ShapeClassifier(_AxisSpreadModel(), CLASSES, num_points=NUM_POINTS, device="cpu")
-    views, _ = preprocess_views(
+    views, _, _ = preprocess_views(
         path, NUM_POINTS, seed=5, votes=4, augmentation=classifier.augmentation
     )
     logits = 20 * torch.from_numpy(views).double().square().mean(dim=1)  # (V, C)
@@ -440,8 +440,8 @@ def test_output_formats(classifier: ShapeClassifier, format_files: dict[str, Pat
 def test_voting_augments_every_view_but_the_first() -> None:
     shape = np.random.default_rng(0).normal(size=(500, 3))
     augmentation = PointCloudAugmentation(max_rotation_degrees=90.0)
-    plain, _ = preprocess_views(shape, 64, seed=3, votes=3, augmentation=None)
-    augmented, _ = preprocess_views(shape, 64, seed=3, votes=3, augmentation=augmentation)
+    plain, _, _ = preprocess_views(shape, 64, seed=3, votes=3, augmentation=None)
+    augmented, _, _ = preprocess_views(shape, 64, seed=3, votes=3, augmentation=augmentation)
     np.testing.assert_array_equal(plain[0], augmented[0])  # view 0: the training sample
     for view in (1, 2):
         assert not np.allclose(plain[view], augmented[view]), view

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -418,7 +420,7 @@ def test_lightning_module_trains_and_monitors_padded_batches(tmp_path, embedding
     torch.testing.assert_close(padded[1:2], alone)
 
 
-def test_region_mixing_refuses_padded_batches() -> None:
+def test_region_mixing_leaves_padded_batches_unmixed_and_says_so_once() -> None:
     from pointsink.module import SinkformerClassifier
 
     module = SinkformerClassifier(
@@ -426,12 +428,26 @@ def test_region_mixing_refuses_padded_batches() -> None:
         channels=8,
         num_heads=2,
         num_inducing_points=3,
-        mix_probability=0.5,
+        mix_probability=1.0,
+        dropout=0.0,
     )
     module.log = module.log_dict = lambda *args, **kwargs: None
     batch = next(iter(_padded_loader([12, 5, 9, 3])))
-    with pytest.raises(ValueError, match=r"region mixing .* takes fixed-size sets"):
-        module.training_step(batch, 0)
+    with pytest.warns(UserWarning, match=r"region mixing .* padded point clouds .* not mixed"):
+        loss = module.training_step(batch, 0)
+    # Not mixed: the plain cross-entropy of the padded batch.
+    smoothing = module.hparams.label_smoothing
+    logits = module(batch["points"], batch["mask"])
+    expected = F.cross_entropy(logits, batch["label"], label_smoothing=smoothing)
+    torch.testing.assert_close(loss, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.training_step(batch, 1)
+    # A full batch is still mixed (mix_probability 1): its loss is not the plain one.
+    full = {**batch, "points": torch.randn(4, 12, 3)}
+    del full["mask"]
+    plain = F.cross_entropy(module(full["points"]), full["label"], label_smoothing=smoothing)
+    assert not torch.allclose(module.training_step(full, 2), plain)
 
 
 # --- empty sets, non-finite padding, mask lifetime ------------------------------------------
