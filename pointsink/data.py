@@ -174,8 +174,8 @@ def collate_point_sets(items: list[dict[str, Any]]) -> dict[str, Any]:
 
     A split (or a prediction run) with one padded point cloud gives every item a mask, so
     that items collate; a batch whose sets are all full then drops it and takes the
-    model's unmasked path (on CUDA, the Triton farthest-point sampling, which takes no
-    mask). The check runs on the CPU, in the loader: no device synchronization.
+    model's unmasked path, which skips the masks' extra work and gives the numbers of the
+    code before masks. The check runs on the CPU, in the loader: no device synchronization.
     """
     batch = default_collate(items)
     if "mask" in batch and bool(batch["mask"].all()):

@@ -125,7 +125,6 @@ def farthest_point_sampling(
             ``"triton"``: all steps in one kernel launch (:mod:`pointsink.triton_sampling`;
             CUDA, up to 4,096 points of up to 16 coordinates, computed in float32), the
             same picks; ``"auto"``: Triton where it applies and is installed, else the loop.
-            The kernel takes no mask: with one, ``"auto"`` runs the loop.
         mask: ``(B, N)`` bool, True for real points, or None (all real). Padded points are
             never picked while a real one is left, and the start is the real point farthest
             from the real points' mean: a set with ``n'`` real points gets the picks it gets
@@ -147,10 +146,7 @@ def farthest_point_sampling(
     if backend not in ("auto", "loop", "triton"):
         raise ValueError(f"unknown backend {backend!r}; use auto, loop or triton.")
     if mask is not None:
-        if backend == "triton":
-            raise ValueError("the triton backend takes no mask; use backend='loop' or 'auto'.")
         check_set_mask("mask", mask, points, "num_points")
-        return _farthest_point_sampling_loop(points, num_samples, mask)
     if backend == "auto":
         backend = "loop"
         if points.is_cuda and triton_available():
@@ -162,8 +158,8 @@ def farthest_point_sampling(
         require_triton(points, "loop")
         from pointsink.triton_sampling import triton_farthest_point_sampling
 
-        return triton_farthest_point_sampling(points, num_samples)
-    return _farthest_point_sampling_loop(points, num_samples)
+        return triton_farthest_point_sampling(points, num_samples, mask)
+    return _farthest_point_sampling_loop(points, num_samples, mask)
 
 
 @torch.no_grad()  # indices only; the out= buffers below refuse autograd

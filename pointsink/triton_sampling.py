@@ -11,7 +11,7 @@ float32 without fused multiply-adds, as the loop does; the set's mean (and, depe
 how the compiler lays out a point's coordinates, a distance's sum) may be added up in
 another order, so a pick can differ from the loop's only between points whose distances
 agree to the last bit or two. Under the interpreter the picks matched the loop's exactly
-in every case of ``tests/test_triton_sampling.py``.
+in every case of ``tests/test_triton_sampling.py``, padded sets (a ``mask``) included.
 
 Imported only when Triton is installed; the embedding falls back to the PyTorch loop on
 other devices, for more than :data:`MAX_POINTS` points, or without Triton.
@@ -39,20 +39,34 @@ MAX_DIM = 16
 
 @triton.jit
 def _farthest_point_sampling_kernel(
-    POINTS, CHOSEN, n, num_samples,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    POINTS, REAL, CHOSEN, n, num_samples,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
-    """Greedy farthest-point order of one set ``(n, D)`` into ``CHOSEN[b, :num_samples]``."""
+    """Greedy farthest-point order of one set ``(n, D)`` into ``CHOSEN[b, :num_samples]``.
+
+    With ``HAS_MASK``, ``REAL[b, :n]`` (uint8, nonzero for a real point) leaves padded
+    points out: they are never loaded, never picked while a real one is left, and the mean
+    is over the real points.
+    """
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     valid = offs_n < n
+    if HAS_MASK:
+        valid = valid & (tl.load(REAL + b * n + offs_n, mask=valid, other=0) != 0)
     points = tl.load(
         POINTS + b * n * D + offs_n[:, None] * D + offs_d[None, :],
         mask=valid[:, None] & (offs_d[None, :] < D),
         other=0.0,
     ).to(tl.float32)
-    mean = tl.sum(points, axis=0) / n
+    center_mask = offs_d < D
+    if HAS_MASK:
+        count = tl.sum(valid.to(tl.float32), axis=0)
+        mean = tl.sum(points, axis=0) / tl.maximum(count, 1.0)
+        # A set without real points picks index 0, a padded point: its values are not read.
+        center_mask = center_mask & (tl.zeros([BLOCK_D], dtype=tl.float32) + count > 0.0)
+    else:
+        mean = tl.sum(points, axis=0) / n
     offsets = points - mean[None, :]
     from_mean = tl.where(valid, tl.sum(offsets * offsets, axis=1), -float("inf"))
     current = tl.argmax(from_mean, axis=0, tie_break_left=True)
@@ -60,36 +74,44 @@ def _farthest_point_sampling_kernel(
     nearest = tl.where(valid, float("inf"), -float("inf"))
     for step in range(num_samples):
         tl.store(CHOSEN + b * num_samples + step, current.to(tl.int64))
-        center = tl.load(POINTS + b * n * D + current * D + offs_d, mask=offs_d < D, other=0.0)
+        center = tl.load(POINTS + b * n * D + current * D + offs_d, mask=center_mask, other=0.0)
         offsets = points - center.to(tl.float32)[None, :]
         nearest = tl.minimum(nearest, tl.sum(offsets * offsets, axis=1))
         current = tl.argmax(nearest, axis=0, tie_break_left=True)
 
 
-def triton_farthest_point_sampling(points: Tensor, num_samples: int) -> Tensor:
+def triton_farthest_point_sampling(
+    points: Tensor, num_samples: int, mask: Tensor | None = None
+) -> Tensor:
     """Indices of ``num_samples`` points of each set, in farthest-point order.
 
     Args:
         points: Coordinates ``(B, N, D)`` on a CUDA device (or any device under
             ``TRITON_INTERPRET=1``), ``N <=`` :data:`MAX_POINTS`, ``D <=`` :data:`MAX_DIM`.
-        num_samples: ``M``, between 1 and ``N``.
+        num_samples: ``M``, between 1 and ``N`` (any ``M >= 1`` with a mask).
+        mask: ``(B, N)`` bool, True for real points, or None; as in
+            :func:`pointsink.embedding.farthest_point_sampling`, which checks it.
 
     Returns:
         ``(B, M)`` int64 indices into the ``N`` points, in the order they were chosen.
     """
     batch, num_points, dim = points.shape
-    if not 1 <= num_samples <= num_points <= MAX_POINTS or dim > MAX_DIM:
+    most_samples = num_points if mask is None else num_samples
+    if not 1 <= num_samples <= most_samples or num_points > MAX_POINTS or dim > MAX_DIM:
         raise ValueError(
             f"triton_farthest_point_sampling takes 1 <= num_samples <= N <= {MAX_POINTS} and "
             f"D <= {MAX_DIM}; got num_samples={num_samples}, points of shape {tuple(points.shape)}."
         )
     points = points.contiguous()
     chosen = torch.empty(batch, num_samples, dtype=torch.long, device=points.device)
+    # A pointer even without a mask (the kernel does not read it then).
+    real = points if mask is None else mask.contiguous().view(torch.uint8)
     block_n = triton.next_power_of_2(num_points)
     with on_launch_device(points.device):
         _farthest_point_sampling_kernel[(batch,)](
-            points, chosen, num_points, num_samples,
+            points, real, chosen, num_points, num_samples,
             D=dim, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim),
+            HAS_MASK=mask is not None,
             num_warps=min(16, max(1, block_n // 256)),
             enable_fp_fusion=False,  # d_x^2 + d_y^2 + d_z^2 rounded as in the PyTorch loop
         )  # fmt: skip

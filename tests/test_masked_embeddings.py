@@ -75,12 +75,6 @@ def test_masked_sampling_of_an_empty_set_returns_index_zero() -> None:
         farthest_point_sampling(points, 0, mask=mask)
 
 
-def test_the_triton_sampling_backend_refuses_a_mask() -> None:
-    with pytest.raises(ValueError, match="triton backend takes no mask"):
-        mask = torch.ones(1, 5, dtype=torch.bool)
-        farthest_point_sampling(torch.randn(1, 5, 3), 2, "triton", mask)
-
-
 def test_masked_nearest_neighbours_rank_padding_last() -> None:
     clouds = _clouds([20, 4])
     points, mask = _scattered(clouds, 24)

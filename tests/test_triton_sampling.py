@@ -49,6 +49,19 @@ rows.append([4, 2048, 3, 256, got.dtype == torch.long, torch.equal(got, want)])
 if DEVICE == "cuda":  # "auto" takes the kernel on CUDA
     got = embedding.farthest_point_sampling(points.to(DEVICE), 256).cpu()
     rows.append([4, 2048, 3, 256, got.dtype == torch.long, torch.equal(got, want)])
+# Padded sets: real points scattered among NaN padding, sets smaller than M, M > N, and a set
+# without real points (its picks are index 0, as in the loop).
+for batch, n, m, counts in [(3, 40, 12, [40, 20, 5]), (2, 30, 50, [30, 0]), (1, 9, 4, [9])]:
+    mask = torch.zeros(batch, n, dtype=torch.bool)
+    for row, count in enumerate(counts):
+        mask[row, torch.randperm(n, generator=gen)[:count]] = True
+    points = torch.randn(batch, n, 3, generator=gen).masked_fill(~mask[..., None], float("nan"))
+    want = embedding.farthest_point_sampling(points, m, backend="loop", mask=mask)
+    got = triton_farthest_point_sampling(points.to(DEVICE), m, mask.to(DEVICE)).cpu()
+    rows.append([batch, n, 3, m, got.dtype == torch.long, torch.equal(got, want)])
+    if DEVICE == "cuda":  # "auto" takes the kernel with a mask too
+        got = embedding.farthest_point_sampling(points.to(DEVICE), m, mask=mask.to(DEVICE))
+        rows.append([batch, n, 3, m, got.dtype == torch.long, torch.equal(got.cpu(), want)])
 print(json.dumps(rows))
 """
 
@@ -66,12 +79,12 @@ def _compare(device: str, env: dict[str, str]) -> list[list]:
 def test_triton_farthest_point_sampling_matches_the_pytorch_loop_in_the_interpreter(
     triton_interpreter: None,
 ) -> None:
-    assert len(_compare("cpu", {"TRITON_INTERPRET": "1"})) == 8
+    assert len(_compare("cpu", {"TRITON_INTERPRET": "1"})) == 11
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_farthest_point_sampling_on_cuda() -> None:
-    assert len(_compare("cuda", {"TRITON_INTERPRET": "0"})) == 9
+    assert len(_compare("cuda", {"TRITON_INTERPRET": "0"})) == 15
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -141,14 +154,16 @@ except ImportError as error:
 from triton_sass import compile_sm90, spill_stores
 
 kernel = triton_sampling._farthest_point_sampling_kernel
-signature = {"POINTS": "*fp32", "CHOSEN": "*i64", "n": "i32", "num_samples": "i32",
-             "D": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+signature = {"POINTS": "*fp32", "REAL": "*u8", "CHOSEN": "*i64", "n": "i32",
+             "num_samples": "i32", "D": "constexpr", "BLOCK_N": "constexpr",
+             "BLOCK_D": "constexpr", "HAS_MASK": "constexpr"}
 rows = []
-for block_n in (1024, triton_sampling.MAX_POINTS):  # the recipe's, the largest taken
-    consts = {"D": 3, "BLOCK_N": block_n, "BLOCK_D": 4}
-    options = {"num_warps": min(16, block_n // 256), "enable_fp_fusion": False}
-    _, sass, registers = compile_sm90(kernel, signature, consts, options)
-    rows.append([block_n, registers, spill_stores(sass)])
+for has_mask in (False, True):
+    for block_n in (1024, triton_sampling.MAX_POINTS):  # the recipe's, the largest taken
+        consts = {"D": 3, "BLOCK_N": block_n, "BLOCK_D": 4, "HAS_MASK": has_mask}
+        options = {"num_warps": min(16, block_n // 256), "enable_fp_fusion": False}
+        _, sass, registers = compile_sm90(kernel, signature, consts, options)
+        rows.append([block_n, registers, spill_stores(sass)])
 print(json.dumps(rows))
 """
 
@@ -163,6 +178,6 @@ def test_triton_farthest_point_sampling_compiles_for_sm90_without_spills() -> No
     if result.stdout.startswith("SKIP"):
         pytest.skip(f"this triton's compiler API differs: {result.stdout.strip()}")
     rows = json.loads(result.stdout.strip().splitlines()[-1])
-    assert [row[0] for row in rows] == [1024, 4096]
+    assert [row[0] for row in rows] == [1024, 4096] * 2  # without and with a mask
     for block_n, registers, spill_stores in rows:
         assert 0 < registers <= 255 and spill_stores == 0, (block_n, registers, spill_stores)
