@@ -454,6 +454,17 @@ def build_point_cache(
                 warnings.warn(message, UserWarning, stacklevel=2)
         for message in skipped:
             warnings.warn(f"Skipping unreadable shape file: {message}", UserWarning, stacklevel=2)
+        small = [i for i in kept if results[i][0][1] < num_points]
+        if small:
+            examples = ", ".join(relative_paths[i] for i in small[:3])
+            more = f" and {len(small) - 3} more" if len(small) > 3 else ""
+            warnings.warn(
+                f"{len(small)} of {len(kept)} {split} shapes are point clouds of fewer than "
+                f"{num_points} points ({examples}{more}): each is padded and masked, so the "
+                "model sees its points alone (batches holding one carry a 'mask').",
+                UserWarning,
+                stacklevel=2,
+            )
         _REPORTED_CACHES.add(cache_path)
 
         points = np.zeros((len(kept), num_points, 3), dtype=np.float32)
@@ -642,7 +653,8 @@ def _preprocess_file(
         warnings.simplefilter("always")
         try:
             shape, shape_seed = load_for_sampling(path, sample_seed)
-            points = preprocess_set(shape, num_points, shape_seed)
+            # Said once for the split by build_point_cache, not once per file.
+            points = preprocess_set(shape, num_points, shape_seed, warn_small=False)
         except ShapeLoadError as exc:
             return None, str(exc), []
         except Exception as exc:  # an unexpected failure in one file must not stop the run

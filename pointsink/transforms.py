@@ -252,7 +252,10 @@ def _shape_of(shape_or_path: str | os.PathLike[str] | Any) -> trimesh.Trimesh | 
 
 
 def preprocess_set(
-    shape_or_path: str | os.PathLike[str] | Any, num_points: int, seed: int = 0
+    shape_or_path: str | os.PathLike[str] | Any,
+    num_points: int,
+    seed: int = 0,
+    warn_small: bool = True,
 ) -> tuple[np.ndarray, int]:
     """Loads (if given a path), samples and normalizes a shape into a padded point set.
 
@@ -262,7 +265,8 @@ def preprocess_set(
     ``N`` points of :func:`preprocess_shape`. A point cloud of ``P < N`` points gives its
     ``P`` points, normalized, followed by ``N - P`` rows of zeros; the count ``P`` says
     which rows are real (the mask ``arange(N) < P``), and the model takes the ``P`` points
-    alone (padding masks, README "Sets of different sizes"), with a ``UserWarning``.
+    alone (padding masks, README "Sets of different sizes"), with a ``UserWarning`` unless
+    ``warn_small`` is False (the training cache says it once for all such files).
     Filling up by repeated points instead would hand the set abstraction groups of fewer
     distinct points: the shipped ModelNet10 model scored 51.3 % instead of 90.5 % on
     256-point test clouds that way (``benchmarks/RESULTS.md``).
@@ -272,6 +276,7 @@ def preprocess_set(
             shape (see :func:`pointsink.io.as_shape`).
         num_points: Number of points ``N`` (>= 1).
         seed: Sampling seed.
+        warn_small: Warn when a point cloud has fewer than ``N`` points.
 
     Returns:
         ``(points, count)``: float32 array ``(N, 3)`` whose first ``count`` rows are the
@@ -286,12 +291,13 @@ def preprocess_set(
     if isinstance(shape, trimesh.Trimesh) or len(shape) >= num_points:
         return normalize_points(_sample_points_float64(shape, num_points, seed)), num_points
     count = len(shape)
-    warnings.warn(
-        f"The point cloud has only {count} points but {num_points} were requested; the "
-        f"model takes its {count} points alone (padded and masked).",
-        UserWarning,
-        stacklevel=2,
-    )
+    if warn_small:
+        warnings.warn(
+            f"The point cloud has only {count} points but {num_points} were requested; the "
+            f"model takes its {count} points alone (padded and masked).",
+            UserWarning,
+            stacklevel=2,
+        )
     points = np.zeros((num_points, 3), dtype=np.float32)
     points[:count] = normalize_points(shape)
     return points, count

@@ -52,9 +52,9 @@ def count_preprocessing(monkeypatch):
     """
     calls: list[object] = []
 
-    def counting(shape, num_points, seed=0):
+    def counting(shape, num_points, seed=0, **options):
         calls.append(shape)
-        return preprocess_set(shape, num_points, seed=seed)
+        return preprocess_set(shape, num_points, seed=seed, **options)
 
     monkeypatch.setattr(data_module, "preprocess_set", counting)
     return calls
@@ -264,10 +264,10 @@ def test_concurrent_builds_are_serialized(tmp_path, make_shape_folder, monkeypat
     root = make_shape_folder(tmp_path / "shapes", train_per_class=2)
     calls: list[str] = []
 
-    def slow(path, num_points, seed=0):
+    def slow(path, num_points, seed=0, **options):
         calls.append(str(path))
         time.sleep(0.01)  # widen the window in which the two builds would overlap
-        return preprocess_set(path, num_points, seed=seed)
+        return preprocess_set(path, num_points, seed=seed, **options)
 
     monkeypatch.setattr(data_module, "preprocess_set", slow)
     results: list[Path] = []

@@ -75,8 +75,13 @@ def _folder_with_a_small_cloud(root: Path, make_shape_folder) -> Path:
 
 def test_the_cache_records_counts_and_items_carry_masks(tmp_path, make_shape_folder) -> None:
     root = _folder_with_a_small_cloud(tmp_path / "shapes", make_shape_folder)
-    with pytest.warns(UserWarning, match="alpha_0099.npy: The point cloud has only 10 points"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         path = build_point_cache(root, ["alpha", "beta"], "train", 24, cache_dir=tmp_path / "c")
+    # One warning for the split, naming the file, not one per file.
+    (message,) = [str(w.message) for w in caught if "fewer than" in str(w.message)]
+    assert message.startswith("1 of 9 train shapes are point clouds of fewer than 24 points")
+    assert "alpha/train/alpha_0099.npy" in message and "only 10 points" not in message
     cache = load_point_cache(path)
     small = cache.paths.index("alpha/train/alpha_0099.npy")
     assert cache.counts[small] == SMALL and (cache.counts[np.arange(9) != small] == 24).all()
