@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from pointsink.sinkhorn_attention import on_launch_device
+from pointsink.validation import check_set_mask
 
 __all__ = ["MAX_DIM", "MAX_POINTS", "triton_farthest_point_sampling"]
 
@@ -90,7 +91,7 @@ def triton_farthest_point_sampling(
             ``TRITON_INTERPRET=1``), ``N <=`` :data:`MAX_POINTS`, ``D <=`` :data:`MAX_DIM`.
         num_samples: ``M``, between 1 and ``N`` (any ``M >= 1`` with a mask).
         mask: ``(B, N)`` bool, True for real points, or None; as in
-            :func:`pointsink.embedding.farthest_point_sampling`, which checks it.
+            :func:`pointsink.embedding.farthest_point_sampling`.
 
     Returns:
         ``(B, M)`` int64 indices into the ``N`` points, in the order they were chosen.
@@ -98,10 +99,13 @@ def triton_farthest_point_sampling(
     batch, num_points, dim = points.shape
     most_samples = num_points if mask is None else num_samples
     if not 1 <= num_samples <= most_samples or num_points > MAX_POINTS or dim > MAX_DIM:
+        samples = "1 <= num_samples <= N" if mask is None else "num_samples >= 1, N"
         raise ValueError(
-            f"triton_farthest_point_sampling takes 1 <= num_samples <= N <= {MAX_POINTS} and "
+            f"triton_farthest_point_sampling takes {samples} <= {MAX_POINTS} and "
             f"D <= {MAX_DIM}; got num_samples={num_samples}, points of shape {tuple(points.shape)}."
         )
+    if mask is not None:  # read as raw bytes below: a float mask would pick padding
+        check_set_mask("mask", mask, points, "num_points")
     points = points.contiguous()
     chosen = torch.empty(batch, num_samples, dtype=torch.long, device=points.device)
     # A pointer even without a mask (the kernel does not read it then).

@@ -101,6 +101,13 @@ def test_triton_farthest_point_sampling_rejects_what_it_cannot_hold() -> None:
                 assert "triton_farthest_point_sampling takes" in str(error), error
             else:
                 raise AssertionError(f"no error for {shape}, {m}")
+        for mask in (torch.ones(1, 5), torch.ones(1, 4, dtype=torch.bool)):
+            try:
+                triton_farthest_point_sampling(torch.zeros(1, 5, 3), 2, mask)
+            except (TypeError, ValueError) as error:
+                assert str(error).startswith("mask must"), error
+            else:
+                raise AssertionError(f"no error for a mask {mask.dtype} {tuple(mask.shape)}")
         """,
         env={"TRITON_INTERPRET": "1"},
     )
