@@ -93,7 +93,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--padded-fraction",
+        type=float,
+        default=None,
+        help="pad this fraction of each set's points and pass a mask (e.g. 0.25: 768 real "
+        "points of 1024); default: no mask",
+    )
     args = parser.parse_args(argv)
+    if args.padded_fraction is not None and not 0.0 <= args.padded_fraction < 1.0:
+        parser.error("--padded-fraction must be in [0, 1)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
@@ -113,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
 
     points = F.normalize(torch.randn(batch_size, num_points, 3), dim=-1).to(device)
     labels = torch.randint(10, (batch_size,)).to(device)
+    mask = None
+    if args.padded_fraction is not None:
+        real = num_points - round(args.padded_fraction * num_points)
+        mask = (torch.arange(num_points) < real).expand(batch_size, -1).to(device)
 
     @contextlib.contextmanager
     def precision() -> Iterator[None]:
@@ -121,12 +134,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def embedding_step() -> None:
         with precision():
-            tokens = embedding(points)
+            tokens = embedding(points, mask)
         tokens.float().sum().backward()
 
     def training_step() -> None:
         with precision():
-            loss = F.cross_entropy(module(points), labels)
+            loss = F.cross_entropy(module(points, mask), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -136,12 +149,12 @@ def main(argv: list[str] | None = None) -> None:
         centers, group_size = embedding.num_groups, embedding.group_size
         parts += [
             (f"farthest_point_sampling ({centers} of {num_points})",
-             lambda: farthest_point_sampling(points, centers)),
+             lambda: farthest_point_sampling(points, centers, mask=mask)),
             *([("farthest_point_sampling, PyTorch loop (not used on CUDA)",
-                lambda: farthest_point_sampling(points, centers, backend="loop"))]
+                lambda: farthest_point_sampling(points, centers, backend="loop", mask=mask))]
               if device.type == "cuda" else []),
             (f"knn_indices ({group_size} per centre)",
-             lambda: knn_indices(points, group_size, queries=points[:, :centers])),
+             lambda: knn_indices(points, group_size, queries=points[:, :centers], mask=mask)),
             ("set abstraction fwd+bwd", embedding_step),
         ]  # fmt: skip
     parts.append(("training step (fwd, loss, bwd, AdamW)", training_step))
@@ -149,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"config {args.config}, batch {batch_size} x {num_points} points, "
         f"{'bf16 autocast' if bf16 else 'fp32'}, {device.type}, {args.threads} thread(s), "
+        f"{'no mask' if mask is None else f'padded fraction {args.padded_fraction}'}, "
         f"min / median of {args.repeats} after {args.warmup} warm-up"
     )
     print("| part | min (ms) | median (ms) |")

@@ -52,3 +52,32 @@ def test_cuda_without_a_gpu_is_a_clear_error(
     with pytest.raises(SystemExit):
         train_step.main(["--config", str(TINY), "--device", "cuda"])
     assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_padded_fraction_times_the_masked_path(
+    train_step, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    from pointsink.embedding import SetAbstraction
+
+    config = yaml.safe_load(TINY.read_text())
+    config["model"].update(num_groups=8, group_size=4)
+    path = tmp_path / "grouped.yaml"
+    path.write_text(yaml.safe_dump(config))
+    masks = []
+    forward = SetAbstraction.forward
+
+    def recording(self, x, mask=None):
+        masks.append(mask)
+        return forward(self, x, mask)
+
+    monkeypatch.setattr(SetAbstraction, "forward", recording)
+    train_step.main(
+        ["--config", str(path), "--warmup", "0", "--repeats", "1", "--padded-fraction", "0.5"]
+    )
+    output = capsys.readouterr().out
+    assert "padded fraction 0.5" in output and len(_rows(output)) == 5
+    # Both the set abstraction part and the training step ran with 16 real points of 32.
+    assert len(masks) == 2 and all(mask.sum(dim=1).eq(16).all() for mask in masks)
+    with pytest.raises(SystemExit):
+        train_step.main(["--config", str(path), "--padded-fraction", "1.0"])
+    assert "--padded-fraction must be in [0, 1)" in capsys.readouterr().err
