@@ -1,0 +1,56 @@
+"""benchmarks/facing.py: shapes turned about the vertical, and yaw voting."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from _benchmark_utils import load_benchmark
+from _inference_utils import CLASSES, build_tiny_checkpoint
+
+from pointsink import SetSinkformer
+
+
+@pytest.fixture(scope="module")
+def facing():
+    return load_benchmark("facing")
+
+
+@pytest.mark.parametrize("up_axis", [0, 1, 2])
+def test_yaw_rotations_turn_about_the_up_axis(facing, up_axis: int) -> None:
+    rotations = facing.yaw_rotations(torch.tensor([math.pi / 2, 0.3]), up_axis)
+    torch.testing.assert_close(torch.linalg.det(rotations), torch.ones(2))
+    up = torch.eye(3)[up_axis]
+    torch.testing.assert_close(rotations @ up, up.expand(2, 3))
+    first, second = (axis for axis in range(3) if axis != up_axis)
+    # A quarter turn takes the first horizontal axis to the second.
+    torch.testing.assert_close(rotations[0] @ torch.eye(3)[first], torch.eye(3)[second])
+
+
+def test_yaw_votes_do_not_depend_on_a_turn_by_a_multiple_of_their_step(facing) -> None:
+    torch.manual_seed(0)
+    model = SetSinkformer(3, channels=8, num_heads=2, num_inducing_points=3).eval()
+    points = torch.randn(4, 20, 3)
+    step = torch.full((4,), 2.0 * math.pi / 4)
+    turned = torch.einsum("sij,snj->sni", facing.yaw_rotations(step), points)
+    voted = facing.yaw_voted(model, points, 4, 2, batch_size=3)
+    torch.testing.assert_close(facing.yaw_voted(model, turned, 4, 2, 3), voted, atol=1e-5, rtol=0)
+    # One view is not invariant: the turn changes the probabilities.
+    assert not torch.allclose(
+        facing.probabilities(model, turned, 3), facing.probabilities(model, points, 3)
+    )
+
+
+def test_main_scores_every_row(facing, tmp_path: Path, make_shape_folder) -> None:
+    checkpoint = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    root = make_shape_folder(tmp_path / "shapes", class_names=tuple(CLASSES), test_per_class=2)
+    rows = facing.main(
+        ["--data-root", str(root), "--checkpoint", str(checkpoint), "--votes", "2",
+         "--cache-dir", str(tmp_path / "cache")]
+    )  # fmt: skip
+    assert [name for name, _ in rows] == [
+        "upright", "random yaw", "random yaw, 2 yaw votes", "upright, 2 yaw votes"
+    ]  # fmt: skip
+    assert all(0.0 <= accuracy <= 100.0 for _, accuracy in rows)
