@@ -38,6 +38,7 @@ from pointsink.data import (
     recorded_validation_files,
     validation_files_changes,
 )
+from pointsink.embedding import leading_mask
 from pointsink.inference import ShapeClassifier, load_checkpoint, preprocess_views
 
 
@@ -156,8 +157,7 @@ def view_probabilities(
     for first in range(0, len(paths), batch_size):
         chunk = paths[first : first + batch_size]
         prepared = [preprocess_views(path, num_points, seed, views, augmentation) for path in chunk]
-        counts = np.array([count for _, count, _ in prepared])
-        mask = torch.from_numpy(np.arange(num_points) < counts[:, None])  # padded clouds
+        mask = leading_mask(torch.tensor([count for _, count, _ in prepared]), num_points)
         sets = np.stack([points for points, _, _ in prepared])
         probabilities.append(classifier.view_probabilities(sets, mask))
     return torch.cat(probabilities)

@@ -654,12 +654,12 @@ def _preprocess_file(
         try:
             shape, shape_seed = load_for_sampling(path, sample_seed)
             # Said once for the split by build_point_cache, not once per file.
-            points = preprocess_set(shape, num_points, shape_seed, warn_small=False)
+            prepared = preprocess_set(shape, num_points, shape_seed, warn_small=False)
         except ShapeLoadError as exc:
             return None, str(exc), []
         except Exception as exc:  # an unexpected failure in one file must not stop the run
             return None, f"{path}: preprocessing failed ({type(exc).__name__}: {exc}).", []
-    return points, None, [f"{path}: {w.message}" for w in caught]
+    return prepared, None, [f"{path}: {w.message}" for w in caught]
 
 
 def _preprocess_all(

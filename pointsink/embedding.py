@@ -25,6 +25,7 @@ __all__ = [
     "gather_neighbors",
     "knn_indices",
     "leading_mask",
+    "masked_mean",
     "neighbor_mask",
     "real_counts",
 ]
@@ -89,6 +90,20 @@ def gather_neighbors(features: Tensor, indices: Tensor) -> Tensor:
 def real_counts(mask: Tensor) -> Tensor:
     """Real points per set, ``(B,)`` long, from a ``(B, N)`` padding mask (no host sync)."""
     return mask.sum(dim=1)
+
+
+def masked_mean(
+    values: Tensor, mask: Tensor | None, dim: int | tuple[int, ...], keepdim: bool = False
+) -> Tensor:
+    """Mean of ``values`` over ``dim`` where ``mask`` (broadcast to them) is True.
+
+    None averages everything, as ``values.mean``. A slice without a True element gives 0.
+    Values where ``mask`` is False are never read (NaN there stays out).
+    """
+    if mask is None:
+        return values.mean(dim=dim, keepdim=keepdim)
+    total = torch.where(mask, values, 0.0).sum(dim=dim, keepdim=keepdim)
+    return total / mask.sum(dim=dim, keepdim=keepdim).clamp_min(1).to(total.dtype)
 
 
 def leading_mask(counts: Tensor, size: int) -> Tensor:
@@ -187,15 +202,13 @@ def _farthest_point_sampling_loop(
     nearest = torch.full(
         (batch, num_points), float("inf"), dtype=points.dtype, device=points.device
     )
-    if mask is None:
-        center = points.mean(dim=1, keepdim=True)
-    else:
+    if mask is not None:
         # Padding zeroed first: it is never read, not even NaN. At -inf, padded points lose
         # every argmax below to a real point, and stay at -inf through the minimum.
         points = points.masked_fill(~mask.unsqueeze(-1), 0.0)
-        count = real_counts(mask).clamp_min(1).to(points.dtype)
-        center = (points.sum(dim=1) / count.unsqueeze(-1)).unsqueeze(1)
         nearest.masked_fill_(~mask, float("-inf"))
+    real = None if mask is None else mask.unsqueeze(-1)
+    center = masked_mean(points, real, dim=1, keepdim=True)
     # nearest is +inf at real points and -inf at padded ones: the start is the real point
     # farthest from the mean.
     current = torch.minimum((points - center).square().sum(dim=-1), nearest).argmax(dim=1)
@@ -309,13 +322,7 @@ class EdgeConvEmbedding(nn.Module):
         # Each point's RMS distance to its neighbours, differentiable (the k-NN graph is not).
         offsets = gather_neighbors(coordinates, indices) - coordinates.unsqueeze(2)
         squared = offsets.square().sum(dim=-1)
-        if real_neighbors is None:
-            radius = (squared.mean(dim=-1, keepdim=True) + 1e-12).sqrt()
-        else:
-            count = real_neighbors.sum(dim=-1, keepdim=True).clamp_min(1)
-            radius = (
-                torch.where(real_neighbors, squared, 0.0).sum(dim=-1, keepdim=True) / count + 1e-12
-            ).sqrt()
+        radius = (masked_mean(squared, real_neighbors, dim=-1, keepdim=True) + 1e-12).sqrt()
         # The projection stays in float32 under autocast: max_j Theta x_j - Theta x_i is the
         # difference of two larger products, divided by a small radius, and in bf16 it lost
         # about 1.5 % (relative) of the features. It is N x channels, cheap at any precision.
@@ -468,20 +475,21 @@ class SetAbstraction(nn.Module):
                 f"got {x.shape[1]} (pass a mask to take smaller sets)."
             )
         group_size = min(self.group_size, x.shape[1])
-        token_mask = edge_mask = None
+        token_mask = real_neighbors = edge_mask = None
         if mask is not None:
             check_set_mask("mask", mask, x, "num_points")
             x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
             counts = real_counts(mask)
             token_mask = leading_mask(counts, self.num_groups)
-            edge_mask = token_mask.unsqueeze(-1) & neighbor_mask(counts, group_size)
+            real_neighbors = neighbor_mask(counts, group_size)
+            edge_mask = token_mask.unsqueeze(-1) & real_neighbors
         with torch.no_grad():
             coordinates = x[..., :3].float()
             centers = farthest_point_sampling(coordinates, self.num_groups, mask=mask)
             center_xyz = gather_neighbors(coordinates, centers)
             groups = knn_indices(coordinates, group_size, queries=center_xyz, mask=mask)
-            if mask is not None:
-                groups = repeat_nearest(groups, neighbor_mask(counts, group_size))
+            if real_neighbors is not None:
+                groups = repeat_nearest(groups, real_neighbors)
         center_features = gather_neighbors(x, centers)
         # Offsets first, then Theta (see the class docstring): Theta x_j - Theta c_i in bf16
         # lost about 2 % (relative) of the tokens of a trained model.
@@ -521,12 +529,7 @@ class SetAbstraction(nn.Module):
         with torch.no_grad():
             xyz = offsets[..., :3]
             xyz = xyz.to(torch.promote_types(xyz.dtype, torch.float32))
-            squared = xyz.square().sum(dim=-1)
-            if edge_mask is None:
-                sigma = squared.mean(dim=(1, 2)).sqrt()
-            else:
-                count = edge_mask.sum(dim=(1, 2)).clamp_min(1)
-                sigma = (torch.where(edge_mask, squared, 0.0).sum(dim=(1, 2)) / count).sqrt()
+            sigma = masked_mean(xyz.square().sum(dim=-1), edge_mask, dim=(1, 2)).sqrt()
             scale = xyz.new_ones(offsets.shape[0], 1, 1, self.in_channels)
             # A shape whose points all coincide has sigma 0 and offsets 0: scale 1 leaves them
             # at 0 (a huge 1 / sigma would overflow to inf in half precision, and 0 * inf is NaN).

@@ -43,6 +43,7 @@ import trimesh
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from pointsink.embedding import leading_mask
 from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, is_shape_file
 from pointsink.transforms import (
     PointCloudAugmentation,
@@ -342,18 +343,17 @@ def preprocess_views(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         shape, seed = load_for_sampling(source, seed)
-        if pad_small_clouds:
-            first, count = preprocess_set(shape, num_points, seed)
-        else:
-            first, count = preprocess_shape(shape, num_points, seed), num_points
+
+        def sample(view_seed: int) -> tuple[np.ndarray, int]:
+            if pad_small_clouds:
+                return preprocess_set(shape, num_points, view_seed)
+            return preprocess_shape(shape, num_points, view_seed), num_points
+
+        first, count = sample(seed)
         views = [_turn(first, orientation)]
         for view in range(1, votes):
             view_seed = _view_seed(seed, view)
-            if pad_small_clouds:
-                points = preprocess_set(shape, num_points, view_seed)[0]
-            else:
-                points = preprocess_shape(shape, num_points, view_seed)
-            points = _turn(points, orientation)
+            points = _turn(sample(view_seed)[0], orientation)
             if augmentation is not None:
                 generator = torch.Generator().manual_seed(view_seed)
                 with torch.no_grad():
@@ -852,7 +852,8 @@ class ShapeClassifier:
             points: ``(B, N, 3)`` (or ``(N, 3)``) points, normalized like
                 :func:`pointsink.transforms.preprocess_set` output.
             mask: ``(B, N)`` (or ``(N,)``) bool, True for real points, for padded sets;
-                None: all real.
+                None: all real. A mask that is True everywhere is left out, so full sets
+                take the model's unmasked path.
 
         Returns:
             Float32 CPU tensor ``(B, C)`` (``(1, C)`` for a single set).
@@ -860,7 +861,10 @@ class ShapeClassifier:
         batch = torch.as_tensor(points)
         if mask is not None:
             mask = torch.as_tensor(mask)
-            mask = (mask.unsqueeze(0) if batch.dim() == 2 else mask).to(self.device)
+            if bool(mask.all()):  # checked where the caller built it (the CPU, here)
+                mask = None
+            else:
+                mask = (mask.unsqueeze(0) if batch.dim() == 2 else mask).to(self.device)
         if batch.dim() == 2:
             batch = batch.unsqueeze(0)
         with torch.inference_mode():
@@ -923,10 +927,8 @@ class ShapeClassifier:
         valid = [views for views, _, _ in prepared if views is not None]
         probabilities = None
         if valid:
-            counts = np.array([count for _, count in valid])
-            mask = None
-            if (counts < self.num_points).any():  # padded point clouds in this chunk
-                mask = torch.from_numpy(np.arange(self.num_points) < counts[:, None])
+            counts = torch.tensor([count for _, count in valid])
+            mask = leading_mask(counts, self.num_points)  # left out if all real
             stacked = np.stack([views for views, _ in valid])
             probabilities = self.view_probabilities(stacked, mask).mean(dim=1)  # (b, C)
         predictions = []
