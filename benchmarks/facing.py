@@ -21,25 +21,16 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from torchmetrics.classification import MulticlassAccuracy
 
 from pointsink import SetSinkformer
 from pointsink.data import build_point_cache, load_point_cache
 from pointsink.inference import checkpoint_class_names, checkpoint_hparams, load_checkpoint
+from pointsink.module import MeanClassAccuracy
+from pointsink.transforms import turn_about_vertical, yaw_rotations
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def yaw_rotations(angles: torch.Tensor, up_axis: int = 2) -> torch.Tensor:
-    """Rotations ``(S, 3, 3)`` by ``angles`` ``(S,)`` (radians) about axis ``up_axis``."""
-    first, second = (axis for axis in range(3) if axis != up_axis)
-    rotations = torch.zeros(len(angles), 3, 3)
-    rotations[:, up_axis, up_axis] = 1.0
-    rotations[:, first, first] = rotations[:, second, second] = torch.cos(angles)
-    rotations[:, first, second] = -torch.sin(angles)
-    rotations[:, second, first] = torch.sin(angles)
-    return rotations
 
 
 def probabilities(model: SetSinkformer, points: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -63,7 +54,17 @@ def yaw_voted(
     return total / votes
 
 
-def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
+def accuracy(found: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """Overall and mean per-class accuracy (%) of probabilities ``(S, C)`` against ``(S,)``.
+
+    The CLI's ``test/oa`` and ``test/macc`` metrics, so the numbers compare with its.
+    """
+    overall = MulticlassAccuracy(num_classes, average="micro")(found, labels)
+    per_class = MeanClassAccuracy(num_classes)(found, labels)
+    return 100.0 * float(overall), 100.0 * float(per_class)
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument(
@@ -91,9 +92,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     if not bool((cache.counts == num_points).all()):
         parser.error("this benchmark takes test sets of num_points real points (no padding)")
     points, labels = cache.points, cache.labels
-    generator = np.random.default_rng(args.seed)
-    angles = torch.from_numpy(generator.uniform(0.0, 2.0 * math.pi, len(points))).float()
-    turned = torch.einsum("sij,snj->sni", yaw_rotations(angles, args.up_axis), points)
+    # With seed 0, the turns of `train.py test --data.eval_rotation_degrees 180` (which seeds
+    # them with data.sample_seed, 0 by default): the same test points, turned the same way.
+    turned = turn_about_vertical(points, 180.0, args.up_axis, args.seed)
 
     start = time.perf_counter()
     rows = [
@@ -109,19 +110,16 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
             (f"upright, {votes} yaw votes", yaw_voted(model, points, votes, args.up_axis,
                                                      args.batch_size))
         )  # fmt: skip
-    accuracies = [
-        (name, 100.0 * float((found.argmax(dim=-1) == labels).float().mean()))
-        for name, found in rows
-    ]
+    accuracies = [(name, *accuracy(found, labels, len(class_names))) for name, found in rows]
     print(
         f"checkpoint={args.checkpoint.name} shapes={len(points)} points={num_points} "
         f"seed={args.seed} threads={torch.get_num_threads()} "
         f"time={time.perf_counter() - start:.0f}s"
     )
-    print("| input | test OA (%) |")
-    print("|---|---:|")
-    for name, accuracy in accuracies:
-        print(f"| {name} | {accuracy:.2f} |")
+    print("| input | test OA (%) | test mAcc (%) |")
+    print("|---|---:|---:|")
+    for name, overall, per_class in accuracies:
+        print(f"| {name} | {overall:.2f} | {per_class:.2f} |")
     return accuracies
 
 

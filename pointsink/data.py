@@ -57,6 +57,7 @@ from pointsink.transforms import (
     PointCloudAugmentation,
     load_for_sampling,
     preprocess_set,
+    turn_about_vertical,
     up_axis_rotation,
 )
 from pointsink.validation import check_int
@@ -780,6 +781,12 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         jitter_clip: Augmentation: clipping of the point jitter.
         shuffle_points: Augmentation: whether to permute the points.
         max_translation: Augmentation: largest shift per axis (0: none).
+        eval_rotation_degrees: Turns every validation and test shape about ``up_axis`` by
+            its own fixed random angle, uniform in ``[-d, d]`` (drawn once, in the split's
+            order, seeded by ``sample_seed``; see
+            :func:`~pointsink.transforms.turn_about_vertical`), to score shapes facing other
+            ways than the files do (180: any facing). With a fit, validation, and so the
+            best checkpoint, uses the turned shapes. 0: as the files stand.
         cache_dir: Folder of the preprocessed caches (None: ``root/processed``, or a user
             cache folder if ``root`` is read-only; see :func:`default_cache_dir`).
         preprocess_workers: Processes used to build the caches (None: up to 8).
@@ -810,6 +817,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         jitter_clip: float = 0.05,
         shuffle_points: bool = True,
         max_translation: float = 0.0,
+        eval_rotation_degrees: float = 0.0,
         cache_dir: str | None = None,
         preprocess_workers: int | None = None,
         predict_files: list[str] | str | None = None,
@@ -829,6 +837,11 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             preprocess_workers = check_int("preprocess_workers", preprocess_workers, minimum=1)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}.")
+        if not 0.0 <= eval_rotation_degrees <= 180.0:
+            raise ValueError(
+                f"eval_rotation_degrees must be in [0, 180]; got {eval_rotation_degrees}."
+            )
+        self.eval_rotation_degrees = float(eval_rotation_degrees)
 
         self.root = Path(root)
         self.num_points = num_points
@@ -858,6 +871,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             max_translation=max_translation,
         )
         self.augmentation: PointCloudAugmentation | None = augmentation if augment else None
+        self.up_axis = augmentation.up_axis
         # Recorded in checkpoints (linked to the model by the CLI) so that test-time voting
         # augments like training did; without augmentation, the identity (views differ only
         # by their point sampling).
@@ -1008,7 +1022,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
                 full_train.labels, self.val_fraction, self.split_seed
             )
             self.train_dataset = full_train.subset(train_indices, transform=self.augmentation)
-            self.val_dataset = full_train.subset(val_indices, transform=None)
+            self.val_dataset = self._turned(full_train.subset(val_indices, transform=None))
             self._val_files = sorted(
                 Path(path).relative_to(self.root).as_posix() for path in self.val_dataset.paths
             )
@@ -1018,12 +1032,21 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             # fit restores the checkpoint's stream after this (RandomStateCheckpoint).
             self.train_dataset.reset_augmentation()
         if stage in (None, "test") and self.test_dataset is None:
-            self.test_dataset = self._load_split("test")
+            self.test_dataset = self._turned(self._load_split("test"))
             # Testing nothing would end without a metric, and with exit status 0. Without a
             # stage (setup called directly) a dataset may lack its test split.
             if stage == "test" and len(self.test_dataset) == 0:
                 self._check_split_files("test", every_class=False)
                 raise DatasetLayoutError(f"None of the test shapes in {self.root} could be read.")
+
+    def _turned(self, dataset: PointCloudDataset) -> PointCloudDataset:
+        """``dataset`` with each shape turned as ``eval_rotation_degrees`` asks (or itself)."""
+        if self.eval_rotation_degrees == 0.0:
+            return dataset
+        dataset.points = turn_about_vertical(
+            dataset.points, self.eval_rotation_degrees, self.up_axis, self.sample_seed
+        )
+        return dataset
 
     # -- checkpointed state -------------------------------------------------------------
 

@@ -32,8 +32,10 @@ __all__ = [
     "preprocess_shape",
     "principal_spreads",
     "sample_points",
+    "turn_about_vertical",
     "up_axis_index",
     "up_axis_rotation",
+    "yaw_rotations",
 ]
 
 AXIS_NAMES = ("x", "y", "z")
@@ -342,6 +344,63 @@ def up_axis_rotation(from_axis: int | str, to_axis: int | str) -> np.ndarray:
     return rotation
 
 
+def yaw_rotations(angles: Tensor, up_axis: int = 2) -> Tensor:
+    """Rotations about the vertical axis (turns in the plane of the two horizontal axes).
+
+    Args:
+        angles: ``(S,)`` angles in radians. A positive angle turns the first horizontal axis
+            towards the second (x towards y for z-up: counter-clockwise seen from above).
+        up_axis: Index (0, 1 or 2) of the vertical axis, which every rotation keeps fixed.
+
+    Returns:
+        ``(S, 3, 3)`` rotation matrices ``R`` (apply as ``R @ p``), in ``angles``' dtype
+        and device. The row of ``up_axis`` is exactly the unit vector, so the up
+        coordinate passes through unchanged.
+    """
+    up = up_axis_index(up_axis)
+    first, second = (axis for axis in range(3) if axis != up)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    rotations = torch.zeros(len(angles), 3, 3, dtype=angles.dtype, device=angles.device)
+    rotations[:, up, up] = 1.0
+    rotations[:, first, first], rotations[:, first, second] = cos, -sin
+    rotations[:, second, first], rotations[:, second, second] = sin, cos
+    return rotations
+
+
+def turn_about_vertical(
+    points: Tensor, max_degrees: float, up_axis: int = 2, seed: int = 0
+) -> Tensor:
+    """Turns each point set by its own random angle about the vertical axis.
+
+    The angles are uniform in ``[-max_degrees, max_degrees]`` (180: any facing), drawn in
+    the sets' order from a generator seeded with ``seed``: the same sets in the same order
+    are turned the same way every time. This is how the data modules'
+    ``eval_rotation_degrees`` and ``benchmarks/facing.py`` score shapes facing other ways
+    than the training's. Padding rows at the origin stay there.
+
+    Args:
+        points: ``(S, N, 3)`` point sets.
+        max_degrees: Largest turn, in ``[0, 180]``.
+        up_axis: Index (0, 1 or 2) of the vertical axis.
+        seed: Seed of the angles.
+
+    Returns:
+        ``(S, N, 3)`` turned copies, in ``points``' dtype and device.
+
+    Raises:
+        ValueError: ``points`` is not ``(S, N, 3)`` or ``max_degrees`` is outside ``[0, 180]``.
+    """
+    if points.dim() != 3 or points.shape[-1] != 3:
+        raise ValueError(f"points must have shape (S, N, 3); got {tuple(points.shape)}.")
+    if not 0.0 <= max_degrees <= 180.0:
+        raise ValueError(f"max_degrees must be in [0, 180]; got {max_degrees}.")
+    generator = torch.Generator().manual_seed(seed)
+    uniform = torch.rand(len(points), generator=generator, dtype=torch.float64)
+    angles = math.radians(max_degrees) * (2.0 * uniform - 1.0)
+    rotations = yaw_rotations(angles, up_axis).to(device=points.device, dtype=points.dtype)
+    return torch.einsum("sij,snj->sni", rotations, points)
+
+
 def _sample_points_float64(
     shape: trimesh.Trimesh | np.ndarray, num_points: int, seed: int
 ) -> np.ndarray:
@@ -448,13 +507,7 @@ class PointCloudAugmentation(torch.nn.Module):
         angle = math.radians(self.max_rotation_degrees) * (
             2.0 * torch.rand((), generator=generator, **options) - 1.0
         )
-        # Rotate in the plane of the two horizontal axes; the up coordinate is untouched.
-        first, second = (axis for axis in range(3) if axis != self.up_axis)
-        rotation = torch.eye(3, **options)
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        rotation[first, first], rotation[first, second] = cos, -sin
-        rotation[second, first], rotation[second, second] = sin, cos
-
+        rotation = yaw_rotations(angle.reshape(1), self.up_axis)[0]
         augmented = (points * scale) @ rotation.T
         if self.max_translation > 0.0:
             shift = torch.rand(3, generator=generator, **options)

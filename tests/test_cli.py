@@ -502,6 +502,12 @@ def test_test_split_alone_is_enough_to_test(
     assert len(cli.datamodule.test_dataset) == 4
     assert cli.datamodule.train_dataset is None
     assert not list((test_only / "processed").glob("*train*"))
+    # Scored facing other ways: the same test shapes, each turned about the vertical.
+    turned = main(["test", *data, "--data.root", str(test_only), "--ckpt_path", "best",
+                   "--data.eval_rotation_degrees", "180"])  # fmt: skip
+    upright, moved = cli.datamodule.test_dataset.points, turned.datamodule.test_dataset.points
+    torch.testing.assert_close(moved[..., 2], upright[..., 2])
+    assert not torch.allclose(moved, upright)
 
     # Without test shapes (here files of another kind), `test` stops with one sentence
     # instead of testing nothing and exiting 0 without a metric.

@@ -775,6 +775,42 @@ def test_training_batches_are_shuffled_and_test_batches_are_not_augmented(
     torch.testing.assert_close(batch["points"], datamodule.test_dataset.points[batch["index"]])
 
 
+def test_eval_rotation_turns_validation_and_test_shapes_once(tmp_path, make_shape_folder):
+    # `test --data.eval_rotation_degrees 180` scores shapes facing any way: each validation
+    # and test shape turned about the up axis by its own fixed angle; training shapes not.
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=5, test_per_class=3)
+    upright = _datamodule(root, tmp_path, val_fraction=0.2, up_axis=1)
+    turned = _datamodule(root, tmp_path, val_fraction=0.2, up_axis=1, eval_rotation_degrees=180)
+    for data in (upright, turned):
+        data.setup("fit")
+        data.setup("test")
+    torch.testing.assert_close(turned.train_dataset.points, upright.train_dataset.points)
+    for split in ("val_dataset", "test_dataset"):
+        before, after = getattr(upright, split).points, getattr(turned, split).points
+        # About the up axis (y here): heights and horizontal distances kept, shapes moved.
+        torch.testing.assert_close(after[..., 1], before[..., 1], atol=0, rtol=0)
+        torch.testing.assert_close(after.norm(dim=-1), before.norm(dim=-1))
+        moved = (after - before).norm(dim=-1).amax(dim=-1)
+        assert bool((moved > 1e-3).all()), moved
+        # One angle per shape: the horizontal angle of every point moved by the same amount.
+        angles = torch.atan2(after[..., 2], after[..., 0]) - torch.atan2(
+            before[..., 2], before[..., 0]
+        )
+        turn = torch.polar(torch.ones_like(angles), angles)
+        torch.testing.assert_close(turn, turn[:, :1].expand_as(turn), atol=1e-4, rtol=0)
+        assert len({round(float(a), 4) for a in turn[:, 0].angle()}) == len(after)
+        batch = next(
+            iter(turned.val_dataloader() if split == "val_dataset" else turned.test_dataloader())
+        )
+        torch.testing.assert_close(batch["points"], after[batch["index"]])
+    # The same settings turn the same shapes the same way.
+    again = _datamodule(root, tmp_path, val_fraction=0.2, up_axis=1, eval_rotation_degrees=180)
+    again.setup("test")
+    torch.testing.assert_close(again.test_dataset.points, turned.test_dataset.points)
+    with pytest.raises(ValueError, match=r"eval_rotation_degrees must be in \[0, 180\]"):
+        _datamodule(root, tmp_path, eval_rotation_degrees=-5)
+
+
 def test_predict_loader_samples_a_file_as_the_cache_did(tmp_path, make_shape_folder):
     # data.sample_seed, not seed 0: `train.py predict` scores the points `test` scores.
     root = make_shape_folder(tmp_path / "shapes")

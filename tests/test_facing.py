@@ -11,6 +11,7 @@ from _benchmark_utils import load_benchmark
 from _inference_utils import CLASSES, build_tiny_checkpoint
 
 from pointsink import SetSinkformer
+from pointsink.transforms import yaw_rotations
 
 
 @pytest.fixture(scope="module")
@@ -18,23 +19,12 @@ def facing():
     return load_benchmark("facing")
 
 
-@pytest.mark.parametrize("up_axis", [0, 1, 2])
-def test_yaw_rotations_turn_about_the_up_axis(facing, up_axis: int) -> None:
-    rotations = facing.yaw_rotations(torch.tensor([math.pi / 2, 0.3]), up_axis)
-    torch.testing.assert_close(torch.linalg.det(rotations), torch.ones(2))
-    up = torch.eye(3)[up_axis]
-    torch.testing.assert_close(rotations @ up, up.expand(2, 3))
-    first, second = (axis for axis in range(3) if axis != up_axis)
-    # A quarter turn takes the first horizontal axis to the second.
-    torch.testing.assert_close(rotations[0] @ torch.eye(3)[first], torch.eye(3)[second])
-
-
 def test_yaw_votes_do_not_depend_on_a_turn_by_a_multiple_of_their_step(facing) -> None:
     torch.manual_seed(0)
     model = SetSinkformer(3, channels=8, num_heads=2, num_inducing_points=3).eval()
     points = torch.randn(4, 20, 3)
     step = torch.full((4,), 2.0 * math.pi / 4)
-    turned = torch.einsum("sij,snj->sni", facing.yaw_rotations(step), points)
+    turned = torch.einsum("sij,snj->sni", yaw_rotations(step), points)
     voted = facing.yaw_voted(model, points, 4, 2, batch_size=3)
     torch.testing.assert_close(facing.yaw_voted(model, turned, 4, 2, 3), voted, atol=1e-5, rtol=0)
     # One view is not invariant: the turn changes the probabilities.
@@ -50,7 +40,14 @@ def test_main_scores_every_row(facing, tmp_path: Path, make_shape_folder) -> Non
         ["--data-root", str(root), "--checkpoint", str(checkpoint), "--votes", "2",
          "--cache-dir", str(tmp_path / "cache")]
     )  # fmt: skip
-    assert [name for name, _ in rows] == [
+    assert [name for name, *_ in rows] == [
         "upright", "random yaw", "random yaw, 2 yaw votes", "upright, 2 yaw votes"
     ]  # fmt: skip
-    assert all(0.0 <= accuracy <= 100.0 for _, accuracy in rows)
+    assert all(0.0 <= value <= 100.0 for _, *values in rows for value in values)
+
+
+def test_accuracy_is_the_clis_overall_and_mean_per_class(facing) -> None:
+    # Class 2 has no shapes: the mean runs over classes 0 and 1 (1/2 and 1/1 right).
+    found = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]])
+    overall, per_class = facing.accuracy(found, torch.tensor([0, 0, 1]), 3)
+    assert overall == pytest.approx(200 / 3) and per_class == pytest.approx(75.0)

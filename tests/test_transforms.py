@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -16,7 +17,9 @@ from pointsink.transforms import (
     preprocess_shape,
     principal_spreads,
     sample_points,
+    turn_about_vertical,
     up_axis_rotation,
+    yaw_rotations,
 )
 
 EXTENTS = np.array([1.0, 1.0, 10.0])
@@ -368,6 +371,44 @@ def test_region_mixing_rejects_bad_arguments():
         mix_point_regions(points, points, 3, points[0])
     with pytest.raises(ValueError, match="same B"):
         mix_point_regions(points, points[:1], 3, points[:, 0])
+
+
+@pytest.mark.parametrize("up_axis", [0, 1, 2, "y"])
+def test_yaw_rotations_turn_about_the_up_axis(up_axis) -> None:
+    rotations = yaw_rotations(torch.tensor([math.pi / 2, 0.3], dtype=torch.float64), up_axis)
+    assert rotations.dtype == torch.float64
+    torch.testing.assert_close(torch.linalg.det(rotations), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(
+        rotations @ rotations.mT, torch.eye(3, dtype=torch.float64).expand(2, 3, 3)
+    )
+    index = {"y": 1}.get(up_axis, up_axis)
+    up = torch.eye(3, dtype=torch.float64)[index]
+    assert torch.equal(rotations[:, index], up.expand(2, 3))  # exactly: heights unchanged
+    first, second = (axis for axis in range(3) if axis != index)
+    # A quarter turn takes the first horizontal axis to the second.
+    torch.testing.assert_close(
+        rotations[0] @ torch.eye(3, dtype=torch.float64)[first],
+        torch.eye(3, dtype=torch.float64)[second],
+    )
+
+
+def test_turn_about_vertical_draws_one_seeded_angle_per_set_within_the_range() -> None:
+    points = torch.randn(400, 5, 3, generator=torch.Generator().manual_seed(0))
+    points[:, -1] = 0.0  # padding rows stay at the origin
+    turned = turn_about_vertical(points, 30.0, up_axis=2, seed=7)
+    torch.testing.assert_close(turned[..., 2], points[..., 2], atol=0, rtol=0)
+    assert torch.equal(turned[:, -1], points[:, -1])
+    before = torch.complex(points[:, :-1, 0], points[:, :-1, 1])
+    after = torch.complex(turned[:, :-1, 0], turned[:, :-1, 1])
+    angles = torch.rad2deg((after / before).angle())  # per point; one per set
+    torch.testing.assert_close(angles, angles[:, :1].expand_as(angles), atol=1e-3, rtol=0)
+    assert -30.0 <= float(angles.min()) < -25.0 and 25.0 < float(angles.max()) <= 30.0
+    assert torch.equal(turn_about_vertical(points, 30.0, 2, seed=7), turned)
+    assert not torch.allclose(turn_about_vertical(points, 30.0, 2, seed=8), turned)
+    assert torch.equal(turn_about_vertical(points, 0.0, 2, seed=7), points)
+    for bad in (-1.0, 181.0):
+        with pytest.raises(ValueError, match=r"max_degrees must be in \[0, 180\]"):
+            turn_about_vertical(points, bad)
 
 
 def test_rotation_angles_span_both_directions_of_the_range():
