@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import shutil
 import sys
 import warnings
@@ -62,7 +63,11 @@ class BatchLimitTrainer(Trainer):
     Lightning annotates the limits ``float | int | None``, float first, so jsonargparse
     parses ``--trainer.limit_train_batches 1`` (or ``1`` in a YAML file) as ``1.0``: all
     batches, where Lightning documents ``1`` as one batch. Here ``1`` stays an int and
-    ``1.0`` a float. Every other argument is the Trainer's.
+    ``1.0`` a float. Its default logger (``logger`` unset or True) is always a
+    :class:`~pytorch_lightning.loggers.CSVLogger` in ``default_root_dir``, where Lightning
+    would switch to TensorBoard's whenever ``tensorboard`` happens to be installed: the
+    README and ``benchmarks/reproduce.py`` read ``metrics.csv``. Every other argument is the
+    Trainer's.
 
     Args:
         limit_train_batches: Training batches per epoch: an int counts batches, a float is
@@ -82,6 +87,8 @@ class BatchLimitTrainer(Trainer):
         limit_predict_batches: BatchLimit = None,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("logger") in (None, True) and not kwargs.get("barebones", False):
+            kwargs["logger"] = CSVLogger(save_dir=kwargs.get("default_root_dir") or os.getcwd())
         super().__init__(
             limit_train_batches=_batch_limit(limit_train_batches),
             limit_val_batches=_batch_limit(limit_val_batches),

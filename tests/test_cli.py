@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser
 
-from pointsink.cli import main
+from pointsink.cli import BatchLimitTrainer, main
 from pointsink.data import recorded_split
 from pointsink.inference import ShapeClassifier
 from pointsink.module import SinkformerClassifier
@@ -542,3 +542,21 @@ def test_predict_with_another_data_config_takes_the_checkpoints_classes(
     assert len(records) == 2 and all(record["error"] is None for record in records)
     assert {record["label"] for record in records} <= {"mug", "vase"}
     assert not (tmp_path / "synthetic").exists()  # nothing generated for predict
+
+
+def test_default_logger_writes_csv_even_with_tensorboard_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """metrics.csv, which the README and reproduce.py read, does not depend on what else is
+    installed: Lightning's own default turns to TensorBoard when tensorboard is importable."""
+    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.trainer.connectors.logger_connector import logger_connector
+
+    monkeypatch.setattr(logger_connector, "_TENSORBOARD_AVAILABLE", True)
+    for logger in (None, True):
+        trainer = BatchLimitTrainer(logger=logger, default_root_dir=str(tmp_path))
+        assert isinstance(trainer.logger, CSVLogger)
+        assert Path(trainer.logger.log_dir).parent == tmp_path / "lightning_logs"
+    assert BatchLimitTrainer(logger=False, default_root_dir=str(tmp_path)).logger is None
+    mine = CSVLogger(tmp_path / "mine")
+    assert BatchLimitTrainer(logger=mine).logger is mine
