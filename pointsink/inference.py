@@ -1084,6 +1084,10 @@ def _augmentation_from_hparams(
             UserWarning,
             stacklevel=3,
         )
+    # The vertical axis, which up_axis turns inputs to, stays the recorded one if it can.
+    try:
+        return PointCloudAugmentation(up_axis=kwargs.get("up_axis", 2))
+    except (TypeError, ValueError):
         return PointCloudAugmentation()
 
 

@@ -173,8 +173,20 @@ def principal_spreads(shape: trimesh.Trimesh | np.ndarray) -> np.ndarray:
         Float64 array ``(3,)``, widest direction first (the square roots of the
         eigenvalues of the covariance).
     """
+    # Moments about a point inside the shape, in units of its extent: far from the origin
+    # (geographic coordinates) the second moment minus the squared mean would cancel to
+    # noise, and at extreme scales the squares would overflow or underflow.
     if isinstance(shape, trimesh.Trimesh):
         corners = np.asarray(shape.triangles, dtype=np.float64)  # (F, 3 corners, 3)
+        low, high = corners.min(axis=(0, 1)), corners.max(axis=(0, 1))
+    else:
+        corners = np.asarray(shape, dtype=np.float64)
+        low, high = corners.min(axis=0), corners.max(axis=0)
+    extent = float(np.max(high - low))
+    if not 0.0 < extent < np.inf:
+        return np.zeros(3)  # all points coincide (or overflow): nothing to compare
+    corners = (corners - (low + high) / 2.0) / extent
+    if isinstance(shape, trimesh.Trimesh):
         areas = np.asarray(shape.area_faces, dtype=np.float64)
         weights = areas / areas.sum()
         # A uniform point on triangle (a, b, c) has mean (a + b + c) / 3 and second moment
@@ -187,11 +199,10 @@ def principal_spreads(shape: trimesh.Trimesh | np.ndarray) -> np.ndarray:
         ) / 12.0
         covariance = second - np.outer(mean, mean)
     else:
-        points = np.asarray(shape, dtype=np.float64)
-        centred = points - points.mean(axis=0)
+        centred = corners - corners.mean(axis=0)
         covariance = centred.T @ centred / len(centred)
     eigenvalues = np.linalg.eigvalsh(covariance)[::-1]
-    return np.sqrt(np.clip(eigenvalues, 0.0, None))
+    return extent * np.sqrt(np.clip(eigenvalues, 0.0, None))
 
 
 def _warn_if_degenerate(shape: trimesh.Trimesh | np.ndarray) -> None:

@@ -343,6 +343,13 @@ def test_unusable_recorded_augmentation_warns(checkpoint: Path, tmp_path: Path) 
     with pytest.warns(UserWarning, match="recorded augmentation .* cannot be used"):
         restored = ShapeClassifier.from_checkpoint(broken)
     assert restored.augmentation.settings() == PointCloudAugmentation().settings()
+    # The vertical axis, which `up_axis` turns inputs to, is kept when it is valid.
+    content["hyper_parameters"]["augmentation"] = {"up_axis": 1, "flip_probability": 0.5}
+    torch.save(content, broken)
+    with pytest.warns(UserWarning, match="recorded augmentation .* cannot be used"):
+        restored = ShapeClassifier.from_checkpoint(broken)
+    assert restored.augmentation.settings() == PointCloudAugmentation(up_axis=1).settings()
+    assert restored.up_axis == 1
 
 
 def test_too_few_points_for_the_model_are_refused() -> None:

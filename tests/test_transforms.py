@@ -180,6 +180,31 @@ def test_principal_spreads_are_the_rms_spreads_along_the_principal_axes():
     np.testing.assert_allclose(principal_spreads(fine), principal_spreads(BOX), rtol=1e-9)
 
 
+@pytest.mark.parametrize("offset", [1e6, 6.4e6])
+@pytest.mark.parametrize("kind", ["mesh", "cloud"])
+def test_principal_spreads_do_not_depend_on_where_the_shape_stands(offset, kind):
+    # Geographic coordinates: a 1 x 1 x 0.05 slab some 6,400 km from the origin is no sheet.
+    slab = trimesh.creation.box(extents=[1.0, 1.0, 0.05])
+    shift = np.array([offset, 0.3 * offset, 0.5 * offset])
+    if kind == "mesh":
+        moved = slab.copy().apply_translation(shift)
+    else:
+        slab = slab.sample(2000, seed=0)
+        moved = slab + shift
+    np.testing.assert_allclose(principal_spreads(moved), principal_spreads(slab), rtol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_for_sampling(moved, 0)
+
+
+def test_principal_spreads_of_clouds_at_extreme_scales():
+    # The squares of 1e160 overflow and those of 1e-200 underflow: spreads, not an error.
+    cloud = np.random.default_rng(0).normal(size=(500, 3)) * [3.0, 1.0, 2.0]
+    for scale in (1e160, 1e-200):
+        spreads = principal_spreads(cloud * scale)
+        np.testing.assert_allclose(spreads / scale, principal_spreads(cloud), rtol=1e-9)
+
+
 @pytest.mark.parametrize(
     ("shape", "message"),
     [
