@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the files' vertical axis, turned to the model's before classifying (e.g. y for "
         "glTF/GLB; default: the files stand like the training shapes, z-up for ModelNet). "
         "The model knows shapes upright and facing roughly as in training: it was trained "
-        "turned by at most its augmentation's angle about the vertical",
+        "turned by at most its augmentation's angle about the vertical (for shapes facing "
+        "any way, use a model trained on every facing, such as "
+        "checkpoints/modelnet10-anyfacing-sinkformer.ckpt)",
     )
     return parser
 

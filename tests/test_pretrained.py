@@ -15,22 +15,32 @@ from pointsink.module import SinkformerClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 
-# checkpoint -> (its config, test OA and mAcc, and how the README states them)
+# checkpoint -> (its config, [(extra `test` arguments, test OA, test mAcc, how the README
+# states them), ...])
 SHIPPED = {
-    "modelnet10-sinkformer.ckpt": (
-        "modelnet10.yaml", 0.9361, 0.9341,
-        "Overall test accuracy **{oa} %**, mean per-class accuracy **{macc} %**",
-    ),
-    "modelnet10-cpu-sinkformer.ckpt": (
-        "modelnet10-cpu.yaml", 0.8987, 0.8919, "Reproduce its numbers ({oa} % OA, {macc} % mAcc)"
-    ),
+    "modelnet10-sinkformer.ckpt": ("modelnet10.yaml", [
+        ((), 0.9361, 0.9341,
+         "Overall test accuracy **{oa} %**, mean per-class accuracy **{macc} %**"),
+    ]),
+    "modelnet10-cpu-sinkformer.ckpt": ("modelnet10-cpu.yaml", [
+        ((), 0.8987, 0.8919, "Reproduce its numbers ({oa} % OA, {macc} % mAcc)"),
+    ]),
+    "modelnet10-anyfacing-sinkformer.ckpt": ("modelnet10.yaml", [
+        ((), 0.9020, 0.8940,
+         "upright test shapes: **{oa} %** OA, **{macc} %** mAcc"),
+        (("--data.eval_rotation_degrees", "180"), 0.9031, 0.8952,
+         "each test shape turned by its own random angle: **{oa} %** OA, **{macc} %** mAcc"),
+    ]),
 }  # fmt: skip
+EVALUATIONS = [
+    (name, index) for name, (_, runs) in sorted(SHIPPED.items()) for index in range(len(runs))
+]
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_checkpoint_matches_its_config(name: str) -> None:
     """The README's `test --config C --ckpt_path K` builds the model that K was trained as."""
-    config_name, *_ = SHIPPED[name]
+    config_name, _ = SHIPPED[name]
     path = REPO / "checkpoints" / name
     assert path.stat().st_size < 20 * 2**20
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -95,18 +105,19 @@ def test_plain_and_lightning_loading_fill_missing_settings_alike() -> None:
     assert differing == {}
 
 
-@pytest.mark.parametrize("name", sorted(SHIPPED))
-def test_readme_states_the_shipped_accuracy(name: str) -> None:
-    _, oa, macc, statement = SHIPPED[name]
+@pytest.mark.parametrize(("name", "index"), EVALUATIONS)
+def test_readme_states_the_shipped_accuracy(name: str, index: int) -> None:
+    _, oa, macc, statement = SHIPPED[name][1][index]
     readme = " ".join((REPO / "README.md").read_text().split())  # line breaks as spaces
     assert statement.format(oa=f"{100 * oa:.2f}", macc=f"{100 * macc:.2f}") in readme
 
 
 @requires_modelnet10
-@pytest.mark.parametrize("name", sorted(SHIPPED))
-def test_shipped_checkpoint_reproduces_its_accuracy(name: str, tmp_path: Path) -> None:
-    """The README's reproduce command, on the real test split."""
-    config_name, oa, macc, _ = SHIPPED[name]
+@pytest.mark.parametrize(("name", "index"), EVALUATIONS)
+def test_shipped_checkpoint_reproduces_its_accuracy(name: str, index: int, tmp_path: Path) -> None:
+    """The README's reproduce commands, on the real test split."""
+    config_name, runs = SHIPPED[name]
+    extra, oa, macc, _ = runs[index]
     cli = main([
         "test",
         "--config", str(REPO / "configs" / config_name),
@@ -114,8 +125,16 @@ def test_shipped_checkpoint_reproduces_its_accuracy(name: str, tmp_path: Path) -
         "--ckpt_path", str(REPO / "checkpoints" / name),
         "--trainer.default_root_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false",
+        *extra,
     ])  # fmt: skip
     metrics = cli.trainer.callback_metrics
     # 908 test shapes: one shape is 0.11 points; allow for bf16 rounding on other CPUs.
     assert float(metrics["test/oa"]) == pytest.approx(oa, abs=0.0025)
     assert float(metrics["test/macc"]) == pytest.approx(macc, abs=0.0035)
+
+
+def test_the_anyfacing_checkpoint_was_trained_on_every_facing() -> None:
+    checkpoint = torch.load(
+        REPO / "checkpoints" / "modelnet10-anyfacing-sinkformer.ckpt", weights_only=True
+    )
+    assert checkpoint["hyper_parameters"]["augmentation"]["max_rotation_degrees"] == 180.0
