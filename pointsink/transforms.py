@@ -176,17 +176,15 @@ def principal_spreads(shape: trimesh.Trimesh | np.ndarray) -> np.ndarray:
     # Moments about a point inside the shape, in units of its extent: far from the origin
     # (geographic coordinates) the second moment minus the squared mean would cancel to
     # noise, and at extreme scales the squares would overflow or underflow.
-    if isinstance(shape, trimesh.Trimesh):
-        corners = np.asarray(shape.triangles, dtype=np.float64)  # (F, 3 corners, 3)
-        low, high = corners.min(axis=(0, 1)), corners.max(axis=(0, 1))
-    else:
-        corners = np.asarray(shape, dtype=np.float64)
-        low, high = corners.min(axis=0), corners.max(axis=0)
+    is_mesh = isinstance(shape, trimesh.Trimesh)
+    # A mesh's (F, 3 corners, 3) triangle corners, or a cloud's (P, 3) points.
+    corners = np.asarray(shape.triangles if is_mesh else shape, dtype=np.float64)
+    low, high = corners.reshape(-1, 3).min(axis=0), corners.reshape(-1, 3).max(axis=0)
     extent = float(np.max(high - low))
     if not 0.0 < extent < np.inf:
         return np.zeros(3)  # all points coincide (or overflow): nothing to compare
     corners = (corners - (low + high) / 2.0) / extent
-    if isinstance(shape, trimesh.Trimesh):
+    if is_mesh:
         areas = np.asarray(shape.area_faces, dtype=np.float64)
         weights = areas / areas.sum()
         # A uniform point on triangle (a, b, c) has mean (a + b + c) / 3 and second moment
