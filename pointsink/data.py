@@ -486,6 +486,9 @@ def build_point_cache(
             tmp_path = Path(tmp.name)
         try:
             torch.save(payload, tmp_path)
+            # The temporary file is private (0600); give the cache the mode a plain new file
+            # gets, so that the others a shared dataset folder lets in can read it too.
+            os.chmod(tmp_path, 0o666 & ~_current_umask())
             os.replace(tmp_path, cache_path)
         finally:
             tmp_path.unlink(missing_ok=True)
@@ -499,6 +502,13 @@ def build_point_cache(
             if outdated != cache_path:
                 outdated.unlink(missing_ok=True)
     return cache_path
+
+
+def _current_umask() -> int:
+    """The process's file-mode creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def default_cache_dir(root: str | os.PathLike[str]) -> Path:
@@ -843,7 +853,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             )
         self.eval_rotation_degrees = float(eval_rotation_degrees)
 
-        self.root = Path(root)
+        # expanduser: a YAML ``root: ~/data/...`` would otherwise name a folder "~" here.
+        self.root = Path(root).expanduser()
         self.num_points = num_points
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
@@ -1059,13 +1070,19 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         ``benchmarks/voting.py --split val``).
 
         Returns:
-            ``{"val_fraction", "split_seed"}``, and once ``setup`` has made the split also
+            ``{"val_fraction", "split_seed", "eval_rotation_degrees"}`` (the last because a
+            resumed fit must also turn its validation shapes as before), and once ``setup``
+            has made the split also
             ``"val_files"`` (the validation files' sorted paths ``<class>/train/<name>``,
             relative to ``root`` so that the dataset folder may move).
             The split picks files by position, so the same settings select other files
             once training files are added, removed or become unreadable.
         """
-        state: dict[str, Any] = {"val_fraction": self.val_fraction, "split_seed": self.split_seed}
+        state: dict[str, Any] = {
+            "val_fraction": self.val_fraction,
+            "split_seed": self.split_seed,
+            "eval_rotation_degrees": self.eval_rotation_degrees,
+        }
         if self._val_files is not None:
             state["val_files"] = list(self._val_files)
         return state
@@ -1088,6 +1105,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         stage = self.trainer.state.fn if self.trainer is not None else None
         if recorded == current:
             self._check_validation_files(state_dict, stage)
+            self._check_validation_turn(state_dict, stage)
             return
         message = (
             f"The checkpoint was trained with val_fraction={recorded[0]} and "
@@ -1105,6 +1123,20 @@ class ShapeFolderDataModule(pl.LightningDataModule):
                 f"{message}: part of this validation split may be shapes the model was trained on.",
                 UserWarning,
                 stacklevel=2,
+            )
+
+    def _check_validation_turn(self, state_dict: Mapping[str, Any], stage: Any) -> None:
+        """Refuses to resume a fit whose validation shapes were turned otherwise."""
+        recorded = state_dict.get("eval_rotation_degrees")
+        if stage != TrainerFn.FITTING or recorded is None:
+            return  # validate/test may score any turn; older checkpoints do not record it
+        if float(recorded) != self.eval_rotation_degrees:
+            raise CheckpointError(
+                f"The checkpoint was validated with eval_rotation_degrees={recorded}, but the "
+                f"data module has eval_rotation_degrees={self.eval_rotation_degrees}: resuming "
+                "would pick its best epoch across upright and turned validation shapes. Give "
+                f"--data.eval_rotation_degrees {recorded}, or start a new run (--model.weights "
+                "fine-tunes from its weights)."
             )
 
     def _check_validation_files(self, state_dict: Mapping[str, Any], stage: Any) -> None:

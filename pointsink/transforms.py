@@ -442,8 +442,11 @@ class PointCloudAugmentation(torch.nn.Module):
     In order: anisotropic scaling (one factor per axis), a small rotation about the up
     axis, an optional translation (one shift per axis, as in DGCNN's ModelNet training),
     clipped Gaussian jitter and a random permutation of the points. Random numbers
-    come from torch's global RNG unless a generator is passed, so Lightning's per-worker
-    and per-rank seeding gives each worker and rank its own stream.
+    come from torch's global RNG unless a generator is passed. Lightning's seeding makes
+    that RNG differ between dataloader workers only with ``seed_everything(workers=True)``,
+    and never between DDP ranks without workers (every rank would draw the same
+    augmentation), so a dataset should pass its own generator per worker and rank, as
+    :class:`pointsink.data.PointCloudDataset` does.
 
     Args:
         scale_low: Lower bound of the per-axis scale factor (> 0).
@@ -471,6 +474,20 @@ class PointCloudAugmentation(torch.nn.Module):
         max_translation: float = 0.0,
     ) -> None:
         super().__init__()
+        settings = {
+            "scale_low": scale_low,
+            "scale_high": scale_high,
+            "max_rotation_degrees": max_rotation_degrees,
+            "jitter_sigma": jitter_sigma,
+            "jitter_clip": jitter_clip,
+            "max_translation": max_translation,
+        }
+        # NaN passes every comparison below (and would turn every point into NaN).
+        not_finite = [
+            f"{name}={value}" for name, value in settings.items() if not math.isfinite(value)
+        ]
+        if not_finite:
+            raise ValueError(f"Augmentation settings must be finite; got {', '.join(not_finite)}.")
         if not 0.0 < scale_low <= scale_high:
             raise ValueError(
                 f"Need 0 < scale_low <= scale_high; got scale_low={scale_low}, "

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import threading
 import time
 import urllib.error
@@ -459,6 +460,48 @@ def test_checkpoint_without_recorded_validation_files_is_accepted(tmp_path, make
         warnings.simplefilter("error")
         _fitting(_datamodule(root, tmp_path, val_fraction=0.25)).load_state_dict(older)
     assert recorded_split({"ShapeFolderDataModule": state}) == (0.25, 0)
+
+
+def test_resuming_with_another_validation_turn_is_refused(tmp_path, make_shape_folder):
+    root = make_shape_folder(tmp_path / "shapes", train_per_class=8)
+    state, _ = _recorded_state(root, tmp_path)
+    assert state["eval_rotation_degrees"] == 0.0
+
+    turned = _datamodule(root, tmp_path, val_fraction=0.25, eval_rotation_degrees=180.0)
+    with pytest.raises(CheckpointError, match=r"validated with eval_rotation_degrees=0\.0"):
+        _fitting(turned).load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # Scoring a checkpoint on turned shapes is what the option is for.
+        _fitting(
+            _datamodule(root, tmp_path, val_fraction=0.25, eval_rotation_degrees=180.0),
+            TrainerFn.VALIDATING,
+        ).load_state_dict(state)
+        # Checkpoints written before the turn was recorded were all upright; accepted.
+        older = {key: value for key, value in state.items() if key != "eval_rotation_degrees"}
+        _fitting(
+            _datamodule(root, tmp_path, val_fraction=0.25, eval_rotation_degrees=180.0)
+        ).load_state_dict(older)
+
+
+def test_root_may_start_with_the_home_folder(tmp_path, make_shape_folder, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_shape_folder(tmp_path / "shapes")
+    data = _datamodule(Path("~/shapes"), tmp_path)
+    assert data.root == tmp_path / "shapes"
+    assert data.class_names == CLASSES
+
+
+def test_a_cache_file_gets_the_mode_of_a_plain_new_file(tmp_path, make_shape_folder):
+    # A group-shared dataset (umask 002): a private (0600) cache would stop the group's
+    # other users, who are sent to the same processed/ folder, at torch.load.
+    root = make_shape_folder(tmp_path / "shapes")
+    previous = os.umask(0o002)
+    try:
+        cache = _build(root, tmp_path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o664
 
 
 def test_without_validation_the_split_seed_does_not_matter():

@@ -362,6 +362,27 @@ def test_augmentation_rejects_invalid_settings(kwargs):
         PointCloudAugmentation(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "scale_low",
+        "scale_high",
+        "max_rotation_degrees",
+        "jitter_sigma",
+        "jitter_clip",
+        "max_translation",
+    ],
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_augmentation_rejects_settings_that_are_not_finite(name, value):
+    # NaN passes every range comparison; accepted, it turned every point into NaN.
+    kwargs = {name: value}
+    if name == "scale_low":
+        kwargs["scale_high"] = float("inf")  # so that only finiteness can refuse inf
+    with pytest.raises(ValueError, match=f"must be finite; got .*{name}={value}"):
+        PointCloudAugmentation(**kwargs)
+
+
 def test_region_mixing_swaps_the_same_region_of_both_sets():
     generator = torch.Generator().manual_seed(0)
     points = torch.rand(3, 50, 3, generator=generator)
