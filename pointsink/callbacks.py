@@ -10,6 +10,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from pointsink.attention import MultiheadAttention
@@ -81,9 +82,10 @@ class RandomStateCheckpoint(pl.Callback):
     :meth:`pointsink.data.PointCloudDataset.augmentation_state`), and puts them back when a
     fit resumes from the checkpoint. Resuming from an end-of-epoch checkpoint (``last.ckpt``,
     ``best.ckpt``) then continues as the uninterrupted run would have, to the bit on one
-    machine, when the data are loaded in the main process (``num_workers: 0``, as in the
-    shipped configs): persistent DataLoader workers keep augmentation streams of their own,
-    which a checkpoint cannot hold.
+    machine, when the data are loaded in the main process (``num_workers: 0``, as in
+    ``modelnet10.yaml``, ``modelnet10-cpu.yaml`` and ``synthetic.yaml``): DataLoader
+    workers (the GPU-sized configs use 4) keep augmentation streams of their own, which a
+    checkpoint cannot hold.
 
     Saving gathers the states of all ranks (a collective under DDP: every rank saves, as
     Lightning's checkpointing does). A checkpoint from another number of ranks is resumed
@@ -95,10 +97,12 @@ class RandomStateCheckpoint(pl.Callback):
     def __init__(self) -> None:
         super().__init__()
         self._restored = False
+        self._cuda_state: torch.Tensor | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Forgets an earlier fit's restore (called before this fit's checkpoint is read)."""
         self._restored = False
+        self._cuda_state = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Reseeds each rank's torch generators under DDP, unless a checkpoint restored them.
@@ -106,6 +110,13 @@ class RandomStateCheckpoint(pl.Callback):
         Before the training data loader is made: its augmentation seed is mixed from
         ``torch.initial_seed()``, which a resumed fit gets back from the saved state.
         """
+        if self._cuda_state is not None:
+            # Restored here, not on load: Lightning reads the checkpoint before it moves
+            # the model to its GPU, so only now is the device known.
+            device = trainer.strategy.root_device
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(self._cuda_state, device)
+            self._cuda_state = None
         if trainer.world_size > 1 and not self._restored:
             torch.manual_seed(derive_seed(torch.initial_seed(), trainer.global_rank))
 
@@ -134,9 +145,13 @@ class RandomStateCheckpoint(pl.Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Restores this rank's generators (called by Lightning only when a fit resumes)."""
+        """Restores this rank's generators when a fit resumes from ``checkpoint``.
+
+        Lightning calls this for ``validate``, ``test`` and ``predict`` with a checkpoint as
+        well; they draw nothing random, so their random state is left as it is.
+        """
         states = checkpoint.get(self.key)
-        if not states:
+        if not states or trainer.state.fn != TrainerFn.FITTING:
             return
         if len(states["torch"]) != trainer.world_size:
             rank_zero_warn(
@@ -148,8 +163,8 @@ class RandomStateCheckpoint(pl.Callback):
         rank = trainer.global_rank
         torch.set_rng_state(states["torch"][rank].clone())
         self._restored = True
-        if "cuda" in states and pl_module.device.type == "cuda":
-            torch.cuda.set_rng_state(states["cuda"][rank].clone(), pl_module.device)
+        if "cuda" in states:
+            self._cuda_state = states["cuda"][rank].clone()  # set in on_fit_start
         dataset = _training_dataset(trainer)
         if "augmentation" in states and dataset is not None:
             seed = int.from_bytes(bytes(states["augmentation_seed"][rank].tolist()), "little")

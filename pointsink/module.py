@@ -110,9 +110,11 @@ class SinkformerClassifier(pl.LightningModule):
         optimizer: ``"adamw"`` or ``"adam"``.
         lr: Peak learning rate.
         weight_decay: Decoupled weight decay (AdamW) or L2 (Adam).
-        scheduler: ``"cosine"`` (linear warm-up, then cosine decay to ``lr * min_lr_ratio``
-            over the trainer's ``max_epochs``), ``"step"`` (divide by 10 at 75 % of
-            training, as in the paper's code) or ``"none"``.
+        scheduler: ``"cosine"`` (linear warm-up, then cosine decay towards
+            ``lr * min_lr_ratio``, which it would reach at the end of the trainer's
+            ``max_epochs``: the last epoch trains one step of the cosine above it; fewer
+            epochs if ``max_steps`` ends the run first), ``"step"`` (divide by 10 at 75 %
+            of training, as in the paper's code) or ``"none"``.
         warmup_epochs: Linear warm-up length for ``"cosine"``.
         min_lr_ratio: Final learning rate as a fraction of ``lr`` for ``"cosine"``.
         label_smoothing: Cross-entropy label smoothing.
@@ -552,12 +554,26 @@ class SinkformerClassifier(pl.LightningModule):
         }
 
     def _schedule_epochs(self) -> int:
-        """The epochs the per-epoch schedules span: the trainer's ``max_epochs``."""
-        max_epochs = self.trainer.max_epochs
-        if max_epochs in (None, -1):
+        """The epochs the per-epoch schedules span: the epochs the run will train.
+
+        That is the trainer's ``max_epochs``, or fewer when ``max_steps`` ends the run
+        first (then the epochs its steps take, the last one counted even if cut short).
+        """
+        trainer = self.trainer
+        max_epochs = None if trainer.max_epochs in (None, -1) else trainer.max_epochs
+        if trainer.max_steps not in (None, -1):
+            if trainer.train_dataloader is None:
+                trainer.fit_loop.setup_data()  # as trainer.estimated_stepping_batches does
+            batches = trainer.num_training_batches
+            if batches != float("inf") and batches > 0:
+                steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+                step_epochs = max(1, math.ceil(trainer.max_steps / steps_per_epoch))
+                return step_epochs if max_epochs is None else min(step_epochs, max_epochs)
+        if max_epochs is None:
             rank_zero_warn(
-                "trainer.max_epochs is not set (a run limited by max_steps): the learning-rate "
-                "schedule, which is per epoch, assumes 100 epochs. Set --trainer.max_epochs."
+                "Neither trainer.max_epochs nor a max_steps with a sized training loader is "
+                "set: the learning-rate schedule, which is per epoch, assumes 100 epochs. "
+                "Set --trainer.max_epochs."
             )
             return 100
         return max_epochs
@@ -577,8 +593,8 @@ class SinkformerClassifier(pl.LightningModule):
         the old schedule (e.g. at the cosine's floor for every added epoch). Nothing changes
         when the count is the same.
         """
-        if self.trainer.max_epochs in (None, -1):
-            return  # no epoch count to fit to (configure_optimizers warned)
+        if self.trainer.max_epochs in (None, -1) and self.trainer.max_steps in (None, -1):
+            return  # no length to fit to (configure_optimizers warned)
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import pointsink.data as data_module
@@ -367,6 +369,47 @@ def test_each_rank_gets_its_own_torch_stream_unless_restored() -> None:
     assert not torch.equal(rank0, rank1) and not torch.equal(rank0, seeded)
     assert torch.equal(rank0, state_after_fit_start(2, 0))  # reproducible
     assert torch.equal(state_after_fit_start(2, 1, restored=True), seeded)
+
+
+def test_saved_cuda_stream_is_restored_once_the_gpu_is_known(monkeypatch) -> None:
+    # Lightning reads the checkpoint while the model is still on the CPU and moves it to
+    # its GPU afterwards: the CUDA stream must be set then, on the strategy's device.
+    restored: list[tuple[torch.Tensor, torch.device]] = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: restored.append((s, d)))
+    cuda_states = torch.arange(2 * 16, dtype=torch.uint8).reshape(2, 16)
+    checkpoint = {
+        RandomStateCheckpoint.key: {
+            "torch": torch.stack([torch.get_rng_state()] * 2),
+            "cuda": cuda_states,
+        }
+    }
+    device = torch.device("cuda", 1)
+    trainer = SimpleNamespace(
+        world_size=2,
+        global_rank=1,
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
+        strategy=SimpleNamespace(root_device=device),
+        datamodule=None,
+    )
+    module = SimpleNamespace(device=torch.device("cpu"))
+    callback = RandomStateCheckpoint()
+    callback.setup(trainer, module, "fit")
+    callback.on_load_checkpoint(trainer, module, checkpoint)
+    assert restored == []
+    callback.on_fit_start(trainer, module)
+    assert len(restored) == 1
+    assert torch.equal(restored[0][0], cuda_states[1]) and restored[0][1] == device
+
+    # test, validate and predict with a checkpoint draw nothing: no restore, no warning
+    # about the checkpoint's number of ranks.
+    for stage in (TrainerFn.TESTING, TrainerFn.VALIDATING, TrainerFn.PREDICTING):
+        torch.manual_seed(5)
+        before = torch.get_rng_state()
+        single = SimpleNamespace(world_size=1, global_rank=0, state=SimpleNamespace(fn=stage))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            RandomStateCheckpoint().on_load_checkpoint(single, module, checkpoint)
+        assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_augmentation_differs_per_dataloader_worker() -> None:

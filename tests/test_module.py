@@ -129,6 +129,19 @@ def test_resumed_fit_follows_a_larger_max_epochs(tmp_path: Path, scheduler: str)
     assert resumed_rates.by_epoch[2] > 0.2 * 1e-2
 
 
+def test_schedule_spans_the_epochs_that_max_steps_leaves(tmp_path: Path) -> None:
+    # 3 batches per epoch: max_steps 6 ends the run after 2 of the 100 max_epochs, so the
+    # cosine must decay over those 2 epochs (over 100 it would stay near its peak).
+    rates = _LearningRates()
+    trainer = _quiet_trainer(
+        tmp_path, max_epochs=100, max_steps=6, enable_checkpointing=False, callbacks=[rates]
+    )
+    settings = {"scheduler": "cosine", "warmup_epochs": 0, "lr": 1e-2, "min_lr_ratio": 0.0}
+    trainer.fit(_module(**settings), _loader(num_samples=24))
+    assert trainer.current_epoch == 2
+    assert rates.by_epoch == pytest.approx({0: 1e-2, 1: 0.5e-2})
+
+
 def test_predicted_probabilities_are_float32_under_bf16_autocast() -> None:
     module = _module().eval()
     batch = next(iter(_loader()))
@@ -387,7 +400,7 @@ def test_region_mixing_rejects_bad_settings(kwargs: dict, message: str) -> None:
 
 def _configured(max_epochs: int = 10, **kwargs: object) -> object:
     module = _module(**kwargs)
-    module.trainer = SimpleNamespace(max_epochs=max_epochs)
+    module.trainer = SimpleNamespace(max_epochs=max_epochs, max_steps=-1)
     return module.configure_optimizers()
 
 
