@@ -235,7 +235,9 @@ def _xyz_columns(points: np.ndarray) -> np.ndarray:
     if points.shape[1] > 3 and points.shape[0] < points.shape[1]:
         raise ValueError(
             f"expected one point per row, (P, 3) or (P, C) with x y z first; got shape "
-            f"{points.shape}, which looks channels-first (transpose it)."
+            f"{points.shape}, which looks channels-first (transpose it). If it is "
+            f"{points.shape[0]} points with {points.shape[1] - 3} extra columns, pass only "
+            "their x y z columns: fewer points than columns cannot be told from channels-first."
         )
     return points[:, :3]
 

@@ -292,5 +292,7 @@ def test_channels_first_point_files_are_refused(tmp_path, name):
     with pytest.raises(ShapeLoadError, match=r"looks channels-first \(transpose it\)") as error:
         load_shape(path)
     assert str(path) in str(error.value)
+    # A few points with many extra columns look the same; the message says how to pass them.
+    assert "If it is 3 points with 47 extra columns, pass only their x y z" in str(error.value)
     np.save(tmp_path / "rows.npy", points.T)  # the same points as rows load
     assert load_shape(tmp_path / "rows.npy").shape == (50, 3)
