@@ -16,8 +16,10 @@ Example (the paper's setup on real ModelNet10)::
         --data-root ../shared/data/ModelNet10 --seeds 0 1 2 --n-iter 1 3 5 9
 
 Extra arguments after ``--`` go to every ``train.py fit`` and ``test`` call (e.g.
-``-- --trainer.max_epochs 10 --data.num_points 512``); the attention, ``n_iter`` and seed
-are the grid's own and are refused there. A repeated seed or variant runs once.
+``-- --trainer.max_epochs 10 --data.num_points 512``); the attention, ``n_iter``, seed and
+a second ``--config`` are the grid's own and are refused there. A repeated seed or variant
+runs once. A run folder that holds a run with other arguments (config, data or extra flags)
+is never overwritten without ``--rerun``: give such a command its own ``--out``.
 
 ``--jobs N`` trains N runs at once, each in its own process with its log in
 ``OUT/runs/<variant>-seed<k>/log.txt``; the CPU cores are split evenly between them and, with
@@ -63,6 +65,8 @@ GRID_FLAGS = (
     "--model.init_args.n_iter",
     "--seed_everything",
 )
+# A config after `--` would be read after the grid's flags and override them all.
+CONFIG_FLAGS = ("--config", "-c")
 
 
 def _variants(
@@ -349,6 +353,12 @@ def _arguments(config: str, data_root: str | None, extra: list[str]) -> dict:
     """What makes two runs the same run: the config's path and contents, data, extra flags."""
     digest = hashlib.sha256(Path(config).read_bytes()).hexdigest()
     return {"config": config, "config_sha256": digest, "data_root": data_root, "extra": extra}
+
+
+def _describe_arguments(recorded: dict) -> str:
+    """A short account of a recorded run's arguments, for messages."""
+    extra = " ".join(recorded.get("extra") or []) or "none"
+    return f"config {recorded.get('config')}, data {recorded.get('data_root')}, extra flags {extra}"
 
 
 def _same_arguments(recorded: dict, arguments: dict) -> bool:
@@ -645,6 +655,11 @@ def main(argv: list[str] | None = None) -> str:
                 f"{name} after -- would override every run's own setting; the grid sets it "
                 "(use --variants, --n-iter and --seeds)"
             )
+        if name in CONFIG_FLAGS:
+            parser.error(
+                f"{name} after -- would be read after the grid's settings and could override "
+                "every run's attention, n_iter and seed; give it as reproduce.py's own --config"
+            )
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1; got {args.jobs}")
     if min(args.n_iter) < 1:
@@ -666,6 +681,19 @@ def main(argv: list[str] | None = None) -> str:
                 print(f"reusing {name} seed {seed}: {_run_dir(args.out, name, seed)}{note}")
                 done[(name, seed)] = row
     todo = [run for run in runs if (run[0], run[3]) not in done]
+    if not args.rerun:
+        arguments = _arguments(args.config, args.data_root, extra)
+        for name, _, _, seed in todo:
+            recorded = _run_dir(args.out, name, seed) / "arguments.json"
+            if recorded.is_file() and not _same_arguments(
+                json.loads(recorded.read_text()), arguments
+            ):
+                # Training it would delete that run's result and checkpoints.
+                parser.error(
+                    f"{recorded.parent} holds a {name} seed {seed} run with other arguments "
+                    f"({_describe_arguments(json.loads(recorded.read_text()))}); give this "
+                    "command its own --out, or add --rerun to replace it"
+                )
     failed: list = []
     if args.jobs > 1 and len(todo) > 1:
         finished, failed = run_parallel(todo, args, extra)

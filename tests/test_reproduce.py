@@ -267,6 +267,12 @@ def test_grid_settings_after_the_separator_are_refused(
             reproduce.main(["--out", str(out), "--", *flags])
         assert raised.value.code == 2
         assert "would override every run's own setting" in capsys.readouterr().err
+    # A second config after the separator would be read after the grid's flags.
+    for flags in (["--config", "other.yaml"], ["-c=other.yaml"]):
+        with pytest.raises(SystemExit) as raised:
+            reproduce.main(["--out", str(out), "--", *flags])
+        assert raised.value.code == 2
+        assert "give it as reproduce.py's own --config" in capsys.readouterr().err
     # A mistyped flag before the separator is an error, not a train.py flag.
     with pytest.raises(SystemExit):
         reproduce.main(["--out", str(out), "--n_iter", "3"])
@@ -274,6 +280,31 @@ def test_grid_settings_after_the_separator_are_refused(
     with pytest.raises(SystemExit, match="sinkhorn-K with K >= 1"):
         reproduce.main(["--out", str(out), "--variants", "sinkhorn-0"])
     assert not (out / "runs").exists()  # rejected before anything was started
+
+
+def test_a_run_with_other_arguments_is_not_replaced_without_rerun(
+    reproduce, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # E.g. a baseline trained with extra flags into the grid's --out: training the grid's
+    # softmax run there would delete the baseline's result and checkpoints.
+    out = tmp_path / "out"
+    config = str(REPO / "tests" / "conf" / "tiny.yaml")
+    run_dir = out / "runs" / "softmax-seed0"
+    run_dir.mkdir(parents=True)
+    recorded = reproduce._arguments(config, None, ["--model.layer_norm", "false"])
+    (run_dir / "arguments.json").write_text(json.dumps(recorded))
+    (run_dir / "result.json").write_text(json.dumps({"arguments": recorded, "row": {}}))
+
+    with pytest.raises(SystemExit) as raised:
+        reproduce.main(
+            ["--config", config, "--out", str(out), "--seeds", "0", "--variants", "softmax"]
+        )
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert "holds a softmax seed 0 run with other arguments" in error
+    assert "extra flags --model.layer_norm false" in error
+    assert "its own --out, or add --rerun" in error
+    assert (run_dir / "result.json").is_file()  # untouched
 
 
 def test_doubly_stochastic_distance_is_the_larger_marginal_deviation(
