@@ -130,7 +130,7 @@ def measure(
         out.backward(grad_out)
         del out
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     # Warm-up first, so that one-time initialization (thread pools, kernel compilation,
     # allocator pools) counts neither in the memory nor in the times.
@@ -142,12 +142,12 @@ def measure(
             t.grad = None
         gc.collect()
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
             run()
-            extra = torch.cuda.max_memory_allocated() - before
+            extra = torch.cuda.max_memory_allocated(device) - before
             result["memory_method"] = "cuda max_memory_allocated"
         else:
             before_kib = _read_status_kib("VmRSS") or 0
@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> None:
         args.repeats = 20 if args.device.startswith("cuda") else 3
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        # Kernel launches and the current stream follow the current device (GPU 0 otherwise).
+        torch.cuda.set_device(device)
     if args.worker is not None:
         impl, size = args.worker[0], int(args.worker[1])
         print(json.dumps(measure(args, impl, size, args.measure)))

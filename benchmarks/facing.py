@@ -26,7 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pointsink import SetSinkformer
 from pointsink.data import build_point_cache, load_point_cache
-from pointsink.inference import checkpoint_class_names, checkpoint_hparams, load_checkpoint
+from pointsink.inference import ShapeClassifier
 from pointsink.module import MeanClassAccuracy
 from pointsink.transforms import turn_about_vertical, yaw_rotations
 
@@ -71,8 +71,16 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
         "--checkpoint", type=Path, default=REPO / "checkpoints" / "modelnet10-sinkformer.ckpt"
     )
     parser.add_argument("--votes", type=int, nargs="+", default=[4, 12])
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random angles")
-    parser.add_argument("--up-axis", type=int, default=2)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the test points and of the random angles (default: the checkpoint's "
+        "data.sample_seed, as train.py test uses)",
+    )
+    parser.add_argument(
+        "--up-axis", type=int, default=None, help="default: the checkpoint's up axis"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)
@@ -80,20 +88,29 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    hparams = checkpoint_hparams(checkpoint, args.checkpoint)
-    class_names = checkpoint_class_names(hparams, args.checkpoint)
-    num_points = int(hparams["num_points"])
-    model = SetSinkformer.from_checkpoint(args.checkpoint)
+    classifier = ShapeClassifier.from_checkpoint(args.checkpoint, device="cpu")
+    class_names, num_points = classifier.class_names, classifier.num_points
+    model = classifier.model
+    # The checkpoint's seed and axis by default, so that "upright" scores the points
+    # `train.py test` scores and "random yaw" the turns of --data.eval_rotation_degrees 180.
+    if args.seed is None:
+        args.seed = classifier.sample_seed
+    if args.up_axis is None:
+        args.up_axis = classifier.up_axis
     cache_path = build_point_cache(
-        args.data_root, class_names, "test", num_points, cache_dir=args.cache_dir
+        args.data_root,
+        class_names,
+        "test",
+        num_points,
+        sample_seed=args.seed,
+        cache_dir=args.cache_dir,
     )
     cache = load_point_cache(cache_path)
     if not bool((cache.counts == num_points).all()):
         parser.error("this benchmark takes test sets of num_points real points (no padding)")
     points, labels = cache.points, cache.labels
-    # With seed 0, the turns of `train.py test --data.eval_rotation_degrees 180` (which seeds
-    # them with data.sample_seed, 0 by default): the same test points, turned the same way.
+    # The turns of `train.py test --data.eval_rotation_degrees 180`, which seeds them with
+    # data.sample_seed: the same test points, turned the same way.
     turned = turn_about_vertical(points, 180.0, args.up_axis, args.seed)
 
     start = time.perf_counter()

@@ -613,6 +613,8 @@ def summarize(rows: list[dict], out: Path) -> str:
     plt.close(figure)
     if doubly_stochastic:
         _plot_doubly_stochastic(by_variant, out / "doubly_stochastic.png", plt)
+    else:  # an earlier command's plot must not stand beside this summary
+        (out / "doubly_stochastic.png").unlink(missing_ok=True)
     return table
 
 

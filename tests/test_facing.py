@@ -46,6 +46,38 @@ def test_main_scores_every_row(facing, tmp_path: Path, make_shape_folder) -> Non
     assert all(0.0 <= value <= 100.0 for _, *values in rows for value in values)
 
 
+def test_main_takes_the_checkpoints_seed_and_up_axis(
+    facing, tmp_path: Path, make_shape_folder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As `train.py test --data.eval_rotation_degrees 180` does: a checkpoint trained with
+    # data.sample_seed 3 and y up is scored on the points and turns of that seed and axis.
+    checkpoint = build_tiny_checkpoint(tmp_path / "tiny.ckpt")
+    content = torch.load(checkpoint, weights_only=True)
+    content["hyper_parameters"]["sample_seed"] = 3
+    content["hyper_parameters"]["augmentation"] = {"up_axis": 1}
+    torch.save(content, checkpoint)
+    root = make_shape_folder(tmp_path / "shapes", class_names=tuple(CLASSES), test_per_class=2)
+    seen: dict[str, object] = {}
+    build, turn = facing.build_point_cache, facing.turn_about_vertical
+
+    def recording_build(*args, **kwargs):
+        seen["sample_seed"] = kwargs["sample_seed"]
+        return build(*args, **kwargs)
+
+    def recording_turn(points, degrees, up_axis, seed):
+        seen["turn"] = (up_axis, seed)
+        return turn(points, degrees, up_axis, seed)
+
+    monkeypatch.setattr(facing, "build_point_cache", recording_build)
+    monkeypatch.setattr(facing, "turn_about_vertical", recording_turn)
+    argv = ["--data-root", str(root), "--checkpoint", str(checkpoint), "--votes", "2",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    facing.main(argv)
+    assert seen == {"sample_seed": 3, "turn": (1, 3)}
+    facing.main([*argv, "--seed", "5", "--up-axis", "2"])  # given: they win
+    assert seen == {"sample_seed": 5, "turn": (2, 5)}
+
+
 def test_accuracy_is_the_clis_overall_and_mean_per_class(facing) -> None:
     # Class 2 has no shapes: the mean runs over classes 0 and 1 (1/2 and 1/1 right).
     found = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]])

@@ -307,6 +307,21 @@ def test_a_run_with_other_arguments_is_not_replaced_without_rerun(
     assert (run_dir / "result.json").is_file()  # untouched
 
 
+def test_summary_without_deviations_removes_an_earlier_plot_of_them(
+    reproduce, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    run_dir = out / "runs" / "softmax-seed0" / "lightning_logs" / "version_0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text("epoch,val/oa,val/macc,val/loss\n0,0.5,0.5,1.0\n")
+    (out / "doubly_stochastic.png").write_bytes(b"an earlier command's plot")
+    row = {"variant": "softmax", "seed": 0, "run_dir": str(out / "runs" / "softmax-seed0"),
+           "test_oa": 50.0, "test_macc": 50.0, "seconds_per_epoch": 1.0}  # fmt: skip
+    reproduce.summarize([row], out)
+    assert (out / "learning_curves.png").is_file()
+    assert not (out / "doubly_stochastic.png").exists()
+
+
 def test_doubly_stochastic_distance_is_the_larger_marginal_deviation(
     reproduce, tmp_path: Path
 ) -> None:
