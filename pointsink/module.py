@@ -111,10 +111,10 @@ class SinkformerClassifier(pl.LightningModule):
         lr: Peak learning rate.
         weight_decay: Decoupled weight decay (AdamW) or L2 (Adam).
         scheduler: ``"cosine"`` (linear warm-up, then cosine decay towards
-            ``lr * min_lr_ratio``, which it would reach at the end of the trainer's
-            ``max_epochs``: the last epoch trains one step of the cosine above it; fewer
-            epochs if ``max_steps`` ends the run first), ``"step"`` (divide by 10 at 75 %
-            of training, as in the paper's code) or ``"none"``.
+            ``lr * min_lr_ratio`` over the trainer's ``max_epochs``, or the fewer epochs
+            ``max_steps`` leaves; the cosine ends at that floor after the last epoch, so
+            the last epoch trains just above it), ``"step"`` (divide by 10 at 75 % of
+            training, as in the paper's code) or ``"none"``.
         warmup_epochs: Linear warm-up length for ``"cosine"``.
         min_lr_ratio: Final learning rate as a fraction of ``lr`` for ``"cosine"``.
         label_smoothing: Cross-entropy label smoothing.
