@@ -686,15 +686,14 @@ def main(argv: list[str] | None = None) -> str:
     if not args.rerun:
         arguments = _arguments(args.config, args.data_root, extra)
         for name, _, _, seed in todo:
-            recorded = _run_dir(args.out, name, seed) / "arguments.json"
-            if recorded.is_file() and not _same_arguments(
-                json.loads(recorded.read_text()), arguments
-            ):
+            path = _run_dir(args.out, name, seed) / "arguments.json"
+            recorded = json.loads(path.read_text()) if path.is_file() else None
+            if recorded is not None and not _same_arguments(recorded, arguments):
                 # Training it would delete that run's result and checkpoints.
                 parser.error(
-                    f"{recorded.parent} holds a {name} seed {seed} run with other arguments "
-                    f"({_describe_arguments(json.loads(recorded.read_text()))}); give this "
-                    "command its own --out, or add --rerun to replace it"
+                    f"{path.parent} holds a {name} seed {seed} run with other arguments "
+                    f"({_describe_arguments(recorded)}); give this command its own --out, "
+                    "or add --rerun to replace it"
                 )
     failed: list = []
     if args.jobs > 1 and len(todo) > 1:

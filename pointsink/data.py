@@ -853,7 +853,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             )
         self.eval_rotation_degrees = float(eval_rotation_degrees)
 
-        # expanduser: a YAML ``root: ~/data/...`` would otherwise name a folder "~" here.
+        # expanduser (here and for cache_dir): a YAML ``root: ~/data/...`` would otherwise
+        # name a folder "~" in the working directory.
         self.root = Path(root).expanduser()
         self.num_points = num_points
         self.batch_size = batch_size
@@ -862,7 +863,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.sample_seed = sample_seed
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.preprocess_workers = preprocess_workers
         if isinstance(predict_files, str):
             predict_files = [predict_files]

@@ -179,7 +179,8 @@ def principal_spreads(shape: trimesh.Trimesh | np.ndarray) -> np.ndarray:
     is_mesh = isinstance(shape, trimesh.Trimesh)
     # A mesh's (F, 3 corners, 3) triangle corners, or a cloud's (P, 3) points.
     corners = np.asarray(shape.triangles if is_mesh else shape, dtype=np.float64)
-    low, high = corners.reshape(-1, 3).min(axis=0), corners.reshape(-1, 3).max(axis=0)
+    points = corners.reshape(-1, 3)
+    low, high = points.min(axis=0), points.max(axis=0)
     extent = float(np.max(high - low))
     if not 0.0 < extent < np.inf:
         return np.zeros(3)  # all points coincide (or overflow): nothing to compare

@@ -484,12 +484,17 @@ def test_resuming_with_another_validation_turn_is_refused(tmp_path, make_shape_f
         ).load_state_dict(older)
 
 
-def test_root_may_start_with_the_home_folder(tmp_path, make_shape_folder, monkeypatch):
+def test_root_and_cache_dir_may_start_with_the_home_folder(
+    tmp_path, make_shape_folder, monkeypatch
+):
     monkeypatch.setenv("HOME", str(tmp_path))
     make_shape_folder(tmp_path / "shapes")
     data = _datamodule(Path("~/shapes"), tmp_path)
     assert data.root == tmp_path / "shapes"
     assert data.class_names == CLASSES
+    assert _datamodule(tmp_path / "shapes", tmp_path, cache_dir="~/cache").cache_dir == (
+        tmp_path / "cache"
+    )
 
 
 def test_a_cache_file_gets_the_mode_of_a_plain_new_file(tmp_path, make_shape_folder):
