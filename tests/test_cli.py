@@ -56,6 +56,11 @@ def test_fit_checkpoint_load_test(tmp_path: Path) -> None:
     assert restored.hparams.num_points == 32
 
     test_cli = main(["test", *_tiny_args(tmp_path), "--ckpt_path", str(best)])
+    # The test ran the checkpoint's weights, not a freshly seeded model's.
+    tested = test_cli.model.state_dict()
+    assert tested.keys() == raw["state_dict"].keys()
+    for key, value in tested.items():
+        torch.testing.assert_close(value, raw["state_dict"][key], rtol=0, atol=0)
     metrics = test_cli.trainer.callback_metrics
     assert {"test/oa", "test/macc", "test/loss"} <= set(metrics)
     assert 0.0 <= float(metrics["test/oa"]) <= 1.0

@@ -249,7 +249,14 @@ def test_train_py_fit_then_predict(files, tmp_path, monkeypatch, capsys) -> None
     plain = [p.to_dict() for p in classifier.predict(test_files, top_k=5)]
     for record, reference in zip(records, expected, strict=True):
         assert dict(record["topk"]) == pytest.approx(dict(reference["topk"]), abs=1e-5)
-    assert [r["topk"] for r in expected] != [r["topk"] for r in plain]
+    # Unturned files score beyond that tolerance, so the check above can fail.
+    gaps = [
+        abs(dict(turned_record["topk"])[name] - probability)
+        for turned_record, plain_record in zip(expected, plain, strict=True)
+        for name, probability in plain_record["topk"]
+        if name in dict(turned_record["topk"])
+    ]
+    assert max(gaps) > 1e-4
 
 
 @pytest.mark.parametrize(("num_files", "world_size"), [(1, 2), (3, 2), (4, 3)])
