@@ -31,6 +31,7 @@ import json
 import numbers
 import os
 import pickle
+import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -1143,11 +1144,19 @@ def _display_path(prediction: Prediction, position: int | None) -> str:
     return f"<input {position}>" if position is not None else ""
 
 
+def _escape_control_characters(text: str) -> str:
+    r"""``text`` with control characters written as escapes (a newline as ``\n``)."""
+    return "".join(
+        repr(char)[1:-1] if unicodedata.category(char) == "Cc" else char for char in text
+    )
+
+
 def _format_table(predictions: Sequence[Prediction]) -> str:
     rows = [("path", "label", "prob", "top classes")]
     notes = []
     for position, p in enumerate(predictions):
-        path = _display_path(p, position)
+        # A newline or tab in a file name would break the table's rows and columns.
+        path = _escape_control_characters(_display_path(p, position))
         if p.error is not None:
             rows.append((path, "ERROR", "-", p.error))
         else:

@@ -208,8 +208,10 @@ def _read_point_text(path: Path) -> np.ndarray:
     Accepts whitespace or comma separators and ``#`` comments; a leading line with a single
     integer (the point count of some ``.pts`` variants) is skipped.
     """
-    # utf-8-sig drops the byte-order mark that Windows editors write first.
-    text = path.read_text(encoding="utf-8-sig", errors="strict")
+    # utf-8-sig drops the byte-order mark that Windows editors write first. Numbers are
+    # ASCII, so other bytes (a Latin-1 comment) are replaced, not fatal; in a row they
+    # still fail the parse below.
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
     rows = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     if _DECIMAL_COMMA.search(text):
         _refuse_decimal_commas(rows)

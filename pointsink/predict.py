@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
-            # The file keeps such names' original bytes.
+            # Table and CSV files keep such names' original bytes (JSON writes \udcXX).
             output.write_text(text, encoding="utf-8", errors="surrogateescape")
         except OSError as exc:
             print(f"pointsink-predict: error: --output {output}: {exc}", file=sys.stderr)

@@ -233,6 +233,18 @@ def test_text_points_with_utf8_byte_order_mark(tmp_path):
     np.testing.assert_array_equal(load_shape(path), points)
 
 
+def test_text_points_with_a_latin1_comment(tmp_path):
+    points = np.random.default_rng(4).normal(size=(5, 3))
+    rows = "\n".join(" ".join(f"{v:.17g}" for v in point) for point in points)
+    path = tmp_path / "latin1.xyz"
+    path.write_bytes("# température relevée\n".encode("latin-1") + rows.encode() + b"\n")
+    np.testing.assert_array_equal(load_shape(path), points)
+    # Such a byte inside a row is still an error, not a silently dropped column.
+    path.write_bytes(rows.encode() + "\n1 2 3\xe9\n".encode("latin-1"))
+    with pytest.raises(ShapeLoadError):
+        load_shape(path)
+
+
 def test_missing_file_and_bad_npy(tmp_path):
     with pytest.raises(ShapeLoadError, match="no such file") as error:
         load_shape(tmp_path / "missing.off")

@@ -16,7 +16,7 @@ from _inference_utils import CLASSES, build_tiny_checkpoint, write_bad_files, wr
 from pointsink.callbacks import PredictionWriter
 from pointsink.cli import main as train_main
 from pointsink.data import ShapeFolderDataModule
-from pointsink.inference import ShapeClassifier
+from pointsink.inference import Prediction, ShapeClassifier, format_predictions
 from pointsink.predict import main
 from pointsink.transforms import file_sample_seed, preprocess_shape, up_axis_rotation
 
@@ -83,6 +83,20 @@ def test_folder_table_output_and_exit_zero(checkpoint, files, capsys) -> None:
     assert lines[0].split() == ["path", "label", "prob", "top", "classes"]
     assert len(lines) == 1 + len(files) + 1
     assert lines[-1] == f"{len(files)} classified, 0 failed."
+
+
+def test_table_keeps_one_row_per_file_with_a_newline_in_its_name() -> None:
+    odd = 'odd,"name\n\t.xyz'
+    predictions = [
+        Prediction(path=odd, label="chair", probability=0.9, topk=(("chair", 0.9),)),
+        Prediction(path="plain.xyz", error="no such file"),
+    ]
+    lines = format_predictions(predictions, "table").splitlines()
+    assert len(lines) == 1 + len(predictions) + 1
+    assert lines[1].startswith('odd,"name\\n\\t.xyz  chair')
+    assert lines[2].index("ERROR") == lines[1].index("chair")  # columns stay aligned
+    # CSV and JSON keep the name as it is.
+    assert json.loads(format_predictions(predictions, "json"))[0]["path"] == odd
 
 
 def test_bad_files_are_reported_and_others_kept(checkpoint, files, tmp_path, capsys) -> None:
