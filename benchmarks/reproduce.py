@@ -26,7 +26,9 @@ is never overwritten without ``--rerun``: give such a command its own ``--out``.
 several CUDA devices, each job gets its own. Every finished run leaves a ``result.json``; a
 rerun with the same config and arguments reuses it, and resumes an unfinished run from its
 ``last.ckpt`` (the best-validation selection covers the whole run), so an interrupted grid
-resumes. ``--rerun`` trains every run from scratch.
+resumes. ``--rerun`` trains every run from scratch. A run that fails (an error in training
+or testing) is named and the grid goes on with the others, with or without ``--jobs``; the
+summary lists it as failed and the script exits with an error at the end.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -705,13 +708,20 @@ def main(argv: list[str] | None = None) -> str:
             # As run_parallel does: data preparation is not counted in the first run's time.
             prepare_data(args.config, args.data_root, extra)
         rows = []
-        for name, attention, n_iter, seed in runs:
+        for run in runs:
+            name, attention, n_iter, seed = run
             row = done.get((name, seed))
             if row is None:
-                row = run_one(
-                    args.config, args.data_root, args.out, name, attention, n_iter, seed, extra,
-                    rerun=args.rerun,
-                )  # fmt: skip
+                try:
+                    row = run_one(
+                        args.config, args.data_root, args.out, name, attention, n_iter, seed,
+                        extra, rerun=args.rerun,
+                    )  # fmt: skip
+                except Exception:  # one run's failure: go on with the others, as --jobs does
+                    traceback.print_exc()
+                    print(f"FAILED {name} seed {seed}: the traceback above", file=sys.stderr)
+                    failed.append(run)
+                    continue
             rows.append(row)
             if not args.no_summary:
                 summarize(rows, args.out)  # partial results survive an interrupted grid
