@@ -171,8 +171,12 @@ def test_a_config_edited_in_place_is_another_run(reproduce, tmp_path: Path) -> N
     assert not reproduce._same_arguments(old_record, reproduce._arguments(str(config), "x", []))
 
 
-class _KilledError(Exception):
-    """Stands for the process being killed between two epochs."""
+class _KilledError(BaseException):
+    """Stands for the process being killed between two epochs.
+
+    A BaseException, as KeyboardInterrupt is: the grid goes on after a run's error, not after
+    the process is stopped.
+    """
 
 
 def test_interrupted_run_resumes_from_its_last_checkpoint(
