@@ -1,10 +1,11 @@
 """Facing about the vertical: accuracy of a checkpoint on test shapes turned by random yaw.
 
-The shipped models were trained on upright ModelNet shapes turned by at most ±15° about
-the vertical, so a user's mesh that faces another way may be misclassified (README,
-"Orientation"). This script measures how much, on the test split of a dataset in ModelNet
-layout, and whether averaging the class probabilities over ``K`` views turned by
-``360° / K`` about the vertical (yaw voting) recovers it:
+The recipe's models (``configs/modelnet10.yaml``,
+``checkpoints/modelnet10-sinkformer.ckpt``) were trained on upright ModelNet shapes turned
+by at most ±15° about the vertical, so a user's mesh that faces another way may be
+misclassified (README, "Orientation"). This script measures how much, on the test split of a
+dataset in ModelNet layout, and whether averaging the class probabilities over ``K`` views
+turned by ``360° / K`` about the vertical (yaw voting) recovers it:
 
 * ``upright``: the test points as the training preprocessed them;
 * ``random yaw``: each shape turned by its own random angle, one view;

@@ -25,8 +25,9 @@
 #          (benchmarks/ncu_attention.py): speed of light, occupancy, warp stalls, into ncu.txt;
 #   recipe with DATA=<ModelNet10 dir, or a .tar.xz of it>: configs/modelnet10.yaml,
 #          Sinkhorn-5, seeds 0 1 2 at once on the one GPU (benchmarks/reproduce.py --jobs 3),
-#          RECIPE_ARGS passed to train.py (e.g. "--trainer.max_epochs 20"); one seed took
-#          7.0 s per epoch on an H200 on 2026-11-28, before the one-launch sampling kernel.
+#          RECIPE_ARGS passed to train.py (e.g. "--trainer.max_epochs 20"); not yet timed at
+#          width 256 on a GPU (a seed of the 2-block width-128 model without normalized
+#          offsets took 7.0 s per epoch on an H200 on 2026-11-28).
 # BUDGET (seconds, default 540) bounds it all: each step runs under `timeout`, and the sweep
 # takes no further kernel once its time is short. The files land in
 # ${OUT:-outputs/gpu-checks}: at most 8 (the device tool's limit) unless STEPS holds both ncu

@@ -356,9 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--shapes",
         nargs="*",
-        default=["256,16,128,32", "16,256,128,32", "1024,16,128,32", "16,1024,128,32"],
+        default=["256,16,128,64", "16,256,128,64", "1024,16,128,64", "16,1024,128,64"],
         help="more table rows, each 'n,m,G,d' (default: the recipe's ISAB attention, batch "
-        "32 x 4 heads of dim 32, at 256 and 1024 points)",
+        "32 x 4 heads of dim 64 (width 256), at 256 and 1024 points)",
     )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=4)

@@ -280,8 +280,8 @@ def preprocess_set(
     alone (padding masks, README "Sets of different sizes"), with a ``UserWarning`` unless
     ``warn_small`` is False (the training cache says it once for all such files).
     Filling up by repeated points instead would hand the set abstraction groups of fewer
-    distinct points: the shipped ModelNet10 model scored 51.3 % instead of 90.5 % on
-    256-point test clouds that way (``benchmarks/RESULTS.md``).
+    distinct points: the width-128 ModelNet10 model shipped until 2026-12-06 scored 51.3 %
+    instead of 90.5 % on 256-point test clouds that way (``benchmarks/RESULTS.md``).
 
     Args:
         shape_or_path: A file path (see :func:`pointsink.io.load_shape`) or an in-memory
