@@ -18,8 +18,9 @@ Example (the paper's setup on real ModelNet10)::
 Extra arguments after ``--`` go to every ``train.py fit`` and ``test`` call (e.g.
 ``-- --trainer.max_epochs 10 --data.num_points 512``); the attention, ``n_iter``, seed and
 a second ``--config`` are the grid's own and are refused there. A repeated seed or variant
-runs once. A run folder that holds a run with other arguments (config, data or extra flags)
-is never overwritten without ``--rerun``: give such a command its own ``--out``.
+runs once. A run folder that holds a run with other arguments (config path or values, data
+or extra flags; a config whose comments alone changed is the same run) is never overwritten
+without ``--rerun``: give such a command its own ``--out``.
 
 ``--jobs N`` trains N runs at once, each in its own process with its log in
 ``OUT/runs/<variant>-seed<k>/log.txt``; the CPU cores are split evenly between them and, with
@@ -353,9 +354,31 @@ def _run_dir(out: Path, name: str, seed: int) -> Path:
 
 
 def _arguments(config: str, data_root: str | None, extra: list[str]) -> dict:
-    """What makes two runs the same run: the config's path and contents, data, extra flags."""
-    digest = hashlib.sha256(Path(config).read_bytes()).hexdigest()
-    return {"config": config, "config_sha256": digest, "data_root": data_root, "extra": extra}
+    """What makes two runs the same run: the config's path and values, data, extra flags.
+
+    Both the file's bytes and its parsed values are hashed; :func:`_same_arguments` compares
+    the values where a record has them.
+    """
+    return {
+        "config": config,
+        "config_sha256": hashlib.sha256(Path(config).read_bytes()).hexdigest(),
+        "config_values_sha256": _config_values_digest(config),
+        "data_root": data_root,
+        "extra": extra,
+    }
+
+
+def _config_values_digest(config: str) -> str | None:
+    """SHA-256 of a YAML config's parsed values (comments, layout and key order left out).
+
+    ``None`` for a file that does not parse; the CLI then says why.
+    """
+    try:
+        values = yaml.safe_load(Path(config).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    canonical = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _describe_arguments(recorded: dict) -> str:
@@ -367,12 +390,20 @@ def _describe_arguments(recorded: dict) -> str:
 def _same_arguments(recorded: dict, arguments: dict) -> bool:
     """Whether a run recorded with ``recorded`` is the run ``arguments`` describe.
 
-    A config edited in place is another run (its result is not reused, its checkpoint not
-    resumed). Records written before the contents were hashed match on the other fields.
+    A config whose values were edited in place is another run (its result is not reused, its
+    checkpoint not resumed); an edit of its comments or layout alone is not. Records written
+    before the values were hashed compare the file's bytes, and records written before the
+    contents were hashed match on the other fields.
     """
-    if "config_sha256" not in recorded:
-        arguments = {key: value for key, value in arguments.items() if key != "config_sha256"}
-    return recorded == arguments
+    if recorded.get("config_values_sha256") is not None:
+        ignored = {"config_sha256"}
+    elif "config_sha256" in recorded:
+        ignored = {"config_values_sha256"}
+    else:
+        ignored = {"config_sha256", "config_values_sha256"}
+    return {key: value for key, value in recorded.items() if key not in ignored} == {
+        key: value for key, value in arguments.items() if key not in ignored
+    }
 
 
 def _git_commit() -> str:

@@ -166,9 +166,33 @@ def test_a_config_edited_in_place_is_another_run(reproduce, tmp_path: Path) -> N
     config.write_text("trainer:\n  max_epochs: 100\n")
     assert not reproduce._same_arguments(recorded, reproduce._arguments(str(config), "data", []))
     # Records from before the contents were hashed still match on path, data and flags.
-    old_record = {key: value for key, value in recorded.items() if key != "config_sha256"}
+    hashes = ("config_sha256", "config_values_sha256")
+    old_record = {key: value for key, value in recorded.items() if key not in hashes}
     assert reproduce._same_arguments(old_record, reproduce._arguments(str(config), "data", []))
     assert not reproduce._same_arguments(old_record, reproduce._arguments(str(config), "x", []))
+
+
+def test_a_config_edited_in_comments_only_is_the_same_run(reproduce, tmp_path: Path) -> None:
+    """A comment added to a config after launch does not stop its runs from resuming."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text("trainer:\n  max_epochs: 50\nmodel:\n  channels: 256\n")
+    recorded = reproduce._arguments(str(config), "data", [])
+    config.write_text(
+        "# the recipe\nmodel:\n  # width, chosen on validation\n  channels: 256\n"
+        "trainer: {max_epochs: 50}\n"
+    )
+    assert reproduce._same_arguments(recorded, reproduce._arguments(str(config), "data", []))
+    config.write_text("# the recipe\nmodel:\n  channels: 128\ntrainer: {max_epochs: 50}\n")
+    assert not reproduce._same_arguments(recorded, reproduce._arguments(str(config), "data", []))
+    # A record from before the values were hashed still compares the bytes.
+    bytes_only = {key: value for key, value in recorded.items() if key != "config_values_sha256"}
+    config.write_text("trainer:\n  max_epochs: 50\nmodel:\n  channels: 256\n")
+    assert reproduce._same_arguments(bytes_only, reproduce._arguments(str(config), "data", []))
+    config.write_text("# the recipe\ntrainer:\n  max_epochs: 50\nmodel:\n  channels: 256\n")
+    assert not reproduce._same_arguments(bytes_only, reproduce._arguments(str(config), "data", []))
+    # A config that does not parse has no values to compare and is another run.
+    config.write_text("trainer: [unclosed\n")
+    assert not reproduce._same_arguments(recorded, reproduce._arguments(str(config), "data", []))
 
 
 class _KilledError(BaseException):
