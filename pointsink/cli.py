@@ -188,8 +188,8 @@ class SinkformerCLI(LightningCLI):
 
         Raises:
             CheckpointError: ``validate``, ``test`` or ``predict`` without ``--ckpt_path``
-                (the model would be untrained), or a checkpoint that is missing or cannot
-                be read.
+                (the model would be untrained), a checkpoint that is missing or cannot
+                be read, or ``fit`` from one without optimizer state (weights only).
         """
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -209,7 +209,16 @@ class SinkformerCLI(LightningCLI):
             config.ckpt_path = ckpt_path = str(find_checkpoint(root, filename))
         if "://" in str(ckpt_path) or ckpt_path == "hpc":
             return  # remote or SLURM checkpoints: Lightning reads them
-        hparams = dict(load_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        checkpoint = load_checkpoint(ckpt_path)
+        if subcommand == "fit" and "optimizer_states" not in checkpoint:
+            # Lightning would stop mid-restore with a KeyError (shipped checkpoints and
+            # save_weights_only ones hold no optimizer state).
+            raise CheckpointError(
+                f"--ckpt_path {ckpt_path} holds weights without the optimizer's state, so it "
+                f"cannot resume a fit; to train from its weights, pass --model.weights "
+                f"{ckpt_path} instead."
+            )
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         saved_class_names = hparams.get("class_names")
         saved_points = hparams.get("num_points")

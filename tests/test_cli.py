@@ -157,6 +157,26 @@ def test_resume_and_validate_check_the_validation_split(
         main(["test", *_tiny_args(tmp_path), *other_split, "--ckpt_path", str(last)])
 
 
+def test_fit_does_not_resume_from_weights_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint without optimizer state (as shipped) is refused in one sentence."""
+    first = main(["fit", *_tiny_args(tmp_path)]).trainer.checkpoint_callback
+    checkpoint = torch.load(Path(first.dirpath) / "last.ckpt", weights_only=True)
+    del checkpoint["optimizer_states"]
+    weights_only = tmp_path / "weights.ckpt"
+    torch.save(checkpoint, weights_only)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_tiny_args(tmp_path), "--trainer.max_epochs", "3",
+              "--ckpt_path", str(weights_only)])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "optimizer's state" in err and f"--model.weights {weights_only}" in err
+    # Evaluating needs only the weights.
+    tested = main(["test", *_tiny_args(tmp_path), "--ckpt_path", str(weights_only)])
+    assert "test/oa" in tested.trainer.callback_metrics
+
+
 def test_ckpt_path_names_resolve_and_overrides_are_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
