@@ -359,23 +359,24 @@ def _arguments(config: str, data_root: str | None, extra: list[str]) -> dict:
     Both the file's bytes and its parsed values are hashed; :func:`_same_arguments` compares
     the values where a record has them.
     """
+    contents = Path(config).read_bytes()
     return {
         "config": config,
-        "config_sha256": hashlib.sha256(Path(config).read_bytes()).hexdigest(),
-        "config_values_sha256": _config_values_digest(config),
+        "config_sha256": hashlib.sha256(contents).hexdigest(),
+        "config_values_sha256": _config_values_digest(contents),
         "data_root": data_root,
         "extra": extra,
     }
 
 
-def _config_values_digest(config: str) -> str | None:
+def _config_values_digest(contents: bytes) -> str | None:
     """SHA-256 of a YAML config's parsed values (comments, layout and key order left out).
 
-    ``None`` for a file that does not parse; the CLI then says why.
+    ``None`` for contents that do not parse; the CLI then says why.
     """
     try:
-        values = yaml.safe_load(Path(config).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        values = yaml.safe_load(contents)
+    except yaml.YAMLError:  # undecodable bytes included (yaml.reader.ReaderError)
         return None
     canonical = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
