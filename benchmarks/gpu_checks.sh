@@ -5,7 +5,7 @@
 #   tests  the Triton kernels compiled on the GPU and checked: attention against float64
 #          dense autograd, farthest-point sampling against the PyTorch loop (tests/ -k cuda:
 #          test_triton_kernels_on_cuda, test_triton_farthest_point_sampling_on_cuda);
-#   suite  the rest of the test suite (-n 4, pytest-xdist), CUDA visible;
+#   suite  the rest of the test suite (-n 4 where pytest-xdist is installed), CUDA visible;
 #   train  two short training runs on the GPU through the CLI, on the built-in synthetic
 #          shapes (configs/synthetic.yaml in bf16-mixed: the ISAB model, then the SAB
 #          encoder at 2048 points), each checkpoint then tested: the automatic Triton paths;
@@ -78,7 +78,10 @@ if wants tests; then
     pids+=($!)
 fi
 if wants suite; then
-    bounded "$phase1" "$PYTHON" -m pytest -q -p no:cacheprovider -n 4 tests -k "not cuda" \
+    # pytest-xdist is not in the test extra; without it the suite runs in one process.
+    workers=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && workers=(-n 4)
+    bounded "$phase1" "$PYTHON" -m pytest -q -p no:cacheprovider "${workers[@]}" tests -k "not cuda" \
         >"$OUT/suite.log" 2>&1 &
     pids+=($!)
 fi

@@ -83,7 +83,8 @@ class RandomStateCheckpoint(pl.Callback):
     fit resumes from the checkpoint. Resuming from an end-of-epoch checkpoint (``last.ckpt``,
     ``best.ckpt``) then continues as the uninterrupted run would have, to the bit on one
     machine, when the data are loaded in the main process (``num_workers: 0``, as in
-    ``modelnet10.yaml``, ``modelnet10-cpu.yaml`` and ``synthetic.yaml``): DataLoader
+    ``modelnet10.yaml``, ``modelnet10-anyfacing.yaml``, ``modelnet10-cpu.yaml`` and
+    ``synthetic.yaml``): DataLoader
     workers (the GPU-sized configs use 4) keep augmentation streams of their own, which a
     checkpoint cannot hold.
 

@@ -130,6 +130,10 @@ def test_pooling_is_permutation_invariant(attention: str, n_iter: int) -> None:
     out = pool(x)
     assert out.shape == (3, 2, 16)
     torch.testing.assert_close(pool(x[:, torch.randperm(11)]), out, atol=1e-5, rtol=1e-4)
+    # Not trivially invariant: the pooled output depends on the set's elements.
+    x_changed = x.clone()
+    x_changed[:, 0] += 1.0
+    assert not torch.allclose(pool(x_changed), out)
 
 
 def test_single_seed_sinkhorn_pooling_is_mean_pooling() -> None:
@@ -166,6 +170,8 @@ def test_classifier_is_permutation_invariant(
     logits = model(x)
     assert logits.shape == (4, 5)
     torch.testing.assert_close(model(x[:, torch.randperm(20)]), logits, atol=1e-5, rtol=1e-4)
+    # Not trivially invariant: the logits depend on the points.
+    assert not torch.allclose(model(x * 2.0), logits)
 
 
 def test_batch_size_one() -> None:
@@ -340,6 +346,30 @@ def _randomize_layer_norms(module: torch.nn.Module) -> None:
             torch.nn.init.normal_(norm.bias)
 
 
+def _block_reference(
+    mab: MultiheadAttentionBlock, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """MAB(X, Y) written from the heads up with ``alternating_scaling``, not with ``mab.attn``."""
+    attn = mab.attn
+    batch, num_heads, channels = x.shape[0], attn.num_heads, mab.lin_out.out_features
+    head_dim = channels // num_heads
+
+    def heads_of(t: torch.Tensor) -> torch.Tensor:  # (B, P, C) -> (B, H, P, C / H)
+        return t.view(batch, -1, num_heads, head_dim).transpose(1, 2)
+
+    q, k, v = heads_of(attn.lin_query(x)), heads_of(attn.lin_key(y)), heads_of(attn.lin_value(y))
+    weights = alternating_scaling(q @ k.transpose(-2, -1) / head_dim**0.5, attn.n_iter)
+    heads = (weights @ v).transpose(1, 2).reshape(batch, x.shape[1], channels)
+
+    def norm(t: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+        if isinstance(layer, torch.nn.LayerNorm):
+            return F.layer_norm(t, (channels,), layer.weight, layer.bias)
+        return t
+
+    h = norm(attn.lin_query(x) + heads, mab.norm_attn)
+    return norm(h + F.relu(mab.lin_out(h)), mab.norm_out)
+
+
 @pytest.mark.parametrize("layer_norm", [False, True])
 def test_multihead_attention_block_is_its_formula(layer_norm: bool) -> None:
     """MAB(X, Y) = LN(H + relu(W H)), H = LN(X W_q + Multihead(X, Y, Y)): values and
@@ -348,20 +378,7 @@ def test_multihead_attention_block_is_its_formula(layer_norm: bool) -> None:
     _randomize_layer_norms(mab)
     x = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
     y = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
-    attn = mab.attn
-
-    def heads_of(t: torch.Tensor) -> torch.Tensor:  # (B, P, 16) -> (B, 2, P, 8)
-        return t.view(2, -1, 2, 8).transpose(1, 2)
-
-    q, k, v = heads_of(attn.lin_query(x)), heads_of(attn.lin_key(y)), heads_of(attn.lin_value(y))
-    weights = alternating_scaling(q @ k.transpose(-2, -1) / 8**0.5, 3)
-    heads = (weights @ v).transpose(1, 2).reshape(2, 6, 16)
-
-    def norm(t: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-        return F.layer_norm(t, (16,), layer.weight, layer.bias) if layer_norm else t
-
-    h = norm(attn.lin_query(x) + heads, mab.norm_attn)
-    expected = norm(h + F.relu(mab.lin_out(h)), mab.norm_out)
+    expected = _block_reference(mab, x, y)
     out = mab(x, y)
     torch.testing.assert_close(out, expected)
     weighting = torch.randn_like(out)
@@ -377,16 +394,19 @@ def test_multihead_attention_block_is_its_formula(layer_norm: bool) -> None:
 
 
 def test_induced_and_pooling_blocks_are_their_formulas() -> None:
-    """ISAB(X) = MAB(X, MAB(I, X)) with the same n_iter in both; PMA(Z) = MAB(S, relu(W Z))."""
-    isab = InducedSetAttentionBlock(3, 16, 2, 4, "sinkhorn", 5)
+    """ISAB(X) = MAB(X, MAB(I, X)) with the same n_iter in both; PMA(Z) = MAB(S, relu(W Z)):
+    values against MABs written from the heads up, with layer norms on and randomized."""
+    isab = InducedSetAttentionBlock(3, 16, 2, 4, "sinkhorn", 5, layer_norm=True).double()
     _randomize_layer_norms(isab)
-    x = torch.randn(2, 9, 3)
-    induced = isab.mab_induce(isab.inducing_points.expand(2, -1, -1), x)
-    torch.testing.assert_close(isab(x), isab.mab_out(x, induced))
+    x = torch.randn(2, 9, 3, dtype=torch.float64)
+    induced = _block_reference(isab.mab_induce, isab.inducing_points.expand(2, -1, -1), x)
+    torch.testing.assert_close(isab(x), _block_reference(isab.mab_out, x, induced))
     assert isab.mab_out.attn.n_iter == isab.mab_induce.attn.n_iter == 5
-    pma = PoolingByMultiheadAttention(16, 2, 2, "sinkhorn", 3)
-    z = torch.randn(2, 9, 16)
-    torch.testing.assert_close(pma(z), pma.mab(pma.seeds.expand(2, -1, -1), F.relu(pma.lin(z))))
+    pma = PoolingByMultiheadAttention(16, 2, 2, "sinkhorn", 3, layer_norm=True).double()
+    _randomize_layer_norms(pma)
+    z = torch.randn(2, 9, 16, dtype=torch.float64)
+    expected = _block_reference(pma.mab, pma.seeds.expand(2, -1, -1), F.relu(pma.lin(z)))
+    torch.testing.assert_close(pma(z), expected)
 
 
 def test_every_parameter_of_an_induced_block_gets_a_gradient() -> None:

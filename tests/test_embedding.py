@@ -245,7 +245,6 @@ def test_normalized_offsets_make_the_local_term_independent_of_the_shape_size() 
         same = torch.allclose(layer(x * 0.05), layer(x), atol=1e-5)
         assert same == normalize_offsets
     # Coinciding points (zero radius) give finite tokens.
-    assert layer.normalize_offsets is False
     layer = SetAbstraction(3, 8, num_groups=2, group_size=3, normalize_offsets=True)
     assert torch.isfinite(layer(torch.ones(1, 4, 3))).all()
 

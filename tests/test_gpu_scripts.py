@@ -59,6 +59,7 @@ case "$*" in
                     touch "$root/lightning_logs/version_0/checkpoints/best.ckpt" ;;
   *"train.py test"*) echo "        test/oa            0.5" ;;
   *pytest*) echo "1 passed" ;;
+  *"import xdist"*) exit "${NO_XDIST:-0}" ;;
 esac
 exit 0
 """
@@ -112,6 +113,14 @@ def test_gpu_checks_runs_only_the_steps_asked_for(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["device.txt", "tests.log", "train.log"]
 
 
+@pytest.mark.parametrize("xdist", [True, False])
+def test_gpu_checks_suite_runs_without_pytest_xdist(tmp_path: Path, xdist: bool) -> None:
+    # pytest-xdist is not in the test extra: the suite must not depend on it.
+    _, calls, _ = _gpu_checks(tmp_path, STEPS="suite", NO_XDIST="0" if xdist else "1")
+    suite = calls[_first(calls, "pytest")]
+    assert "tests -k not cuda" in suite and ("-n 4" in suite) == xdist
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")
 def test_gpu_checks_stops_at_once_without_a_gpu(tmp_path: Path) -> None:
     result = subprocess.run(
@@ -163,7 +172,7 @@ def test_attention_benchmark_fails_when_a_measurement_fails(
     assert sdpa_row and "error" not in sdpa_row[0].lower()
 
 
-def test_attention_benchmark_passes_padding_masks() -> None:
+def test_attention_benchmark_passes_padding_masks(capsys: pytest.CaptureFixture[str]) -> None:
     from _benchmark_utils import load_benchmark
 
     attention = load_benchmark("attention")
@@ -181,5 +190,7 @@ def test_attention_benchmark_passes_padding_masks() -> None:
     for impl, out in outputs.items():
         again = attention.attention_fn(impl, 3, None, mask)(q, k2, v2)
         torch.testing.assert_close(again[:, :, :6], out[:, :, :6])
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         attention.parse_args(["--padded-fraction", "1.0"])
+    assert "--padded-fraction must be in [0, 1); got 1.0" in capsys.readouterr().err

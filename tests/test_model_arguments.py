@@ -67,9 +67,12 @@ def test_numpy_integers_are_accepted(kind: str) -> None:
     expected = factory(**kwargs)
     torch.manual_seed(0)
     module = factory(**{name: np.int64(value) for name, value in kwargs.items()})
-    for name in ("num_heads", "channels"):
-        if hasattr(module, name):
-            assert type(getattr(module, name)) is int
+    # The stored sizes are Python ints (they reach view() and hparams), in every attention.
+    attentions = [m for m in module.modules() if isinstance(m, MultiheadAttention)]
+    assert attentions
+    for attention in attentions:
+        for name in ("num_heads", "channels", "head_channels", "n_iter"):
+            assert type(getattr(attention, name)) is int, name
     for got, want in zip(module.state_dict().values(), expected.state_dict().values(), strict=True):
         assert torch.equal(got, want)
 

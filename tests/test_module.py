@@ -441,10 +441,19 @@ def test_training_loss_is_label_smoothed() -> None:
 def test_region_mixing_weight_is_the_share_of_replaced_points() -> None:
     module = _module(mix_probability=1.0)
     points = torch.randn(6, 16, 3)
+    weights = []
     for seed in range(5):
         torch.manual_seed(seed)
-        _, _, weight = module._mix_regions(points, torch.arange(6) % 3)
-        assert float(weight) * 16 == pytest.approx(round(float(weight) * 16), abs=1e-9)
+        mixed, _, weight = module._mix_regions(points, torch.arange(6) % 3)
+        weights.append(weight)
+        # Exactly the weight's share of each shape's points comes from its partner.
+        replaced = {
+            int((~(mixed[index].unsqueeze(1) == points[index]).all(-1).any(1)).sum())
+            for index in range(6)
+        }
+        assert replaced <= {0, round(weight * 16)}  # 0: partnered with itself
+        assert weight * 16 == pytest.approx(round(weight * 16), abs=1e-9)
+    assert len(set(weights)) > 1 and max(weights) > 0
 
 
 def test_a_second_test_run_counts_only_its_own_samples(tmp_path) -> None:

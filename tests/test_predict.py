@@ -61,6 +61,7 @@ def test_up_axis_option_matches_the_python_api(checkpoint, files, capsys) -> Non
     assert records != _api_records(checkpoint, paths)
     with pytest.raises(SystemExit):
         main([str(checkpoint), *paths, "--up-axis", "w"])
+    assert "--up-axis: invalid choice: 'w'" in capsys.readouterr().err
 
 
 def test_predict_loader_turns_files_with_predict_up_axis(files) -> None:

@@ -369,6 +369,18 @@ def test_inputs_on_different_devices_are_rejected() -> None:
 
 
 @pytest.mark.parametrize("backend", ["chunked", "dense"])
+def test_meta_tensors_give_meta_results_and_gradients(backend: str) -> None:
+    """torch.autocast raises for the meta device: the forward and the backward (which
+    recomputes tiles without autocast) must not enter an autocast guard there."""
+    q, k = (torch.empty(1, 2, size, 8, device="meta", requires_grad=True) for size in (5, 3))
+    out = sinkhorn_attention(q, k, k, 3, backend=backend)
+    assert (out.device.type, out.shape) == ("meta", (1, 2, 5, 8))
+    out.sum().backward()
+    assert q.grad.device.type == k.grad.device.type == "meta"
+    assert (q.grad.shape, k.grad.shape) == ((1, 2, 5, 8), (1, 2, 3, 8))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "dense"])
 def test_autocast_leaves_float64_alone(backend: str) -> None:
     """Like matmul and sdpa under autocast: float64 inputs are not cast to bfloat16."""
     q, k, v = _qkv((2,), 24, 10, d=8, e=4)

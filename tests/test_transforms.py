@@ -358,7 +358,8 @@ def test_generators_and_global_rng_drive_the_randomness():
     ],
 )
 def test_augmentation_rejects_invalid_settings(kwargs):
-    with pytest.raises(ValueError):
+    # The message names the setting at fault.
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
         PointCloudAugmentation(**kwargs)
 
 
