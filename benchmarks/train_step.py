@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 import yaml
 
+from pointsink.data import MODELNET10_CLASSES, MODELNET40_CLASSES
 from pointsink.embedding import SetAbstraction, farthest_point_sampling, knn_indices
 from pointsink.module import SinkformerClassifier
+from pointsink.synthetic import SYNTHETIC_CLASSES
 
 
 def _synchronize(device: torch.device) -> None:
@@ -85,6 +87,17 @@ def _gpu_profile(run: Callable[[], object], device: torch.device) -> tuple[int, 
     return kernels, busy_us / 1e3, wall * 1e3
 
 
+def _num_classes(data: dict) -> int:
+    """The class count of a config's ``data:`` section: its class names, else its dataset's."""
+    data_args = data.get("init_args", data)
+    if data_args.get("class_names"):
+        return len(data_args["class_names"])
+    if "Synthetic" in data.get("class_path", ""):
+        return len(SYNTHETIC_CLASSES)
+    modelnet = {"ModelNet10": MODELNET10_CLASSES, "ModelNet40": MODELNET40_CLASSES}
+    return len(modelnet[data_args.get("name", "ModelNet10")])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/modelnet10.yaml")
@@ -115,13 +128,14 @@ def main(argv: list[str] | None = None) -> None:
     data_args = config["data"].get("init_args", config["data"])
     batch_size, num_points = int(data_args["batch_size"]), int(data_args["num_points"])
     bf16 = "bf16" in str(config.get("trainer", {}).get("precision", ""))
-    module = SinkformerClassifier(num_classes=10, **model_args).to(device)
+    num_classes = _num_classes(config["data"])
+    module = SinkformerClassifier(num_classes=num_classes, **model_args).to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
     # Configs without grouping (num_groups: 0) have no set abstraction: time the step only.
     embedding = next((m for m in module.modules() if isinstance(m, SetAbstraction)), None)
 
     points = F.normalize(torch.randn(batch_size, num_points, 3), dim=-1).to(device)
-    labels = torch.randint(10, (batch_size,)).to(device)
+    labels = torch.randint(num_classes, (batch_size,)).to(device)
     mask = None
     if args.padded_fraction is not None:
         real = num_points - round(args.padded_fraction * num_points)

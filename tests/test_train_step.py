@@ -81,3 +81,17 @@ def test_padded_fraction_times_the_masked_path(
     with pytest.raises(SystemExit):
         train_step.main(["--config", str(path), "--padded-fraction", "1.0"])
     assert "--padded-fraction must be in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("config", "num_classes"),
+    [("modelnet10.yaml", 10), ("modelnet40.yaml", 40), ("synthetic.yaml", None)],
+)
+def test_model_has_the_configs_class_count(train_step, config: str, num_classes) -> None:
+    from pointsink.synthetic import SYNTHETIC_CLASSES
+
+    data = yaml.safe_load((REPO / "configs" / config).read_text())["data"]
+    assert train_step._num_classes(data) == (num_classes or len(SYNTHETIC_CLASSES))
+    # Class names given in the config win.
+    named = {**data, "init_args": {**data["init_args"], "class_names": ["a", "b", "c"]}}
+    assert train_step._num_classes(named) == 3
