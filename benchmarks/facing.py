@@ -29,7 +29,7 @@ from pointsink import SetSinkformer
 from pointsink.data import build_point_cache, load_point_cache
 from pointsink.inference import ShapeClassifier
 from pointsink.module import MeanClassAccuracy
-from pointsink.transforms import turn_about_vertical, yaw_rotations
+from pointsink.transforms import turn_about_vertical, turn_by
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def yaw_voted(
     total = torch.zeros(())
     for view in range(votes):
         angles = torch.full((len(points),), 2.0 * math.pi * view / votes)
-        turned = torch.einsum("sij,snj->sni", yaw_rotations(angles, up_axis), points)
+        turned = turn_by(points, angles, up_axis)
         total = total + probabilities(model, turned, batch_size)
     return total / votes
 

@@ -33,6 +33,7 @@ __all__ = [
     "principal_spreads",
     "sample_points",
     "turn_about_vertical",
+    "turn_by",
     "up_axis_index",
     "up_axis_rotation",
     "yaw_rotations",
@@ -407,6 +408,21 @@ def turn_about_vertical(
     generator = torch.Generator().manual_seed(seed)
     uniform = torch.rand(len(points), generator=generator, dtype=torch.float64)
     angles = math.radians(max_degrees) * (2.0 * uniform - 1.0)
+    return turn_by(points, angles, up_axis)
+
+
+def turn_by(points: Tensor, angles: Tensor, up_axis: int = 2) -> Tensor:
+    """Turns each point set by its own given angle about the vertical axis.
+
+    Args:
+        points: ``(S, N, 3)`` point sets.
+        angles: ``(S,)`` angles in radians (see :func:`yaw_rotations`); the rotations are
+            formed in ``angles``' dtype, then cast to ``points``'.
+        up_axis: Index (0, 1 or 2) of the vertical axis.
+
+    Returns:
+        ``(S, N, 3)`` turned copies, in ``points``' dtype and device.
+    """
     rotations = yaw_rotations(angles, up_axis).to(device=points.device, dtype=points.dtype)
     return torch.einsum("sij,snj->sni", rotations, points)
 

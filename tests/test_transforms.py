@@ -18,6 +18,7 @@ from pointsink.transforms import (
     principal_spreads,
     sample_points,
     turn_about_vertical,
+    turn_by,
     up_axis_rotation,
     yaw_rotations,
 )
@@ -437,6 +438,15 @@ def test_yaw_rotations_turn_about_the_up_axis(up_axis) -> None:
         rotations[0] @ torch.eye(3, dtype=torch.float64)[first],
         torch.eye(3, dtype=torch.float64)[second],
     )
+
+
+def test_turn_by_turns_each_set_by_its_own_angle() -> None:
+    points = torch.tensor([[[1.0, 0.0, 0.5]], [[1.0, 0.0, 0.5]]])
+    angles = torch.tensor([math.pi / 2, math.pi], dtype=torch.float64)
+    turned = turn_by(points, angles, up_axis=2)
+    assert turned.dtype == torch.float32
+    expected = torch.tensor([[[0.0, 1.0, 0.5]], [[-1.0, 0.0, 0.5]]])
+    torch.testing.assert_close(turned, expected, atol=1e-7, rtol=0)
 
 
 def test_turn_about_vertical_draws_one_seeded_angle_per_set_within_the_range() -> None:
