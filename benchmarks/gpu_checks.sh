@@ -78,7 +78,7 @@ if wants tests; then
     pids+=($!)
 fi
 if wants suite; then
-    # pytest-xdist is not in the test extra; without it the suite runs in one process.
+    # pytest-xdist comes with the test extra; without it the suite runs in one process.
     workers=()
     "$PYTHON" -c "import xdist" 2>/dev/null && workers=(-n 4)
     bounded "$phase1" "$PYTHON" -m pytest -q -p no:cacheprovider "${workers[@]}" tests -k "not cuda" \

@@ -32,6 +32,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -88,14 +89,29 @@ def _gpu_profile(run: Callable[[], object], device: torch.device) -> tuple[int, 
 
 
 def _num_classes(data: dict) -> int:
-    """The class count of a config's ``data:`` section: its class names, else its dataset's."""
+    """The class count of a config's ``data:`` section: its class names, else its dataset's
+    (the synthetic shapes, ModelNet, or the class folders below a shape folder's root).
+
+    Raises:
+        ValueError: A shape-folder config without class names whose root holds no folders.
+    """
     data_args = data.get("init_args", data)
+    class_path = data.get("class_path", "")
     if data_args.get("class_names"):
         return len(data_args["class_names"])
-    if "Synthetic" in data.get("class_path", ""):
+    if "Synthetic" in class_path:
         return len(SYNTHETIC_CLASSES)
-    modelnet = {"ModelNet10": MODELNET10_CLASSES, "ModelNet40": MODELNET40_CLASSES}
-    return len(modelnet[data_args.get("name", "ModelNet10")])
+    if not class_path or "ModelNet" in class_path:
+        modelnet = {"ModelNet10": MODELNET10_CLASSES, "ModelNet40": MODELNET40_CLASSES}
+        return len(modelnet[data_args.get("name", "ModelNet10")])
+    root = Path(data_args.get("root", ""))
+    folders = [path for path in root.iterdir() if path.is_dir()] if root.is_dir() else []
+    if not folders:
+        raise ValueError(
+            f"Cannot tell the class count of {class_path} at root {str(root)!r}: give "
+            "data.init_args.class_names in the config."
+        )
+    return len(folders)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -162,6 +162,7 @@ def test_set_abstraction_with_an_all_true_mask_changes_nothing() -> None:
 
 
 def test_masked_set_abstraction_under_bfloat16_autocast_matches_float32() -> None:
+    torch.manual_seed(0)  # the tolerance is about twice the usual bf16 error, not a bound
     layer = SetAbstraction(3, 16, 8, 5, normalize_offsets=True)
     points = torch.randn(2, 20, 3)
     mask = torch.arange(20) < torch.tensor([[20], [11]])

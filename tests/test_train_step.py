@@ -95,3 +95,14 @@ def test_model_has_the_configs_class_count(train_step, config: str, num_classes)
     # Class names given in the config win.
     named = {**data, "init_args": {**data["init_args"], "class_names": ["a", "b", "c"]}}
     assert train_step._num_classes(named) == 3
+
+
+def test_shape_folder_config_counts_its_class_folders(train_step, tmp_path: Path) -> None:
+    data = {"class_path": "pointsink.data.ShapeFolderDataModule", "init_args": {"root": ""}}
+    for name in ("mug", "lamp"):
+        (tmp_path / name / "train").mkdir(parents=True)
+    data["init_args"]["root"] = str(tmp_path)
+    assert train_step._num_classes(data) == 2
+    data["init_args"]["root"] = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match="class_names"):
+        train_step._num_classes(data)
