@@ -32,13 +32,17 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 import yaml
 
-from pointsink.data import MODELNET10_CLASSES, MODELNET40_CLASSES
+from pointsink.data import (
+    MODELNET10_CLASSES,
+    MODELNET40_CLASSES,
+    DatasetLayoutError,
+    discover_class_names,
+)
 from pointsink.embedding import SetAbstraction, farthest_point_sampling, knn_indices
 from pointsink.module import SinkformerClassifier
 from pointsink.synthetic import SYNTHETIC_CLASSES
@@ -90,10 +94,12 @@ def _gpu_profile(run: Callable[[], object], device: torch.device) -> tuple[int, 
 
 def _num_classes(data: dict) -> int:
     """The class count of a config's ``data:`` section: its class names, else its dataset's
-    (the synthetic shapes, ModelNet, or the class folders below a shape folder's root).
+    (the synthetic shapes, ModelNet, or the class folders below a shape folder's root, found
+    as the data module finds them).
 
     Raises:
-        ValueError: A shape-folder config without class names whose root holds no folders.
+        ValueError: A shape-folder config without class names whose root holds no class
+            folders.
     """
     data_args = data.get("init_args", data)
     class_path = data.get("class_path", "")
@@ -104,14 +110,14 @@ def _num_classes(data: dict) -> int:
     if not class_path or "ModelNet" in class_path:
         modelnet = {"ModelNet10": MODELNET10_CLASSES, "ModelNet40": MODELNET40_CLASSES}
         return len(modelnet[data_args.get("name", "ModelNet10")])
-    root = Path(data_args.get("root", ""))
-    folders = [path for path in root.iterdir() if path.is_dir()] if root.is_dir() else []
-    if not folders:
+    root = data_args.get("root", "")
+    try:
+        return len(discover_class_names(root))
+    except DatasetLayoutError as error:
         raise ValueError(
-            f"Cannot tell the class count of {class_path} at root {str(root)!r}: give "
-            "data.init_args.class_names in the config."
-        )
-    return len(folders)
+            f"Cannot tell the class count of {class_path} at root {root!r}: give "
+            f"data.init_args.class_names in the config ({error})"
+        ) from error
 
 
 def main(argv: list[str] | None = None) -> None:
