@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -37,15 +38,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 import yaml
 
-from pointsink.data import (
-    MODELNET10_CLASSES,
-    MODELNET40_CLASSES,
-    DatasetLayoutError,
-    discover_class_names,
-)
+from pointsink.data import DatasetLayoutError
 from pointsink.embedding import SetAbstraction, farthest_point_sampling, knn_indices
 from pointsink.module import SinkformerClassifier
-from pointsink.synthetic import SYNTHETIC_CLASSES
 
 
 def _synchronize(device: torch.device) -> None:
@@ -93,30 +88,25 @@ def _gpu_profile(run: Callable[[], object], device: torch.device) -> tuple[int, 
 
 
 def _num_classes(data: dict) -> int:
-    """The class count of a config's ``data:`` section: its class names, else its dataset's
-    (the synthetic shapes, ModelNet, or the class folders below a shape folder's root, found
-    as the data module finds them).
+    """The class count of a config's ``data:`` section, from the data module it names (ModelNet
+    without a ``class_path``), built with its arguments as the CLI builds it: the class
+    names are known then, and no shapes are read.
 
     Raises:
-        ValueError: A shape-folder config without class names whose root holds no class
-            folders.
+        ValueError: The data module refuses its arguments, e.g. a shape-folder config
+            without class names whose root holds no class folders.
     """
+    module_name, _, class_name = data.get(
+        "class_path", "pointsink.data.ModelNetDataModule"
+    ).rpartition(".")
+    data_module = getattr(importlib.import_module(module_name), class_name)
     data_args = data.get("init_args", data)
-    class_path = data.get("class_path", "")
-    if data_args.get("class_names"):
-        return len(data_args["class_names"])
-    if "Synthetic" in class_path:
-        return len(SYNTHETIC_CLASSES)
-    if not class_path or "ModelNet" in class_path:
-        modelnet = {"ModelNet10": MODELNET10_CLASSES, "ModelNet40": MODELNET40_CLASSES}
-        return len(modelnet[data_args.get("name", "ModelNet10")])
-    root = data_args.get("root", "")
     try:
-        return len(discover_class_names(root))
+        return data_module(**data_args).num_classes
     except DatasetLayoutError as error:
         raise ValueError(
-            f"Cannot tell the class count of {class_path} at root {root!r}: give "
-            f"data.init_args.class_names in the config ({error})"
+            f"Cannot tell the class count of {data_module.__name__} at root "
+            f"{data_args.get('root')!r}: give data.init_args.class_names in the config ({error})"
         ) from error
 
 

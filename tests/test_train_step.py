@@ -84,16 +84,23 @@ def test_padded_fraction_times_the_masked_path(
 
 
 @pytest.mark.parametrize(
-    ("config", "num_classes"),
-    [("modelnet10.yaml", 10), ("modelnet40.yaml", 40), ("synthetic.yaml", None)],
+    ("config", "num_classes", "subset"),
+    [
+        ("modelnet10.yaml", 10, ["bed", "chair", "desk"]),
+        ("modelnet40.yaml", 40, ["airplane", "bed", "car"]),
+        ("synthetic.yaml", None, None),
+    ],
 )
-def test_model_has_the_configs_class_count(train_step, config: str, num_classes) -> None:
+def test_model_has_the_configs_class_count(
+    train_step, config: str, num_classes: int | None, subset: list[str] | None
+) -> None:
     from pointsink.synthetic import SYNTHETIC_CLASSES
 
     data = yaml.safe_load((REPO / "configs" / config).read_text())["data"]
     assert train_step._num_classes(data) == (num_classes or len(SYNTHETIC_CLASSES))
     # Class names given in the config win.
-    named = {**data, "init_args": {**data["init_args"], "class_names": ["a", "b", "c"]}}
+    subset = subset or list(SYNTHETIC_CLASSES[:3])
+    named = {**data, "init_args": {**data["init_args"], "class_names": subset}}
     assert train_step._num_classes(named) == 3
 
 
