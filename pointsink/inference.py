@@ -253,14 +253,21 @@ def _expand_one(raw: str | os.PathLike[str], seen: set[str]) -> list[PathEntry]:
         return [PathEntry(given, f"{given}: no such file or folder.")]
     entries = []
     for file in found:
-        # The real folder and the name: a file reached through a linked folder is the same
-        # file, but two names linking to one stored file (git-annex, DVC) stay two shapes.
-        folder, name = os.path.split(os.path.abspath(file))
-        key = os.path.normcase(os.path.join(os.path.realpath(folder), name))
+        key = _file_key(file)
         if key not in seen:
             seen.add(key)
             entries.append(PathEntry(file))
     return entries
+
+
+def _file_key(path: str | os.PathLike[str]) -> str:
+    """The identity of a file for :func:`expand_paths`'s "listed once".
+
+    The real folder and the name: a file reached through a linked folder is the same file,
+    but two names linking to one stored file (git-annex, DVC) stay two shapes.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.normcase(os.path.join(os.path.realpath(folder), name))
 
 
 def _no_files_error(given: str, kind: str) -> str:
@@ -789,6 +796,7 @@ class ShapeClassifier:
         batch_size: int = 32,
         progress: bool = False,
         up_axis: int | str | None = None,
+        exclude: Iterable[str | os.PathLike[str]] = (),
     ) -> list[Prediction]:
         """Classifies shapes.
 
@@ -813,6 +821,9 @@ class ShapeClassifier:
                 for glTF files); they are turned upright along :attr:`up_axis` first (see
                 :func:`pointsink.transforms.up_axis_rotation`). None: the inputs stand like
                 the training shapes.
+            exclude: Files never classified, wherever a folder, pattern or path reaches
+                them: e.g. the file the predictions are written to, which a later run
+                over the same folder would otherwise read as a point cloud (``.txt``).
 
         Returns:
             One :class:`Prediction` per input (per file of a folder or pattern, per item
@@ -826,7 +837,7 @@ class ShapeClassifier:
         check_int("batch_size", batch_size)
         seed = self.sample_seed if seed is None else check_int("seed", seed, minimum=0)
         orientation = None if up_axis is None else up_axis_rotation(up_axis, self.up_axis)
-        items = list(_flatten_inputs(inputs))
+        items = list(_flatten_inputs(inputs, exclude))
         results: list[Prediction] = []
         bar = None
         if progress:
@@ -952,7 +963,7 @@ class _Item(NamedTuple):
     error: str | None
 
 
-def _flatten_inputs(inputs: Any) -> Iterator[_Item]:
+def _flatten_inputs(inputs: Any, exclude: Iterable[str | os.PathLike[str]] = ()) -> Iterator[_Item]:
     """Splits ``inputs`` (see :meth:`ShapeClassifier.predict`) into single shapes."""
     single = (str, os.PathLike, np.ndarray, Tensor, trimesh.Trimesh, trimesh.Scene)
     if isinstance(inputs, (*single, trimesh.PointCloud)) or not isinstance(inputs, Iterable):
@@ -962,7 +973,8 @@ def _flatten_inputs(inputs: Any) -> Iterator[_Item]:
         nested = _nested_numbers(inputs)
         if nested is not None:
             inputs = [nested]
-    seen: set[str] = set()  # a file reached through several paths is classified once
+    # A file reached through several paths is classified once; excluded files never.
+    seen = {_file_key(path) for path in exclude}
     for item in inputs:
         if isinstance(item, (str, os.PathLike)):
             for entry in _expand_one(item, seen):

@@ -188,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         progress=sys.stderr.isatty(),
         up_axis=args.up_axis,
+        # A table written into a folder it classifies would be read back as a .txt cloud.
+        exclude=() if output is None else [output],
     )
     text = format_predictions(predictions, args.format)
     if output is None:

@@ -86,6 +86,24 @@ def test_folder_table_output_and_exit_zero(checkpoint, files, capsys) -> None:
     assert lines[-1] == f"{len(files)} classified, 0 failed."
 
 
+def test_table_written_into_the_folder_is_not_read_back(
+    checkpoint, files, tmp_path, monkeypatch
+) -> None:
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    (folder / files["off"].name).write_bytes(files["off"].read_bytes())
+    output = folder / "predictions.txt"  # .txt is also a point-cloud format
+    for _ in range(2):  # the second run finds the first run's table in the folder
+        assert main([str(checkpoint), str(folder), "--output", str(output)]) == 0
+        rows = output.read_text().splitlines()
+        assert len(rows) == 3 and rows[1].startswith(str(folder / files["off"].name))
+    # Excluded wherever it is reached (a pattern, its own path), given relative to the cwd.
+    monkeypatch.chdir(tmp_path)
+    classifier = ShapeClassifier.from_checkpoint(checkpoint, device="cpu")
+    found = classifier.predict(["shapes/*", str(output)], exclude=["shapes/predictions.txt"])
+    assert [prediction.path for prediction in found] == [f"shapes/{files['off'].name}"]
+
+
 def test_table_keeps_one_row_per_file_with_a_newline_in_its_name() -> None:
     odd = 'odd,"name\n\t.xyz'
     predictions = [
