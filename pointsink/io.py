@@ -205,8 +205,9 @@ def _refuse_decimal_commas(rows: list[str]) -> None:
 def _read_point_text(path: Path) -> np.ndarray:
     """Reads an XYZ-like text file into an array ``(P, C)``, C >= 3.
 
-    Accepts whitespace or comma separators and ``#`` comments; a leading line with a single
-    integer (the point count of some ``.pts`` variants) is skipped.
+    Accepts whitespace or comma separators and ``#`` comments. A leading line with a single
+    integer (the point count of some ``.pts`` variants) is skipped, and so is a leading line
+    of column names without a number (``x y z``, CloudCompare's ``//X,Y,Z,R,G,B``).
     """
     # utf-8-sig drops the byte-order mark that Windows editors write first. Numbers are
     # ASCII, so other bytes (a Latin-1 comment) are replaced, not fatal; in a row they
@@ -217,7 +218,7 @@ def _read_point_text(path: Path) -> np.ndarray:
         _refuse_decimal_commas(rows)
     rows = [row.replace(",", " ") for row in rows]
     rows = [row for row in rows if row]
-    if rows and re.fullmatch(r"\d+", rows[0]):
+    if rows and (re.fullmatch(r"\d+", rows[0]) or not any(map(_is_number, rows[0].split()))):
         rows = rows[1:]
     if not rows:
         raise ValueError("no point rows found")
@@ -225,6 +226,15 @@ def _read_point_text(path: Path) -> np.ndarray:
     if points.shape[1] < 3:
         raise ValueError(f"rows have {points.shape[1]} columns, need at least 3 (x y z)")
     return _xyz_columns(points)
+
+
+def _is_number(token: str) -> bool:
+    """Whether ``token`` reads as a float, as :func:`numpy.loadtxt` would read it."""
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 def _xyz_columns(points: np.ndarray) -> np.ndarray:

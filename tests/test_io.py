@@ -109,7 +109,12 @@ def test_text_and_npy_point_clouds(tmp_path):
         [[7, 12, 456], [-25, 15, 2], [1, 0, 3]],
     )
 
-    for name in ("cloud.xyz", "cloud.pts", "spaced.txt", "cloud.npy", "normals.npy"):
+    # A leading row of column names, as scanner software exports them.
+    (tmp_path / "named.txt").write_text("x y z\n" + "\n".join(rows) + "\n")
+    (tmp_path / "cloudcompare.txt").write_text("//X,Y,Z,Nx,Ny,Nz\n" + "\n".join(rows) + "\n")
+
+    names = ("cloud.xyz", "cloud.pts", "spaced.txt", "named.txt", "cloudcompare.txt")
+    for name in (*names, "cloud.npy", "normals.npy"):
         loaded = load_shape(tmp_path / name)
         np.testing.assert_allclose(loaded, points, rtol=1e-12, err_msg=name)
 
