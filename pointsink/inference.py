@@ -634,7 +634,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Turns ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda[:i]"`` into a device.
 
     Raises:
-        ValueError: Unknown device name, or CUDA requested but not available.
+        ValueError: Unknown device name, CUDA requested but not available, or a CUDA
+            index this machine does not have.
     """
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -645,6 +646,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device {device!r} was requested but CUDA is not available here; use 'cpu' or 'auto'."
+        )
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {device!r} was requested but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s), numbered from 0."
         )
     return resolved
 

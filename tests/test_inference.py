@@ -22,6 +22,7 @@ from pointsink.inference import (
     format_predictions,
     make_prediction,
     preprocess_views,
+    resolve_device,
 )
 from pointsink.module import SinkformerClassifier
 from pointsink.transforms import (
@@ -413,6 +414,16 @@ def test_unusable_checkpoints_raise_clear_errors(checkpoint: Path, tmp_path: Pat
 def test_cuda_requested_without_cuda(checkpoint: Path) -> None:
     with pytest.raises(ValueError, match="CUDA is not available"):
         ShapeClassifier.from_checkpoint(checkpoint, device="cuda")
+
+
+def test_cuda_index_beyond_the_machines_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A one-GPU machine, simulated: "cuda:5" is refused before any tensor is moved.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"'cuda:5' .* has 1 CUDA device\(s\), numbered from 0"):
+        resolve_device("cuda:5")
 
 
 def test_prediction_dataset_carries_errors(format_files: dict[str, Path], tmp_path: Path) -> None:
