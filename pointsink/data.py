@@ -746,7 +746,12 @@ def discover_class_names(root: str | Path) -> list[str]:
             if child.is_dir() and any(is_shape_file(entry) for entry in child.iterdir())
         )
         hint = ""
-        if swapped:
+        if flat and set(flat) <= set(SPLITS):
+            hint = (
+                f" {root} looks like one class's folder (its {' and '.join(flat)} hold shape "
+                f"files): give its parent, {root.resolve().parent}, the folder of class folders."
+            )
+        elif swapped:
             hint = (
                 f" {root} holds {' and '.join(s + '/<class>' for s in swapped)} instead: swap "
                 "the two levels, <class>/train rather than train/<class>."
@@ -1026,9 +1031,13 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         """Loads the caches needed by ``stage`` and makes the validation split."""
         if stage in (None, "fit", "validate") and self.train_dataset is None:
             full_train = self._load_split("train")
-            if len(full_train) == 0:
+            # _check_training_files saw files of every class; all of a class's may be unreadable.
+            read = set(full_train.labels.tolist())
+            unread = [name for label, name in enumerate(self.class_names) if label not in read]
+            if unread:
+                which = f" of the classes {unread}" if read else ""
                 raise DatasetLayoutError(
-                    f"None of the training shapes in {self.root} could be read."
+                    f"None of the training shapes{which} in {self.root} could be read."
                 )
             train_indices, val_indices = stratified_split(
                 full_train.labels, self.val_fraction, self.split_seed
@@ -1333,7 +1342,10 @@ class ModelNetDataModule(ShapeFolderDataModule):
         return ModelNet.urls[self.name.removeprefix("ModelNet")]
 
     def _has_data(self) -> bool:
-        return any((self.root / name / "train").is_dir() for name in self.class_names)
+        # Either split: `test` needs no train/ folders (and `fit` without them says so).
+        return any(
+            (self.root / name / split).is_dir() for name in self.class_names for split in SPLITS
+        )
 
     def _provide_source(self) -> None:
         """Downloads and extracts the dataset if ``root`` lacks it (and is empty or absent).

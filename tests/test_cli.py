@@ -471,7 +471,14 @@ def test_main_destroys_the_process_group_it_created(
 
 @pytest.mark.parametrize(
     "mistake",
-    ["missing root", "no class folders", "split above class", "flat class", "no training files"],
+    [
+        "missing root",
+        "no class folders",
+        "split above class",
+        "flat class",
+        "one class's folder",
+        "no training files",
+    ],
 )
 def test_shape_folder_mistakes_fail_with_one_sentence(
     tmp_path: Path, make_shape_folder, capsys: pytest.CaptureFixture[str], mistake: str
@@ -487,6 +494,9 @@ def test_shape_folder_mistakes_fail_with_one_sentence(
             path.rename(path.parent.parent / path.name)  # <class>/*.<ext>, no split folders
         for folder in [*root.glob("*/train"), *root.glob("*/test")]:
             folder.rmdir()
+    elif mistake == "one class's folder":
+        make_shape_folder(tmp_path / "all", class_names=("mug", "vase"), train_per_class=2)
+        (tmp_path / "all" / "mug").rename(root)  # root/{train,test}/*.off: one class
     elif mistake == "no training files":
         make_shape_folder(root, class_names=("mug", "vase"), train_per_class=0)
     with pytest.raises(SystemExit) as exit_info:
@@ -501,6 +511,8 @@ def test_shape_folder_mistakes_fail_with_one_sentence(
         "no class folders": "Found no class folders",
         "split above class": "holds train/<class> instead: swap the two levels",
         "flat class": "mug, vase hold shape files directly: move each class's files into",
+        "one class's folder": f"looks like one class's folder (its test and train hold shape "
+        f"files): give its parent, {tmp_path},",
         "no training files": "Found no training shapes",
     }[mistake]
     assert expected in line and str(root) in line

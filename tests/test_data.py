@@ -707,6 +707,29 @@ def test_modelnet_on_a_folder_of_other_classes_points_to_shape_folders(
     assert requested == []  # neither started a download
 
 
+def test_modelnet_folder_with_only_test_splits_is_tested_without_download(
+    tmp_path, monkeypatch, make_shape_folder
+):
+    requested: list[str] = []
+    monkeypatch.setattr(
+        torch_geometric.data, "download_url", lambda url, *args, **kwargs: requested.append(url)
+    )
+    root = make_shape_folder(tmp_path / "ModelNet10", class_names=("bed", "chair"))
+    for train in root.glob("*/train"):
+        shutil.rmtree(train)  # the test split alone, as shared for evaluation
+    datamodule = ModelNetDataModule(
+        root=str(root), class_names=["bed", "chair"], num_points=16,
+        cache_dir=str(tmp_path / "cache"), preprocess_workers=1,
+    )  # fmt: skip
+    datamodule.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.TESTING))
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    assert len(datamodule.test_dataset) == 4 and requested == []
+    datamodule.trainer.state.fn = TrainerFn.FITTING  # fitting on it names what is missing
+    with pytest.raises(DatasetLayoutError, match="Found no training shapes"):
+        datamodule.prepare_data()
+
+
 def test_modelnet_download_is_extracted_into_root(tmp_path, monkeypatch, make_shape_folder):
     source = make_shape_folder(
         tmp_path / "source", class_names=("bed", "chair"), train_per_class=3, test_per_class=1
@@ -807,6 +830,20 @@ def test_labels_follow_their_files_when_a_file_is_skipped(tmp_path, make_shape_f
         datamodule.train_dataset.paths, datamodule.train_dataset.labels.tolist(), strict=True
     ):
         assert Path(path).parent.parent.name == CLASSES[label], path
+
+
+def test_a_class_whose_training_files_are_all_unreadable_is_an_error(tmp_path, make_shape_folder):
+    # Its folder has files, so the layout check passes; the model must not get an output
+    # for a class it never trains on.
+    root = make_shape_folder(tmp_path / "shapes")
+    for path in (root / "beta" / "train").iterdir():
+        path.write_text("not a mesh\n")
+    datamodule = _datamodule(root, tmp_path, val_fraction=0.0)
+    with (
+        pytest.warns(UserWarning, match="beta_0001"),
+        pytest.raises(DatasetLayoutError, match=r"training shapes of the classes \['beta'\]"),
+    ):
+        datamodule.setup("fit")
 
 
 def test_training_batches_are_shuffled_and_test_batches_are_not_augmented(
