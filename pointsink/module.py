@@ -25,7 +25,7 @@ from pointsink.inference import (
 )
 from pointsink.model import DEFAULT_N_ITER, SetSinkformer, unused_settings
 from pointsink.transforms import mix_point_regions
-from pointsink.validation import plain_value
+from pointsink.validation import check_int, plain_value
 
 __all__ = ["MeanClassAccuracy", "MeanLoss", "SinkformerClassifier"]
 
@@ -199,6 +199,15 @@ class SinkformerClassifier(pl.LightningModule):
             num_classes = len(class_names)
         if num_classes is None:
             raise ValueError("give class_names (preferred) or num_classes.")
+        # Checked here, not when configure_optimizers reads them: an unknown name would
+        # otherwise fall through to Adam or the cosine schedule unnoticed.
+        if optimizer not in ("adamw", "adam"):
+            raise ValueError(f"optimizer must be 'adamw' or 'adam'; got {optimizer!r}.")
+        if scheduler not in ("cosine", "step", "none"):
+            raise ValueError(f"scheduler must be 'cosine', 'step' or 'none'; got {scheduler!r}.")
+        check_int("warmup_epochs", warmup_epochs, minimum=0)
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}.")
         if logit_adjustment < 0:
             raise ValueError(f"logit_adjustment must be >= 0, got {logit_adjustment}.")
         if not 0.0 <= mix_probability <= 1.0:
@@ -680,7 +689,7 @@ class _WarmupCosine:
     """
 
     def __init__(self, warmup_epochs: int, max_epochs: int, min_ratio: float) -> None:
-        self.warmup_epochs = max(0, warmup_epochs)
+        self.warmup_epochs = warmup_epochs
         self.max_epochs = max(1, max_epochs)
         self.min_ratio = min_ratio
 

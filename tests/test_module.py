@@ -414,6 +414,24 @@ def test_optimizer_gets_its_class_lr_and_weight_decay(name: str, optimizer_class
     assert group["lr"] == 3e-3 and group["weight_decay"] == 0.05
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer": "AdamW"}, "optimizer must be 'adamw' or 'adam'; got 'AdamW'"),
+        ({"optimizer": "sgd"}, "optimizer must be"),
+        ({"scheduler": "linear"}, "scheduler must be 'cosine', 'step' or 'none'"),
+        ({"warmup_epochs": -1}, "warmup_epochs must be at least 0"),
+        ({"min_lr_ratio": -0.1}, r"min_lr_ratio must be in \[0, 1\]"),
+        ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
+    ],
+)
+def test_unknown_optimization_settings_are_refused(kwargs: dict, message: str) -> None:
+    # From Python (the CLI checks the names itself) they used to fall through to Adam or
+    # the cosine schedule, and a negative floor gave negative learning rates.
+    with pytest.raises(ValueError, match=message):
+        _module(**kwargs)
+
+
 def test_step_schedule_divides_by_ten_at_three_quarters() -> None:
     scheduler = _configured(scheduler="step")["lr_scheduler"]["scheduler"]
     assert dict(scheduler.milestones) == {7: 1} and scheduler.gamma == 0.1
