@@ -47,8 +47,15 @@ EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
 # SinkformerClassifier.on_load_checkpoint) or reported (the sampling), and imposed only
 # under predict (the class names and the sampling, see _parse_ckpt_path).
 LINKED_FROM_DATA = ("class_names", "num_classes", "num_points", "augmentation", "sample_seed")
-# Mistakes in what the user gave (data, checkpoint): one line and exit status 2, no traceback.
-USER_ERRORS = (CheckpointError, DatasetLayoutError, DatasetNotFoundError)
+
+
+class ArgumentValueError(ValueError):
+    """A model, data or trainer argument's value refused by its class (e.g. ``n_iter 0``)."""
+
+
+# Mistakes in what the user gave (data, checkpoint, argument values): one line and exit
+# status 2, no traceback.
+USER_ERRORS = (CheckpointError, DatasetLayoutError, DatasetNotFoundError, ArgumentValueError)
 
 
 # An int counts batches, a float is a fraction, "all" (or null) all batches. The Literal
@@ -316,6 +323,24 @@ class SinkformerCLI(LightningCLI):
         if plain_folder and init_args.get("class_names") is None and "root" in init_args:
             discover_class_names(init_args["root"])
 
+    def instantiate_classes(self) -> None:
+        """Builds the model, data module and trainer; a value they refuse is a user error.
+
+        The constructors check their arguments with ``ValueError``s that name the argument
+        and the accepted values; here that sentence is all the user needs, not a traceback.
+        """
+        try:
+            super().instantiate_classes()
+        except USER_ERRORS:
+            raise
+        except ValueError as error:
+            # jsonargparse wraps a data module's error in its own, with a dump of every
+            # argument; the constructor's sentence is at the end of the chain.
+            cause: BaseException = error
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise ArgumentValueError(str(cause)) from error
+
     def _run_subcommand(self, subcommand: str) -> None:
         """Runs ``subcommand``; a run refused at set-up leaves no version folder behind.
 
@@ -392,7 +417,8 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> SinkformerCLI |
         The CLI object (its ``trainer``, ``model`` and ``datamodule`` hold the run's state).
 
     Raises:
-        SystemExit: Code 2, after printing one line, when the data are missing, the
+        SystemExit: Code 2, after printing one line, when the data are missing, a class
+            refuses an argument's value (e.g. ``--model.n_iter 0``), the
             checkpoint given to fine-tune from (``--model.weights``) is unusable, or the
             one given as ``--ckpt_path`` was trained on other classes than the data's (or,
             when resuming a fit, with another validation split). Code 1 after ``predict``

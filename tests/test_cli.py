@@ -389,6 +389,25 @@ def test_offline_modelnet_fails_with_one_sentence(
     assert "Traceback" not in error_lines[0]
 
 
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        (["--model.n_iter", "0"], "n_iter must be at least 1; got 0."),
+        (["--model.channels", "18", "--model.num_heads", "4"], "divisible"),
+        (["--data.num_points", "0"], "num_points must be at least 1"),
+    ],
+)
+def test_refused_argument_values_fail_with_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argument: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_tiny_args(tmp_path), *argument])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert message in line and "Traceback" not in err
+
+
 def test_weight_averaged_checkpoint_serves_the_averaged_weights(tmp_path: Path) -> None:
     """With the optional EMA callback, checkpoints, `test` and inference use averaged weights."""
     from pointsink.inference import ShapeClassifier
