@@ -30,6 +30,10 @@ from pointsink.validation import check_int, plain_value
 __all__ = ["MeanClassAccuracy", "MeanLoss", "SinkformerClassifier"]
 
 Batch = dict[str, Tensor]
+OptimizerName = Literal["adamw", "adam"]
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adam")
+SchedulerName = Literal["cosine", "step", "none"]
+SCHEDULERS: tuple[str, ...] = ("cosine", "step", "none")
 
 
 class MeanLoss(Metric):
@@ -164,10 +168,10 @@ class SinkformerClassifier(pl.LightningModule):
         layer_norm: bool = False,
         pooling_attention: AttentionKind | None = None,
         dropout: float = 0.5,
-        optimizer: Literal["adamw", "adam"] = "adamw",
+        optimizer: OptimizerName = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        scheduler: Literal["cosine", "step", "none"] = "cosine",
+        scheduler: SchedulerName = "cosine",
         warmup_epochs: int = 1,
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.0,
@@ -201,10 +205,10 @@ class SinkformerClassifier(pl.LightningModule):
             raise ValueError("give class_names (preferred) or num_classes.")
         # Checked here, not when configure_optimizers reads them: an unknown name would
         # otherwise fall through to Adam or the cosine schedule unnoticed.
-        if optimizer not in ("adamw", "adam"):
-            raise ValueError(f"optimizer must be 'adamw' or 'adam'; got {optimizer!r}.")
-        if scheduler not in ("cosine", "step", "none"):
-            raise ValueError(f"scheduler must be 'cosine', 'step' or 'none'; got {scheduler!r}.")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}.")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}; got {scheduler!r}.")
         check_int("warmup_epochs", warmup_epochs, minimum=0)
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}.")

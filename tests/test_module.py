@@ -417,9 +417,9 @@ def test_optimizer_gets_its_class_lr_and_weight_decay(name: str, optimizer_class
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"optimizer": "AdamW"}, "optimizer must be 'adamw' or 'adam'; got 'AdamW'"),
+        ({"optimizer": "AdamW"}, r"optimizer must be one of \('adamw', 'adam'\); got 'AdamW'"),
         ({"optimizer": "sgd"}, "optimizer must be"),
-        ({"scheduler": "linear"}, "scheduler must be 'cosine', 'step' or 'none'"),
+        ({"scheduler": "linear"}, r"scheduler must be one of \('cosine', 'step', 'none'\)"),
         ({"warmup_epochs": -1}, "warmup_epochs must be at least 0"),
         ({"min_lr_ratio": -0.1}, r"min_lr_ratio must be in \[0, 1\]"),
         ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
