@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from pointsink.sinkhorn import check_masks, prepare_masks, sinkhorn, zero_padded
+from pointsink.sinkhorn import (
+    check_masks,
+    prepare_masks,
+    sinkhorn,
+    zero_padded,
+    zero_padded_logits,
+)
 from pointsink.sinkhorn_attention import sinkhorn_attention, triton_available
 from pointsink.validation import check_int, check_set_batch, check_set_mask
 
@@ -95,10 +101,10 @@ def attention_weights(
     if attention == "sinkhorn":
         return sinkhorn(logits, n_iter, query_mask=query_mask, key_mask=key_mask)
     check_masks(query_mask, key_mask, tuple(logits.shape[:-2]), *logits.shape[-2:], logits.device)
+    # Padded logits are set to 0 before the softmax too: a NaN there would make the softmax's
+    # backward NaN (0 * nan).
+    logits = zero_padded_logits(logits, query_mask, key_mask)
     query_mask, key_mask, keep = prepare_masks(query_mask, key_mask)
-    # Padded queries' rows are set to 0 before the softmax too: a NaN there would make the
-    # softmax's backward NaN (0 * nan).
-    logits = zero_padded(logits, query_mask)
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask.unsqueeze(-2), -math.inf)
     # keep (..., 1): a set without a real query or key gets weights 0.
@@ -230,9 +236,9 @@ def scaled_dot_product_attention(
                 key.shape[-2],
                 query.device,
             )
-            query_mask, key_mask, keep = prepare_masks(query_mask, key_mask)
             query = zero_padded(query, query_mask)
             key, value = zero_padded(key, key_mask), zero_padded(value, key_mask)
+            query_mask, key_mask, keep = prepare_masks(query_mask, key_mask)
             attn_mask = None if key_mask is None else key_mask.unsqueeze(-2)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
             return zero_padded(zero_padded(out, query_mask), keep)

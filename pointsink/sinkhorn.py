@@ -227,6 +227,22 @@ def zero_padded(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else x.masked_fill(~mask.unsqueeze(-1), 0.0)
 
 
+def zero_padded_logits(
+    logits: Tensor, query_mask: Tensor | None, key_mask: Tensor | None
+) -> Tensor:
+    """``logits`` ``(..., n, m)`` with every entry of a padded query or key set to 0.
+
+    Called with the caller's masks, before :func:`prepare_masks` fills the empty sets: a NaN
+    or inf there would survive a ``-inf`` mask, or reach the gradients of a set without a
+    real query or key (``0 * nan``).
+    """
+    if query_mask is None and key_mask is None:
+        return logits
+    real = True if query_mask is None else query_mask.unsqueeze(-1)
+    real = real if key_mask is None else key_mask.unsqueeze(-2) & real
+    return logits.masked_fill(~real, 0.0)  # type: ignore[operator]
+
+
 def _masked_scores(
     logits: Tensor, n_iter: int, query_mask: Tensor | None, key_mask: Tensor | None
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
@@ -238,14 +254,10 @@ def _masked_scores(
     _check(logits, n_iter)
     n, m = logits.shape[-2], logits.shape[-1]
     check_masks(query_mask, key_mask, tuple(logits.shape[:-2]), n, m, logits.device)
-    query_mask, key_mask, keep = prepare_masks(query_mask, key_mask)
-    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if query_mask is not None or key_mask is not None:
-        # Padded logits never enter a sum, but a NaN or inf there would survive "+ (-inf)".
-        real = True if query_mask is None else query_mask.unsqueeze(-1)
-        real = real if key_mask is None else key_mask.unsqueeze(-2) & real
-        scores = scores.masked_fill(~real, 0.0)  # type: ignore[operator]
-    return scores, query_mask, key_mask, keep
+    scores = zero_padded_logits(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)), query_mask, key_mask
+    )
+    return scores, *prepare_masks(query_mask, key_mask)
 
 
 def _potentials(

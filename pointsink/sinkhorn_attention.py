@@ -732,7 +732,8 @@ class _ChunkedSinkhornAttention(torch.autograd.Function):
                 key_mask,
             )
             out = out.to(q.dtype)
-        # The masks too, so that autograd refuses a backward after they change in place.
+        # The masks are prepare_masks's copies, so a caller changing its own in place before
+        # the backward changes nothing.
         ctx.save_for_backward(q, k, v, out, us, vs, query_mask, key_mask)
         ctx.n_iter = n_iter  # type: ignore[attr-defined]
         ctx.scale = scale  # type: ignore[attr-defined]
@@ -783,15 +784,17 @@ def _flatten(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, t
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, n_iter: int) -> None:
-    if q.dim() < 2 or k.dim() < 2 or v.dim() < 2:
+    fits = min(q.dim(), k.dim(), v.dim()) >= 2
+    fits = fits and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]
+    try:
+        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:  # leading dimensions that do not broadcast
+        fits = False
+    if not fits:
         raise ValueError(
-            "sinkhorn_attention needs q (..., n, d), k (..., m, d), v (..., m, e); got shapes "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
-        )
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
-        raise ValueError(
-            "sinkhorn_attention needs q (..., n, d), k (..., m, d), v (..., m, e); got shapes "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+            "sinkhorn_attention needs q (..., n, d), k (..., m, d), v (..., m, e) with leading "
+            f"dimensions that broadcast; got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}."
         )
     if q.shape[-2] == 0 or k.shape[-2] == 0:
         raise ValueError("sinkhorn_attention needs at least one query and one key.")
@@ -903,10 +906,10 @@ def sinkhorn_attention(
             q, k, v, n_iter, scale, query_mask=query_mask, key_mask=key_mask
         )
 
-    # Sets without a real query or key are computed as fully real (keep marks them), and
-    # padding values never reach a sum (a NaN there would: 0 * nan).
-    query_mask, key_mask, keep = prepare_masks(query_mask, key_mask)
+    # Padding values never reach a sum (a NaN there would: 0 * nan), not even in sets without
+    # a real query or key, which are then computed as fully real (keep marks them).
     q, k, v = zero_padded(q, query_mask), zero_padded(k, key_mask), zero_padded(v, key_mask)
+    query_mask, key_mask, keep = prepare_masks(query_mask, key_mask)
     qf, kf, vf, batch = _flatten(q, k, v)
     n, m = qf.shape[1], kf.shape[1]
     query_mask, key_mask = (

@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from pointsink import SetSinkformer, sinkhorn, sinkhorn_attention
-from pointsink.attention import MultiheadAttention, attention_marginals, attention_weights
+from pointsink.attention import (
+    MultiheadAttention,
+    attention_marginals,
+    attention_weights,
+    scaled_dot_product_attention,
+)
 from pointsink.blocks import (
     InducedSetAttentionBlock,
     PoolingByMultiheadAttention,
@@ -333,8 +338,6 @@ def test_masked_softmax_attention_matches_sdpa_on_real_rows() -> None:
     q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
     key_mask = _lengths_mask([6, 3], 6)[:, None]
     query_mask = _lengths_mask([6, 2], 6)[:, None]
-    from pointsink.attention import scaled_dot_product_attention
-
     out = scaled_dot_product_attention(q, k, v, "softmax", query_mask=query_mask, key_mask=key_mask)
     expected = F.scaled_dot_product_attention(q[1:, :, :2], k[1:, :, :3], v[1:, :, :3])
     torch.testing.assert_close(out[1:, :, :2], expected)
@@ -453,14 +456,35 @@ def test_region_mixing_leaves_padded_batches_unmixed_and_says_so_once() -> None:
 # --- empty sets, non-finite padding, mask lifetime ------------------------------------------
 
 
+def _case_with_empty_sets() -> tuple[torch.Tensor, ...]:
+    """Three sets of :func:`_padded_case`: set 1 has no real query, set 2 no real key."""
+    q, k, v, query_mask, key_mask = _padded_case(6, 5, [6, 3, 4], [5, 2, 3])
+    query_mask[1] = False
+    key_mask[2] = False
+    return q, k, v, query_mask, key_mask
+
+
+def _with_padding(
+    value: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_mask: torch.Tensor,
+    key_mask: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Leaf copies of ``q, k, v`` whose padded rows hold ``value``."""
+    return [
+        t.detach().masked_fill(~mask[..., None], value).requires_grad_()
+        for t, mask in ((q, query_mask), (k, key_mask), (v, key_mask))
+    ]
+
+
 @pytest.mark.parametrize("backend", ["dense", "chunked"])
 @pytest.mark.parametrize("n_iter", [1, 4, 5])
 def test_a_set_without_real_elements_gives_zero_and_harms_no_other(
     backend: str, n_iter: int
 ) -> None:
-    q, k, v, query_mask, key_mask = _padded_case(6, 5, [6, 3, 4], [5, 2, 3])
-    query_mask[1] = False  # set 1: no real query
-    key_mask[2] = False  # set 2: no real key
+    q, k, v, query_mask, key_mask = _case_with_empty_sets()
     out = sinkhorn_attention(
         q, k, v, n_iter, backend=backend, chunk_size=2, query_mask=query_mask, key_mask=key_mask
     )
@@ -498,14 +522,39 @@ def test_nonfinite_padding_values_never_reach_a_result(backend: str, bad: float)
     clean = sinkhorn_attention(
         q, k, v, 4, backend=backend, query_mask=query_mask, key_mask=key_mask
     )
-    dirty = [
-        t.detach().masked_fill(~mask[..., None], bad).requires_grad_()
-        for t, mask in ((q, query_mask), (k, key_mask), (v, key_mask))
-    ]
+    dirty = _with_padding(bad, q, k, v, query_mask, key_mask)
     out = sinkhorn_attention(*dirty, 4, backend=backend, query_mask=query_mask, key_mask=key_mask)
     torch.testing.assert_close(out, clean, rtol=0, atol=1e-12)
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in dirty)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("function", ["sinkhorn", "dense", "chunked", "softmax", "softmax-sdpa"])
+def test_nonfinite_padding_of_a_set_without_real_elements_never_reaches_a_gradient(
+    function: str, bad: float
+) -> None:
+    # Such a set is computed as if all were real (prepare_masks); its padding must still be
+    # zeroed first, or backward's 0 * nan makes its gradients NaN.
+    q, k, v, query_mask, key_mask = _case_with_empty_sets()
+    dirty = _with_padding(bad, q, k, v, query_mask, key_mask)
+    masks = {"query_mask": query_mask, "key_mask": key_mask}
+    if function in ("sinkhorn", "softmax"):
+        real = query_mask[..., :, None] & key_mask[..., None, :]
+        logits = torch.randn(3, 2, 6, 5, dtype=torch.float64).masked_fill(~real, bad)
+        inputs = [logits.requires_grad_()]
+        out = attention_weights(logits, function, 4, **masks)
+    elif function == "softmax-sdpa":
+        inputs = dirty
+        out = scaled_dot_product_attention(*dirty, "softmax", **masks)
+    else:
+        inputs = dirty
+        out = sinkhorn_attention(*dirty, 4, backend=function, chunk_size=2, **masks)
+    assert torch.isfinite(out).all() and out[1:].abs().sum() == 0
+    out.square().sum().backward()
+    for tensor in inputs:
+        assert torch.isfinite(tensor.grad).all()
+        assert tensor.grad[1:].abs().sum() == 0
 
 
 @pytest.mark.parametrize(("attention", "n_iter"), [("softmax", 1), ("sinkhorn", 5)])

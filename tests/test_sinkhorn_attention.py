@@ -320,6 +320,11 @@ def test_invalid_arguments() -> None:
         sinkhorn_attention(q, k[..., :2], v, 1)
     with pytest.raises(ValueError, match="shapes"):
         sinkhorn_attention(q, k, v[:, :2], 1)
+    with pytest.raises(ValueError, match="shapes"):
+        sinkhorn_attention(q[0, 0], k, v, 1)
+    for backend in ("chunked", "dense"):  # leading dimensions that do not broadcast
+        with pytest.raises(ValueError, match="broadcast; got shapes"):
+            sinkhorn_attention(q, torch.cat([k, k, k]), torch.cat([v, v, v]), 1, backend=backend)
     with pytest.raises(TypeError, match="dtype"):
         sinkhorn_attention(q, k.float(), v, 1)
     with pytest.raises(ValueError, match="backend"):
