@@ -47,6 +47,8 @@ EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
 # SinkformerClassifier.on_load_checkpoint) or reported (the sampling), and imposed only
 # under predict (the class names and the sampling, see _parse_ckpt_path).
 LINKED_FROM_DATA = ("class_names", "num_classes", "num_points", "augmentation", "sample_seed")
+# Every parser's usage line (argparse's default lists every option, before every error).
+SHORT_USAGE = "%(prog)s [options]"
 
 
 class ArgumentValueError(ValueError):
@@ -146,6 +148,21 @@ class SinkformerCLI(LightningCLI):
             # options fill sys.argv; Lightning's warning against mixing the two does not apply.
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             super().parse_arguments(parser, args)
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        """Sets up the parsers as LightningCLI does, each with a one-line usage.
+
+        argparse prints the usage before every parse error; listing every option made a
+        mistyped option or value a ~120-line message. ``--help`` still lists them all.
+        """
+        if add_subcommands:
+            for name in self.subcommands():
+                subparser_kwargs[name] = {"usage": SHORT_USAGE, **subparser_kwargs.get(name, {})}
+        else:
+            main_kwargs = {"usage": SHORT_USAGE, **main_kwargs}
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Adds the checkpoint, prediction and report callbacks and the data → model links."""

@@ -359,6 +359,29 @@ def test_help_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert "n_iter: 5" in printed
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["fit", "--model.attention", "softmx"], "Got value: softmx"),
+        (["test", "--config", "missing.yaml"], "File does not exist"),
+        (["fit", "--trainer.max_epochs", "many"], "max_epochs"),
+    ],
+)
+def test_a_mistyped_argument_gets_a_short_message(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    # argparse's default usage listed every option (~120 lines) before the error.
+    assert message in err and len(err.splitlines()) < 15, err
+    assert err.startswith(f"usage: {Path(sys.argv[0]).name} [options] {arguments[0]} [options]")
+    with pytest.raises(SystemExit):
+        main([arguments[0], "--help"])
+    assert "--model.attention" in capsys.readouterr().out  # --help still lists the options
+
+
 @pytest.mark.parametrize("config", sorted(path.name for path in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_parse(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
