@@ -352,6 +352,24 @@ def find_shape_files(
     return files
 
 
+def nested_shape_folders(
+    root: str | os.PathLike[str], class_names: Sequence[str], split: str
+) -> list[str]:
+    """The sub-folders of ``root/<class>/<split>`` holding shape files, which are not read.
+
+    Returns:
+        Their paths relative to ``root`` (POSIX separators), sorted.
+    """
+    root = Path(root)
+    return [
+        folder.relative_to(root).as_posix()
+        for class_name in class_names
+        if (root / class_name / split).is_dir()
+        for folder in sorted((root / class_name / split).iterdir())
+        if folder.is_dir() and any(is_shape_file(path) for path in folder.rglob("*"))
+    ]
+
+
 @dataclass
 class PointCache:
     """One preprocessed split, as stored on disk.
@@ -444,6 +462,15 @@ def build_point_cache(
     with exclusive_lock(cache_dir / f"{split}.lock"):
         if cache_path.exists():  # another process built it while we waited for the lock
             return cache_path
+        nested = nested_shape_folders(root, class_names, split)
+        if nested:
+            warnings.warn(
+                f"Shape files in sub-folders are not read: {', '.join(nested[:3])}"
+                f"{f' and {len(nested) - 3} more' if len(nested) > 3 else ''} (only files "
+                f"directly in <class>/{split} are); move them up to use them.",
+                UserWarning,
+                stacklevel=2,
+            )
         paths = [path for path, _ in files]
         tasks = [(str(path), num_points, sample_seed) for path in paths]
         results = _preprocess_all(tasks, workers, description=f"Preprocessing {root.name}/{split}")

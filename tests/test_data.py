@@ -632,6 +632,21 @@ def test_any_file_name_is_a_shape_and_other_kinds_are_named(tmp_path, make_shape
     assert "vase/train has 4 files, none with a supported extension (e.g. " in str(error.value)
 
 
+def test_shapes_in_sub_folders_are_named_as_not_read(tmp_path, make_shape_folder):
+    root = make_shape_folder(tmp_path / "shapes", class_names=("mug", "vase"))
+    scans = root / "vase" / "train" / "scans 2025" / "left"
+    scans.mkdir(parents=True)
+    first = sorted((root / "vase" / "train").glob("*.off"))[0]
+    first.rename(scans / first.name)
+    (root / "mug" / "train" / "notes").mkdir()  # no shapes in it: not named
+    (root / "mug" / "train" / "notes" / "readme.md").write_text("measured by hand")
+    with pytest.warns(UserWarning, match="Shape files in sub-folders are not read") as caught:
+        _datamodule(root, tmp_path, val_fraction=0.0).prepare_data()
+    message = next(str(w.message) for w in caught if "sub-folders" in str(w.message))
+    assert "vase/train/scans 2025" in message and "notes" not in message
+    assert "directly in <class>/train" in message
+
+
 def test_read_only_root_gets_a_user_cache_dir(tmp_path, make_shape_folder, monkeypatch):
     root = make_shape_folder(tmp_path / "shapes", train_per_class=1, test_per_class=0)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
