@@ -47,9 +47,10 @@ def knn_indices(
         points: Coordinates ``(B, N, D)``.
         num_neighbors: ``k``, at most ``N``.
         queries: ``(B, M, D)``, the points whose neighbours are wanted; ``None`` for
-            ``points`` themselves, each then among its own ``k`` nearest (``cdist`` computes
-            distances through a matrix product, whose rounding can put a point a hair
-            closer to another, so it need not come first).
+            ``points`` themselves, each then first among its own ``k`` nearest (``cdist``
+            computes distances through a matrix product, whose rounding can put another
+            point as close or closer, which dropped a point from its own list at ``k = 1``;
+            its own distance is therefore taken below every other).
         mask: ``(B, N)`` bool, True for real points, or None (all real). Padded points
             come after every real one, so a set with ``n'`` real points has real
             neighbours in its first ``min(k, n')`` columns (:func:`neighbor_mask`), the
@@ -64,12 +65,16 @@ def knn_indices(
             f"num_neighbors must be between 1 and the number of points ({points.shape[1]}); "
             f"got {num_neighbors}."
         )
+    themselves = queries is None
     queries = points if queries is None else queries
     if points.dtype in (torch.float16, torch.bfloat16):
         # In float32: cdist has no CPU kernel for half types (bf16-true / 16-true training),
         # and their short mantissas would tie or misorder close neighbours.
         points, queries = points.float(), queries.float()
     distances = torch.cdist(queries, points)
+    if themselves:
+        eye = torch.eye(points.shape[1], dtype=torch.bool, device=points.device)
+        distances = distances.masked_fill(eye, -1.0)
     if mask is not None:
         distances = distances.masked_fill(~mask.unsqueeze(1), float("inf"))
     return distances.topk(num_neighbors, dim=-1, largest=False, sorted=True).indices
@@ -150,7 +155,9 @@ def farthest_point_sampling(
         backend: ``"loop"``: a few PyTorch operations per step, on any device;
             ``"triton"``: all steps in one kernel launch (:mod:`pointsink.triton_sampling`;
             CUDA, up to 4,096 points of up to 16 coordinates, computed in float32), the
-            same picks; ``"auto"``: Triton where it applies and is installed, else the loop.
+            same picks for float32 and half-precision points (the loop computes float64
+            points in float64, so their picks can differ where float32 would round a
+            distance); ``"auto"``: Triton where it applies and is installed, else the loop.
         mask: ``(B, N)`` bool, True for real points, or None (all real). Padded points are
             never picked while a real one is left, and the start is the real point farthest
             from the real points' mean: a set with ``n'`` real points gets the picks it gets
@@ -320,13 +327,17 @@ class EdgeConvEmbedding(nn.Module):
             if real_neighbors is not None:
                 indices = repeat_nearest(indices, real_neighbors)
         # Each point's RMS distance to its neighbours, differentiable (the k-NN graph is not).
+        # In at least float32, as the projection below: in float16 the 1e-12 rounds to 0, and
+        # a point whose neighbours all coincide with it (a small cloud filled by repeating
+        # points) got radius 0 and NaN features.
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        coordinates = coordinates.to(compute_dtype)
         offsets = gather_neighbors(coordinates, indices) - coordinates.unsqueeze(2)
         squared = offsets.square().sum(dim=-1)
         radius = (masked_mean(squared, real_neighbors, dim=-1, keepdim=True) + 1e-12).sqrt()
         # The projection stays in float32 under autocast: max_j Theta x_j - Theta x_i is the
         # difference of two larger products, divided by a small radius, and in bf16 it lost
         # about 1.5 % (relative) of the features. It is N x channels, cheap at any precision.
-        compute_dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
             projected = F.linear(x.to(compute_dtype), self.lin_neighbor.weight.to(compute_dtype))
         with torch.no_grad():

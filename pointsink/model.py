@@ -48,7 +48,8 @@ class SetSinkformer(nn.Module):
         num_inducing_points: Inducing points per ISAB block.
         num_seeds: PMA seeds; their outputs are concatenated before the head.
         attention: ``"sinkhorn"`` or ``"softmax"``.
-        n_iter: Sinkhorn iterations; 1 reproduces softmax attention exactly.
+        n_iter: Sinkhorn iterations; 1 reproduces softmax attention exactly (with
+            ``sinkhorn_marginals="uniform"``, softmax divided by the number of queries).
         layer_norm: Layer norms inside the attention blocks.
         pooling_attention: Attention of the PMA pooling; ``None`` uses ``attention``.
             Note that Sinkhorn over a single seed (``n = 1``) makes every column sum to

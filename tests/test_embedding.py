@@ -318,3 +318,21 @@ def test_normalized_offsets_of_coinciding_points_stay_finite_in_half_precision()
     layer = SetAbstraction(3, 8, num_groups=2, group_size=3, normalize_offsets=True).half()
     points = torch.stack([torch.zeros(4, 3), torch.randn(4, 3)]).half()
     assert torch.isfinite(layer(points)).all()
+
+
+def test_each_point_is_its_own_nearest_despite_cdist_rounding() -> None:
+    # cdist's matrix-product distances put a point ~1e-4 from itself, no nearer than a copy
+    # shifted by 1e-4: a third of these points missed their own k = 1 list.
+    base = torch.nn.functional.normalize(torch.randn(1, 512, 3), dim=-1)
+    points = torch.cat([base, base + 1e-4 * torch.randn_like(base)], dim=1)
+    nearest = knn_indices(points, 1)
+    assert nearest.squeeze(-1).tolist() == [list(range(1024))]
+
+
+def test_edge_conv_of_coinciding_neighbours_stays_finite_in_half_precision() -> None:
+    layer = EdgeConvEmbedding(3, 8, 4)
+    torch.nn.init.normal_(layer.lin_out.weight)  # 0 at initialization would hide a NaN radius
+    # Every point four times, as preprocess_shape fills a small cloud.
+    points = torch.randn(1, 5, 3).repeat_interleave(4, dim=1).half()
+    features = layer.half()(points)
+    assert torch.isfinite(features).all() and features[..., 3:].abs().sum() > 0
