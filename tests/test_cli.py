@@ -70,6 +70,8 @@ def test_fit_checkpoint_load_test(tmp_path: Path) -> None:
     assert report["overall_accuracy"] == pytest.approx(float(metrics["test/oa"]), abs=1e-6)
     assert report["mean_class_accuracy"] == pytest.approx(float(metrics["test/macc"]), abs=1e-6)
     assert sum(map(sum, report["confusion_matrix"])) == len(test_cli.datamodule.test_dataset)
+    class_names = test_cli.datamodule.class_names
+    assert list(report["per_class"]) == list(report["support"]) == class_names
     assert (report_dir / "confusion_matrix.png").stat().st_size > 1000
 
     validate_cli = main(["validate", *_tiny_args(tmp_path), "--ckpt_path", str(best)])

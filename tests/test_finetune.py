@@ -77,6 +77,29 @@ def test_from_pretrained_builds_the_checkpoints_model_for_new_classes(pretrained
         SinkformerClassifier.from_pretrained(pretrained, NEW_CLASSES, learning_rate=1e-3)
 
 
+def test_from_pretrained_of_a_frozen_checkpoint_trains_the_backbone(
+    pretrained: Path, tmp_path: Path
+) -> None:
+    checkpoint = torch.load(pretrained, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["freeze_backbone"] = True  # a linear probe's checkpoint
+    torch.save(checkpoint, tmp_path / "probe.ckpt")
+    module = SinkformerClassifier.from_pretrained(tmp_path / "probe.ckpt", NEW_CLASSES)
+    assert module.hparams.freeze_backbone is False
+
+
+def test_weights_that_do_not_fit_are_refused_without_recorded_settings(
+    pretrained: Path, tmp_path: Path
+) -> None:
+    checkpoint = torch.load(pretrained, map_location="cpu", weights_only=True)
+    del checkpoint["hyper_parameters"]  # nothing to compare but the weights
+    body = next(key for key in checkpoint["state_dict"] if key.endswith(".weight"))
+    checkpoint["state_dict"][body] = torch.zeros(3, 5)
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    module = SinkformerClassifier(class_names=NEW_CLASSES, **TINY)
+    with pytest.raises(CheckpointError, match="its weights do not fit this model"):
+        module.load_pretrained(tmp_path / "other.ckpt")
+
+
 def test_load_pretrained_names_the_differing_architecture(pretrained: Path, tmp_path: Path) -> None:
     module = SinkformerClassifier(class_names=NEW_CLASSES, **{**TINY, "channels": 8})
     with pytest.raises(CheckpointError, match=r"channels=16 there, 8 here") as info:

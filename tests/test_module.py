@@ -359,7 +359,7 @@ def test_region_mixing_weighs_both_labels_in_the_training_loss() -> None:
     torch.manual_seed(3)
     train_loss, _ = module._shared_step(batch, "train", module.train_metrics)
     torch.manual_seed(3)
-    assert torch.rand(()) < 1.0  # the draw that decides to mix
+    torch.rand(())  # the draw that decides to mix (always, at probability 1)
     mixed, partner_label, weight = module._mix_regions(points, batch["label"])
     assert 0.0 < weight < 1.0 and not torch.equal(partner_label, batch["label"])
     # The partner's weight is its share of the points, and its label is the one of the
@@ -447,13 +447,27 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert factor(10) == pytest.approx(0.1)
 
 
-def test_training_loss_is_label_smoothed() -> None:
+@pytest.mark.parametrize("stage", ["train", "val", "test"])
+def test_every_stage_s_loss_is_label_smoothed(stage: str) -> None:
+    # The same loss in every stage, so that train/loss and val/loss compare.
     module = _module(label_smoothing=0.2).eval()
     module.log = module.log_dict = lambda *args, **kwargs: None  # no trainer attached
     batch = {"points": torch.randn(4, 16, 3), "label": torch.tensor([0, 1, 2, 0])}
-    loss, logits = module._shared_step(batch, "train", module.train_metrics)
+    metrics = {"train": module.train_metrics, "val": module.val_metrics}.get(stage)
+    loss, logits = module._shared_step(batch, stage, metrics or module.test_metrics)
     expected = torch.nn.functional.cross_entropy(logits, batch["label"], label_smoothing=0.2)
     torch.testing.assert_close(loss, expected)
+
+
+def test_every_stage_s_mean_class_accuracy_leaves_out_classes_without_samples() -> None:
+    # As in the unit test of MeanClassAccuracy: class 2 is predicted once but has no sample.
+    predictions, targets = torch.tensor([0, 2, 1, 1]), torch.tensor([0, 0, 1, 1])
+    logits = torch.nn.functional.one_hot(predictions, 3).float()
+    module = _module()
+    for metrics in (module.train_metrics, module.val_metrics, module.test_metrics):
+        values = {key.split("/")[-1]: value for key, value in metrics(logits, targets).items()}
+        assert values["macc"].item() == pytest.approx(0.75)
+        assert values["oa"].item() == pytest.approx(0.75)
 
 
 def test_region_mixing_weight_is_the_share_of_replaced_points() -> None:
