@@ -129,12 +129,24 @@ def test_resumed_fit_follows_a_larger_max_epochs(tmp_path: Path, scheduler: str)
     assert resumed_rates.by_epoch[2] > 0.2 * 1e-2
 
 
-def test_schedule_spans_the_epochs_that_max_steps_leaves(tmp_path: Path) -> None:
-    # 3 batches per epoch: max_steps 6 ends the run after 2 of the 100 max_epochs, so the
-    # cosine must decay over those 2 epochs (over 100 it would stay near its peak).
+@pytest.mark.parametrize(
+    ("max_steps", "accumulate"),
+    [(6, 1), (5, 1), (2, 3)],  # whole epochs; the second cut short; one step per epoch
+)
+def test_schedule_spans_the_epochs_that_max_steps_leaves(
+    tmp_path: Path, max_steps: int, accumulate: int
+) -> None:
+    # 3 batches per epoch: these max_steps end the run after 2 of the 100 max_epochs, so the
+    # cosine must decay over those 2 epochs (over 100 it would stay near its peak, over 1
+    # it would reach its floor of 0 in the second).
     rates = _LearningRates()
     trainer = _quiet_trainer(
-        tmp_path, max_epochs=100, max_steps=6, enable_checkpointing=False, callbacks=[rates]
+        tmp_path,
+        max_epochs=100,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        enable_checkpointing=False,
+        callbacks=[rates],
     )
     settings = {"scheduler": "cosine", "warmup_epochs": 0, "lr": 1e-2, "min_lr_ratio": 0.0}
     trainer.fit(_module(**settings), _loader(num_samples=24))
