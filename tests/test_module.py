@@ -500,6 +500,20 @@ def test_region_mixing_weight_is_the_share_of_replaced_points() -> None:
     assert len(set(weights)) > 1 and max(weights) > 0
 
 
+def test_region_mixing_draws_its_share_from_beta_of_mix_alpha() -> None:
+    # Beta(10, 10) keeps the share near one half; Beta(0.1, 0.1) pushes it to 0 or 1.
+    points = torch.randn(6, 64, 3)
+    shares = {}
+    for alpha in (10.0, 0.1):
+        module = _module(mix_probability=1.0, mix_alpha=alpha)
+        torch.manual_seed(0)
+        shares[alpha] = torch.tensor(
+            [module._mix_regions(points, torch.arange(6) % 3)[2] for _ in range(40)]
+        )
+    assert abs(shares[10.0].mean().item() - 0.5) < 0.08 and shares[10.0].std() < 0.15
+    assert ((shares[0.1] < 0.1) | (shares[0.1] > 0.9)).float().mean() > 0.6
+
+
 def test_a_second_test_run_counts_only_its_own_samples(tmp_path) -> None:
     module = _module()
     trainer = _quiet_trainer(tmp_path)
