@@ -362,12 +362,18 @@ def test_region_mixing_trains_in_true_half_precision(tmp_path) -> None:
     assert weight == round(float(expected) * 16) / 16
 
 
-def test_region_mixing_weighs_both_labels_in_the_training_loss() -> None:
-    module = _without_logging(_module(mix_probability=1.0, num_groups=8, group_size=4).eval())
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_region_mixing_weighs_both_labels_in_the_training_loss(smoothing: float) -> None:
+    settings = {"mix_probability": 1.0, "label_smoothing": smoothing}
+    module = _without_logging(_module(**settings, num_groups=8, group_size=4).eval())
     points = torch.randn(6, 16, 3, generator=torch.Generator().manual_seed(1))
     batch = {"points": points, "label": torch.tensor([0, 1, 2, 0, 1, 2])}
-    ce = torch.nn.functional.cross_entropy
 
+    def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits, target, label_smoothing=smoothing)
+
+    counted_targets: list[torch.Tensor] = []
+    module.train_metrics.update = lambda logits, target: counted_targets.append(target)
     torch.manual_seed(3)
     train_loss, _ = module._shared_step(batch, "train", module.train_metrics)
     torch.manual_seed(3)
@@ -388,11 +394,14 @@ def test_region_mixing_weighs_both_labels_in_the_training_loss() -> None:
     expected = (1 - weight) * ce(logits, batch["label"]) + weight * ce(logits, partner_label)
     torch.testing.assert_close(train_loss, expected)
     assert not torch.allclose(train_loss, ce(logits, batch["label"]))
+    # The training metrics count each shape's own label, not its partner's.
+    (counted,) = counted_targets
+    assert torch.equal(counted, batch["label"])
 
     # Evaluation never mixes, and neither does training with the default probability 0.
     val_loss, _ = module._shared_step(batch, "val", module.val_metrics)
     torch.testing.assert_close(val_loss, ce(module(points), batch["label"]))
-    plain = _without_logging(_module(num_groups=8, group_size=4).eval())
+    plain = _without_logging(_module(label_smoothing=smoothing, num_groups=8, group_size=4).eval())
     plain.load_state_dict(module.state_dict())
     plain_loss, _ = plain._shared_step(batch, "train", plain.train_metrics)
     torch.testing.assert_close(plain_loss, ce(module(points), batch["label"]))
