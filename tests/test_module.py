@@ -260,6 +260,30 @@ def test_doubly_stochastic_deviation() -> None:
     assert col_dev == pytest.approx(0.875 / 0.5) and row_dev == pytest.approx(0.0)
 
 
+def _monitored(monitor: DoublyStochasticMonitor, module: SinkformerClassifier, batches) -> dict:
+    """What ``monitor`` logs for one validation epoch over ``batches``, hooks called by hand."""
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    monitor.on_validation_epoch_start(None, module)
+    with torch.no_grad():
+        for index, points in enumerate(batches):
+            module(points)
+            monitor.on_validation_batch_end(None, module, None, None, index)
+    monitor.on_validation_epoch_end(None, module)
+    return logged
+
+
+def test_doubly_stochastic_monitor_averages_its_first_num_batches() -> None:
+    module = _module(attention="softmax").eval()
+    batches = [torch.randn(4, 16, 3) * scale for scale in (1.0, 3.0, 9.0)]
+    alone = [_monitored(DoublyStochasticMonitor(plot=False), module, [b]) for b in batches]
+    two = _monitored(DoublyStochasticMonitor(num_batches=2, plot=False), module, batches)
+    assert two.keys() == alone[0].keys() and any("col_dev" in key for key in two)
+    for key, value in two.items():
+        assert value == pytest.approx((alone[0][key] + alone[1][key]) / 2, rel=1e-6)
+    assert any(alone[0][key] != pytest.approx(alone[1][key]) for key in two)
+
+
 def test_confusion_report_accuracies() -> None:
     from pointsink.callbacks import confusion_report
 
