@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -20,16 +20,16 @@ from pointsink.sinkhorn_attention import sinkhorn_attention, triton_available
 from pointsink.validation import check_int, check_set_batch, check_set_mask
 
 AttentionKind = Literal["sinkhorn", "softmax"]
-ATTENTION_KINDS: tuple[str, ...] = ("sinkhorn", "softmax")
+ATTENTION_KINDS: tuple[str, ...] = get_args(AttentionKind)
 # "head": logits QK^T / sqrt(d_h), as in the Set Transformer paper and standard attention;
 # "width": QK^T / sqrt(H * d_h), the Sinkformers reference code's scale.
 LogitScale = Literal["head", "width"]
-LOGIT_SCALES: tuple[str, ...] = ("head", "width")
+LOGIT_SCALES: tuple[str, ...] = get_args(LogitScale)
 # "attention": Sinkhorn's rows sum to 1 and columns to n / m (the paper's formulation);
 # "uniform": the transport plan between uniform measures, rows 1 / n and columns 1 / m (the
 # reference code's weights, ours divided by n).
 SinkhornMarginals = Literal["attention", "uniform"]
-SINKHORN_MARGINALS: tuple[str, ...] = ("attention", "uniform")
+SINKHORN_MARGINALS: tuple[str, ...] = get_args(SinkhornMarginals)
 
 #: Default Sinkhorn iterations. Odd, so the last normalization is over rows and every
 #: output is an exact weighted mean of the values (as with softmax); 5 iterations bring the

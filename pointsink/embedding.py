@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 
+@torch.no_grad()  # indices only
 def knn_indices(
     points: Tensor,
     num_neighbors: int,
@@ -73,8 +74,7 @@ def knn_indices(
         points, queries = points.float(), queries.float()
     distances = torch.cdist(queries, points)
     if themselves:
-        eye = torch.eye(points.shape[1], dtype=torch.bool, device=points.device)
-        distances = distances.masked_fill(eye, -1.0)
+        distances.diagonal(dim1=-2, dim2=-1).fill_(-1.0)
     if mask is not None:
         distances = distances.masked_fill(~mask.unsqueeze(1), float("inf"))
     return distances.topk(num_neighbors, dim=-1, largest=False, sorted=True).indices

@@ -6,7 +6,7 @@ import inspect
 import math
 import os
 from collections import Counter
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pytorch_lightning as pl
 import torch
@@ -31,9 +31,9 @@ __all__ = ["MeanClassAccuracy", "MeanLoss", "SinkformerClassifier"]
 
 Batch = dict[str, Tensor]
 OptimizerName = Literal["adamw", "adam"]
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adam")
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 SchedulerName = Literal["cosine", "step", "none"]
-SCHEDULERS: tuple[str, ...] = ("cosine", "step", "none")
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 
 
 class MeanLoss(Metric):

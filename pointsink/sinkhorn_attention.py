@@ -81,7 +81,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -783,11 +783,12 @@ def _flatten(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, t
     return qf.contiguous(), kf.contiguous(), vf.contiguous(), batch
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, n_iter: int) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, n_iter: int) -> torch.Size:
+    """Checks the arguments of :func:`sinkhorn_attention`; returns the broadcast batch shape."""
     fits = min(q.dim(), k.dim(), v.dim()) >= 2
     fits = fits and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]
     try:
-        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        batch_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     except RuntimeError:  # leading dimensions that do not broadcast
         fits = False
     if not fits:
@@ -805,10 +806,11 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, n_iter: int) -> None:
             f"q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}."
         )
     check_int("n_iter", n_iter)
+    return batch_shape
 
 
 def _choose_backend(backend: Backend, q: Tensor) -> str:
-    if backend not in ("auto", "chunked", "triton", "dense"):
+    if backend not in get_args(Backend):
         raise ValueError(f"unknown backend {backend!r}; use auto, chunked, triton or dense.")
     if backend != "auto":
         return backend
@@ -885,9 +887,8 @@ def sinkhorn_attention(
             a tuple or list of other than two sizes, ``scale`` is a tensor that requires
             a gradient (it would not get one), or a mask is not a bool tensor.
     """
-    _check_inputs(q, k, v, n_iter)
+    batch_shape = _check_inputs(q, k, v, n_iter)
     if query_mask is not None or key_mask is not None:
-        batch_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         check_masks(query_mask, key_mask, tuple(batch_shape), q.shape[-2], k.shape[-2], q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
