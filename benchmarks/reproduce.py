@@ -22,14 +22,15 @@ runs once. A run folder that holds a run with other arguments (config path or va
 or extra flags; a config whose comments alone changed is the same run) is never overwritten
 without ``--rerun``: give such a command its own ``--out``.
 
-``--jobs N`` trains N runs at once, each in its own process with its log in
-``OUT/runs/<variant>-seed<k>/log.txt``; the CPU cores are split evenly between them and, with
-several CUDA devices, each job gets its own. Every finished run leaves a ``result.json``; a
-rerun with the same config and arguments reuses it, and resumes an unfinished run from its
-``last.ckpt`` (the best-validation selection covers the whole run), so an interrupted grid
-resumes. ``--rerun`` trains every run from scratch. A run that fails (an error in training
-or testing) is named and the grid goes on with the others, with or without ``--jobs``; the
-summary lists it as failed and the script exits with an error at the end.
+``--jobs N`` trains up to N runs at once, each in its own process with its log in
+``OUT/runs/<variant>-seed<k>/log.txt``; the CPU cores are split evenly between the runs
+started together and, with several CUDA devices, each job gets its own. Every finished run
+leaves a ``result.json``; a rerun with the same config and arguments reuses it, and resumes
+an unfinished run from its ``last.ckpt`` (the best-validation selection covers the whole
+run), so an interrupted grid resumes. ``--rerun`` trains every run from scratch. A run that
+fails (an error in training or testing) is named and the grid goes on with the others, with
+or without ``--jobs``; the summary lists it as failed and the script exits with an error at
+the end.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def _parse_variant(name: str) -> tuple[str, str, int]:
     kind, _, n_iter = name.partition("-")
     if kind != "sinkhorn" or not n_iter.isdigit() or int(n_iter) < 1:
         raise SystemExit(f"unknown variant {name!r}: use softmax or sinkhorn-K with K >= 1")
-    return (name, "sinkhorn", int(n_iter))
+    # sinkhorn-03 is sinkhorn-3: one run folder and one table row.
+    return (f"sinkhorn-{int(n_iter)}", "sinkhorn", int(n_iter))
 
 
 def _read_logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -147,13 +149,15 @@ def best_validation(logged: dict[str, list[tuple[int, float]]]) -> tuple[float, 
     """The best ``val/oa`` of one run and its ``val/macc`` at the first epoch reaching it.
 
     That epoch is the one ``best.ckpt`` holds: the checkpoint callback replaces its file only
-    on a strictly higher score. ``None`` for a run without validation.
+    on a strictly higher score. An epoch logged twice (a run killed after validation and
+    resumed) counts once, with its later values, as in :func:`final_validation`. ``None``
+    for a run without validation.
     """
-    scores = logged.get("val/oa", [])
+    scores = _by_epoch(logged.get("val/oa", []))
     if not scores:
         return None
-    best_epoch, best_score = max(scores, key=lambda item: item[1])  # the first maximum
-    macc = dict(logged.get("val/macc", [])).get(best_epoch, float("nan"))
+    best_epoch, best_score = max(sorted(scores.items()), key=lambda item: item[1])  # the first
+    macc = _by_epoch(logged.get("val/macc", [])).get(best_epoch, float("nan"))
     return best_score, macc
 
 
@@ -472,13 +476,15 @@ def run_parallel(
     """
     # Download, generate and cache the data once here, not in several jobs at once.
     prepare_data(args.config, args.data_root, extra)
+    # Fewer runs than jobs (e.g. the one left of an interrupted grid) share the cores.
+    jobs = min(args.jobs, len(runs))
     pending = list(runs)
     active: dict[int, tuple[subprocess.Popen, tuple, float]] = {}
     finished: dict[tuple[str, int], dict] = {}
     failed = []
     while pending or active:
-        while pending and len(active) < args.jobs:
-            slot = next(i for i in range(args.jobs) if i not in active)
+        while pending and len(active) < jobs:
+            slot = next(i for i in range(jobs) if i not in active)
             name, _, _, seed = run = pending.pop(0)
             run_dir = _run_dir(args.out, name, seed)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -493,7 +499,7 @@ def run_parallel(
             with (run_dir / "log.txt").open("a") as log:  # a resumed run's log goes on
                 process = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT,
-                    env=_job_environment(slot, args.jobs),
+                    env=_job_environment(slot, jobs),
                 )  # fmt: skip
             active[slot] = (process, run, time.perf_counter())
             print(f"started {name} seed {seed} (job {slot})", flush=True)
@@ -589,7 +595,8 @@ def summarize(rows: list[dict], out: Path) -> str:
     by_variant: dict[str, list[dict]] = {}  # each run's metrics.csv read once
     for name in dict.fromkeys(row["variant"] for row in rows):
         group = [row for row in rows if row["variant"] == name]
-        by_variant[name] = [_read_logged(Path(r["run_dir"])) for r in group]
+        # From --out, not the row's recorded run_dir: a grid's folder may have been moved.
+        by_variant[name] = [_read_logged(_run_dir(out, name, r["seed"])) for r in group]
         validation = [best_validation(logged) for logged in by_variant[name]]
         if all(validation):
             val_oa = mean_std([oa for oa, _ in validation])
@@ -705,7 +712,7 @@ def main(argv: list[str] | None = None) -> str:
     args.out.mkdir(parents=True, exist_ok=True)
     variants = _variants(args.n_iter, _sinkhorn_one_is_softmax(args.config, extra))
     if args.variants:
-        variants = [_parse_variant(name) for name in dict.fromkeys(args.variants)]
+        variants = list(dict.fromkeys(_parse_variant(name) for name in args.variants))
     runs = [(*variant, seed) for variant in variants for seed in args.seeds]
     done = {}
     if not args.rerun:
@@ -731,7 +738,8 @@ def main(argv: list[str] | None = None) -> str:
                     "or add --rerun to replace it"
                 )
     failed: list = []
-    if args.jobs > 1 and len(todo) > 1:
+    # With --jobs, every run trains in a child with its own log.txt, even a single one.
+    if args.jobs > 1 and todo:
         finished, failed = run_parallel(todo, args, extra)
         done.update(finished)
         rows = [done[(name, seed)] for name, _, _, seed in runs if (name, seed) in done]
@@ -757,20 +765,27 @@ def main(argv: list[str] | None = None) -> str:
             rows.append(row)
             if not args.no_summary:
                 summarize(rows, args.out)  # partial results survive an interrupted grid
-    if not args.no_summary and rows:
-        table = summarize(rows, args.out)
+    table = ""
+    if not args.no_summary:
+        if rows:
+            table = summarize(rows, args.out)
+        else:
+            # No run finished: an earlier command's summary, table and plots must not stand.
+            for stale in ("results.csv", "learning_curves.png", "doubly_stochastic.png"):
+                (args.out / stale).unlink(missing_ok=True)
+            (args.out / "summary.md").write_text("No run finished.\n")
         if failed:
             # A mean over the seeds that survived is not the mean that was asked for.
             missing = ", ".join(f"{name} seed {seed}" for name, _, _, seed in failed)
-            note = f"\n**Failed, not in the table above:** {missing}.\n"
+            label = "Failed, not in the table above" if rows else "Failed"
+            note = f"\n**{label}:** {missing}.\n"
             with (args.out / "summary.md").open("a") as handle:
                 handle.write(note)
             table += note
         print(table)
-    else:
-        table = ""
     if failed:
-        raise SystemExit(f"{len(failed)} of {len(runs)} runs failed: see their log.txt")
+        where = "their log.txt" if args.jobs > 1 else "the tracebacks above"
+        raise SystemExit(f"{len(failed)} of {len(runs)} runs failed: see {where}")
     return table
 
 

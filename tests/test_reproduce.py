@@ -131,6 +131,12 @@ def test_best_validation_is_the_epoch_best_ckpt_keeps(reproduce) -> None:
     }
     # A tie keeps the earlier epoch, as the checkpoint callback does.
     assert reproduce.best_validation(logged) == (0.8, 0.7)
+    # Epoch 1 validated twice (killed before its checkpoint, then resumed): its later
+    # values count, OA and mAcc alike.
+    logged = {"val/oa": [(0, 0.3), (1, 0.5), (1, 0.2)], "val/macc": [(0, 0.1), (1, 0.4), (1, 0.6)]}
+    assert reproduce.best_validation(logged) == (0.3, 0.1)
+    logged["val/oa"][-1] = (1, 0.4)
+    assert reproduce.best_validation(logged) == (0.4, 0.6)
     assert reproduce.best_validation({"ds/pool.mab/col_dev": [(0, 0.1)]}) is None
 
 
@@ -283,6 +289,36 @@ def test_a_failed_run_is_named_and_fails_the_grid(reproduce, tmp_path: Path, job
     assert "**Failed, not in the table above:** sinkhorn-3 seed 0." in summary
 
 
+@pytest.mark.parametrize("jobs", [2, 1])
+def test_a_grid_whose_runs_all_fail_leaves_no_earlier_summary(
+    reproduce, tmp_path: Path, jobs: int
+) -> None:
+    out = tmp_path / "out"
+    config = str(REPO / "tests" / "conf" / "tiny.yaml")
+    extra = ["--data.init_args.root", str(tmp_path / "synthetic")]
+    run_dir = out / "runs" / "sinkhorn-3-seed0"
+    checkpoints = run_dir / "lightning_logs" / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").write_bytes(b"not a checkpoint")
+    (run_dir / "arguments.json").write_text(json.dumps(reproduce._arguments(config, None, extra)))
+    for earlier in ("summary.md", "results.csv", "learning_curves.png"):
+        (out / earlier).write_text("an earlier command's results")
+    # sinkhorn-03 is sinkhorn-3: one run, which fails.
+    argv = [
+        "--config", config, "--out", str(out), "--seeds", "0",
+        "--variants", "sinkhorn-3", "sinkhorn-03", "--jobs", str(jobs), "--", *extra,
+    ]  # fmt: skip
+    where = "their log.txt" if jobs > 1 else "the tracebacks above"
+    with pytest.raises(SystemExit, match=f"1 of 1 runs failed: see {where}"):
+        reproduce.main(argv)
+    summary = (out / "summary.md").read_text()
+    assert summary == "No run finished.\n\n**Failed:** sinkhorn-3 seed 0.\n"
+    assert not (out / "results.csv").exists() and not (out / "learning_curves.png").exists()
+    # With --jobs even a single run trains in a child, with its own log.
+    assert (run_dir / "log.txt").is_file() == (jobs > 1)
+    assert not (out / "runs" / "sinkhorn-03-seed0").exists()
+
+
 def test_grid_settings_after_the_separator_are_refused(
     reproduce, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -346,9 +382,14 @@ def test_summary_without_deviations_removes_an_earlier_plot_of_them(
     (out / "doubly_stochastic.png").write_bytes(b"an earlier command's plot")
     row = {"variant": "softmax", "seed": 0, "run_dir": str(out / "runs" / "softmax-seed0"),
            "test_oa": 50.0, "test_macc": 50.0, "seconds_per_epoch": 1.0}  # fmt: skip
-    reproduce.summarize([row], out)
+    table = reproduce.summarize([row], out)
     assert (out / "learning_curves.png").is_file()
     assert not (out / "doubly_stochastic.png").exists()
+    # The logs are read under the grid's --out, not the row's recorded run_dir: a moved
+    # folder keeps its validation columns.
+    row["run_dir"] = str(tmp_path / "where it was trained" / "runs" / "softmax-seed0")
+    assert reproduce.summarize([row], out) == table
+    assert "| 50.00 | 50.00 | 1.0000 | 50.00 |" in table
 
 
 def test_doubly_stochastic_distance_is_the_larger_marginal_deviation(
