@@ -24,6 +24,7 @@ The same records are produced by the ``pointsink-predict`` console command
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import inspect
 import io
@@ -242,7 +243,7 @@ def _expand_one(raw: str | os.PathLike[str], seen: set[str]) -> list[PathEntry]:
         found = [path]
     elif glob.has_magic(path):
         found = []
-        for match in sorted(glob.glob(path, recursive=True)):
+        for match in sorted(_glob(path)):
             if os.path.isdir(match):
                 found.extend(_shape_files_in(match))
             elif is_shape_file(match):
@@ -279,24 +280,78 @@ def _no_files_error(given: str, kind: str) -> str:
 def _shape_files_in(folder: str) -> list[str]:
     """Supported, non-hidden files under ``folder``, recursively, in sorted order.
 
-    Linked folders are followed, each real folder once (a link to an ancestor would loop).
+    Linked folders are followed, each real folder once (see :func:`_walk_once`).
     """
     found = []
+    for directory, _, files in _walk_once(folder, skip_hidden=True):
+        found.extend(
+            os.path.join(directory, name)
+            for name in files
+            if is_shape_file(os.path.join(directory, name))
+        )
+    return found
+
+
+def _walk_once(folder: str, skip_hidden: bool) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(folder)`` top-down, following linked folders, each real folder once.
+
+    A link to an ancestor would loop. Yields ``(folder, subfolders, files)`` with both
+    lists sorted; ``skip_hidden`` leaves out subfolders whose names start with ``.``.
+    """
     visited = {os.path.realpath(folder)}
     for directory, subdirectories, files in os.walk(folder, followlinks=True):
         kept = []
         for name in sorted(subdirectories):
             real = os.path.realpath(os.path.join(directory, name))
-            if not name.startswith(".") and real not in visited:
+            if not (skip_hidden and name.startswith(".")) and real not in visited:
                 visited.add(real)
                 kept.append(name)
         subdirectories[:] = kept
-        found.extend(
-            os.path.join(directory, name)
-            for name in sorted(files)
-            if is_shape_file(os.path.join(directory, name))
-        )
+        yield directory, kept, sorted(files)
+
+
+def _glob(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, except that ``**`` searches each real folder once.
+
+    Python's ``**`` follows linked folders without a loop guard: two links to an ancestor
+    double the search at every level, up to the system's limit of about 40 links in a
+    path (some 2**40 paths). Here ``**`` walks with :func:`_walk_once`; as in ``glob``, it
+    matches zero or more folders and wildcards do not match hidden names (``.`` first).
+    """
+    parts = (pattern.replace(os.altsep, os.sep) if os.altsep else pattern).split(os.sep)
+    while parts and not parts[-1]:  # "folder/**/": the files of the folders, as for "**"
+        parts.pop()
+    if "**" not in parts:
+        return glob.glob(pattern, recursive=True)
+    first = next(index for index, part in enumerate(parts) if glob.has_magic(part))
+    base = os.sep.join(parts[:first]) or (os.sep if first else "")
+    rest = parts[first:]
+    skip_hidden = not any(part.startswith(".") for part in rest)
+    found = []
+    for directory, subdirectories, files in _walk_once(base or os.curdir, skip_hidden):
+        relative = os.path.relpath(directory, base or os.curdir)
+        folders = [] if relative == os.curdir else relative.split(os.sep)
+        for name in [*subdirectories, *files]:
+            if _matches([*folders, name], rest):
+                found.append(os.path.join(base, *folders, name))
     return found
+
+
+def _matches(names: list[str], pattern: list[str]) -> bool:
+    """Whether the path components ``names`` match the glob components ``pattern``."""
+    if not pattern:
+        return not names
+    head, tail = pattern[0], pattern[1:]
+    if head == "**":  # zero or more non-hidden components
+        for count in range(len(names) + 1):
+            if count and names[count - 1].startswith("."):
+                return False
+            if _matches(names[count:], tail):
+                return True
+        return False
+    if not names or (names[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatch(names[0], head) and _matches(names[1:], tail)
 
 
 def _view_seed(seed: int, view: int) -> int:
@@ -788,7 +843,9 @@ class ShapeClassifier:
             num_points=num_points,
             augmentation=_augmentation_from_hparams(hparams, data_hparams),
             device=device,
-            sample_seed=hparams.get("sample_seed", data_hparams.get("sample_seed", 0)),
+            # The data module's first: it sampled the training cache, and the model records
+            # its default 0 even where nothing links the two (training from Python).
+            sample_seed=data_hparams.get("sample_seed", hparams.get("sample_seed", 0)),
         )
 
     # -- prediction ---------------------------------------------------------------------
@@ -1163,10 +1220,19 @@ def _display_path(prediction: Prediction, position: int | None) -> str:
 
 
 def _escape_control_characters(text: str) -> str:
-    r"""``text`` with control characters written as escapes (a newline as ``\n``)."""
+    r"""``text`` with control characters written as escapes (a newline as ``\n``).
+
+    So are surrogates (the bytes of a file name invalid in the file system's encoding,
+    ``os.fsdecode``), which a terminal would show escaped anyway, wider than measured.
+    """
     return "".join(
-        repr(char)[1:-1] if unicodedata.category(char) == "Cc" else char for char in text
+        repr(char)[1:-1] if unicodedata.category(char) in ("Cc", "Cs") else char for char in text
     )
+
+
+def _display_width(text: str) -> int:
+    """Terminal columns of ``text``: wide (East Asian) characters take two."""
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
 def _format_table(predictions: Sequence[Prediction]) -> str:
@@ -1182,9 +1248,12 @@ def _format_table(predictions: Sequence[Prediction]) -> str:
             rows.append((path, p.label or "", f"{p.probability:.3f}", topk))
         if p.warning:
             notes.append(f"warning: {path}: {p.warning}")
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    widths = [max(_display_width(row[column]) for row in rows) for column in range(3)]
     lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
+        "  ".join(
+            cell + " " * (width - _display_width(cell))
+            for cell, width in zip(row[:3], widths, strict=True)
+        )
         + "  "
         + row[3]
         for row in rows

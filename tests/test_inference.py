@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -137,6 +139,33 @@ def test_folders_globs_and_upper_case_extensions(tmp_path: Path) -> None:
     assert found == [str(linked / "a.off"), str(linked / "b.off"),
                      str(linked / "deep" / "B.STL"), str(linked / "deep" / "c.Ply")]  # fmt: skip
     assert len(expand_paths([root, linked])) == 5  # deep/ once, a.off and b.off twice
+
+
+def test_recursive_pattern_through_linked_folder_loops_ends(tmp_path: Path) -> None:
+    # Two links back to an ancestor: Python's glob doubles its search at every level of
+    # links (about 2**40 paths); the pattern must find what the folder itself gives.
+    shapes = tmp_path / "shapes"
+    (shapes / "a").mkdir(parents=True)
+    (shapes / "a" / "box.off").write_text(trimesh.creation.box().export(file_type="off"))
+    (shapes / "a" / "up").symlink_to("..", target_is_directory=True)
+    (shapes / "b").symlink_to("a", target_is_directory=True)
+    code = (
+        "import sys; from pointsink.inference import expand_paths; "
+        "print([entry.path for entry in expand_paths(sys.argv[1:])])"
+    )
+    pattern = str(shapes / "**" / "*.off")
+    # In a child process, so that a search that does not end can be stopped.
+    listed = subprocess.run(
+        [sys.executable, "-c", code, pattern, str(shapes)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert listed.strip() == repr([str(shapes / "a" / "box.off")])
+    # Hidden names stay out of wildcards, as in glob; "**" matches zero folders too.
+    (shapes / ".hidden").mkdir()
+    (shapes / ".hidden" / "c.off").write_text("")
+    (shapes / "top.off").write_text("")
+    found = [entry.path for entry in expand_paths([pattern])]
+    assert found == [str(shapes / "a" / "box.off"), str(shapes / "top.off")]
 
 
 def test_bad_inputs_give_errors_and_never_stop_the_batch(
@@ -327,13 +356,17 @@ def test_num_points_override_and_fallback(checkpoint: Path, tmp_path: Path) -> N
     torch.save(content, stripped)
     with pytest.warns(UserWarning, match="does not record the number of points"):
         assert ShapeClassifier.from_checkpoint(stripped).num_points == 1024
-    content["datamodule_hyper_parameters"] = {"num_points": 48, "up_axis": 1}
+    content["datamodule_hyper_parameters"] = {"num_points": 48, "up_axis": 1, "sample_seed": 7}
     torch.save(content, stripped)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         restored = ShapeClassifier.from_checkpoint(stripped)
     assert restored.num_points == 48
     assert restored.augmentation.up_axis == 1
+    # The data module sampled the training cache: its seed wins over the model's default 0
+    # (a model trained from Python, with nothing linking the two).
+    assert content["hyper_parameters"]["sample_seed"] == 0
+    assert restored.sample_seed == 7
 
 
 def test_unusable_recorded_augmentation_warns(checkpoint: Path, tmp_path: Path) -> None:
@@ -453,6 +486,20 @@ def test_output_formats(classifier: ShapeClassifier, format_files: dict[str, Pat
     table = format_predictions(predictions, "table")
     assert "ERROR" in table and predictions[0].label in table
     assert "1 classified, 1 failed." in table
+
+
+def test_table_columns_line_up_for_any_file_name() -> None:
+    # A name invalid in the file system's encoding (its bytes as surrogates, as os.fsdecode
+    # gives them) is shown escaped; a wide character takes two terminal columns.
+    names = ["plain.off", "lat\udce9.off", "形状.off"]
+    predictions = [Prediction(name, "chair", 0.5, (("chair", 0.5),)) for name in names]
+    lines = format_predictions(predictions, "table").splitlines()
+    assert lines[2].startswith("lat\\udce9.off  ")
+    columns = set()
+    for line in lines[1:4]:
+        name = line[: line.index("chair")]
+        columns.add(sum(2 if "\u4e00" <= char <= "\u9fff" else 1 for char in name))
+    assert columns == {len("lat\\udce9.off  ")}
 
 
 def test_voting_augments_every_view_but_the_first() -> None:
