@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
+    if min(args.votes) < 1:
+        parser.error("--votes must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 

@@ -31,18 +31,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pointsink import SetSinkformer
-from pointsink.io import is_shape_file, load_shape
+from pointsink import ShapeClassifier
+from pointsink.io import ShapeLoadError, is_shape_file, load_shape
 from pointsink.transforms import file_sample_seed, preprocess_set, preprocess_shape
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_files(root: Path, class_names: list[str]) -> list[tuple[Path, int]]:
-    """``(path, label)`` of every test file of the checkpoint's classes."""
+    """``(path, label)`` of every test file of the checkpoint's classes.
+
+    Raises:
+        SystemExit: A class has no ``test`` folder under ``root``.
+    """
     files = []
     for label, name in enumerate(class_names):
         folder = root / name / "test"
+        if not folder.is_dir():
+            raise SystemExit(f"error: {folder} is not a folder; --data-root must hold "
+                             "<class>/test/ for each of the checkpoint's classes")  # fmt: skip
         files += [(path, label) for path in sorted(folder.iterdir()) if is_shape_file(path)]
     return files
 
@@ -79,26 +86,37 @@ def main(argv: list[str] | None = None) -> None:
         "--checkpoint", type=Path, default=REPO / "checkpoints" / "modelnet10-cpu-sinkformer.ckpt"
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampling seed (default: the checkpoint's data.sample_seed, as train.py test)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    model = SetSinkformer.from_checkpoint(args.checkpoint)
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    hparams = checkpoint["hyper_parameters"]
-    class_names, num_points = list(hparams["class_names"]), int(hparams["num_points"])
-    if any(k > num_points for k in args.sizes):
-        parser.error(f"--sizes must be at most the model's num_points ({num_points})")
+    classifier = ShapeClassifier.from_checkpoint(args.checkpoint, device="cpu")
+    model, class_names, num_points = classifier.model, classifier.class_names, classifier.num_points
+    # The checkpoint's seed by default, so that "full" scores the points train.py test does.
+    if args.seed is None:
+        args.seed = classifier.sample_seed
+    if any(k < 1 or k > num_points for k in args.sizes):
+        parser.error(f"--sizes must be from 1 to the model's num_points ({num_points})")
+    args.sizes = list(dict.fromkeys(args.sizes))  # a repeated size is one row
     files = test_files(args.data_root, class_names)
-    labels = np.array([label for _, label in files])
 
     start = time.perf_counter()
     batches: dict[tuple[str, int | None], list[tuple[np.ndarray, np.ndarray]]] = {}
-    for path, _ in files:
-        shape = load_shape(path)
+    labels_read = []
+    for path, label in files:
+        try:
+            shape = load_shape(path)
+        except ShapeLoadError as error:  # skipped, as train.py test skips it
+            warnings.warn(f"skipped {path}: {error}", UserWarning, stacklevel=1)
+            continue
         if not isinstance(shape, np.ndarray) or len(shape) < num_points:
             raise SystemExit(
                 f"error: {path} is not a point cloud of at least {num_points} points; this "
@@ -109,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         for k in [None, *args.sizes]:
             for method, pair in inputs(points, k, num_points, seed).items():
                 batches.setdefault((method, k), []).append(pair)
+        labels_read.append(label)
+    labels = np.array(labels_read)
 
     rows = []
     with torch.no_grad():
@@ -125,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = time.perf_counter() - start
 
     print(
-        f"checkpoint={args.checkpoint.name} num_points={num_points} shapes={len(files)} "
+        f"checkpoint={args.checkpoint.name} num_points={num_points} shapes={len(labels)} "
         f"seed={args.seed} torch={torch.__version__} threads={torch.get_num_threads()} "
         f"time={elapsed:.0f}s"
     )

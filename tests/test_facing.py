@@ -83,3 +83,12 @@ def test_accuracy_is_the_clis_overall_and_mean_per_class(facing) -> None:
     found = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]])
     overall, per_class = facing.accuracy(found, torch.tensor([0, 0, 1]), 3)
     assert overall == pytest.approx(200 / 3) and per_class == pytest.approx(75.0)
+
+
+def test_main_refuses_votes_below_one(
+    facing, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        facing.main(["--data-root", str(tmp_path), "--votes", "2", "0"])
+    assert raised.value.code == 2
+    assert "--votes must be >= 1" in capsys.readouterr().err
