@@ -50,6 +50,7 @@ from pointsink.io import (
     SUPPORTED_EXTENSIONS,
     ShapeLoadError,
     exclusive_lock,
+    geometry_files,
     is_shape_file,
 )
 from pointsink.synthetic import SYNTHETIC_CLASSES, generate_synthetic_shapes
@@ -430,7 +431,7 @@ def build_point_cache(
         root: Dataset folder in ModelNet layout.
         class_names: Class folder names (labels are positions in this list).
         split: ``"train"`` or ``"test"``.
-        num_points: Points per shape (>= 1).
+        num_points: Points per shape (>= 2).
         sample_seed: Base sampling seed (>= 0).
         cache_dir: Where to write; defaults to :func:`default_cache_dir`.
         workers: Worker processes (None: up to 8, as many as CPUs allow; 1: in-process).
@@ -447,12 +448,9 @@ def build_point_cache(
     )
     config_prefix = f"{split}-{num_points}pts-{config_key}-"
     prefix = f"{config_prefix}{_root_key(root)}-"
-    stats = [path.stat() for path, _ in files]
+    # A shape's geometry files (a .gltf's external buffers too): editing any rebuilds.
     fingerprint = _short_hash(
-        [
-            (rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            for rel, st in zip(relative_paths, stats, strict=True)
-        ]
+        [(rel, *_file_stamp(path)) for rel, (path, _) in zip(relative_paths, files, strict=True)]
     )
     cache_path = cache_dir / f"{prefix}{fingerprint}.pt"
     if cache_path.exists():
@@ -674,6 +672,19 @@ def derive_seed(*entropy: int) -> int:
     return int(state[0])
 
 
+def _file_stamp(path: Path) -> list[int]:
+    """Size, mtime and ctime of each file that ``path``'s geometry is read from.
+
+    :func:`pointsink.io.geometry_files`: a one-file shape gives the three numbers caches
+    were always keyed on, so existing caches stay valid.
+    """
+    stamp = []
+    for part in geometry_files(path):
+        status = part.stat()
+        stamp += [status.st_size, status.st_mtime_ns, status.st_ctime_ns]
+    return stamp
+
+
 def _short_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
@@ -868,7 +879,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         super().__init__()
         # Kept as the Python ints check_int returns: num_points reaches the model's
         # hyperparameters (a NumPy integer there would break weights-only loading).
-        num_points = check_int("num_points", num_points, minimum=1)
+        # At least 2: one point has no scale to normalize (transforms.preprocess_set).
+        num_points = check_int("num_points", num_points, minimum=2)
         batch_size = check_int("batch_size", batch_size, minimum=1)
         if eval_batch_size is not None:
             eval_batch_size = check_int("eval_batch_size", eval_batch_size, minimum=1)

@@ -495,7 +495,7 @@ class ShapePredictionDataset(Dataset):
     ) -> None:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        check_int("num_points", num_points)
+        check_int("num_points", num_points, minimum=2)  # as preprocess_set
         check_int("seed", seed, minimum=0)
         self.entries: list[PathEntry] = expand_paths(paths)
         self.num_points = num_points
@@ -745,7 +745,7 @@ class ShapeClassifier:
         device: str | torch.device = "auto",
         sample_seed: int = 0,
     ) -> None:
-        num_points = check_int("num_points", num_points)
+        num_points = check_int("num_points", num_points, minimum=2)  # as preprocess_set
         self.sample_seed = check_int("sample_seed", sample_seed, minimum=0)
         fewest = getattr(model, "min_points", 1)
         if num_points < fewest:

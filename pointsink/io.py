@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ __all__ = [
     "as_shape",
     "exclusive_lock",
     "file_extension",
+    "geometry_files",
     "is_shape_file",
     "load_shape",
 ]
@@ -73,6 +76,37 @@ def is_shape_file(path: str | os.PathLike[str]) -> bool:
         and file_extension(name) in SUPPORTED_EXTENSIONS
         and os.path.isfile(path)
     )
+
+
+def geometry_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files :func:`load_shape` reads the geometry of ``path`` from: itself, first.
+
+    A ``.gltf`` file keeps its vertex data in the buffers it names (``"buffers": [{"uri":
+    ...}]``), usually a ``.bin`` beside it; every other format is one file. Embedded
+    (``data:``) buffers and buffers that are not there are left out; an unreadable
+    ``.gltf`` is listed alone (loading it will say what is wrong). Images are not geometry.
+
+    Args:
+        path: A shape file.
+
+    Returns:
+        ``path`` and, for glTF, its existing external buffer files.
+    """
+    path = Path(path)
+    if file_extension(path) != "gltf":
+        return [path]
+    try:
+        buffers = json.loads(path.read_bytes()).get("buffers") or []
+        uris = [buffer.get("uri") for buffer in buffers if isinstance(buffer, dict)]
+    except (OSError, ValueError, AttributeError):
+        return [path]
+    found = [path]
+    for uri in uris:
+        if isinstance(uri, str) and uri and not uri.startswith("data:"):
+            buffer = path.parent / unquote(uri)
+            if buffer.is_file():
+                found.append(buffer)
+    return found
 
 
 def load_shape(path: str | os.PathLike[str]) -> trimesh.Trimesh | np.ndarray:

@@ -19,7 +19,7 @@ import trimesh
 from torch import Tensor
 
 from pointsink.embedding import knn_indices
-from pointsink.io import as_shape, load_shape
+from pointsink.io import ShapeLoadError, as_shape, load_shape
 from pointsink.validation import check_int
 
 __all__ = [
@@ -85,7 +85,7 @@ def normalize_points(points: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: ``points`` does not have shape ``(N, 3)``, is empty, is not finite,
             all its points coincide (nothing to scale), or its coordinates are so large
-            (around 1e300) that the radius overflows float64.
+            (around 1e306) that their mean overflows float64.
     """
     points = np.asarray(points, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
@@ -95,15 +95,20 @@ def normalize_points(points: np.ndarray) -> np.ndarray:
     # Overflow is reported below as one clear error instead of numpy RuntimeWarnings.
     with np.errstate(over="ignore", invalid="ignore"):
         centred = points - points.mean(axis=0)
-        radius = np.linalg.norm(centred, axis=1).max()
-    # Dividing by an overflowed (inf or NaN) radius would silently give zeros or NaN.
-    if not np.isfinite(radius):
+        largest = np.abs(centred).max()
+    # Dividing by an overflowed (inf or NaN) size would silently give zeros or NaN.
+    if not np.isfinite(largest):
         raise ValueError(
             "normalize_points cannot scale these points: their coordinates are too large "
-            f"for float64 (largest magnitude {np.abs(points).max():.3g}; the radius overflows)."
+            f"for float64 (largest magnitude {np.abs(points).max():.3g}; the mean overflows)."
         )
-    if radius == 0.0:
+    if largest == 0.0:
         raise ValueError("normalize_points cannot scale points that all coincide.")
+    if not 1e-150 < largest < 1e150:
+        # The squares in the norm would overflow or underflow: bring the offsets to ~1
+        # first. Ordinary scales skip this, so their results stay bit for bit the same.
+        centred = centred / largest
+    radius = np.linalg.norm(centred, axis=1).max()
     return (centred / radius).astype(np.float32)
 
 
@@ -243,7 +248,7 @@ def preprocess_shape(
     Args:
         shape_or_path: A file path (see :func:`pointsink.io.load_shape`) or an in-memory
             shape (see :func:`pointsink.io.as_shape`).
-        num_points: Number of points ``N`` to sample (>= 1).
+        num_points: Number of points ``N`` to sample (>= 2: one point has no scale).
         seed: Sampling seed.
 
     Returns:
@@ -252,9 +257,28 @@ def preprocess_shape(
     Raises:
         pointsink.io.ShapeLoadError: The file or object is not a usable shape.
     """
+    num_points = check_int("num_points", num_points, minimum=2)
+    return _normalized_sample(_shape_of(shape_or_path), num_points, seed)
+
+
+def _normalized_sample(
+    shape: trimesh.Trimesh | np.ndarray, num_points: int, seed: int
+) -> np.ndarray:
+    """``num_points`` points sampled from ``shape`` with ``seed``, normalized: ``(N, 3)``.
+
+    Raises:
+        pointsink.io.ShapeLoadError: The sampled points all coincide (a cloud with few
+            distinct points), so they have no scale.
+    """
     # Sample in float64 and normalize before casting: a small object far from the origin
     # (coordinates ~1e6) would lose its detail if cast to float32 first.
-    return normalize_points(_sample_points_float64(_shape_of(shape_or_path), num_points, seed))
+    sample = _sample_points_float64(shape, num_points, seed)
+    if (sample == sample[0]).all():
+        raise ShapeLoadError(
+            f"the {num_points} points sampled from this shape all coincide, so they cannot be "
+            "scaled into the unit sphere (a point cloud with few distinct points)."
+        )
+    return normalize_points(sample)
 
 
 def _shape_of(shape_or_path: str | os.PathLike[str] | Any) -> trimesh.Trimesh | np.ndarray:
@@ -287,7 +311,7 @@ def preprocess_set(
     Args:
         shape_or_path: A file path (see :func:`pointsink.io.load_shape`) or an in-memory
             shape (see :func:`pointsink.io.as_shape`).
-        num_points: Number of points ``N`` (>= 1).
+        num_points: Number of points ``N`` (>= 2: one point has no scale).
         seed: Sampling seed.
         warn_small: Warn when a point cloud has fewer than ``N`` points.
 
@@ -299,10 +323,10 @@ def preprocess_set(
     Raises:
         pointsink.io.ShapeLoadError: The file or object is not a usable shape.
     """
-    num_points = check_int("num_points", num_points)
+    num_points = check_int("num_points", num_points, minimum=2)
     shape = _shape_of(shape_or_path)
     if isinstance(shape, trimesh.Trimesh) or len(shape) >= num_points:
-        return normalize_points(_sample_points_float64(shape, num_points, seed)), num_points
+        return _normalized_sample(shape, num_points, seed), num_points
     count = len(shape)
     if warn_small:
         warnings.warn(

@@ -419,7 +419,7 @@ def test_offline_modelnet_fails_with_one_sentence(
     [
         (["--model.n_iter", "0"], "n_iter must be at least 1; got 0."),
         (["--model.channels", "18", "--model.num_heads", "4"], "divisible"),
-        (["--data.num_points", "0"], "num_points must be at least 1"),
+        (["--data.num_points", "1"], "num_points must be at least 2; got 1"),
     ],
 )
 def test_refused_argument_values_fail_with_one_sentence(

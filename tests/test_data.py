@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch_geometric.data
+import trimesh
 from _modelnet10 import MODELNET10_DIR, requires_modelnet10
 from pytorch_lightning.trainer.states import TrainerFn
 
@@ -138,6 +139,32 @@ def test_second_build_reuses_the_cache(tmp_path, make_shape_folder, count_prepro
 
     assert len(count_preprocessing) == 12
     assert cache_path.stat().st_mtime_ns == mtime
+
+
+def test_a_changed_gltf_buffer_triggers_a_rebuild(tmp_path, make_shape_folder):
+    # A .gltf keeps its vertices in the .bin buffers it names: editing a buffer alone
+    # changes the shape, so the cache must not serve the old points.
+    root = make_shape_folder(tmp_path / "shapes")
+    folder = root / CLASSES[0] / "train"
+    exported = trimesh.exchange.gltf.export_gltf(trimesh.Scene(trimesh.creation.box()))
+    for name, content in exported.items():
+        (folder / (f"{CLASSES[0]}_0100.gltf" if name == "model.gltf" else name)).write_bytes(
+            content
+        )
+    first = _build(root, tmp_path)
+    # The same box, stretched: the buffer's bytes change, the .gltf file does not.
+    stretched = trimesh.creation.box(extents=(4.0, 1.0, 1.0))
+    buffers = trimesh.exchange.gltf.export_gltf(trimesh.Scene(stretched))
+    for name, content in buffers.items():
+        if name.endswith(".bin"):
+            (folder / name).write_bytes(content)
+    assert (folder / f"{CLASSES[0]}_0100.gltf").read_bytes() == exported["model.gltf"]
+    second = _build(root, tmp_path)
+    assert second != first
+    index = load_point_cache(second).paths.index(f"{CLASSES[0]}/train/{CLASSES[0]}_0100.gltf")
+    points = load_point_cache(second).points[index]
+    extent = points.amax(dim=0) - points.amin(dim=0)
+    assert extent[0] > 3 * extent[1]
 
 
 def test_changed_added_or_removed_files_trigger_a_rebuild(
@@ -578,7 +605,7 @@ def test_augmentation_settings_reach_the_training_set(tmp_path, make_shape_folde
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_points": 0}, "num_points must be at least 1"),
+        ({"num_points": 1}, "num_points must be at least 2; got 1"),
         ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
         ({"val_fraction": -0.1}, r"val_fraction must be in \[0, 1\)"),
         ({"batch_size": 0}, "batch_size must be at least 1"),

@@ -8,12 +8,14 @@ import pytest
 import torch
 import trimesh
 
+from pointsink.io import ShapeLoadError
 from pointsink.transforms import (
     PointCloudAugmentation,
     file_sample_seed,
     load_for_sampling,
     mix_point_regions,
     normalize_points,
+    preprocess_set,
     preprocess_shape,
     principal_spreads,
     sample_points,
@@ -97,11 +99,36 @@ def test_normalize_points_rejects_coincident_points():
         normalize_points(np.ones((5, 3)))
 
 
-@pytest.mark.parametrize("magnitude", [1e160, 1e300, 1e306])
-def test_normalize_points_rejects_coordinates_whose_radius_overflows(magnitude):
+@pytest.mark.parametrize("magnitude", [1e-320, 1e-165, 1e160, 1e300, 1e306])
+def test_normalize_points_scales_coordinates_whose_squares_leave_float64(magnitude):
+    # The squares in the radius under- or overflow; the points are still representable.
     points = np.random.default_rng(0).normal(size=(50, 3)) * magnitude
-    assert np.isfinite(points).all()
+    expected = normalize_points(points / magnitude)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy overflow or underflow warnings either
+        normalized = normalize_points(points)
+    np.testing.assert_allclose(
+        normalized, expected, rtol=0, atol=1e-6 if magnitude > 1e-300 else 1e-2
+    )
+    assert np.linalg.norm(normalized, axis=1).max() == pytest.approx(1.0, abs=1e-6)
 
+
+@pytest.mark.parametrize("preprocess", [preprocess_set, preprocess_shape])
+def test_sampled_points_without_a_scale_are_a_shape_error(preprocess) -> None:
+    # One point has no scale to normalize: refused up front, not per file.
+    with pytest.raises(ValueError, match="num_points must be at least 2; got 1"):
+        preprocess(BOX, 1, 0)
+    # A cloud with one point apart from 99 copies of another: the 8 sampled points
+    # coincide for these seeds, which is the shape's problem (skipped as a bad file).
+    cloud = np.zeros((100, 3))
+    cloud[-1] = [1.0, 0.0, 0.0]
+    with pytest.raises(ShapeLoadError, match="8 points sampled from this shape all coincide"):
+        preprocess(cloud, 8, 1)
+
+
+def test_normalize_points_rejects_coordinates_whose_mean_overflows():
+    points = np.full((4, 3), 1.7e308)
+    points[0] = -1.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one clear error, not numpy overflow warnings
         with pytest.raises(ValueError, match="too large for float64"):
