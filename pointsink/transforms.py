@@ -494,7 +494,7 @@ class PointCloudAugmentation(torch.nn.Module):
         scale_high: Upper bound of the per-axis scale factor (>= scale_low).
         max_rotation_degrees: Rotation angle about the up axis is drawn uniformly from
             ``[-max_rotation_degrees, max_rotation_degrees]`` (>= 0).
-        up_axis: Index (0, 1 or 2) of the vertical axis; the rotation keeps it fixed.
+        up_axis: The vertical axis (0, 1, 2 or "x", "y", "z"); the rotation keeps it fixed.
         jitter_sigma: Standard deviation of the per-coordinate Gaussian noise (>= 0).
         jitter_clip: Noise is clipped to ``[-jitter_clip, jitter_clip]`` (>= 0).
         shuffle: Whether to permute the order of the points.
@@ -508,7 +508,7 @@ class PointCloudAugmentation(torch.nn.Module):
         scale_low: float = 0.8,
         scale_high: float = 1.25,
         max_rotation_degrees: float = 15.0,
-        up_axis: int = 2,
+        up_axis: int | str = 2,
         jitter_sigma: float = 0.01,
         jitter_clip: float = 0.05,
         shuffle: bool = True,
@@ -536,8 +536,6 @@ class PointCloudAugmentation(torch.nn.Module):
             )
         if max_rotation_degrees < 0.0:
             raise ValueError(f"max_rotation_degrees must be >= 0; got {max_rotation_degrees}.")
-        if up_axis not in (0, 1, 2):
-            raise ValueError(f"up_axis must be 0, 1 or 2; got {up_axis}.")
         if jitter_sigma < 0.0 or jitter_clip < 0.0:
             raise ValueError(
                 f"jitter_sigma and jitter_clip must be >= 0; got {jitter_sigma}, {jitter_clip}."
@@ -547,7 +545,11 @@ class PointCloudAugmentation(torch.nn.Module):
         self.scale_low = float(scale_low)
         self.scale_high = float(scale_high)
         self.max_rotation_degrees = float(max_rotation_degrees)
-        self.up_axis = int(up_axis)
+        # As everywhere else: "x"/"y"/"z" or 0/1/2, and True (== 1) is refused.
+        try:
+            self.up_axis = up_axis_index(up_axis)
+        except ValueError as error:
+            raise ValueError(f"up_axis: {error}") from None
         self.jitter_sigma = float(jitter_sigma)
         self.jitter_clip = float(jitter_clip)
         self.shuffle = bool(shuffle)

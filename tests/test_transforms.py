@@ -544,3 +544,11 @@ def test_up_axis_rotation_stands_the_given_axis_up_without_mirroring():
     for bad in ("up", 3, -1, True, 1.0):
         with pytest.raises(ValueError, match="'x', 'y', 'z'"):
             up_axis_rotation(bad, "z")
+
+
+def test_augmentation_up_axis_is_read_as_everywhere_else() -> None:
+    # As up_axis_index reads it: names work, and True (== 1 to Python) is no axis.
+    assert PointCloudAugmentation(up_axis="y").up_axis == 1
+    for bad in (True, 3, "up"):
+        with pytest.raises(ValueError, match="an up axis is 'x', 'y', 'z'"):
+            PointCloudAugmentation(up_axis=bad)
