@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from pointsink import ShapeClassifier
-from pointsink.io import ShapeLoadError, is_shape_file, load_shape
+from pointsink.data import find_shape_files
+from pointsink.io import ShapeLoadError, load_shape
 from pointsink.transforms import file_sample_seed, preprocess_set, preprocess_shape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,14 +45,12 @@ def test_files(root: Path, class_names: list[str]) -> list[tuple[Path, int]]:
     Raises:
         SystemExit: A class has no ``test`` folder under ``root``.
     """
-    files = []
-    for label, name in enumerate(class_names):
+    for name in class_names:
         folder = root / name / "test"
-        if not folder.is_dir():
+        if not folder.is_dir():  # find_shape_files would pass over it
             raise SystemExit(f"error: {folder} is not a folder; --data-root must hold "
                              "<class>/test/ for each of the checkpoint's classes")  # fmt: skip
-        files += [(path, label) for path in sorted(folder.iterdir()) if is_shape_file(path)]
-    return files
+    return find_shape_files(root, class_names, "test")
 
 
 def inputs(
