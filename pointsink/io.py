@@ -127,7 +127,9 @@ def load_shape(path: str | os.PathLike[str]) -> trimesh.Trimesh | np.ndarray:
     Raises:
         ShapeLoadError: The file is missing, empty, has an unsupported extension, cannot
             be parsed, is a truncated OFF file, or holds no usable geometry (no points,
-            NaN/inf coordinates, zero surface area, all points coincide).
+            NaN/inf coordinates, zero surface area, all points coincide), or is a mesh
+            whose coordinates (beyond about 1e77 or below 1e-80) put its surface area out
+            of float64's range.
     """
     path = Path(path)
     extension = file_extension(path)
@@ -392,10 +394,23 @@ def _validate_mesh(mesh: trimesh.Trimesh, source: str) -> trimesh.Trimesh | np.n
         return _validate_points(vertices, source)
     if faces.min() < 0 or faces.max() >= len(vertices):
         raise ShapeLoadError(f"{source}: the mesh has face indices outside its vertex range.")
-    area = float(mesh.area)
-    if not np.isfinite(area) or area <= 0.0:
-        raise ShapeLoadError(f"{source}: the mesh is degenerate (total surface area {area:g}).")
-    return mesh
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        area = float(mesh.area)
+    if np.isfinite(area) and area > 0.0:
+        return mesh
+    offsets = vertices - vertices.mean(axis=0)
+    size = float(np.abs(offsets).max())
+    if size > 0.0 and np.isfinite(size):
+        # The area sums squared cross products (size**4), which leave float64 from about
+        # 1e77 or below 1e-77: say so instead of calling a good mesh degenerate.
+        unit_area = float(trimesh.Trimesh(offsets / size, faces, process=False).area)
+        if np.isfinite(unit_area) and unit_area > 0.0:
+            raise ShapeLoadError(
+                f"{source}: the mesh's size ({size:.3g}) is too extreme for its surface area "
+                f"to be computed in float64 (area {area:g}); rescale its coordinates to "
+                "within about 1e-70 to 1e70."
+            )
+    raise ShapeLoadError(f"{source}: the mesh is degenerate (total surface area {area:g}).")
 
 
 def _validate_points(array: np.ndarray, source: str) -> np.ndarray:

@@ -289,6 +289,30 @@ def test_as_shape_rejects_invalid_objects():
         as_shape(broken)
 
 
+@pytest.mark.parametrize("scale", [1e-100, 1e100, 1e300])
+def test_mesh_too_extreme_for_its_area_is_not_called_degenerate(scale):
+    # Its area under- or overflows float64, but the mesh itself is a good box: the error
+    # must say what to do, not that the mesh is degenerate.
+    mesh = trimesh.Trimesh(BOX.vertices * scale, BOX.faces, process=False)
+    with np.errstate(all="ignore"), pytest.raises(ShapeLoadError, match="too extreme") as error:
+        as_shape(mesh)
+    assert "degenerate" not in str(error.value)
+
+
+@pytest.mark.parametrize("scale", [1e-60, 1e60])
+def test_mesh_at_large_but_computable_scales_loads(scale):
+    mesh = trimesh.Trimesh(BOX.vertices * scale, BOX.faces, process=False)
+    assert as_shape(mesh) is mesh
+
+
+def test_flat_mesh_is_still_degenerate_at_extreme_scales():
+    flat = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
+    for scale in (1.0, 1e100):
+        mesh = trimesh.Trimesh(flat * scale, [[0, 1, 2]], process=False)
+        with np.errstate(all="ignore"), pytest.raises(ShapeLoadError, match="degenerate"):
+            as_shape(mesh)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_tensors_of_any_float_dtype_are_point_clouds(dtype: torch.dtype) -> None:
     points = torch.randn(50, 3).to(dtype)
