@@ -66,7 +66,7 @@ class MeanLoss(Metric):
         return self.loss_sum / self.weight
 
 
-class MeanClassAccuracy(MulticlassAccuracy):
+class MeanClassAccuracy(Metric):
     """Mean per-class accuracy (recall) over the classes that have samples.
 
     The ``macro`` average of :class:`~torchmetrics.classification.MulticlassAccuracy` also
@@ -75,17 +75,46 @@ class MeanClassAccuracy(MulticlassAccuracy):
     (``test_report.json``) computes it. It differs when the split lacks a class (few-shot
     data, whose single-shape classes stay out of validation). Per-class counts are
     added across ranks before the mean.
+
+    Counted by comparing the targets with every class index, without ``torch.bincount``
+    (which torchmetrics' macro average uses): on CUDA, bincount reads the largest target
+    back to the host to size its output, a sync in every training step.
+
+    Args:
+        num_classes: Number of classes ``C`` (>= 1).
     """
 
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
     def __init__(self, num_classes: int) -> None:
-        super().__init__(num_classes, average="macro", validate_args=False)
+        super().__init__()
+        self.num_classes = check_int("num_classes", num_classes)
+        zeros = torch.zeros(self.num_classes, dtype=torch.long)
+        self.add_state("correct", zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("support", zeros.clone(), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Counts one batch.
+
+        Args:
+            preds: ``(B, C)`` logits or probabilities, or ``(B,)`` predicted labels.
+            target: ``(B,)`` labels in ``[0, C)``.
+        """
+        if preds.ndim == target.ndim + 1:
+            preds = preds.argmax(dim=-1)
+        target = target.reshape(-1)
+        # (B, C): row b is one-hot at target b; labels outside [0, C) match no class.
+        is_class = target.unsqueeze(-1) == torch.arange(self.num_classes, device=target.device)
+        hit = (preds.reshape(-1) == target).unsqueeze(-1)
+        self.support += is_class.sum(dim=0)
+        self.correct += (is_class & hit).sum(dim=0)
 
     def compute(self) -> Tensor:
         """The mean, over the classes with samples, of their share classified correctly."""
-        true_positives, _, _, false_negatives = self._final_state()
-        support = true_positives + false_negatives
-        present = support > 0
-        recall = true_positives / support.clamp(min=1)
+        present = self.support > 0
+        recall = self.correct / self.support.clamp(min=1)
         return (recall * present).sum() / present.sum().clamp(min=1)
 
 

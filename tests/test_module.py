@@ -239,6 +239,33 @@ def test_mean_class_accuracy_averages_the_classes_with_samples() -> None:
     assert metric.compute().item() == pytest.approx(0.75)
 
 
+def test_mean_class_accuracy_needs_no_host_sync(monkeypatch) -> None:
+    # On CUDA, torch.bincount (torchmetrics' macro average) and torch.unique read values
+    # back to the host: a sync in every training step. The counts must not use them.
+    def refuse(*args, **kwargs):
+        raise AssertionError("host-syncing op called in MeanClassAccuracy.update")
+
+    monkeypatch.setattr(torch, "bincount", refuse)
+    monkeypatch.setattr(torch, "unique", refuse)
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    generator = torch.Generator().manual_seed(0)
+    metric = MeanClassAccuracy(5)
+    batches = []
+    for batch_size in (1, 7, 16):
+        logits = torch.randn(batch_size, 5, generator=generator)
+        # Class 4 never occurs, and class 3 only in some batches.
+        batches.append((logits, torch.randint(0, 4, (batch_size,), generator=generator)))
+        metric.update(*batches[-1])
+    value = metric.compute()
+    monkeypatch.undo()
+    expected = MulticlassConfusionMatrix(5)
+    for batch in batches:
+        expected.update(*batch)
+    report = confusion_report(expected.compute(), "abcde")
+    assert value.item() == pytest.approx(report["mean_class_accuracy"])
+
+
 def test_mean_loss_weights_batches_by_size_and_keeps_nan() -> None:
     mean_loss = MeanLoss()
     # The call returns the batch's own value (train/loss_step) and accumulates it.
