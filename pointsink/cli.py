@@ -112,12 +112,15 @@ def _batch_limit(limit: int | float | str | None) -> int | float | None:
     return None if isinstance(limit, str) else limit
 
 
-def find_checkpoint(root: str | Path, filename: str) -> Path:
+def find_checkpoint(
+    root: str | Path, filename: str, option: str = "--trainer.default_root_dir"
+) -> Path:
     """The most recently written ``<filename>.ckpt`` below ``root`` (any logger version).
 
     Args:
-        root: A run's ``default_root_dir``.
+        root: A run's ``default_root_dir``, or the checkpoint callback's ``dirpath``.
         filename: Checkpoint name without ``.ckpt`` (``"last"``, ``"best"``).
+        option: The command-line option that gave ``root``, named in the error.
 
     Returns:
         The path of the newest such file.
@@ -129,7 +132,7 @@ def find_checkpoint(root: str | Path, filename: str) -> Path:
     if not found:
         raise CheckpointError(
             f"--ckpt_path {filename}: no {filename}.ckpt below {root} (the run's "
-            "--trainer.default_root_dir); give the checkpoint's path."
+            f"{option}); give the checkpoint's path."
         )
     return found[-1]
 
@@ -228,9 +231,13 @@ class SinkformerCLI(LightningCLI):
                 )
             return
         if ckpt_path in ("best", "last"):
-            filename = config[{"best": "checkpoint", "last": "last_checkpoint"}[ckpt_path]].filename
-            root = config.trainer.default_root_dir or "."
-            config.ckpt_path = ckpt_path = str(find_checkpoint(root, filename))
+            name = {"best": "checkpoint", "last": "last_checkpoint"}[ckpt_path]
+            callback = config[name]
+            # The callback writes into its dirpath when one is given, not below the root.
+            root, option = callback.dirpath, f"--{name}.dirpath"
+            if root is None:
+                root, option = config.trainer.default_root_dir or ".", "--trainer.default_root_dir"
+            config.ckpt_path = ckpt_path = str(find_checkpoint(root, callback.filename, option))
         if "://" in str(ckpt_path) or ckpt_path == "hpc":
             return  # remote or SLURM checkpoints: Lightning reads them
         checkpoint = load_checkpoint(ckpt_path)

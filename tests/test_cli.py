@@ -243,6 +243,31 @@ def test_ckpt_path_names_resolve_and_overrides_are_reported(
     assert {record["label"] for record in records} <= set(first_classes(last))
 
 
+def test_ckpt_path_names_search_the_checkpoint_callbacks_dirpath(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An older run below default_root_dir, then one whose callbacks write elsewhere: `best`
+    # and `last` must be the new run's, not the older run's found below the root.
+    args = _tiny_args(tmp_path)
+    older = Path(
+        main(["fit", *args, "--trainer.max_epochs", "1"]).trainer.checkpoint_callback.dirpath
+    )
+    kept = tmp_path / "kept"
+    dirpaths = ["--checkpoint.dirpath", str(kept), "--last_checkpoint.dirpath", str(kept / "last")]
+    main(["fit", *args, *dirpaths])
+    assert (older / "best.ckpt").exists() and (kept / "best.ckpt").exists()
+    tested = main(["test", *args, *dirpaths, "--ckpt_path", "best"])
+    assert tested.trainer.ckpt_path == str(kept / "best.ckpt")
+    validated = main(["validate", *args, *dirpaths, "--ckpt_path", "last"])
+    assert validated.trainer.ckpt_path == str(kept / "last" / "last.ckpt")
+    # A dirpath without the file names that option in its one-sentence error.
+    with pytest.raises(SystemExit):
+        main(
+            ["test", *args, "--checkpoint.dirpath", str(tmp_path / "empty"), "--ckpt_path", "best"]
+        )
+    assert "(the run's --checkpoint.dirpath)" in capsys.readouterr().err
+
+
 def test_checkpoint_from_before_a_setting_rebuilds_its_default(tmp_path: Path) -> None:
     args = _tiny_args(tmp_path)
     last = Path(
