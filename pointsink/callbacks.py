@@ -257,13 +257,14 @@ class DoublyStochasticMonitor(pl.Callback):
     columns are exact in float32 reads about ``2e-4``, not 0.
 
     Args:
-        num_batches: Validation batches measured per epoch.
+        num_batches: Validation batches measured per epoch (>= 1).
         plot: Whether to write the plot at the end of training.
     """
 
     def __init__(self, num_batches: int = 1, plot: bool = True) -> None:
         super().__init__()
-        self.num_batches = num_batches
+        # 0 would keep the layers recording all epoch while logging nothing.
+        self.num_batches = check_int("num_batches", num_batches)
         self.plot = plot
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._sums: dict[str, list[torch.Tensor]] = {}

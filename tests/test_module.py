@@ -309,6 +309,10 @@ def test_doubly_stochastic_monitor_averages_its_first_num_batches() -> None:
     for key, value in two.items():
         assert value == pytest.approx((alone[0][key] + alone[1][key]) / 2, rel=1e-6)
     assert any(alone[0][key] != pytest.approx(alone[1][key]) for key in two)
+    # Measuring no batch would record all epoch and log nothing: refused.
+    for count in (0, -3):
+        with pytest.raises(ValueError, match="num_batches"):
+            DoublyStochasticMonitor(num_batches=count)
 
 
 def test_confusion_report_accuracies() -> None:
