@@ -72,7 +72,10 @@ def knn_indices(
         # In float32: cdist has no CPU kernel for half types (bf16-true / 16-true training),
         # and their short mantissas would tie or misorder close neighbours.
         points, queries = points.float(), queries.float()
-    distances = torch.cdist(queries, points)
+    # Differences, not cdist's |x|^2 + |y|^2 - 2 x.y shortcut (taken above 25 points): that
+    # cancels on clouds away from the origin, and would give a padded set (longer rows)
+    # other neighbours than the same set alone.
+    distances = torch.cdist(queries, points, compute_mode="donot_use_mm_for_euclid_dist")
     if themselves:
         distances.diagonal(dim1=-2, dim2=-1).fill_(-1.0)
     if mask is not None:
@@ -165,6 +168,9 @@ def farthest_point_sampling(
             grid). The rest repeat real points (index 0 in a set without any), and ``M``
             may exceed ``N``.
 
+    Once every distinct point is taken (a cloud of repeated points), the start point is
+    repeated, so the picks do not depend on the order of the points.
+
     Returns:
         ``(B, M)`` indices into the ``N`` points, in the order they were chosen.
     """
@@ -219,6 +225,7 @@ def _farthest_point_sampling_loop(
     # nearest is +inf at real points and -inf at padded ones: the start is the real point
     # farthest from the mean.
     current = torch.minimum((points - center).square().sum(dim=-1), nearest).argmax(dim=1)
+    start = current
     # Coordinate-major (B, D, N) and preallocated buffers: the loop runs num_samples times
     # per batch, and summing D contiguous rows in place is 3x faster on a CPU than
     # reducing the last dimension of (B, N, D) into fresh tensors (benchmarks/RESULTS.md).
@@ -230,7 +237,10 @@ def _farthest_point_sampling_loop(
         torch.sub(coordinates, points[rows, current].unsqueeze(2), out=offsets)
         torch.sum(offsets.square_(), dim=1, out=distance)
         torch.minimum(nearest, distance, out=nearest)
-        current = nearest.argmax(dim=1)
+        farthest, current = nearest.max(dim=1)
+        # Every distinct point taken (all at distance 0): repeat the start, not the lowest
+        # index, which would depend on the order of the points.
+        current = torch.where(farthest > 0, current, start)
     return chosen
 
 
@@ -274,6 +284,7 @@ class EdgeConvEmbedding(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, num_neighbors: int) -> None:
         super().__init__()
+        in_channels = check_int("in_channels", in_channels)
         if in_channels < 3:
             raise ValueError(f"in_channels must include xyz (>= 3); got {in_channels}.")
         check_int("num_neighbors", num_neighbors)
@@ -422,12 +433,16 @@ class SetAbstraction(nn.Module):
         hidden_layers: int = 1,
     ) -> None:
         super().__init__()
+        in_channels = check_int("in_channels", in_channels)
         if in_channels < 3:
             raise ValueError(f"in_channels must include xyz (>= 3); got {in_channels}.")
+        check_int("channels", channels)
         check_int("num_groups", num_groups)
         check_int("group_size", group_size)
         check_int("hidden_layers", hidden_layers)
-        hidden_channels = hidden_channels or max(channels // 2, 1)
+        if hidden_channels is None:
+            hidden_channels = max(channels // 2, 1)
+        check_int("hidden_channels", hidden_channels)
         self.in_channels = in_channels
         self.channels = channels
         self.num_groups = num_groups

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping
+from numbers import Real
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -126,6 +127,10 @@ class SetSinkformer(nn.Module):
         num_inducing_points = check_int("num_inducing_points", num_inducing_points)
         num_seeds = check_int("num_seeds", num_seeds)
         check_int("local_neighbors", local_neighbors, minimum=0)
+        check_int("local_channels", local_channels)
+        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
+            # nn.Dropout takes True as p = 1 (every feature dropped) and NaN silently.
+            raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}.")
         check_int("num_groups", num_groups, minimum=0)
         check_int("group_hidden_layers", group_hidden_layers)
         if normalize_offsets and num_groups == 0:

@@ -6,8 +6,9 @@ centres launches some 1,800 small kernels on a GPU, every training and evaluatio
 Here one program per point set holds the set's coordinates and distances in registers and
 runs all the steps, so the choice costs one launch. The picks are those of the PyTorch
 loop: the point farthest from the set's mean first, then each time the point farthest from
-those chosen so far, the lowest index on exact ties. Distances are squared and summed in
-float32 without fused multiply-adds, as the loop does; the set's mean (and, depending on
+those chosen so far, the lowest index on exact ties, and the first point again once every
+distinct point is taken. Distances are squared and summed in float32 without fused
+multiply-adds, as the loop does; the set's mean (and, depending on
 how the compiler lays out a point's coordinates, a distance's sum) may be added up in
 another order, so a pick can differ from the loop's only between points whose distances
 agree to the last bit or two. Under the interpreter the picks matched the loop's exactly
@@ -71,6 +72,7 @@ def _farthest_point_sampling_kernel(
     offsets = points - mean[None, :]
     from_mean = tl.where(valid, tl.sum(offsets * offsets, axis=1), -float("inf"))
     current = tl.argmax(from_mean, axis=0, tie_break_left=True)
+    start = current
     # Padding stays at -inf, so it is never the farthest.
     nearest = tl.where(valid, float("inf"), -float("inf"))
     for step in range(num_samples):
@@ -78,7 +80,12 @@ def _farthest_point_sampling_kernel(
         center = tl.load(POINTS + b * n * D + current * D + offs_d, mask=center_mask, other=0.0)
         offsets = points - center.to(tl.float32)[None, :]
         nearest = tl.minimum(nearest, tl.sum(offsets * offsets, axis=1))
-        current = tl.argmax(nearest, axis=0, tie_break_left=True)
+        # One reduction for the value and its index (tl.argmax is this max, value dropped).
+        farthest, current = tl.max(
+            nearest, axis=0, return_indices=True, return_indices_tie_break_left=True
+        )
+        # Every distinct point taken: repeat the start, as the loop does.
+        current = tl.where(farthest > 0.0, current, start)
 
 
 def triton_farthest_point_sampling(

@@ -8,6 +8,7 @@ from pointsink.embedding import (
     gather_neighbors,
     knn_indices,
 )
+from pointsink.model import SetSinkformer
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +132,16 @@ def test_bad_arguments_raise_clear_errors() -> None:
         SetAbstraction(3, 8, 4, 0)
     with pytest.raises(ValueError, match="needs at least that many points"):
         SetAbstraction(3, 8, 4, 10)(torch.randn(1, 9, 3))
+    # Zero widths gave empty tokens or were swapped for the default; a float width failed
+    # inside nn.Linear.
+    with pytest.raises(ValueError, match=r"^channels must be at least 1"):
+        SetAbstraction(3, 0, 4, 4)
+    with pytest.raises(ValueError, match=r"^hidden_channels must be at least 1"):
+        SetAbstraction(3, 8, 4, 4, hidden_channels=0)
+    with pytest.raises(ValueError, match=r"^in_channels must be an integer"):
+        SetAbstraction(3.0, 8, 4, 4)
+    with pytest.raises(ValueError, match=r"^in_channels must be an integer"):
+        EdgeConvEmbedding(3.0, 8, 4)
 
 
 def _reference_farthest_point_sampling(points: torch.Tensor, num_samples: int) -> list[int]:
@@ -161,6 +172,54 @@ def test_farthest_point_sampling_ignores_the_order_of_the_points() -> None:
     # All points: a permutation of the set.
     everything = farthest_point_sampling(points, 50)
     assert (everything.sort(dim=1).values == torch.arange(50)).all()
+
+
+def test_farthest_point_sampling_of_repeated_points_ignores_their_order() -> None:
+    # 4 distinct points, each 5 times, and 6 picks: once all 4 are taken, the start is
+    # repeated (the lowest index at distance 0 depended on the order of the points).
+    points = torch.randn(1, 4, 3).repeat(1, 5, 1)
+    mask = torch.ones(1, 30, dtype=torch.bool)
+    mask[0, 20:] = False
+    picks = []
+    for _ in range(4):
+        shuffled = points[:, torch.randperm(20)]
+        padded = torch.cat([shuffled, torch.randn(1, 10, 3)], dim=1)
+        for chosen in (
+            shuffled[0, farthest_point_sampling(shuffled, 6)[0]],
+            padded[0, farthest_point_sampling(padded, 7, mask=mask)[0]],
+        ):
+            assert torch.equal(chosen[4:], chosen[:1].expand(len(chosen) - 4, 3))
+            picks.append(chosen[:6])
+    assert all(torch.equal(chosen, picks[0]) for chosen in picks)
+
+
+def test_set_abstraction_model_of_repeated_points_ignores_their_order() -> None:
+    # A small cloud filled by repeating points (as ShapeClassifier fills one for a model
+    # without masks), with more groups than distinct points.
+    model = SetSinkformer(3, channels=16, num_heads=2, num_inducing_points=4, num_groups=6,
+                          group_size=4).eval()  # fmt: skip
+    points = torch.randn(1, 4, 3).repeat(1, 5, 1)
+    with torch.no_grad():
+        logits = model(points)
+        for _ in range(5):
+            torch.testing.assert_close(model(points[:, torch.randperm(20)]), logits)
+
+
+def test_knn_is_exact_away_from_the_origin_and_the_same_padded() -> None:
+    # cdist's |x|^2 + |y|^2 - 2 x.y form (used above 25 points) cancels on shifted clouds:
+    # at a shift of 100, most points got a wrong neighbour set.
+    for shift in (10.0, 100.0):
+        points = torch.rand(1, 300, 3) + shift
+        exact = torch.cdist(points.double(), points.double())
+        exact.diagonal(dim1=-2, dim2=-1).fill_(-1.0)
+        want = exact.topk(8, dim=-1, largest=False).indices
+        assert torch.equal(knn_indices(points, 8).sort(-1).values, want.sort(-1).values)
+    # 20 points alone (cdist's direct form) and padded to 40 behind a mask.
+    real = torch.rand(1, 20, 3) + 10.0
+    padded = torch.cat([real, torch.randn(1, 20, 3)], dim=1)
+    mask = (torch.arange(40) < 20).unsqueeze(0)
+    together = knn_indices(padded, 4, mask=mask)[:, :20]
+    assert torch.equal(together.sort(-1).values, knn_indices(real, 4).sort(-1).values)
 
 
 def _explicit_set_abstraction(layer: SetAbstraction, x: torch.Tensor) -> torch.Tensor:

@@ -80,3 +80,16 @@ def test_numpy_integers_are_accepted(kind: str) -> None:
 def test_heads_must_divide_channels() -> None:
     with pytest.raises(ValueError, match=r"channels \(10\) must be divisible by num_heads \(4\)"):
         SetSinkformer(3, channels=10, num_heads=4)
+
+
+@pytest.mark.parametrize("dropout", [True, float("nan"), 1.0, -0.1, "0.1"])
+def test_dropout_must_be_a_probability(dropout: object) -> None:
+    # nn.Dropout took True as p = 1: every feature dropped, a model that cannot learn.
+    with pytest.raises(ValueError, match=r"^dropout must be a probability"):
+        SetSinkformer(3, dropout=dropout)
+
+
+def test_local_channels_is_named() -> None:
+    # Was reported as "channels must be at least 1", the model's other width.
+    with pytest.raises(ValueError, match=r"^local_channels must be at least 1"):
+        SetSinkformer(3, local_neighbors=4, local_channels=0)

@@ -36,7 +36,7 @@ for batch, n, dim, m in cases:
     got = triton_farthest_point_sampling(points.to(DEVICE), m).cpu()
     rows.append([batch, n, dim, m, got.dtype == torch.long, torch.equal(got, want)])
 # Exact ties: every point twice. After the 20 distinct points, all remaining distances are
-# 0 and the lowest index wins, as in the PyTorch loop.
+# 0 and the start is repeated, as in the PyTorch loop.
 points = torch.randn(1, 20, 3, generator=gen).repeat(1, 2, 1)
 want = embedding.farthest_point_sampling(points, 40, backend="loop")
 got = triton_farthest_point_sampling(points.to(DEVICE), 40).cpu()
