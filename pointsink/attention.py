@@ -127,7 +127,8 @@ def dense_attention_weights(
     """
     # Zeroed padding: dQ = dS K would be NaN for NaN padded keys, although dS is 0 there.
     query, key = zero_padded(query, query_mask), zero_padded(key, key_mask)
-    logits = query @ key.transpose(-2, -1) * (1.0 / math.sqrt(query.shape[-1]))
+    # Scaled before the product: in float16 the raw q @ k^T can overflow where logits fit.
+    logits = (query * (1.0 / math.sqrt(query.shape[-1]))) @ key.transpose(-2, -1)
     return attention_weights(logits, attention, n_iter, query_mask=query_mask, key_mask=key_mask)
 
 

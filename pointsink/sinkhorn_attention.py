@@ -200,7 +200,9 @@ def dense_sinkhorn_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     # Zeroed padding: dQ = dS K would be NaN for NaN padded keys, although dS is 0 there.
     q, k = zero_padded(q, query_mask), zero_padded(k, key_mask)
-    logits = q @ k.transpose(-2, -1) * scale
+    # Scaled before the product, as the chunked path does: in float16, q @ k^T itself can
+    # overflow (above 65504) where the scaled logits fit.
+    logits = (q * scale) @ k.transpose(-2, -1)
     weights = sinkhorn(logits, n_iter, query_mask=query_mask, key_mask=key_mask)
     return weights @ zero_padded(v, key_mask)  # padded values never read (0 * nan)
 

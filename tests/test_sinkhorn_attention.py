@@ -189,6 +189,23 @@ def test_chunked_half_precision_inputs_are_normalized_in_float32() -> None:
     torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=0)
 
 
+def test_float16_products_beyond_its_range_with_logits_inside_it() -> None:
+    # d = 64: raw q.k of 102400 overflows float16 (65504); the logits (/ 8) do not. The dense
+    # path multiplied before scaling and gave NaN, the chunked path (and the monitor's
+    # marginals, always dense) must agree with the float64 reference.
+    from pointsink.attention import attention_marginals
+
+    q = torch.full((1, 3, 64), 40.0)
+    k = torch.tensor([40.0, -40.0, 40.0, -40.0])[None, :, None].expand(1, 4, 64)
+    v = torch.randn(1, 4, 8)
+    ref = dense_sinkhorn_attention(q.double(), k.double(), v.double(), 5)
+    for backend in ("dense", "chunked"):
+        out = sinkhorn_attention(q.half(), k.half(), v.half(), 5, backend=backend)
+        torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=0)
+    rows, columns = attention_marginals(q.half()[:, None], k.half()[:, None])
+    assert torch.isfinite(rows).all() and torch.isfinite(columns).all()
+
+
 @pytest.mark.parametrize("n_iter", [2, 3, 4, 5, 9])
 def test_score_gradient_factors_rebuild_ds(n_iter: int) -> None:
     # dS = P * dP - sum_t g^t A^t - sum_t h^t B^t, each matrix exponentiated on its own,
