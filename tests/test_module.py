@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -15,7 +16,9 @@ from pointsink.callbacks import (
 )
 from pointsink.inference import CheckpointError
 from pointsink.module import MeanClassAccuracy, MeanLoss, SinkformerClassifier
+from pointsink.transforms import mix_point_regions
 
+REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cone", "cube", "sphere"]
 
 
@@ -239,16 +242,29 @@ def test_mean_class_accuracy_averages_the_classes_with_samples() -> None:
     assert metric.compute().item() == pytest.approx(0.75)
 
 
+# Calls that read a device tensor back to the host (on CUDA a sync that stalls the
+# training loop): Python conversions, and ops whose output size depends on the data.
+HOST_SYNCS = [(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__",
+              "__int__", "__index__", "nonzero", "cpu", "numpy")] + [
+              (torch, name) for name in ("nonzero", "unique", "bincount", "masked_select",
+              "argwhere")]  # fmt: skip
+
+
+def _refuse_host_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(name: str):
+        def call(*args, **kwargs):
+            raise AssertionError(f"host-syncing call {name}")
+
+        return call
+
+    for owner, name in HOST_SYNCS:
+        monkeypatch.setattr(owner, name, refuse(name))
+
+
 def test_mean_class_accuracy_needs_no_host_sync(monkeypatch) -> None:
     # On CUDA, torch.bincount (torchmetrics' macro average) and torch.unique read values
     # back to the host: a sync in every training step. The counts must not use them.
-    def refuse(*args, **kwargs):
-        raise AssertionError("host-syncing op called in MeanClassAccuracy.update")
-
-    monkeypatch.setattr(torch, "bincount", refuse)
-    monkeypatch.setattr(torch, "unique", refuse)
-    monkeypatch.setattr(torch.Tensor, "item", refuse)
-    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    _refuse_host_syncs(monkeypatch)
     generator = torch.Generator().manual_seed(0)
     metric = MeanClassAccuracy(5)
     batches = []
@@ -264,6 +280,26 @@ def test_mean_class_accuracy_needs_no_host_sync(monkeypatch) -> None:
         expected.update(*batch)
     report = confusion_report(expected.compute(), "abcde")
     assert value.item() == pytest.approx(report["mean_class_accuracy"])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_training_step_and_backward_need_no_host_sync(monkeypatch, padded: bool) -> None:
+    # The recipe's model (narrower), logit adjustment on; padded sets take the masked paths.
+    recipe = yaml.safe_load((REPO / "configs" / "modelnet10.yaml").read_text())["model"]
+    recipe.update(channels=32, num_heads=2, num_groups=16, group_size=8, logit_adjustment=1.0,
+                  mix_probability=0.0)  # fmt: skip
+    module = SinkformerClassifier(class_names=CLASSES, num_points=64, **recipe).train()
+    module.log = module.log_dict = lambda *args, **kwargs: None  # no trainer attached
+    batch = {"points": torch.randn(3, 64, 3), "label": torch.tensor([0, 1, 2])}
+    if padded:
+        batch["mask"] = torch.arange(64) < torch.tensor([[64], [40], [30]])
+    _refuse_host_syncs(monkeypatch)
+    module.training_step(batch, 0).backward()
+    # Region mixing draws its ratio on the CPU on purpose; the mixing itself runs on the
+    # points' device.
+    mixed = mix_point_regions(batch["points"], batch["points"].flip(0), 20, batch["points"][:, 0])
+    monkeypatch.undo()
+    assert module.model.head.weight.grad.abs().sum() > 0 and mixed.shape == (3, 64, 3)
 
 
 def test_mean_loss_weights_batches_by_size_and_keeps_nan() -> None:
