@@ -900,6 +900,17 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         # expanduser (here and for cache_dir): a YAML ``root: ~/data/...`` would otherwise
         # name a folder "~" in the working directory.
         self.root = Path(root).expanduser()
+        if self.root.exists() and not self.root.is_dir():
+            # Found late otherwise, as a bare NotADirectoryError (after a download).
+            raise DatasetLayoutError(
+                f"The data root {self.root} is a file, not a folder: give the folder that "
+                "holds (or is to hold) the <class>/ folders"
+                + (
+                    ", e.g. the one this archive is extracted into."
+                    if self.root.suffix.lower() in {".zip", ".tar", ".gz", ".xz", ".bz2", ".7z"}
+                    else "."
+                )
+            )
         self.num_points = num_points
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
@@ -977,7 +988,12 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             TrainerFn.VALIDATING: ("train",),
             TrainerFn.TESTING: ("test",),
         }
-        for split in needed.get(state.fn if state is not None else None, SPLITS):
+        splits = needed.get(state.fn if state is not None else None, SPLITS)
+        if splits == ("test",):
+            # Before the cache: a wrong root must not get a processed/ folder (which would
+            # also stop a later download into it).
+            self._check_split_files("test", every_class=False)
+        for split in splits:
             self._cache_path(split)
 
     def _provide_source(self) -> None:
@@ -1092,6 +1108,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             # fit restores the checkpoint's stream after this (RandomStateCheckpoint).
             self.train_dataset.reset_augmentation()
         if stage in (None, "test") and self.test_dataset is None:
+            if stage == "test":  # before the cache, as in prepare_data
+                self._check_split_files("test", every_class=False)
             self.test_dataset = self._turned(self._load_split("test"))
             # Testing nothing would end without a metric, and with exit status 0. Without a
             # stage (setup called directly) a dataset may lack its test split.
@@ -1492,12 +1510,10 @@ class SyntheticShapesDataModule(ShapeFolderDataModule):
             raise ValueError(
                 f"{unknown} are not synthetic classes; choose from {list(SYNTHETIC_CLASSES)}."
             )
-        check_int("train_per_class", train_per_class, minimum=1)
-        check_int("test_per_class", test_per_class, minimum=0)
-        check_int("generation_seed", generation_seed, minimum=0)
-        self.train_per_class = train_per_class
-        self.test_per_class = test_per_class
-        self.generation_seed = generation_seed
+        # As Python ints: NumPy ones would reach the JSON manifest, written last.
+        self.train_per_class = check_int("train_per_class", train_per_class, minimum=1)
+        self.test_per_class = check_int("test_per_class", test_per_class, minimum=0)
+        self.generation_seed = check_int("generation_seed", generation_seed, minimum=0)
         super().__init__(
             root=root if root is not None else str(Path("data") / "synthetic"),
             class_names=list(class_names) if class_names is not None else list(SYNTHETIC_CLASSES),

@@ -627,6 +627,40 @@ def test_numpy_integers_are_kept_as_python_ints(tmp_path, make_shape_folder):
     assert type(datamodule.batch_size) is int
 
 
+def test_a_wrong_root_for_testing_leaves_nothing_behind(tmp_path):
+    # Testing a mistyped root with given classes: one clear error, and no processed/ folder
+    # (it held an empty cache, and stopped a later ModelNet download into that folder).
+    root = tmp_path / "typo"
+    datamodule = ShapeFolderDataModule(str(root), class_names=["mug"], preprocess_workers=1)
+    with pytest.raises(DatasetLayoutError, match="Found no test shapes"):
+        datamodule.setup("test")
+    datamodule.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.TESTING))
+    with pytest.raises(DatasetLayoutError, match="Found no test shapes"):
+        datamodule.prepare_data()
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("name", ["ModelNet10.zip", "notes.txt"])
+def test_a_file_as_root_is_refused_up_front(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"not a folder")
+    with pytest.raises(DatasetLayoutError, match="is a file, not a folder") as error:
+        ModelNetDataModule(str(path), class_names=["chair"])
+    assert ("extracted into" in str(error.value)) == name.endswith(".zip")
+    with pytest.raises(DatasetLayoutError, match="is a file, not a folder"):
+        ShapeFolderDataModule(str(path), class_names=["mug"])
+
+
+def test_synthetic_counts_and_seed_are_kept_as_python_ints(tmp_path):
+    # NumPy integers reached the JSON manifest, written after every shape was generated.
+    datamodule = SyntheticShapesDataModule(
+        str(tmp_path / "synthetic"), train_per_class=np.int64(1), test_per_class=np.int64(0),
+        generation_seed=np.int64(3), class_names=["box"], num_points=32, preprocess_workers=1,
+    )  # fmt: skip
+    assert type(datamodule.train_per_class) is int and type(datamodule.generation_seed) is int
+    datamodule.prepare_data()
+
+
 def test_root_without_class_folders_says_what_it_looked_for(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"<class>/train or <class>/test") as error:
