@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -689,26 +690,48 @@ def _short_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
+#: Tries per file when reading fails with an I/O error that may pass (EIO, a stale NFS
+#: handle, a timeout): a file skipped once stays out of the cache, which is reused.
+READ_ATTEMPTS = 3
+_LASTING_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _may_pass(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is an I/O error that a retry may not meet again."""
+    while exc is not None:
+        if isinstance(exc, OSError) and not isinstance(exc, _LASTING_OS_ERRORS):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 def _preprocess_file(
     task: tuple[str, int, int],
 ) -> tuple[tuple[np.ndarray, int] | None, str | None, list[str]]:
     """Preprocesses one file: ``((points, count) or None, error or None, warning messages)``.
 
     Errors and warnings are returned rather than raised or printed, so that a bad file
-    never stops the build and worker-process warnings reach the parent.
+    never stops the build and worker-process warnings reach the parent. A read that fails
+    with a passing I/O error is tried again (:data:`READ_ATTEMPTS` in all).
     """
     path, num_points, sample_seed = task
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            shape, shape_seed = load_for_sampling(path, sample_seed)
-            # Said once for the split by build_point_cache, not once per file.
-            prepared = preprocess_set(shape, num_points, shape_seed, warn_small=False)
-        except ShapeLoadError as exc:
-            return None, str(exc), []
-        except Exception as exc:  # an unexpected failure in one file must not stop the run
-            return None, f"{path}: preprocessing failed ({type(exc).__name__}: {exc}).", []
-    return prepared, None, [f"{path}: {w.message}" for w in caught]
+    attempt = 1
+    while True:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                shape, shape_seed = load_for_sampling(path, sample_seed)
+                # Said once for the split by build_point_cache, not once per file.
+                prepared = preprocess_set(shape, num_points, shape_seed, warn_small=False)
+            except Exception as exc:  # a failure in one file must not stop the run
+                if attempt < READ_ATTEMPTS and _may_pass(exc):
+                    time.sleep(0.2 * attempt)
+                    attempt += 1
+                    continue
+                if isinstance(exc, ShapeLoadError):
+                    return None, str(exc), []
+                return None, f"{path}: preprocessing failed ({type(exc).__name__}: {exc}).", []
+        return prepared, None, [f"{path}: {w.message}" for w in caught]
 
 
 def _preprocess_all(
@@ -1075,7 +1098,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             more = f" (and {len(cache.skipped) - 5} more)" if len(cache.skipped) > 5 else ""
             warnings.warn(
                 f"{len(cache.skipped)} {split} file(s) were skipped as unreadable when the "
-                f"cache was built: {shown}{more}",
+                f"cache was built: {shown}{more}. Delete {cache_path} to read them again.",
                 UserWarning,
                 stacklevel=2,
             )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -35,6 +36,7 @@ from pointsink.data import (
     stratified_split,
 )
 from pointsink.inference import CheckpointError, ShapePredictionDataset, preprocess_views
+from pointsink.io import ShapeLoadError
 from pointsink.synthetic import SYNTHETIC_CLASSES
 from pointsink.transforms import (
     PointCloudAugmentation,
@@ -659,6 +661,36 @@ def test_synthetic_counts_and_seed_are_kept_as_python_ints(tmp_path):
     )  # fmt: skip
     assert type(datamodule.train_per_class) is int and type(datamodule.generation_seed) is int
     datamodule.prepare_data()
+
+
+def test_a_passing_read_error_is_tried_again_before_the_file_is_skipped(
+    tmp_path, make_shape_folder, monkeypatch
+):
+    # A file that failed once with EIO (an NFS hiccup) stayed out of the cache, which is
+    # reused as long as the files do not change. Lasting errors are not tried again.
+    root = make_shape_folder(tmp_path / "shapes", class_names=("mug",), train_per_class=3,
+                             test_per_class=0)  # fmt: skip
+    flaky, broken, locked = sorted(str(path) for path in (root / "mug" / "train").iterdir())
+    calls = {flaky: 0, broken: 0, locked: 0}
+    real = data_module.load_for_sampling
+
+    def reading(path, seed):
+        calls[path] += 1
+        if path == flaky and calls[path] == 1:
+            raise ShapeLoadError(f"{path}: cannot be read") from OSError(errno.EIO, "I/O error")
+        if path == broken:
+            raise OSError(errno.EIO, "I/O error", path)
+        if path == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(path, seed)
+
+    monkeypatch.setattr(data_module, "load_for_sampling", reading)
+    with pytest.warns(UserWarning, match="Skipping unreadable"):
+        cache = load_point_cache(
+            build_point_cache(root, ["mug"], "train", 32, cache_dir=tmp_path / "c", workers=1)
+        )
+    assert cache.paths == [Path(flaky).relative_to(root).as_posix()]
+    assert calls == {flaky: 2, broken: data_module.READ_ATTEMPTS, locked: 1}
 
 
 def test_root_without_class_folders_says_what_it_looked_for(tmp_path):
