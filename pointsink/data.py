@@ -1131,13 +1131,12 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             # fit restores the checkpoint's stream after this (RandomStateCheckpoint).
             self.train_dataset.reset_augmentation()
         if stage in (None, "test") and self.test_dataset is None:
-            if stage == "test":  # before the cache, as in prepare_data
-                self._check_split_files("test", every_class=False)
-            self.test_dataset = self._turned(self._load_split("test"))
             # Testing nothing would end without a metric, and with exit status 0. Without a
             # stage (setup called directly) a dataset may lack its test split.
-            if stage == "test" and len(self.test_dataset) == 0:
+            if stage == "test":  # checked before the cache, as in prepare_data
                 self._check_split_files("test", every_class=False)
+            self.test_dataset = self._turned(self._load_split("test"))
+            if stage == "test" and len(self.test_dataset) == 0:
                 raise DatasetLayoutError(f"None of the test shapes in {self.root} could be read.")
 
     def _turned(self, dataset: PointCloudDataset) -> PointCloudDataset:
