@@ -642,6 +642,16 @@ def test_a_wrong_root_for_testing_leaves_nothing_behind(tmp_path):
     assert not root.exists()
 
 
+def test_testing_a_split_whose_files_are_all_unreadable_says_so(tmp_path, make_shape_folder):
+    root = make_shape_folder(tmp_path / "shapes", class_names=("mug",), train_per_class=1)
+    for path in (root / "mug" / "test").iterdir():
+        path.write_text("OFF\nnot numbers\n")
+    datamodule = _datamodule(root, tmp_path)
+    with pytest.warns(UserWarning, match="Skipping unreadable"):
+        with pytest.raises(DatasetLayoutError, match=r"None of the test shapes .* could be read"):
+            datamodule.setup("test")
+
+
 @pytest.mark.parametrize("name", ["ModelNet10.zip", "notes.txt"])
 def test_a_file_as_root_is_refused_up_front(tmp_path, name):
     path = tmp_path / name
