@@ -241,14 +241,17 @@ class SetSinkformer(nn.Module):
             ``(B, num_seeds * channels)``, invariant to the order of the ``N`` points.
 
         Raises:
-            ValueError: ``points`` or ``mask`` has the wrong shape or device, or, without a
-                mask, ``points`` has fewer than :attr:`min_points` points.
+            ValueError: ``points`` or ``mask`` has the wrong shape or device, ``points``
+                holds no point, or, without a mask, fewer than :attr:`min_points`.
             TypeError: ``points`` has another dtype than the parameters (outside autocast),
                 or ``mask`` is not boolean.
         """
         # The pooling seeds: a plain parameter of every model, whatever head or quantized
         # layers a user swaps in.
         check_set_batch("points", points, self.in_channels, self.pool.seeds, "num_points")
+        if points.shape[1] == 0:  # a shape, not a value: no host sync
+            # Failed inside the layers otherwise, differently per configuration.
+            raise ValueError(f"points holds no point (shape {tuple(points.shape)}).")
         if mask is not None:
             check_set_mask("mask", mask, points, "num_points")
         if mask is None:

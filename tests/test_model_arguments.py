@@ -93,3 +93,13 @@ def test_local_channels_is_named() -> None:
     # Was reported as "channels must be at least 1", the model's other width.
     with pytest.raises(ValueError, match=r"^local_channels must be at least 1"):
         SetSinkformer(3, local_neighbors=4, local_channels=0)
+
+
+@pytest.mark.parametrize("num_groups", [0, 4])
+def test_a_batch_without_points_is_refused_with_or_without_a_mask(num_groups: int) -> None:
+    # With the set abstraction and a mask this was an IndexError inside argmax.
+    model = SetSinkformer(3, channels=8, num_heads=2, num_groups=num_groups, group_size=2)
+    points = torch.zeros(2, 0, 3)
+    for mask in (None, torch.zeros(2, 0, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="points holds no point"):
+            model(points, mask)
