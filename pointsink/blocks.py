@@ -26,7 +26,7 @@ from pointsink.attention import (
     SinkhornMarginals,
 )
 from pointsink.sinkhorn import zero_padded
-from pointsink.validation import check_int, check_set_mask
+from pointsink.validation import check_bool, check_int, check_set_mask
 
 __all__ = [
     "InducedSetAttentionBlock",
@@ -87,6 +87,7 @@ class MultiheadAttentionBlock(nn.Module):
             sinkhorn_marginals=sinkhorn_marginals,
         )
         self.lin_out = nn.Linear(channels, channels)
+        layer_norm = check_bool("layer_norm", layer_norm)
         self.norm_attn = nn.LayerNorm(channels) if layer_norm else nn.Identity()
         self.norm_out = nn.LayerNorm(channels) if layer_norm else nn.Identity()
         self.reset_parameters()

@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from pointsink.sinkhorn_attention import require_triton, triton_available
-from pointsink.validation import check_int, check_set_mask
+from pointsink.validation import check_bool, check_int, check_set_mask
 
 __all__ = [
     "EdgeConvEmbedding",
@@ -447,7 +447,7 @@ class SetAbstraction(nn.Module):
         self.channels = channels
         self.num_groups = num_groups
         self.group_size = group_size
-        self.normalize_offsets = normalize_offsets
+        self.normalize_offsets = check_bool("normalize_offsets", normalize_offsets)
         self.hidden_layers = hidden_layers
         self.lin_offset = nn.Linear(in_channels, hidden_channels, bias=False)
         self.lin_center = nn.Linear(in_channels, hidden_channels)

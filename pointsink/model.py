@@ -24,7 +24,7 @@ from pointsink.blocks import (
     SetAttentionBlock,
 )
 from pointsink.embedding import EdgeConvEmbedding, SetAbstraction
-from pointsink.validation import check_int, check_set_batch, check_set_mask
+from pointsink.validation import check_bool, check_int, check_set_batch, check_set_mask
 
 __all__ = ["DEFAULT_N_ITER", "SetSinkformer", "unused_settings"]
 
@@ -133,7 +133,7 @@ class SetSinkformer(nn.Module):
             raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}.")
         check_int("num_groups", num_groups, minimum=0)
         check_int("group_hidden_layers", group_hidden_layers)
-        if normalize_offsets and num_groups == 0:
+        if check_bool("normalize_offsets", normalize_offsets) and num_groups == 0:
             raise ValueError(
                 "normalize_offsets applies to the set abstraction; set num_groups > 0 too."
             )

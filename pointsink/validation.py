@@ -42,6 +42,20 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Checks a switch argument and returns it as a Python ``bool``.
+
+    Python and NumPy bools pass; anything else does not, so that the string ``"false"``
+    (truthy) is reported rather than taken as True.
+
+    Raises:
+        ValueError: ``value`` is not a bool.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False; got {value!r}.")
+    return bool(value)
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type``; False where autocast does not exist.
 

@@ -103,3 +103,11 @@ def test_a_batch_without_points_is_refused_with_or_without_a_mask(num_groups: in
     for mask in (None, torch.zeros(2, 0, dtype=torch.bool)):
         with pytest.raises(ValueError, match="points holds no point"):
             model(points, mask)
+
+
+@pytest.mark.parametrize("switch", ["layer_norm", "normalize_offsets"])
+def test_switches_must_be_bools(switch: str) -> None:
+    # The string "false" is truthy: it turned layer norms on.
+    with pytest.raises(ValueError, match=rf"^{switch} must be True or False"):
+        SetSinkformer(3, channels=8, num_heads=2, num_groups=4, group_size=2, **{switch: "false"})
+    SetSinkformer(3, channels=8, num_heads=2, num_groups=4, group_size=2, **{switch: np.True_})
