@@ -1011,13 +1011,10 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             TrainerFn.VALIDATING: ("train",),
             TrainerFn.TESTING: ("test",),
         }
-        splits = needed.get(state.fn if state is not None else None, SPLITS)
-        if splits == ("test",):
-            # Before the cache: a wrong root must not get a processed/ folder (which would
-            # also stop a later download into it).
-            self._check_split_files("test", every_class=False)
-        for split in splits:
-            self._cache_path(split)
+        fn = state.fn if state is not None else None
+        for split in needed.get(fn, SPLITS):
+            # Without a trainer, a dataset may lack its test split.
+            self._cache_path(split, required=fn in needed)
 
     def _provide_source(self) -> None:
         """Makes sure the shape files exist under ``root`` (subclasses download or generate)."""
@@ -1025,9 +1022,17 @@ class ShapeFolderDataModule(pl.LightningDataModule):
     def _resolved_cache_dir(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else default_cache_dir(self.root)
 
-    def _cache_path(self, split: str) -> Path:
+    def _cache_path(self, split: str, required: bool = True) -> Path:
+        """Builds ``split``'s cache if needed; its path.
+
+        The split's files are checked first (training files always, for every class; the
+        test split's when ``required``), so that a wrong root gets one clear error and no
+        ``processed/`` folder, which would also stop a later download into it.
+        """
         if split == "train":
             self._check_training_files()
+        elif required:
+            self._check_split_files(split, every_class=False)
         return build_point_cache(
             self.root,
             self.class_names,
@@ -1087,10 +1092,10 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             f"Found no {kind} shapes for the classes {missing} in {self.root}: {expected}" + hint
         )
 
-    def _load_split(self, split: str) -> PointCloudDataset:
+    def _load_split(self, split: str, required: bool = True) -> PointCloudDataset:
         # Builds the cache if prepare_data did not (e.g. setup called directly); cheap if
         # it exists, since only file metadata is read to check the fingerprint.
-        cache_path = self._cache_path(split)
+        cache_path = self._cache_path(split, required)
         cache = load_point_cache(cache_path)
         if cache.skipped and cache_path not in _REPORTED_CACHES:
             _REPORTED_CACHES.add(cache_path)
@@ -1133,9 +1138,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         if stage in (None, "test") and self.test_dataset is None:
             # Testing nothing would end without a metric, and with exit status 0. Without a
             # stage (setup called directly) a dataset may lack its test split.
-            if stage == "test":  # checked before the cache, as in prepare_data
-                self._check_split_files("test", every_class=False)
-            self.test_dataset = self._turned(self._load_split("test"))
+            self.test_dataset = self._turned(self._load_split("test", required=stage == "test"))
             if stage == "test" and len(self.test_dataset) == 0:
                 raise DatasetLayoutError(f"None of the test shapes in {self.root} could be read.")
 

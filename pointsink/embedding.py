@@ -48,10 +48,9 @@ def knn_indices(
         points: Coordinates ``(B, N, D)``.
         num_neighbors: ``k``, at most ``N``.
         queries: ``(B, M, D)``, the points whose neighbours are wanted; ``None`` for
-            ``points`` themselves, each then first among its own ``k`` nearest (``cdist``
-            computes distances through a matrix product, whose rounding can put another
-            point as close or closer, which dropped a point from its own list at ``k = 1``;
-            its own distance is therefore taken below every other).
+            ``points`` themselves, each then first among its own ``k`` nearest (its own
+            distance is taken below every other, so that a coincident copy, at the same
+            distance 0, cannot take its place in ``topk``).
         mask: ``(B, N)`` bool, True for real points, or None (all real). Padded points
             come after every real one, so a set with ``n'`` real points has real
             neighbours in its first ``min(k, n')`` columns (:func:`neighbor_mask`), the

@@ -380,12 +380,13 @@ def test_normalized_offsets_of_coinciding_points_stay_finite_in_half_precision()
 
 
 def test_each_point_is_its_own_nearest_despite_cdist_rounding() -> None:
-    # cdist's matrix-product distances put a point ~1e-4 from itself, no nearer than a copy
-    # shifted by 1e-4: a third of these points missed their own k = 1 list.
+    # cdist's matrix-product distances (used before) put a point ~1e-4 from itself, no
+    # nearer than a copy shifted by 1e-4: a third of these points missed their own k = 1
+    # list. An exact copy ties with the point itself at distance 0.
     base = torch.nn.functional.normalize(torch.randn(1, 512, 3), dim=-1)
-    points = torch.cat([base, base + 1e-4 * torch.randn_like(base)], dim=1)
-    nearest = knn_indices(points, 1)
-    assert nearest.squeeze(-1).tolist() == [list(range(1024))]
+    for copy in (base + 1e-4 * torch.randn_like(base), base):
+        nearest = knn_indices(torch.cat([base, copy], dim=1), 1)
+        assert nearest.squeeze(-1).tolist() == [list(range(1024))]
 
 
 def test_edge_conv_of_coinciding_neighbours_stays_finite_in_half_precision() -> None:
