@@ -56,6 +56,7 @@ from pointsink.io import (
 )
 from pointsink.synthetic import SYNTHETIC_CLASSES, generate_synthetic_shapes
 from pointsink.transforms import (
+    MIN_NUM_POINTS,
     PointCloudAugmentation,
     load_for_sampling,
     preprocess_set,
@@ -902,8 +903,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         super().__init__()
         # Kept as the Python ints check_int returns: num_points reaches the model's
         # hyperparameters (a NumPy integer there would break weights-only loading).
-        # At least 2: one point has no scale to normalize (transforms.preprocess_set).
-        num_points = check_int("num_points", num_points, minimum=2)
+        num_points = check_int("num_points", num_points, minimum=MIN_NUM_POINTS)
         batch_size = check_int("batch_size", batch_size, minimum=1)
         if eval_batch_size is not None:
             eval_batch_size = check_int("eval_batch_size", eval_batch_size, minimum=1)

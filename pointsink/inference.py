@@ -48,6 +48,7 @@ from torch.utils.data import Dataset
 from pointsink.embedding import leading_mask
 from pointsink.io import SUPPORTED_EXTENSIONS, ShapeLoadError, is_shape_file
 from pointsink.transforms import (
+    MIN_NUM_POINTS,
     PointCloudAugmentation,
     load_for_sampling,
     preprocess_set,
@@ -495,7 +496,7 @@ class ShapePredictionDataset(Dataset):
     ) -> None:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        check_int("num_points", num_points, minimum=2)  # as preprocess_set
+        check_int("num_points", num_points, minimum=MIN_NUM_POINTS)
         check_int("seed", seed, minimum=0)
         self.entries: list[PathEntry] = expand_paths(paths)
         self.num_points = num_points
@@ -745,7 +746,7 @@ class ShapeClassifier:
         device: str | torch.device = "auto",
         sample_seed: int = 0,
     ) -> None:
-        num_points = check_int("num_points", num_points, minimum=2)  # as preprocess_set
+        num_points = check_int("num_points", num_points, minimum=MIN_NUM_POINTS)
         self.sample_seed = check_int("sample_seed", sample_seed, minimum=0)
         fewest = getattr(model, "min_points", 1)
         if num_points < fewest:

@@ -41,6 +41,9 @@ __all__ = [
 
 AXIS_NAMES = ("x", "y", "z")
 
+#: Fewest points a shape is sampled into: one point has no scale to normalize.
+MIN_NUM_POINTS = 2
+
 # Below this ratio of spreads (thinnest principal direction to widest) a shape is called
 # flat, and lines likewise by the middle direction. The flattest of ModelNet10's 4,899
 # shapes (a monitor) has 3.2 %; 1 % flags sheets and lines, which no solid training shape
@@ -257,7 +260,7 @@ def preprocess_shape(
     Raises:
         pointsink.io.ShapeLoadError: The file or object is not a usable shape.
     """
-    num_points = check_int("num_points", num_points, minimum=2)
+    num_points = check_int("num_points", num_points, minimum=MIN_NUM_POINTS)
     return _normalized_sample(_shape_of(shape_or_path), num_points, seed)
 
 
@@ -323,7 +326,7 @@ def preprocess_set(
     Raises:
         pointsink.io.ShapeLoadError: The file or object is not a usable shape.
     """
-    num_points = check_int("num_points", num_points, minimum=2)
+    num_points = check_int("num_points", num_points, minimum=MIN_NUM_POINTS)
     shape = _shape_of(shape_or_path)
     if isinstance(shape, trimesh.Trimesh) or len(shape) >= num_points:
         return _normalized_sample(shape, num_points, seed), num_points
