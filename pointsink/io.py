@@ -39,7 +39,7 @@ __all__ = [
 
 #: Formats read by trimesh. PLY may hold a mesh or a point cloud (no faces).
 MESH_EXTENSIONS: frozenset[str] = frozenset({"off", "obj", "stl", "ply", "glb", "gltf", "3mf"})
-#: Whitespace- or comma-separated text, one point per row (extra columns are ignored).
+#: Whitespace-, comma- or semicolon-separated text, one point per row (extra columns are ignored).
 TEXT_POINT_EXTENSIONS: frozenset[str] = frozenset({"xyz", "pts", "txt"})
 #: NumPy ``.npy`` arrays of shape ``(P, C)``, ``C >= 3`` (extra columns are ignored).
 POINT_ARRAY_EXTENSIONS: frozenset[str] = frozenset({"npy"})
@@ -56,6 +56,13 @@ class ShapeLoadError(ValueError):
     """A file or object is not a usable mesh or point cloud.
 
     The message is one sentence that names the source and what is wrong with it.
+    """
+
+
+class _PointFileError(ValueError):
+    """This package's own, complete reason why a point file cannot be read.
+
+    Unlike a parser's exception it is passed on whole, not cut to ``_MAX_REASON_CHARS``.
     """
 
 
@@ -167,6 +174,8 @@ def load_shape(path: str | os.PathLike[str]) -> trimesh.Trimesh | np.ndarray:
             loaded = trimesh.load(source, file_type=extension, process=False)
     except ShapeLoadError:
         raise
+    except _PointFileError as exc:
+        raise ShapeLoadError(f"{path}: not a readable point cloud ({exc}).") from exc
     except Exception as exc:  # parsers raise many types (ValueError, IndexError, struct.error...)
         raise ShapeLoadError(
             f"{path}: not a readable mesh or point cloud ({_describe(exc)})."
@@ -232,7 +241,7 @@ def _refuse_decimal_commas(rows: list[str]) -> None:
             continue
         decimal_comma = next((t for t in tokens if _DECIMAL_COMMA.fullmatch(t)), None)
         if decimal_comma is not None:
-            raise ValueError(
+            raise _PointFileError(
                 f"{decimal_comma!r} in {row!r} has a decimal comma; write numbers with a "
                 "decimal point (commas separate columns)"
             )
@@ -241,27 +250,53 @@ def _refuse_decimal_commas(rows: list[str]) -> None:
 def _read_point_text(path: Path) -> np.ndarray:
     """Reads an XYZ-like text file into an array ``(P, C)``, C >= 3.
 
-    Accepts whitespace or comma separators and ``#`` comments. A leading line with a single
-    integer (the point count of some ``.pts`` variants) is skipped, and so is a leading line
-    of column names without a number (``x y z``, CloudCompare's ``//X,Y,Z,R,G,B``).
+    Accepts whitespace, comma or semicolon separators and ``#`` comments. A leading line
+    with a single integer (the point count of some ``.pts`` variants) is skipped, and so is
+    a leading line of column names without a number (``x y z``, CloudCompare's
+    ``//X,Y,Z,R,G,B``). Errors name the file's line.
     """
     # utf-8-sig drops the byte-order mark that Windows editors write first. Numbers are
     # ASCII, so other bytes (a Latin-1 comment) are replaced, not fatal; in a row they
     # still fail the parse below.
     text = path.read_text(encoding="utf-8-sig", errors="replace")
-    rows = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    # Semicolons separate columns in spreadsheet exports of locales that write decimal
+    # commas, so they become spaces before the decimal-comma check.
+    rows = [line.split("#", 1)[0].replace(";", " ").strip() for line in text.splitlines()]
     if _DECIMAL_COMMA.search(text):
         _refuse_decimal_commas(rows)
-    rows = [row.replace(",", " ") for row in rows]
-    rows = [row for row in rows if row]
-    if rows and (re.fullmatch(r"\d+", rows[0]) or not any(map(_is_number, rows[0].split()))):
-        rows = rows[1:]
-    if not rows:
-        raise ValueError("no point rows found")
-    points = np.loadtxt(rows, dtype=np.float64, ndmin=2)
+    # (line number, row) of the non-empty rows, so that errors point into the file.
+    numbered = [(number, row.replace(",", " ")) for number, row in enumerate(rows, 1) if row]
+    if numbered and (
+        re.fullmatch(r"\d+", numbered[0][1]) or not any(map(_is_number, numbered[0][1].split()))
+    ):
+        numbered = numbered[1:]
+    if not numbered:
+        raise _PointFileError("no point rows found")
+    _check_point_rows(numbered)
+    points = np.loadtxt([row for _, row in numbered], dtype=np.float64, ndmin=2)
     if points.shape[1] < 3:
-        raise ValueError(f"rows have {points.shape[1]} columns, need at least 3 (x y z)")
+        raise _PointFileError(f"rows have {points.shape[1]} columns, need at least 3 (x y z)")
     return _xyz_columns(points)
+
+
+def _check_point_rows(numbered: list[tuple[int, str]]) -> None:
+    """Raises, naming the file's line, on a row with a non-number or another column count.
+
+    Args:
+        numbered: ``(line number, row)`` pairs, separators already spaces.
+    """
+    first_number, first_row = numbered[0]
+    num_columns = len(first_row.split())
+    for number, row in numbered:
+        tokens = row.split()
+        bad_token = next((token for token in tokens if not _is_number(token)), None)
+        if bad_token is not None:
+            raise _PointFileError(f"line {number}: {bad_token!r} is not a number")
+        if len(tokens) != num_columns:
+            raise _PointFileError(
+                f"line {number} has {len(tokens)} columns, line {first_number} has "
+                f"{num_columns}: every point needs the same columns"
+            )
 
 
 def _is_number(token: str) -> bool:
@@ -277,15 +312,15 @@ def _xyz_columns(points: np.ndarray) -> np.ndarray:
     """The x y z columns of a ``(P, C)`` point array; later ones (normals...) are dropped.
 
     Raises:
-        ValueError: Fewer rows than columns: the array is channels first, ``(C, P)``, and
-            would otherwise pass as a few points with many extra columns.
+        _PointFileError: Fewer rows than columns: the array is channels first,
+            ``(C, P)``, and would otherwise pass as a few points with many extra columns.
     """
     if points.shape[1] > 3 and points.shape[0] < points.shape[1]:
-        raise ValueError(
+        raise _PointFileError(
             f"expected one point per row, (P, 3) or (P, C) with x y z first; got shape "
             f"{points.shape}, which looks channels-first (transpose it). If it is "
             f"{points.shape[0]} points with {points.shape[1] - 3} extra columns, pass only "
-            "their x y z columns: fewer points than columns cannot be told from channels-first."
+            "their x y z columns: fewer points than columns cannot be told from channels-first"
         )
     return points[:, :3]
 

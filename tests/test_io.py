@@ -113,7 +113,19 @@ def test_text_and_npy_point_clouds(tmp_path):
     (tmp_path / "named.txt").write_text("x y z\n" + "\n".join(rows) + "\n")
     (tmp_path / "cloudcompare.txt").write_text("//X,Y,Z,Nx,Ny,Nz\n" + "\n".join(rows) + "\n")
 
-    names = ("cloud.xyz", "cloud.pts", "spaced.txt", "named.txt", "cloudcompare.txt")
+    # Semicolon-separated, as spreadsheets export them, with a header row.
+    (tmp_path / "semicolons.txt").write_text(
+        "x;y;z\n" + "\n".join(";".join(f"{v:.17g}" for v in point) for point in points) + "\n"
+    )
+
+    names = (
+        "cloud.xyz",
+        "cloud.pts",
+        "spaced.txt",
+        "named.txt",
+        "cloudcompare.txt",
+        "semicolons.txt",
+    )
     for name in (*names, "cloud.npy", "normals.npy"):
         loaded = load_shape(tmp_path / name)
         np.testing.assert_allclose(loaded, points, rtol=1e-12, err_msg=name)
@@ -151,6 +163,13 @@ def _write(path: Path, content: str | bytes) -> Path:
             "'0,126' in '0,126 -0,132 0,640' has a decimal comma",
         ),
         ("shape.unknown", "OFF\n", "unsupported file extension"),
+        # Errors in text files name the file's line, counting comments and blank lines.
+        (
+            "typo.xyz",
+            "# scan export\n# units: m\n\n0 0 0\n1 0 0\n0 1 0\n0 0 1x\n",
+            "line 7: '1x' is not a number",
+        ),
+        ("ragged.xyz", "0 0 0\n1 0 0 5\n0 1 0\n", "line 2 has 4 columns, line 1 has 3"),
     ],
 )
 def test_bad_files_raise_one_sentence_naming_the_path(tmp_path, name, content, reason):
@@ -334,6 +353,10 @@ def test_channels_first_point_files_are_refused(tmp_path, name):
         load_shape(path)
     assert str(path) in str(error.value)
     # A few points with many extra columns look the same; the message says how to pass them.
-    assert "If it is 3 points with 47 extra columns, pass only their x y z" in str(error.value)
+    # The whole explanation, not cut short like a parser's message.
+    assert str(error.value).endswith(
+        "If it is 3 points with 47 extra columns, pass only their x y z columns: fewer points "
+        "than columns cannot be told from channels-first)."
+    )
     np.save(tmp_path / "rows.npy", points.T)  # the same points as rows load
     assert load_shape(tmp_path / "rows.npy").shape == (50, 3)
