@@ -62,11 +62,12 @@ def sample_points(shape: Any, num_points: int, seed: int) -> np.ndarray:
         shape: A mesh or point cloud accepted by :func:`pointsink.io.as_shape`
             (e.g. a :class:`trimesh.Trimesh` or an array ``(P, 3)``).
         num_points: Number of points ``N`` to return (>= 1).
-        seed: Seed of the sampling; the same seed gives the same points.
+        seed: Seed of the sampling (>= 0); the same seed gives the same points.
 
     Returns:
         Float32 array of shape ``(N, 3)``.
     """
+    seed = check_int("seed", seed, minimum=0)
     return _sample_points_float64(as_shape(shape), num_points, seed).astype(np.float32)
 
 
@@ -252,15 +253,17 @@ def preprocess_shape(
         shape_or_path: A file path (see :func:`pointsink.io.load_shape`) or an in-memory
             shape (see :func:`pointsink.io.as_shape`).
         num_points: Number of points ``N`` to sample (>= 2: one point has no scale).
-        seed: Sampling seed.
+        seed: Sampling seed (>= 0).
 
     Returns:
         Float32 array of shape ``(N, 3)``, centred at the origin with maximum norm 1.
 
     Raises:
         pointsink.io.ShapeLoadError: The file or object is not a usable shape.
+        ValueError: ``num_points`` or ``seed`` is not an integer in range.
     """
     num_points = check_int("num_points", num_points, minimum=MIN_NUM_POINTS)
+    seed = check_int("seed", seed, minimum=0)
     return _normalized_sample(_shape_of(shape_or_path), num_points, seed)
 
 
@@ -315,7 +318,7 @@ def preprocess_set(
         shape_or_path: A file path (see :func:`pointsink.io.load_shape`) or an in-memory
             shape (see :func:`pointsink.io.as_shape`).
         num_points: Number of points ``N`` (>= 2: one point has no scale).
-        seed: Sampling seed.
+        seed: Sampling seed (>= 0; a cloud of fewer than ``N`` points does not use it).
         warn_small: Warn when a point cloud has fewer than ``N`` points.
 
     Returns:
@@ -325,8 +328,10 @@ def preprocess_set(
 
     Raises:
         pointsink.io.ShapeLoadError: The file or object is not a usable shape.
+        ValueError: ``num_points`` or ``seed`` is not an integer in range.
     """
     num_points = check_int("num_points", num_points, minimum=MIN_NUM_POINTS)
+    seed = check_int("seed", seed, minimum=0)
     shape = _shape_of(shape_or_path)
     if isinstance(shape, trimesh.Trimesh) or len(shape) >= num_points:
         return _normalized_sample(shape, num_points, seed), num_points

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -269,6 +270,23 @@ def test_thin_but_solid_shapes_do_not_warn():
 def test_sample_points_validates_num_points():
     with pytest.raises(ValueError, match="at least 1"):
         sample_points(BOX, 0, seed=0)
+
+
+@pytest.mark.parametrize("sample", [sample_points, preprocess_shape, preprocess_set])
+@pytest.mark.parametrize(
+    ("seed", "message"),
+    [
+        (-1, "seed must be at least 0; got -1"),
+        (2.0, "seed must be an integer; got 2.0"),
+        ("3", "seed must be an integer; got '3'"),
+        (True, "seed must be an integer; got True"),  # would be seed 1
+    ],
+)
+def test_sampling_seed_is_checked_by_name(sample, seed, message):
+    # Also for a cloud smaller than N, whose padding path draws nothing with the seed.
+    for shape in (BOX, np.eye(3)):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            sample(shape, 8, seed)
 
 
 def _cloud(n: int = 200) -> torch.Tensor:
