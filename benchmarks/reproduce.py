@@ -4,8 +4,8 @@ Trains every variant (softmax, Sinkhorn with each ``n_iter``) for every seed wit
 config and budget, evaluates the best-validation checkpoint on the test split, and writes
 
 * ``OUT/results.csv``: one row per run,
-* ``OUT/summary.md``: mean ± sample std of test overall / mean per-class accuracy and time
-  per epoch, and, if the config has ``DoublyStochasticMonitor``, each attention layer's
+* ``OUT/summary.md``: mean ± sample std of test overall / mean per-class accuracy, the mean
+  time per epoch, and, if the config has ``DoublyStochasticMonitor``, each attention layer's
   distance to doubly stochastic after the first and the last epoch,
 * ``OUT/learning_curves.png``: validation accuracy per epoch, mean and range over seeds,
 * ``OUT/doubly_stochastic.png``: that distance per layer and epoch, mean over seeds.
@@ -16,8 +16,9 @@ Example (the paper's setup on real ModelNet10)::
         --data-root ../shared/data/ModelNet10 --seeds 0 1 2 --n-iter 1 3 5 9
 
 Extra arguments after ``--`` go to every ``train.py fit`` and ``test`` call (e.g.
-``-- --trainer.max_epochs 10 --data.num_points 512``); the attention, ``n_iter``, seed and
-a second ``--config`` are the grid's own and are refused there. A repeated seed or variant
+``-- --trainer.max_epochs 10 --data.num_points 512``); the attention, ``n_iter``, seed, the
+whole model (``--model``, ``--model.init_args``, ``--model.class_path``) and a second
+``--config`` are the grid's own and are refused there. A repeated seed or variant
 runs once. A run folder that holds a run with other arguments (config path or values, data
 or extra flags; a config whose comments alone changed is the same run) is never overwritten
 without ``--rerun``: give such a command its own ``--out``.
@@ -27,10 +28,11 @@ without ``--rerun``: give such a command its own ``--out``.
 started together and, with several CUDA devices, each job gets its own. Every finished run
 leaves a ``result.json``; a rerun with the same config and arguments reuses it, and resumes
 an unfinished run from its ``last.ckpt`` (the best-validation selection covers the whole
-run), so an interrupted grid resumes. ``--rerun`` trains every run from scratch. A run that
-fails (an error in training or testing) is named and the grid goes on with the others, with
-or without ``--jobs``; the summary lists it as failed and the script exits with an error at
-the end.
+run), so an interrupted grid resumes; ``sessions.json`` in a run's folder records each
+session's commit, threads and device, and the summary flags a run resumed at other code.
+``--rerun`` trains every run from scratch. A run that fails (an error in training or
+testing) is named and the grid goes on with the others, with or without ``--jobs``; the
+summary lists it as failed and the script exits with an error at the end.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ GRID_FLAGS = (
     "--model.init_args.n_iter",
     "--seed_everything",
 )
+# Flags that set the whole model (a dict, a YAML file, or another class) after `--`: read
+# after the grid's flags, they would replace its attention and n_iter too.
+WHOLE_MODEL_FLAGS = ("--model", "--model.init_args", "--model.class_path")
 # A config after `--` would be read after the grid's flags and override them all.
 CONFIG_FLAGS = ("--config", "-c")
 
@@ -306,6 +311,11 @@ def run_one(
         print(f"resuming {name} seed {seed} at epoch {first_epoch}: {resume_from}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "arguments.json").write_text(json.dumps(arguments, indent=2) + "\n")
+    # Recorded before the fit, so that a session that is killed still names its code.
+    session = {"first_epoch": first_epoch, "commit": _git_commit(),
+               "threads": torch.get_num_threads()}  # fmt: skip
+    sessions = [*_earlier_sessions(run_dir, first_epoch), session]
+    _write_sessions(run_dir, sessions)
     common = ["--config", config, "--seed_everything", str(seed),
               "--trainer.default_root_dir", str(run_dir),
               "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(run_dir),
@@ -314,12 +324,16 @@ def run_one(
         common += ["--data.root", data_root]
     model = ["--model.attention", attention, "--model.n_iter", str(n_iter)]
     resume = ["--ckpt_path", str(resume_from)] if resume_from is not None else []
-    commit_started = _git_commit()
     start = time.perf_counter()
     fit = cli_main(["fit", *common, *model, *extra, *resume])
     seconds = time.perf_counter() - start
     epochs = max(1, fit.trainer.current_epoch)
-    trained = epochs - first_epoch
+    device = str(fit.trainer.strategy.root_device)
+    session.update(epochs=epochs - first_epoch, seconds=seconds, device=device)
+    _write_sessions(run_dir, sessions)
+    # Sessions killed before their fit ended have no time.
+    timed = [entry for entry in sessions if entry.get("seconds") is not None]
+    timed_epochs = sum(entry["epochs"] for entry in timed)
     best = fit.trainer.checkpoint_callback.best_model_path
     if not best:
         # No val/oa was logged (data.val_fraction 0): nothing to select by, so the last
@@ -334,14 +348,20 @@ def run_one(
         "n_iter": n_iter,
         "seed": seed,
         "epochs": epochs,
-        # Over the epochs trained in this call (setup and validation included): a resumed
-        # run's earlier time is not known, and a call that trained nothing has none.
-        "seconds_per_epoch": seconds / trained if trained > 0 else float("nan"),
+        # The fit calls' wall time (start-up and validation included) over the epochs they
+        # trained, summed over the sessions whose fit ended; NaN if none trained an epoch.
+        "seconds_per_epoch": (
+            sum(entry["seconds"] for entry in timed) / timed_epochs
+            if timed_epochs > 0
+            else float("nan")
+        ),
+        "timed_epochs": timed_epochs,
         "resumed_from_epoch": first_epoch,
-        "threads": torch.get_num_threads(),
-        "device": str(fit.trainer.strategy.root_device),
+        "threads": _joined(sessions, "threads"),
+        "device": _joined(sessions, "device"),
         "commit": _git_commit(),  # when the result was written
-        "commit_started": commit_started,  # when this call started training
+        "commit_started": sessions[0]["commit"],  # when the run's first epoch was trained
+        "training_commits": _joined(sessions, "commit"),  # every session's, in order
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "test_oa": float(metrics["test/oa"]),
         "test_macc": float(metrics["test/macc"]),
@@ -351,6 +371,32 @@ def run_one(
     result = {"arguments": arguments, "row": row}
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return row
+
+
+def _earlier_sessions(run_dir: Path, first_epoch: int) -> list[dict]:
+    """The recorded training sessions of a run resumed at ``first_epoch`` (``[]`` if fresh).
+
+    Each is ``{"first_epoch", "commit", "threads"}``, plus ``"epochs"``, ``"seconds"`` and
+    ``"device"`` if its fit ended. Epochs trained before sessions were recorded count as one
+    session of unknown code.
+    """
+    if first_epoch == 0:
+        return []
+    path = run_dir / "sessions.json"
+    sessions = json.loads(path.read_text()) if path.is_file() else []
+    sessions = [entry for entry in sessions if entry["first_epoch"] < first_epoch]
+    if not sessions or sessions[0]["first_epoch"] > 0:
+        sessions.insert(0, {"first_epoch": 0, "commit": "unknown", "threads": "unknown"})
+    return sessions
+
+
+def _write_sessions(run_dir: Path, sessions: list[dict]) -> None:
+    (run_dir / "sessions.json").write_text(json.dumps(sessions, indent=2) + "\n")
+
+
+def _joined(sessions: list[dict], field: str) -> str:
+    """The sessions' distinct values of ``field``, in order, space-separated (``?`` if unset)."""
+    return " ".join(dict.fromkeys(str(entry.get(field, "?")) for entry in sessions))
 
 
 def _run_dir(out: Path, name: str, seed: int) -> Path:
@@ -542,7 +588,8 @@ def provenance(rows: list[dict], checkout: str) -> str:
     """Where and from which code the rows come, flagging rows that differ.
 
     Rows reused or resumed across sessions may come from other machines or code: a reused
-    row keeps the commit it was trained at, which need not be the checkout's.
+    row keeps the commits it was trained at, which need not be the checkout's, and a run
+    resumed in several sessions lists each session's device, threads and commit.
 
     Args:
         rows: Result rows (rows written by older versions of this script lack some fields).
@@ -550,24 +597,30 @@ def provenance(rows: list[dict], checkout: str) -> str:
     """
 
     def values(field: str) -> list[str]:
-        return sorted({str(row.get(field, "?")) for row in rows})
+        return sorted({value for row in rows for value in _row_values(row, field)})
 
     finished = values("finished")
     text = (
         f"Runs: device {', '.join(values('device'))}; {', '.join(values('threads'))} threads; "
-        f"trained at commit {', '.join(values('commit_started'))}; finished "
+        f"trained at commit {', '.join(values('training_commits'))}; finished "
         f"{finished[0]}" + (f" to {finished[-1]}" if len(finished) > 1 else "") + ".\n"
     )
     fields = {
         "device": "devices",
         "threads": "thread counts",
-        "commit_started": "training commits",
+        "training_commits": "training commits",
         "commit": "result commits",
     }
     for field, label in fields.items():
         if len(values(field)) > 1:
             text += f"\n**Mixed {label} across the rows:** {', '.join(values(field))}.\n"
-    other = [row for row in rows if row.get("commit_started", "?") != checkout]
+    resumed = [row for row in rows if len(_row_values(row, "training_commits")) > 1]
+    if resumed:
+        runs = ", ".join(
+            f"{row['variant']} seed {row['seed']} ({row['training_commits']})" for row in resumed
+        )
+        text += f"\n**Resumed at other code than it was started with:** {runs}.\n"
+    other = [row for row in rows if _row_values(row, "training_commits") != [checkout]]
     if other:
         runs = ", ".join(f"{row['variant']} seed {row['seed']}" for row in other)
         text += (
@@ -575,6 +628,17 @@ def provenance(rows: list[dict], checkout: str) -> str:
             "`--rerun` retrains them with this code.\n"
         )
     return text
+
+
+def _row_values(row: dict, field: str) -> list[str]:
+    """A row's values of ``field`` (a session field's are space-separated in the row).
+
+    Rows written before sessions were recorded name one commit, ``commit_started``.
+    """
+    if field == "training_commits" and field not in row:
+        field = "commit_started"
+    value = str(row.get(field, "?"))
+    return value.split() or ["?"] if field in ("training_commits", "device", "threads") else [value]
 
 
 def summarize(rows: list[dict], out: Path) -> str:
@@ -610,17 +674,20 @@ def summarize(rows: list[dict], out: Path) -> str:
         else:
             final_loss = final_oa = "-"
         timed = [r["seconds_per_epoch"] for r in group if math.isfinite(r["seconds_per_epoch"])]
+        untimed = f" ({len(timed)} timed)" if 0 < len(timed) < len(group) else ""
         lines.append(
             f"| {name} | {len(group)} | {mean_std([r['test_oa'] for r in group])} | "
             f"{mean_std([r['test_macc'] for r in group])} | {val_oa} | {val_macc} | "
             f"{final_loss} | {final_oa} | "
-            f"{f'{statistics.mean(timed):.1f}' if timed else '-'} |"
+            f"{f'{statistics.mean(timed):.1f}{untimed}' if timed else '-'} |"
         )
     table = "\n".join(lines)
     doubly_stochastic = doubly_stochastic_table(by_variant)
     summary = table + (
-        "\n\nMean ± sample standard deviation (n - 1) over the seeds. s / epoch: the `fit` "
-        "call's wall time (start-up and validation included) over the epochs it trained. "
+        "\n\nMean ± sample standard deviation (n - 1) over the seeds. s / epoch: the mean "
+        "over runs of the `fit` calls' wall time (start-up and validation included) over the "
+        "epochs they trained, summed over a resumed run's sessions whose fit ended (a killed "
+        "session's time is not known). "
         f"Last {FINAL_EPOCHS} epochs: the last {FINAL_EPOCHS} validated epochs, or all of a "
         "shorter run's.\n\n" + provenance(rows, _git_commit())
     )
@@ -699,6 +766,12 @@ def main(argv: list[str] | None = None) -> str:
                 f"{name} after -- would override every run's own setting; the grid sets it "
                 "(use --variants, --n-iter and --seeds)"
             )
+        if name in WHOLE_MODEL_FLAGS:
+            parser.error(
+                f"{name} after -- sets the whole model, so it would override every run's "
+                "attention and n_iter; set single values (--model.channels 128) or put the "
+                "model in reproduce.py's own --config"
+            )
         if name in CONFIG_FLAGS:
             parser.error(
                 f"{name} after -- would be read after the grid's settings and could override "
@@ -720,8 +793,8 @@ def main(argv: list[str] | None = None) -> str:
         for name, _, _, seed in runs:
             row = load_result(args.out, name, seed, args.config, args.data_root, extra)
             if row is not None:
-                trained_at = row.get("commit_started", "?")
-                note = "" if trained_at == checkout else f" (trained at commit {trained_at})"
+                trained_at = _row_values(row, "training_commits")
+                note = "" if trained_at == [checkout] else f" (trained at {' '.join(trained_at)})"
                 print(f"reusing {name} seed {seed}: {_run_dir(args.out, name, seed)}{note}")
                 done[(name, seed)] = row
     todo = [run for run in runs if (run[0], run[3]) not in done]

@@ -108,10 +108,10 @@ def test_parallel_grid_writes_results_and_resumes(
     assert "another commit" not in summary
 
     # A row trained at other code is reused, but said to be, in the output and the summary.
-    content["row"]["commit_started"] = "0000000"
+    content["row"]["training_commits"] = "0000000"
     result.write_text(json.dumps(content))
     reproduce.main(argv)
-    assert "(trained at commit 0000000)" in capsys.readouterr().out
+    assert "(trained at 0000000)" in capsys.readouterr().out
     summary = (out / "summary.md").read_text()
     assert "**Trained at another commit than this checkout's (" in summary
     assert "):** sinkhorn-3 seed 0." in summary
@@ -228,18 +228,30 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(
         return fit_and_test(args)
 
     monkeypatch.setattr(reproduce, "cli_main", killed_after_one_epoch)
+    monkeypatch.setattr(reproduce, "_git_commit", lambda: "aaaaaaa")
     with pytest.raises(_KilledError):
         reproduce.main(argv)
     monkeypatch.setattr(reproduce, "cli_main", fit_and_test)
     assert not (run_dir / "result.json").exists()
     assert (run_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
-    # The same command trains the two remaining epochs only, in the next logger version.
+    # The same command trains the two remaining epochs only, in the next logger version, here
+    # at other code: the row names both sessions' commits and the summary flags it.
+    monkeypatch.setattr(reproduce, "_git_commit", lambda: "bbbbbbb")
     capsys.readouterr()
     reproduce.main(argv)
     assert "resuming sinkhorn-3 seed 0 at epoch 1" in capsys.readouterr().out
     row = json.loads((run_dir / "result.json").read_text())["row"]
     assert row["epochs"] == 3
+    assert (row["commit_started"], row["training_commits"]) == ("aaaaaaa", "aaaaaaa bbbbbbb")
+    assert row["device"] == "? cpu"  # the killed session's device was not recorded
+    # Its time covers the session whose fit ended: two epochs, not the killed one.
+    assert row["timed_epochs"] == 2 and row["seconds_per_epoch"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "**Resumed at other code than it was started with:** sinkhorn-3 seed 0 (aaaaaaa " in (
+        summary
+    )
+    assert "**Trained at another commit than this checkout's (bbbbbbb):** sinkhorn-3" in summary
     assert [epoch for epoch, _ in reproduce._read_logged(run_dir)["val/oa"]] == [0, 1, 2]
     best = Path(row["best_checkpoint"])
     assert best.is_file() and best.name == "best.ckpt"
@@ -250,7 +262,9 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(
     # --rerun starts afresh: the earlier versions are gone, so the curve has each epoch once.
     reproduce.main([*argv[: argv.index("--")], "--rerun", *argv[argv.index("--") :]])
     assert [epoch for epoch, _ in reproduce._read_logged(run_dir)["val/oa"]] == [0, 1, 2]
-    assert json.loads((run_dir / "result.json").read_text())["row"]["epochs"] == 3
+    row = json.loads((run_dir / "result.json").read_text())["row"]
+    assert (row["epochs"], row["training_commits"], row["timed_epochs"]) == (3, "bbbbbbb", 3)
+    assert "Resumed at other code" not in (out / "summary.md").read_text()
 
     # A fresh start that dies takes the earlier result with it: that result's logs and
     # checkpoints are gone, so the next call resumes the new run instead of reusing it.
@@ -323,21 +337,26 @@ def test_grid_settings_after_the_separator_are_refused(
     reproduce, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    for flags in (
-        ["--model.n_iter", "9"],
-        ["--model.attention=sinkhorn"],
-        ["--seed_everything", "7"],
+    grid = "would override every run's own setting"
+    # The whole model, given as a dict, a file or another class, would override them too,
+    # and so would a second config, read after the grid's flags.
+    whole_model = "sets the whole model"
+    config = "give it as reproduce.py's own --config"
+    for flags, message in (
+        (["--model.n_iter", "9"], grid),
+        (["--model.attention=sinkhorn"], grid),
+        (["--seed_everything", "7"], grid),
+        (['--model={"attention": "softmax", "n_iter": 9}'], whole_model),
+        (["--model", "model.yaml"], whole_model),
+        (["--model.init_args={}"], whole_model),
+        (["--model.class_path", "pointsink.module.SinkformerClassifier"], whole_model),
+        (["--config", "other.yaml"], config),
+        (["-c=other.yaml"], config),
     ):
         with pytest.raises(SystemExit) as raised:
             reproduce.main(["--out", str(out), "--", *flags])
         assert raised.value.code == 2
-        assert "would override every run's own setting" in capsys.readouterr().err
-    # A second config after the separator would be read after the grid's flags.
-    for flags in (["--config", "other.yaml"], ["-c=other.yaml"]):
-        with pytest.raises(SystemExit) as raised:
-            reproduce.main(["--out", str(out), "--", *flags])
-        assert raised.value.code == 2
-        assert "give it as reproduce.py's own --config" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
     # A mistyped flag before the separator is an error, not a train.py flag.
     with pytest.raises(SystemExit):
         reproduce.main(["--out", str(out), "--n_iter", "3"])
