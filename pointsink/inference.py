@@ -34,7 +34,7 @@ import os
 import pickle
 import unicodedata
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -559,7 +559,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: The file is missing, is not a PyTorch checkpoint, holds Python
             objects that a weights-only load refuses, or is not a dict.
     """
-    path = Path(path)
+    path = Path(path).expanduser()  # as expand_paths does for the inputs
     if path.is_dir():
         found = sorted(path.glob("*.ckpt"))[:3]
         hint = f" (it holds e.g. {', '.join(map(str, found))})" if found else ""
@@ -1028,8 +1028,17 @@ class _Item(NamedTuple):
 
 
 def _flatten_inputs(inputs: Any, exclude: Iterable[str | os.PathLike[str]] = ()) -> Iterator[_Item]:
-    """Splits ``inputs`` (see :meth:`ShapeClassifier.predict`) into single shapes."""
-    single = (str, os.PathLike, np.ndarray, Tensor, trimesh.Trimesh, trimesh.Scene)
+    """Splits ``inputs`` (see :meth:`ShapeClassifier.predict`) into single shapes.
+
+    Raises:
+        TypeError: ``inputs`` is a mapping, whose keys iteration would take for the inputs.
+    """
+    if isinstance(inputs, Mapping):
+        raise TypeError(
+            "inputs must be a shape, a path or a list of them, not a mapping (its keys would "
+            "be taken for the inputs); pass list(mapping) or list(mapping.values())."
+        )
+    single = (str, bytes, os.PathLike, np.ndarray, Tensor, trimesh.Trimesh, trimesh.Scene)
     if isinstance(inputs, (*single, trimesh.PointCloud)) or not isinstance(inputs, Iterable):
         inputs = [inputs]
     elif isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], (list, tuple)):
@@ -1040,6 +1049,8 @@ def _flatten_inputs(inputs: Any, exclude: Iterable[str | os.PathLike[str]] = ())
     # A file reached through several paths is classified once; excluded files never.
     seen = {_file_key(path) for path in exclude}
     for item in inputs:
+        if isinstance(item, bytes):  # a path as the OS gives it (os.listdir of bytes)
+            item = os.fsdecode(item)
         if isinstance(item, (str, os.PathLike)):
             for entry in _expand_one(item, seen):
                 yield _Item(entry.path, entry.path, entry.error)

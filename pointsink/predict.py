@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -43,6 +44,13 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
+
+
+def _device_name(text: str) -> str:
+    # Only the name's form here; whether the device exists is checked with the checkpoint.
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"use auto, cpu, cuda or cuda:I; got {text!r}")
+    return text
 
 
 def _int(text: str) -> int:
@@ -99,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--device",
-        choices=("auto", "cpu", "cuda"),
+        type=_device_name,
         default="auto",
-        help="where to run the model (default: auto, CUDA when available)",
+        metavar="DEVICE",
+        help="where to run the model: auto, cpu, cuda or cuda:I (default: auto, CUDA when "
+        "available)",
     )
     parser.add_argument(
         "--seed",

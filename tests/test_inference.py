@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -441,6 +442,29 @@ def test_unusable_checkpoints_raise_clear_errors(checkpoint: Path, tmp_path: Pat
             ShapeClassifier.from_checkpoint(path, device="cpu")
         assert str(path) in str(info.value), case
         assert isinstance(info.value, ValueError)
+
+
+def test_checkpoint_path_expands_the_home_folder(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the inputs' paths do: "~/tiny.ckpt" is the checkpoint in the home folder.
+    monkeypatch.setenv("HOME", str(checkpoint.parent))
+    classifier = ShapeClassifier.from_checkpoint(f"~/{checkpoint.name}", device="cpu")
+    assert classifier.class_names == CLASSES
+
+
+def test_bytes_paths_are_paths_and_mappings_are_refused(
+    classifier: ShapeClassifier, format_files: dict[str, Path]
+) -> None:
+    path = format_files["off"]
+    (expected,) = classifier.predict(path)
+    # A bytes path (as os.listdir of bytes gives) is one file, not one input per byte.
+    for given in (os.fsencode(path), [os.fsencode(path)]):
+        (prediction,) = classifier.predict(given)
+        assert (prediction.path, prediction.probability) == (expected.path, expected.probability)
+    # A dict's keys would be taken for the inputs.
+    with pytest.raises(TypeError, match="not a mapping"):
+        classifier.predict({str(path): 1})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")

@@ -145,6 +145,17 @@ def test_unusable_checkpoint_exits_2_without_traceback(files, tmp_path, capsys) 
     assert not (tmp_path / "new").exists()  # the refused run leaves no folders behind
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_a_numbered_cuda_device_is_taken_and_checked_with_the_checkpoint(
+    checkpoint, files, capsys
+) -> None:
+    # "cuda:1" is a device name the parser takes (it refused all but auto, cpu and cuda);
+    # on a machine without CUDA the checkpoint's loading refuses it in one line.
+    assert main([str(checkpoint), str(files["off"]), "--device", "cuda:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pointsink-predict: error: device 'cuda:1' was requested but CUDA")
+
+
 def test_too_few_points_for_the_model_exit_2(files, capsys) -> None:
     # The shipped model groups 1024 points into 256 groups of 32: it cannot take 100.
     shipped = REPO / "checkpoints" / "modelnet10-sinkformer.ckpt"
@@ -156,7 +167,14 @@ def test_too_few_points_for_the_model_exit_2(files, capsys) -> None:
 
 @pytest.mark.parametrize(
     "arguments",
-    [["--top-k", "0"], ["--votes", "x"], ["--format", "xml"], ["--device", "tpu"], []],
+    [
+        ["--top-k", "0"],
+        ["--votes", "x"],
+        ["--format", "xml"],
+        ["--device", "tpu"],
+        ["--device", "cuda:x"],
+        [],
+    ],
 )
 def test_usage_errors_exit_2(checkpoint, files, arguments, capsys) -> None:
     paths = [] if not arguments else [str(files["off"])]
