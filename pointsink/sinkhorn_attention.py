@@ -845,10 +845,11 @@ def sinkhorn_attention(
     on one bounded tile of the logits at a time. ``n_iter=1`` is softmax attention.
 
     Leading dimensions of ``q``, ``k`` and ``v`` broadcast against each other. Under autocast
-    the inputs are cast to the autocast dtype first, except float64 inputs, which autocast
-    leaves alone (as for ``torch.nn.functional.scaled_dot_product_attention`` and matmul),
-    and the backend is chosen for the cast inputs; the normalization always runs in at
-    least float32. Higher-order gradients (``create_graph=True``) are exact too: the
+    the inputs are cast to the autocast dtype first (so they may differ in dtype), except
+    float64 inputs, which autocast leaves alone (as for
+    ``torch.nn.functional.scaled_dot_product_attention`` and matmul), and the backend is
+    chosen for the cast inputs; the normalization always runs in at least float32.
+    Higher-order gradients (``create_graph=True``) are exact too: the
     ``"chunked"`` and ``"triton"`` backends then recompute the backward pass through the
     dense reference, at its memory cost.
 
@@ -885,10 +886,19 @@ def sinkhorn_attention(
         ValueError: Mismatched shapes, no queries or keys, inputs on different devices, an
             unknown ``backend``, ``n_iter`` or a chunk size that is not an integer ``>= 1``,
             or a mask whose shape or device does not fit.
-        TypeError: ``q``, ``k``, ``v`` do not share one floating dtype, ``chunk_size`` is
+        TypeError: ``q``, ``k``, ``v`` do not share one floating dtype (after autocast's
+            cast), ``chunk_size`` is
             a tuple or list of other than two sizes, ``scale`` is a tensor that requires
             a gradient (it would not get one), or a mask is not a bool tensor.
     """
+    device_type = q.device.type
+    if autocast_enabled(device_type):
+        # autocast's rule, input by input (mixed dtypes then agree): float64 is never cast.
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = (
+            t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (q, k, v)
+        )
     batch_shape = _check_inputs(q, k, v, n_iter)
     if query_mask is not None or key_mask is not None:
         check_masks(query_mask, key_mask, tuple(batch_shape), q.shape[-2], k.shape[-2], q.device)
@@ -898,11 +908,6 @@ def sinkhorn_attention(
         # float() would silently cut it from the graph.
         raise TypeError("scale must be a number; to learn a temperature, multiply q by it instead.")
     scale = float(scale)
-    device_type = q.device.type
-    # autocast's rule: float64 is never cast down.
-    if q.dtype != torch.float64 and autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     chosen = _choose_backend(backend, q)
     if chosen == "dense":  # it prepares the masks and zeroes the padding itself
         return dense_sinkhorn_attention(

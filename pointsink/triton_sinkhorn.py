@@ -78,6 +78,7 @@ from pointsink.sinkhorn_attention import (
     score_gradient_factors,
     use_factored_ds,
 )
+from pointsink.validation import check_int
 
 __all__ = ["triton_sinkhorn_attention"]
 
@@ -823,6 +824,49 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         return dq, dk, dv, *no_grads
 
 
+def _check_grouped_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    n_iter: int,
+    query_mask: Tensor | None,
+    key_mask: Tensor | None,
+) -> None:
+    """Checks :func:`triton_sinkhorn_attention`'s arguments: no broadcasting, exact shapes."""
+    g, n, d = q.shape if q.dim() == 3 else (-1, -1, -1)
+    fits = k.dim() == v.dim() == 3 and k.shape[0] == v.shape[0] == g >= 0
+    if not (fits and k.shape[2] == d and v.shape[1] == k.shape[1] and min(n, k.shape[1]) >= 1):
+        raise ValueError(
+            "triton_sinkhorn_attention needs q (G, n, d), k (G, m, d), v (G, m, e) with "
+            f"n, m >= 1; got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+    ):
+        raise TypeError(
+            "the triton backend needs q, k, v of one dtype, float32/float16/bfloat16; got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}."
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}.")
+    for name, mask, shape in (
+        ("query_mask", query_mask, q.shape[:2]),
+        ("key_mask", key_mask, k.shape[:2]),
+    ):
+        if mask is None:
+            continue
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor; got {mask.dtype}.")
+        if mask.shape != shape or mask.device != q.device:
+            raise ValueError(
+                f"{name} must have shape {tuple(shape)} on {q.device}; got "
+                f"{tuple(mask.shape)} on {mask.device}."
+            )
+    check_int("n_iter", n_iter)
+
+
 def triton_sinkhorn_attention(
     q: Tensor,
     k: Tensor,
@@ -856,9 +900,13 @@ def triton_sinkhorn_attention(
 
     Returns:
         Output ``(G, n, e)`` in the input dtype; 0 in padded query rows.
+
+    Raises:
+        ValueError: Shapes, devices or masks that do not fit, or ``n_iter`` below 1 (the
+            kernels would read out of bounds or return garbage).
+        TypeError: Inputs of other or different dtypes, or masks that are not bool.
     """
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"the triton backend supports float32/float16/bfloat16; got {q.dtype}.")
+    _check_grouped_inputs(q, k, v, n_iter, query_mask, key_mask)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _TritonSinkhornAttention.apply(
         q, k, v, n_iter, float(scale), block_m, block_n, query_mask, key_mask

@@ -424,6 +424,10 @@ def test_autocast_casts_float32_inputs_to_the_autocast_dtype(backend: str) -> No
         from_bf16 = sinkhorn_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 4, backend=backend)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, from_bf16)
+    # Inputs of several dtypes are cast one by one, as matmul and sdpa cast them.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = sinkhorn_attention(q, k.bfloat16(), v, 4, backend=backend)
+    assert torch.equal(mixed, from_bf16)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -461,6 +465,30 @@ def test_triton_large_tiles_only_where_they_fit() -> None:
     assert float32 == triton_sinkhorn._blocks_for(64, 4, 227 * 1024)
     assert float32 not in (small, large)
     assert triton_sinkhorn._blocks_for(128, 2) == triton_sinkhorn._blocks_for(128, 4)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_entry_point_checks_its_inputs() -> None:
+    """The public Triton function takes (G, n, d) inputs as they are: any mismatch is refused
+    before a kernel reads out of bounds (keys of another head dimension, fewer sets)."""
+    from pointsink.triton_sinkhorn import triton_sinkhorn_attention
+
+    q, k, v = torch.randn(2, 9, 4), torch.randn(2, 7, 4), torch.randn(2, 7, 3)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    cases = [
+        ((q, torch.randn(2, 7, 8), v, 3, {}), ValueError, "needs q \\(G, n, d\\)"),
+        ((q, k[:1], v[:1], 3, {}), ValueError, "needs q \\(G, n, d\\)"),
+        ((q[0], k[0], v[0], 3, {}), ValueError, "needs q \\(G, n, d\\)"),
+        ((q[:, :0], k, v, 3, {}), ValueError, "n, m >= 1"),
+        ((q, k, v, 0, {}), ValueError, "n_iter must be at least 1"),
+        ((q, k.bfloat16(), v, 3, {}), TypeError, "one dtype"),
+        ((q.double(), k.double(), v.double(), 3, {}), TypeError, "float32/float16/bfloat16"),
+        ((q, k, v, 3, {"query_mask": mask[:, :7]}), ValueError, "query_mask must have shape"),
+        ((q, k, v, 3, {"key_mask": mask[:, :7].float()}), TypeError, "key_mask must be a bool"),
+    ]
+    for (q_, k_, v_, n_iter, masks), error, message in cases:
+        with pytest.raises(error, match=message):
+            triton_sinkhorn_attention(q_, k_, v_, n_iter, 0.5, **masks)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
