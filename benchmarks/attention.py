@@ -277,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0.0 <= args.padded_fraction < 1.0:
         parser.error(f"--padded-fraction must be in [0, 1); got {args.padded_fraction}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be at least 1; got {args.repeats}")
     return args
 
 

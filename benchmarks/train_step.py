@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.padded_fraction is not None and not 0.0 <= args.padded_fraction < 1.0:
         parser.error("--padded-fraction must be in [0, 1)")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1; got {args.repeats}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.randint(num_classes, (batch_size,)).to(device)
     mask = None
     if args.padded_fraction is not None:
-        real = num_points - round(args.padded_fraction * num_points)
+        # Rounded down, as benchmarks/attention.py does: a set keeps at least one real point.
+        real = num_points - int(args.padded_fraction * num_points)
         mask = (torch.arange(num_points) < real).expand(batch_size, -1).to(device)
 
     @contextlib.contextmanager

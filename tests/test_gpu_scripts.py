@@ -194,3 +194,6 @@ def test_attention_benchmark_passes_padding_masks(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         attention.parse_args(["--padded-fraction", "1.0"])
     assert "--padded-fraction must be in [0, 1); got 1.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        attention.parse_args(["--repeats", "0"])
+    assert "--repeats must be at least 1; got 0" in capsys.readouterr().err

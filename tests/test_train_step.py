@@ -78,9 +78,18 @@ def test_padded_fraction_times_the_masked_path(
     assert "padded fraction 0.5" in output and len(_rows(output)) == 5
     # Both the set abstraction part and the training step ran with 16 real points of 32.
     assert len(masks) == 2 and all(mask.sum(dim=1).eq(16).all() for mask in masks)
+    # A fraction that rounds up to every point still leaves one real point per set.
+    masks.clear()
+    train_step.main(
+        ["--config", str(path), "--warmup", "0", "--repeats", "1", "--padded-fraction", "0.99"]
+    )
+    assert len(masks) == 2 and all(mask.sum(dim=1).eq(1).all() for mask in masks)
     with pytest.raises(SystemExit):
         train_step.main(["--config", str(path), "--padded-fraction", "1.0"])
     assert "--padded-fraction must be in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_step.main(["--config", str(path), "--repeats", "0"])
+    assert "--repeats must be at least 1; got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
