@@ -272,8 +272,12 @@ def _read_point_text(path: Path) -> np.ndarray:
         numbered = numbered[1:]
     if not numbered:
         raise _PointFileError("no point rows found")
-    _check_point_rows(numbered)
-    points = np.loadtxt([row for _, row in numbered], dtype=np.float64, ndmin=2)
+    try:
+        points = np.loadtxt([row for _, row in numbered], dtype=np.float64, ndmin=2)
+    except ValueError:
+        # Slow, row by row, only to say which line is wrong; else numpy's message stands.
+        _check_point_rows(numbered)
+        raise
     if points.shape[1] < 3:
         raise _PointFileError(f"rows have {points.shape[1]} columns, need at least 3 (x y z)")
     return _xyz_columns(points)
