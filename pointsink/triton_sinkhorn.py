@@ -72,13 +72,13 @@ from triton.runtime.errors import OutOfResources
 from pointsink.sinkhorn import log_marginals
 from pointsink.sinkhorn_attention import (
     MASKED_LOG_MASS,
+    _check_inputs,
     differentiable_backward,
     on_launch_device,
     real_size_ratio,
     score_gradient_factors,
     use_factored_ds,
 )
-from pointsink.validation import check_int
 
 __all__ = ["triton_sinkhorn_attention"]
 
@@ -833,24 +833,15 @@ def _check_grouped_inputs(
     key_mask: Tensor | None,
 ) -> None:
     """Checks :func:`triton_sinkhorn_attention`'s arguments: no broadcasting, exact shapes."""
-    g, n, d = q.shape if q.dim() == 3 else (-1, -1, -1)
-    fits = k.dim() == v.dim() == 3 and k.shape[0] == v.shape[0] == g >= 0
-    if not (fits and k.shape[2] == d and v.shape[1] == k.shape[1] and min(n, k.shape[1]) >= 1):
+    _check_inputs(q, k, v, n_iter)  # shapes that fit, one device and dtype, n_iter >= 1
+    if not (q.dim() == k.dim() == v.dim() == 3 and q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(
-            "triton_sinkhorn_attention needs q (G, n, d), k (G, m, d), v (G, m, e) with "
-            f"n, m >= 1; got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+            "triton_sinkhorn_attention takes q (G, n, d), k (G, m, d), v (G, m, e) with one G "
+            f"(no broadcasting); got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}."
         )
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-    ):
-        raise TypeError(
-            "the triton backend needs q, k, v of one dtype, float32/float16/bfloat16; got "
-            f"{q.dtype}, {k.dtype}, {v.dtype}."
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}.")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the triton backend supports float32/float16/bfloat16; got {q.dtype}.")
     for name, mask, shape in (
         ("query_mask", query_mask, q.shape[:2]),
         ("key_mask", key_mask, k.shape[:2]),
@@ -864,7 +855,6 @@ def _check_grouped_inputs(
                 f"{name} must have shape {tuple(shape)} on {q.device}; got "
                 f"{tuple(mask.shape)} on {mask.device}."
             )
-    check_int("n_iter", n_iter)
 
 
 def triton_sinkhorn_attention(

@@ -476,12 +476,12 @@ def test_triton_entry_point_checks_its_inputs() -> None:
     q, k, v = torch.randn(2, 9, 4), torch.randn(2, 7, 4), torch.randn(2, 7, 3)
     mask = torch.ones(2, 9, dtype=torch.bool)
     cases = [
-        ((q, torch.randn(2, 7, 8), v, 3, {}), ValueError, "needs q \\(G, n, d\\)"),
-        ((q, k[:1], v[:1], 3, {}), ValueError, "needs q \\(G, n, d\\)"),
-        ((q[0], k[0], v[0], 3, {}), ValueError, "needs q \\(G, n, d\\)"),
-        ((q[:, :0], k, v, 3, {}), ValueError, "n, m >= 1"),
+        ((q, torch.randn(2, 7, 8), v, 3, {}), ValueError, "needs q"),
+        ((q, k[:1], v[:1], 3, {}), ValueError, "with one G"),
+        ((q[0], k[0], v[0], 3, {}), ValueError, "with one G"),
+        ((q[:, :0], k, v, 3, {}), ValueError, "at least one query"),
         ((q, k, v, 0, {}), ValueError, "n_iter must be at least 1"),
-        ((q, k.bfloat16(), v, 3, {}), TypeError, "one dtype"),
+        ((q, k.bfloat16(), v, 3, {}), TypeError, "share one floating dtype"),
         ((q.double(), k.double(), v.double(), 3, {}), TypeError, "float32/float16/bfloat16"),
         ((q, k, v, 3, {"query_mask": mask[:, :7]}), ValueError, "query_mask must have shape"),
         ((q, k, v, 3, {"key_mask": mask[:, :7].float()}), TypeError, "key_mask must be a bool"),
