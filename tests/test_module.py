@@ -1,3 +1,5 @@
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -6,6 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -13,6 +16,7 @@ from pointsink.callbacks import (
     DoublyStochasticMonitor,
     confusion_report,
     doubly_stochastic_deviation,
+    marginal_deviation,
 )
 from pointsink.inference import CheckpointError
 from pointsink.module import MeanClassAccuracy, MeanLoss, SinkformerClassifier
@@ -250,7 +254,28 @@ HOST_SYNCS = [(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "_
               "argwhere")]  # fmt: skip
 
 
-def _refuse_host_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
+# The same inside torch's C++ (x[mask] runs nonzero there, out of the patches' reach): the
+# operators that read data back or size their output by it, and indexing by a bool tensor.
+HOST_SYNC_OPS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select",
+                 "aten::unique_dim", "aten::_unique2", "aten::unique_consecutive",
+                 "aten::bincount", "aten::repeat_interleave", "aten::is_nonzero"}  # fmt: skip
+INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
+
+
+class _RefuseHostSyncOps(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        indices = args[1] if name in INDEX_OPS and len(args) > 1 else ()
+        bool_index = any(
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in indices
+        )
+        if name in HOST_SYNC_OPS or bool_index:
+            raise AssertionError(f"host-syncing operator {name}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _refuse_host_syncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     def refuse(name: str):
         def call(*args, **kwargs):
             raise AssertionError(f"host-syncing call {name}")
@@ -259,12 +284,26 @@ def _refuse_host_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for owner, name in HOST_SYNCS:
         monkeypatch.setattr(owner, name, refuse(name))
+    try:
+        with _RefuseHostSyncOps():
+            yield
+    finally:
+        monkeypatch.undo()
+
+
+def test_host_sync_guard_sees_syncs_inside_torch(monkeypatch) -> None:
+    # Bool-mask indexing calls no patched Python function; the dispatch mode still sees it.
+    values, mask = torch.arange(4.0), torch.tensor([True, False, True, False])
+    for sync in (lambda: values[mask], lambda: values.masked_fill(mask, 0).sum().item()):
+        with pytest.raises(AssertionError, match="host-syncing"), _refuse_host_syncs(monkeypatch):
+            sync()
+    with _refuse_host_syncs(monkeypatch):
+        values.masked_fill(mask, 0.0).sum()  # a sync-free op passes
 
 
 def test_mean_class_accuracy_needs_no_host_sync(monkeypatch) -> None:
     # On CUDA, torch.bincount (torchmetrics' macro average) and torch.unique read values
     # back to the host: a sync in every training step. The counts must not use them.
-    _refuse_host_syncs(monkeypatch)
     generator = torch.Generator().manual_seed(0)
     metric = MeanClassAccuracy(5)
     batches = []
@@ -272,9 +311,10 @@ def test_mean_class_accuracy_needs_no_host_sync(monkeypatch) -> None:
         logits = torch.randn(batch_size, 5, generator=generator)
         # Class 4 never occurs, and class 3 only in some batches.
         batches.append((logits, torch.randint(0, 4, (batch_size,), generator=generator)))
-        metric.update(*batches[-1])
-    value = metric.compute()
-    monkeypatch.undo()
+    with _refuse_host_syncs(monkeypatch):
+        for batch in batches:
+            metric.update(*batch)
+        value = metric.compute()
     expected = MulticlassConfusionMatrix(5)
     for batch in batches:
         expected.update(*batch)
@@ -293,12 +333,12 @@ def test_training_step_and_backward_need_no_host_sync(monkeypatch, padded: bool)
     batch = {"points": torch.randn(3, 64, 3), "label": torch.tensor([0, 1, 2])}
     if padded:
         batch["mask"] = torch.arange(64) < torch.tensor([[64], [40], [30]])
-    _refuse_host_syncs(monkeypatch)
-    module.training_step(batch, 0).backward()
-    # Region mixing draws its ratio on the CPU on purpose; the mixing itself runs on the
-    # points' device.
-    mixed = mix_point_regions(batch["points"], batch["points"].flip(0), 20, batch["points"][:, 0])
-    monkeypatch.undo()
+    with _refuse_host_syncs(monkeypatch):
+        module.training_step(batch, 0).backward()
+        # Region mixing draws its ratio on the CPU on purpose; the mixing itself runs on the
+        # points' device.
+        points = batch["points"]
+        mixed = mix_point_regions(points, points.flip(0), 20, points[:, 0])
     assert module.model.head.weight.grad.abs().sum() > 0 and mixed.shape == (3, 64, 3)
 
 
@@ -321,6 +361,17 @@ def test_doubly_stochastic_deviation() -> None:
     col_dev, row_dev = doubly_stochastic_deviation(peaked)
     # Column sums: 4 then zeros, target 0.5: mean |dev| = (3.5 + 7 * 0.5) / 8 = 0.875.
     assert col_dev == pytest.approx(0.875 / 0.5) and row_dev == pytest.approx(0.0)
+    # Rows off by +0.5 and -0.5, columns exact: the deviations are absolute, not signed.
+    columns_only = torch.tensor([[0.75, 0.75], [0.25, 0.25]])
+    col_dev, row_dev = doubly_stochastic_deviation(columns_only)
+    assert col_dev == pytest.approx(0.0) and row_dev == pytest.approx(0.5)
+    # The same with a padded query and key (their sums, 9 and 7, are left out).
+    real = torch.tensor([[True, True, False]])
+    col_dev, row_dev = marginal_deviation(
+        torch.tensor([[1.5, 0.5, 9.0]]), torch.tensor([[1.0, 1.0, 7.0]]),
+        query_mask=real, key_mask=real,
+    )  # fmt: skip
+    assert col_dev == pytest.approx(0.0) and row_dev == pytest.approx(0.5)
 
 
 def _monitored(monitor: DoublyStochasticMonitor, module: SinkformerClassifier, batches) -> dict:
@@ -596,6 +647,8 @@ def test_region_mixing_weight_is_the_share_of_replaced_points() -> None:
             for index in range(6)
         }
         assert replaced <= {0, round(weight * 16)}  # 0: partnered with itself
+        # Six shapes are never all partnered with themselves: some points were replaced.
+        assert weight == 0 or round(weight * 16) in replaced
         assert weight * 16 == pytest.approx(round(weight * 16), abs=1e-9)
     assert len(set(weights)) > 1 and max(weights) > 0
 
