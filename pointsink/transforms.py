@@ -576,6 +576,9 @@ class PointCloudAugmentation(torch.nn.Module):
         """
         if points.dim() != 2 or points.shape[-1] != 3:
             raise ValueError(f"Expected points of shape (N, 3); got {tuple(points.shape)}.")
+        if not points.is_floating_point():
+            # The random factors are drawn in the points' dtype, which must hold fractions.
+            raise TypeError(f"Expected floating-point points; got {points.dtype}.")
         options: dict[str, Any] = {"device": points.device, "dtype": points.dtype}
 
         scale = self.scale_low + (self.scale_high - self.scale_low) * torch.rand(

@@ -293,6 +293,12 @@ def _cloud(n: int = 200) -> torch.Tensor:
     return torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
 
 
+def test_augmentation_refuses_integer_points_by_name():
+    # torch's own message names a kernel ("check_uniform_bounds" not implemented for 'Long').
+    with pytest.raises(TypeError, match=r"Expected floating-point points; got torch\.int64"):
+        PointCloudAugmentation()(torch.zeros(5, 3, dtype=torch.long))
+
+
 def test_augmentation_changes_points_and_keeps_shape():
     points = _cloud()
     augmented = PointCloudAugmentation()(points, generator=torch.Generator().manual_seed(1))
