@@ -281,6 +281,13 @@ def test_seeded_and_reproducible_votes(classifier: ShapeClassifier, format_files
     file_seed = file_sample_seed(path, 3)
     np.testing.assert_array_equal(views[0], preprocess_shape(path, NUM_POINTS, seed=file_seed))
     assert not np.allclose(views[1], views[2])
+    # Further views follow the base seed and the file (its contents): otherwise every file,
+    # whatever the seed, would share views 1 to V - 1.
+    plain_view = preprocess_views(path, NUM_POINTS, seed=3, votes=2)[0][1]
+    assert not np.allclose(preprocess_views(path, NUM_POINTS, seed=4, votes=2)[0][1], plain_view)
+    twin = path.with_name("twin.obj")  # the same mesh, other bytes
+    twin.write_text(path.read_text() + "# a comment\n")
+    assert not np.allclose(preprocess_views(twin, NUM_POINTS, seed=3, votes=2)[0][1], plain_view)
     # The reported probabilities are those of these views (the tiny model's outputs are too
     # close to each other to tell how they are combined: see the next test).
     everything = classifier.predict(path, seed=3, votes=3, top_k=len(CLASSES))[0]

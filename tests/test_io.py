@@ -205,6 +205,13 @@ def test_off_cut_inside_its_last_line_is_truncated(tmp_path):
         load_shape(path)
 
 
+def test_off_without_faces_cut_inside_its_last_vertex_is_truncated(tmp_path):
+    path = _write(tmp_path / "cut.off", "OFF\n3 0 0\n0 0 0\n1 0 0\n0 1\n")
+
+    with pytest.raises(ShapeLoadError, match=r"truncated .* last line '0 1' .* only 2 of the 3"):
+        load_shape(path)
+
+
 def test_off_header_claiming_more_faces_than_it_holds_is_rejected(tmp_path):
     text = _off_text(BOX.vertices, BOX.faces).replace("8 12 0", "8 13 0", 1)
     path = _write(tmp_path / "more.off", text)
@@ -344,6 +351,10 @@ def test_tensors_of_any_float_dtype_are_point_clouds(dtype: torch.dtype) -> None
 def test_channels_first_point_files_are_refused(tmp_path, name):
     # (3, P) would otherwise read as 3 points with P - 3 ignored columns, and be classified.
     points = np.random.default_rng(0).normal(size=(3, 50))
+    for shape in [(3, 4), (4, 5)]:  # one point fewer than columns is already refused
+        np.save(tmp_path / "small.npy", np.zeros(shape))
+        with pytest.raises(ShapeLoadError, match="looks channels-first"):
+            load_shape(tmp_path / "small.npy")
     path = tmp_path / name
     if name.endswith(".npy"):
         np.save(path, points)
