@@ -200,6 +200,14 @@ def test_masked_attention_higher_order_gradients_are_exact() -> None:
         lambda q, k, v: sinkhorn_attention(q, k, v, 3, backend="chunked", chunk_size=2, **masks),
         (q, k, v),
     )
+    # gradgradcheck compares the differentiable backward with itself; its first-order
+    # gradients must also be the masked attention's (dense reference).
+    dense = sinkhorn_attention(q, k, v, 3, backend="dense", **masks)
+    expected = torch.autograd.grad(dense.square().sum(), (q, k, v))
+    out = sinkhorn_attention(q, k, v, 3, backend="chunked", chunk_size=2, **masks)
+    found = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    for create_graph, reference in zip(found, expected, strict=True):
+        torch.testing.assert_close(create_graph, reference, rtol=0, atol=1e-10)
 
 
 def test_masked_attention_in_float32_and_bfloat16_autocast() -> None:
@@ -259,6 +267,22 @@ def test_blocks_ignore_padding(
                 torch.testing.assert_close(padded[b : b + 1], alone, rtol=0, atol=1e-10)
             else:
                 torch.testing.assert_close(padded[b : b + 1, mask[b]], alone, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(("attention", "n_iter"), [("softmax", 1), ("sinkhorn", 5)])
+def test_nan_padding_leaves_each_blocks_gradients_finite(attention: str, n_iter: int) -> None:
+    # Each block zeroes padded rows before its own projections: NaN left there would pass a
+    # masked forward and poison the weights' gradients (0 * NaN), e.g. PMA's projection.
+    mask = _scattered_mask([9, 4, 1], 9)
+    x = torch.randn(3, 9, 5, dtype=torch.float64)
+    for block in _blocks(attention, n_iter):
+        block = block.double().eval()
+        clean = block(x.masked_fill(~mask[..., None], 0.0), mask)
+        out = block(x.masked_fill(~mask[..., None], float("nan")), mask)
+        torch.testing.assert_close(out, clean, rtol=0, atol=0)
+        out.sum().backward()
+        for name, parameter in block.named_parameters():
+            assert torch.isfinite(parameter.grad).all(), (type(block).__name__, name)
 
 
 def test_padded_rows_do_not_count_in_sinkhorn_columns() -> None:
