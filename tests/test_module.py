@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from pointsink.attention import MultiheadAttention
 from pointsink.callbacks import (
     DoublyStochasticMonitor,
     confusion_report,
@@ -374,6 +375,22 @@ def test_doubly_stochastic_deviation() -> None:
     assert col_dev == pytest.approx(0.0) and row_dev == pytest.approx(0.5)
 
 
+def test_masked_marginal_deviation_counts_only_sets_with_a_target() -> None:
+    # Relative to each set's n' / m', like the unmasked deviation: 4 real queries, 2 real keys.
+    rows, columns = torch.ones(1, 4), torch.tensor([[2.5, 1.5]])
+    everything = torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
+    masked = marginal_deviation(rows, columns, query_mask=everything[0], key_mask=everything[1])
+    assert [float(d) for d in masked] == [0.25, 0.0]
+    assert [float(d) for d in doubly_stochastic_deviation(torch.full((4, 2), 0.5))] == [0.0, 0.0]
+    # A set without real queries has no column target; one without real keys no row target.
+    rows = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    columns = torch.tensor([[1.5, 0.5], [0.0, 0.0], [0.0, 0.0]])
+    query_mask = torch.tensor([[True, True], [False, False], [True, True]])
+    key_mask = torch.tensor([[True, True], [True, True], [False, False]])
+    col_dev, row_dev = marginal_deviation(rows, columns, query_mask=query_mask, key_mask=key_mask)
+    assert float(col_dev) == pytest.approx(0.5) and float(row_dev) == 0.0
+
+
 def _monitored(monitor: DoublyStochasticMonitor, module: SinkformerClassifier, batches) -> dict:
     """What ``monitor`` logs for one validation epoch over ``batches``, hooks called by hand."""
     logged: dict[str, float] = {}
@@ -396,6 +413,21 @@ def test_doubly_stochastic_monitor_averages_its_first_num_batches() -> None:
     for key, value in two.items():
         assert value == pytest.approx((alone[0][key] + alone[1][key]) / 2, rel=1e-6)
     assert any(alone[0][key] != pytest.approx(alone[1][key]) for key in two)
+    # The layers stop keeping marginals after the measured batches and at the epoch's end,
+    # also when the epoch has fewer batches than num_batches.
+    layers = [m for m in module.modules() if isinstance(m, MultiheadAttention)]
+    assert layers and not any(layer.record_marginals for layer in layers)
+    monitor = DoublyStochasticMonitor(num_batches=2, plot=False)
+    monitor.on_validation_epoch_start(None, module)
+    with torch.no_grad():
+        for index, points in enumerate(batches):
+            module(points)
+            monitor.on_validation_batch_end(None, module, None, None, index)
+            recording = [layer.record_marginals for layer in layers]
+            assert recording == [index == 0] * len(layers)
+    monitor.on_validation_epoch_start(None, module)
+    monitor.on_validation_epoch_end(None, module)
+    assert not any(layer.record_marginals or layer.last_marginals for layer in layers)
     # Measuring no batch would record all epoch and log nothing: refused.
     for count in (0, -3):
         with pytest.raises(ValueError, match="num_batches"):

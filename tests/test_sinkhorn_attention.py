@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import numpy as np
 import pytest
@@ -275,6 +276,9 @@ def test_factored_shift_bound_holds_for_extreme_logits(n: int, n_iter: int, m: i
         if spread == 1e3:  # the potentials' ranges alone would allow overflow
             ranges = (us.amax(0) - us.amin(0)).amax() + (vs.amax(0) - vs.amin(0)).amax()
             assert ranges > 100
+    # P <= n / m when n > m: one row normalization leaves log(n / m), not 0.
+    assert factored_ds_log_bound(60, 7, 1) == pytest.approx(math.log(60 / 7))
+    assert factored_ds_log_bound(7, 60, 1) == 0.0
     assert use_factored_ds(16384, 16384, 9) and use_factored_ds(8192, 16, 9)
     assert not use_factored_ds(65536, 65536, 9)
     assert not use_factored_ds(n, m, 1)  # a single matrix: nothing to factor
