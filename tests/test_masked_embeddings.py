@@ -18,6 +18,7 @@ from pointsink.embedding import (
     SetAbstraction,
     farthest_point_sampling,
     knn_indices,
+    masked_mean,
 )
 
 
@@ -234,8 +235,11 @@ def test_the_recipe_model_classifies_a_padded_set_as_the_set_itself(local_neighb
         torch.testing.assert_close(logits[index], expected, rtol=0, atol=1e-10)
 
 
-def test_the_recipe_model_with_empty_and_nan_padded_sets_keeps_gradients_finite() -> None:
-    model = _recipe_like().train()
+@pytest.mark.parametrize("local_neighbors", [0, 3])
+def test_the_recipe_model_with_empty_and_nan_padded_sets_keeps_gradients_finite(
+    local_neighbors: int,
+) -> None:
+    model = _recipe_like(local_neighbors=local_neighbors).train()
     points, mask = _scattered(_clouds([12, 3]), 12)
     points = torch.cat([points, torch.full((1, 12, 3), float("nan"), dtype=torch.float64)])
     mask = torch.cat([mask, torch.zeros(1, 12, dtype=torch.bool)])
@@ -245,3 +249,9 @@ def test_the_recipe_model_with_empty_and_nan_padded_sets_keeps_gradients_finite(
     logits.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert torch.isfinite(points.grad).all() and (points.grad[~mask] == 0).all()
+
+
+def test_masked_mean_of_a_slice_without_real_elements_is_zero() -> None:
+    values = torch.tensor([[1.0, 2.0, float("nan")], [float("nan"), 5.0, 6.0]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    torch.testing.assert_close(masked_mean(values, mask, 1), torch.tensor([1.5, 0.0]))
