@@ -378,10 +378,10 @@ def test_doubly_stochastic_deviation() -> None:
 def test_masked_marginal_deviation_counts_only_sets_with_a_target() -> None:
     # Relative to each set's n' / m', like the unmasked deviation: 4 real queries, 2 real keys.
     rows, columns = torch.ones(1, 4), torch.tensor([[2.5, 1.5]])
-    everything = torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
-    masked = marginal_deviation(rows, columns, query_mask=everything[0], key_mask=everything[1])
+    real_rows, real_columns = torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
+    masked = marginal_deviation(rows, columns, query_mask=real_rows, key_mask=real_columns)
+    assert [float(d) for d in masked] == [float(d) for d in marginal_deviation(rows, columns)]
     assert [float(d) for d in masked] == [0.25, 0.0]
-    assert [float(d) for d in doubly_stochastic_deviation(torch.full((4, 2), 0.5))] == [0.0, 0.0]
     # A set without real queries has no column target; one without real keys no row target.
     rows = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
     columns = torch.tensor([[1.5, 0.5], [0.0, 0.0], [0.0, 0.0]])
