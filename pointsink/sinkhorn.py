@@ -162,15 +162,14 @@ def log_marginals(
     log_rows: Tensor | float = 0.0
     v_init: Tensor | float = 0.0
     log_cols: Tensor | float = log_col_mass.expand(*log_col_mass.shape[:-1], m)
+    # Out of place throughout: broadcasts masks whose leading dimensions differ (e.g.
+    # per-head query masks with one key mask for all heads), and works under torch.func.vmap
+    # with per-sample masks.
     if query_mask is not None:
-        log_rows = torch.zeros(query_mask.shape, dtype=dtype, device=device)
-        log_rows.masked_fill_(~query_mask, masked)
+        log_rows = torch.zeros((), dtype=dtype, device=device).masked_fill(~query_mask, masked)
     if key_mask is not None:
-        # Out of place: broadcasts masks whose leading dimensions differ (e.g. per-head query
-        # masks with one key mask for all heads).
         log_cols = log_col_mass.masked_fill(~key_mask, masked)
-        v_init = torch.zeros(key_mask.shape, dtype=dtype, device=device)
-        v_init.masked_fill_(~key_mask, masked)
+        v_init = torch.zeros((), dtype=dtype, device=device).masked_fill(~key_mask, masked)
     return log_rows, log_cols, v_init
 
 

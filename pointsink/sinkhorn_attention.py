@@ -81,7 +81,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -238,19 +238,28 @@ def differentiable_backward(
     """
     q, k, v = ctx.saved_tensors[:3]  # type: ignore[attr-defined]
     needed = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
-    inputs = [x for x, need in zip((q, k, v), needed, strict=True) if need]
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    with _no_autocast(q.device.type):
-        out = dense_sinkhorn_attention(
-            q.to(compute_dtype),
-            k.to(compute_dtype),
-            v.to(compute_dtype),
+
+    def attention(*wanted: Tensor) -> Tensor:
+        given = iter(wanted)
+        q_, k_, v_ = (next(given) if need else x for x, need in zip((q, k, v), needed, strict=True))
+        return dense_sinkhorn_attention(
+            q_.to(compute_dtype),
+            k_.to(compute_dtype),
+            v_.to(compute_dtype),
             n_iter,
             scale,
             query_mask=query_mask,
             key_mask=key_mask,
         )
-        grads = iter(torch.autograd.grad(out, inputs, dout.to(compute_dtype), create_graph=True))
+
+    with _no_autocast(q.device.type):
+        # torch.func.vjp, not torch.autograd.grad: its results stay differentiable for
+        # autograd, and it also works when this backward runs inside a torch.func transform
+        # (vjp, jacrev), where autograd.grad sees no graph.
+        wanted = [x for x, need in zip((q, k, v), needed, strict=True) if need]
+        _, pullback = torch.func.vjp(attention, *wanted)
+        grads = iter(pullback(dout.to(compute_dtype)))
     return tuple(  # type: ignore[return-value]
         next(grads).to(x.dtype) if need else None for x, need in zip((q, k, v), needed, strict=True)
     )
@@ -705,11 +714,15 @@ def _chunked_backward(
 
 
 class _ChunkedSinkhornAttention(torch.autograd.Function):
-    """Autograd function of the chunked backend on flattened ``(G, n, d)`` inputs."""
+    """Autograd function of the chunked backend on flattened ``(G, n, d)`` inputs.
+
+    In the ``setup_context`` style with a ``vmap`` rule, so that ``torch.func`` transforms
+    (``grad``, ``vmap``, ``jacrev``: per-sample gradients, Jacobians) work on the CPU's
+    default backend; forward-mode transforms (``jvp``, ``jacfwd``) are not supported.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: FunctionCtx,
         q: Tensor,
         k: Tensor,
         v: Tensor,
@@ -719,7 +732,7 @@ class _ChunkedSinkhornAttention(torch.autograd.Function):
         chunk_k: int,
         query_mask: Tensor | None = None,
         key_mask: Tensor | None = None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         compute_dtype = torch.promote_types(q.dtype, torch.float32)
         with _no_autocast(q.device.type):
             qs = q.to(compute_dtype) * scale
@@ -733,17 +746,65 @@ class _ChunkedSinkhornAttention(torch.autograd.Function):
                 query_mask,
                 key_mask,
             )
-            out = out.to(q.dtype)
+        # The potentials are outputs (marked non-differentiable) because torch.func
+        # transforms only let setup_context save inputs and outputs.
+        return out.to(q.dtype), us, vs
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
+        q, k, v, n_iter, scale, chunk_q, chunk_k, query_mask, key_mask = inputs
+        out, us, vs = output
+        ctx.mark_non_differentiable(us, vs)
         # The masks are prepare_masks's copies, so a caller changing its own in place before
         # the backward changes nothing.
         ctx.save_for_backward(q, k, v, out, us, vs, query_mask, key_mask)
         ctx.n_iter = n_iter  # type: ignore[attr-defined]
         ctx.scale = scale  # type: ignore[attr-defined]
         ctx.chunks = (chunk_q, chunk_k)  # type: ignore[attr-defined]
-        return out
 
     @staticmethod
-    def backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def vmap(
+        info: Any, in_dims: tuple, *inputs: Any
+    ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int, int]]:
+        """Folds the vmapped dimension into the flattened batch ``G``: one call for all.
+
+        ``inputs`` are :meth:`forward`'s, ``in_dims`` their vmapped dimensions (None where
+        an input is shared by every sample).
+        """
+        q, k, v, n_iter, scale, chunk_q, chunk_k, query_mask, key_mask = inputs
+        size = info.batch_size
+
+        def fold(tensor: Tensor | None, dim: int | None) -> Tensor | None:
+            if tensor is None:
+                return None
+            if dim is None:
+                tensor = tensor.unsqueeze(0).expand(size, *tensor.shape)
+            else:
+                tensor = tensor.movedim(dim, 0)
+            return tensor.reshape(-1, *tensor.shape[2:])
+
+        tensors = (q, k, v, query_mask, key_mask)
+        dims = (*in_dims[:3], *in_dims[7:])
+        qf, kf, vf, query_folded, key_folded = (
+            fold(t, d) for t, d in zip(tensors, dims, strict=True)
+        )
+        # The folded batch is `size` times larger: fewer queries per tile keep its memory.
+        chunk_q = max(min(_MIN_QUERY_CHUNK, chunk_q), chunk_q // size)
+        outputs = _ChunkedSinkhornAttention.apply(
+            qf, kf, vf, n_iter, scale, chunk_q, chunk_k, query_folded, key_folded
+        )
+        out, us, vs = outputs  # out (size * G, n, e); potentials (T', size * G, .)
+        unfolded = (
+            out.reshape(size, -1, *out.shape[1:]),
+            us.reshape(us.shape[0], size, -1, us.shape[-1]),
+            vs.reshape(vs.shape[0], size, -1, vs.shape[-1]),
+        )
+        return unfolded, (0, 1, 1)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, dout: Tensor, _dus: Tensor | None, _dvs: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
         n_iter: int = ctx.n_iter  # type: ignore[attr-defined]
         scale: float = ctx.scale  # type: ignore[attr-defined]
         q, k, v, out, us, vs, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
@@ -935,7 +996,7 @@ def sinkhorn_attention(
     else:
         chunk_q, chunk_k = _resolve_chunks(chunk_size, qf.shape[0], n, m, qf.device)
         apply = _ChunkedSinkhornAttention.apply
-        out = apply(qf, kf, vf, n_iter, scale, chunk_q, chunk_k, query_mask, key_mask)
+        out = apply(qf, kf, vf, n_iter, scale, chunk_q, chunk_k, query_mask, key_mask)[0]
     out = out.reshape(*batch, n, vf.shape[-1])
     # Sets without a real query or key were computed as fully real: their output is 0.
     return zero_padded(out, keep)

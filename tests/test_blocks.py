@@ -552,3 +552,34 @@ def test_blocks_default_to_the_models_sinkhorn_iterations(make, inputs) -> None:
     default = output()
     torch.testing.assert_close(default, output(attention="sinkhorn", n_iter=5))
     assert not torch.allclose(default, output(attention="softmax"), atol=1e-4)
+
+
+# PyTorch's own note that vmap runs its CPU SDPA (the softmax PMA) one sample at a time.
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize(
+    "options", [{}, {"local_neighbors": 4}, {"encoder": "sab", "pooling_attention": "softmax"}]
+)
+def test_per_sample_gradients_with_torch_func(options: dict) -> None:
+    # Per-sample gradients (vmap of grad, as in differentially private training or influence
+    # estimates) of padded sets equal one backward pass per set. 256 points: SAB's 256 x 256
+    # logits take the chunked backend, ISAB's 256 x 16 the dense one. The set abstraction's
+    # farthest-point loop does not run under vmap (out= buffers), so it is not in this list.
+    from torch.func import functional_call, grad, vmap
+
+    model = SetSinkformer(3, channels=16, num_heads=2, **options).double().eval()
+    points = torch.randn(3, 256, 3, dtype=torch.float64)
+    mask = torch.rand(3, 256) > 0.3
+    mask[:, 0] = True
+    labels = torch.tensor([0, 1, 2])
+
+    def loss(params: dict, points: torch.Tensor, mask: torch.Tensor, label: torch.Tensor):
+        logits = functional_call(model, params, (points[None], mask[None]))
+        return F.cross_entropy(logits, label[None])
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, points, mask, labels)
+    for i in range(3):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), points[i], mask[i], labels[i]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, atol=1e-12, rtol=1e-9)

@@ -145,6 +145,84 @@ def test_gradient_penalty_matches_dense() -> None:
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
 
 
+def _masks(batch: tuple[int, ...], n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padding masks with a few padded queries and keys per set, none empty."""
+    gen = torch.Generator().manual_seed(3)
+    query_mask = torch.rand(*batch, n, generator=gen) > 0.3
+    key_mask = torch.rand(*batch, m, generator=gen) > 0.3
+    query_mask[..., 0] = key_mask[..., 0] = True
+    return query_mask, key_mask
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_torch_func_transforms_match_a_loop_of_dense_attention(masked: bool) -> None:
+    # grad, vmap, jacrev and per-sample gradients (vmap of grad) through the chunked
+    # backend, the CPU's default, with the vmapped dimension not in front and a key shared
+    # by all samples; references: dense attention and plain autograd, one sample at a time.
+    from torch.func import grad, jacrev, vmap
+
+    q, k, v = (t.detach() for t in _qkv((4, 2), 6, 5))
+    query_mask, key_mask = _masks((4, 2), 6, 5) if masked else (None, None)
+    samples = range(q.shape[0])
+    mask_dim = 0 if masked else None
+
+    def mask_of(mask: torch.Tensor | None, i: int) -> torch.Tensor | None:
+        return None if mask is None else mask[i]
+
+    def chunked(q, k, v, query_mask, key_mask):
+        return sinkhorn_attention(
+            q, k, v, 4, chunk_size=(2, 2), query_mask=query_mask, key_mask=key_mask
+        )
+
+    def dense(q, k, v, query_mask, key_mask):
+        return dense_sinkhorn_attention(q, k, v, 4, query_mask=query_mask, key_mask=key_mask)
+
+    def loss(q, k, query_mask, key_mask, attention=chunked):
+        return attention(q, k, v[0], query_mask, key_mask).square().sum()
+
+    # vmap over dimension 1 of a transposed q, the masks over 0, k not at all.
+    got = vmap(chunked, in_dims=(1, None, None, mask_dim, mask_dim))(
+        q.transpose(0, 1), k[0], v[0], query_mask, key_mask
+    )
+    want = torch.stack(
+        [dense(q[i], k[0], v[0], mask_of(query_mask, i), mask_of(key_mask, i)) for i in samples]
+    )
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+    per_sample = vmap(grad(loss, argnums=(0, 1)), in_dims=(0, None, mask_dim, mask_dim))(
+        q, k[0], query_mask, key_mask
+    )
+    for i in samples:
+        qi, ki = q[i].clone().requires_grad_(), k[0].clone().requires_grad_()
+        want_grads = torch.autograd.grad(
+            loss(qi, ki, mask_of(query_mask, i), mask_of(key_mask, i), dense), (qi, ki)
+        )
+        for got_grad, want_grad in zip(per_sample, want_grads, strict=True):
+            torch.testing.assert_close(got_grad[i], want_grad, atol=1e-12, rtol=1e-10)
+
+    jacobian = jacrev(lambda v: chunked(q[0], k[0], v, mask_of(query_mask, 0), None))(v[0])
+    want_jacobian = torch.autograd.functional.jacobian(
+        lambda v: dense(q[0], k[0], v, mask_of(query_mask, 0), None), v[0]
+    )
+    torch.testing.assert_close(jacobian, want_jacobian, atol=1e-12, rtol=0)
+
+
+def test_vmap_rule_of_the_chunked_function_keeps_each_samples_potentials() -> None:
+    # The tiled backward reads the saved potentials, so the vmap rule must return them with
+    # their sample dimension in place (it is dimension 1 of (T', G, n)), as one call per
+    # sample would.
+    from torch.func import vmap
+
+    apply = attention_module._ChunkedSinkhornAttention.apply
+    q, k, v = (t.detach() for t in _qkv((3, 2), 6, 5))
+    query_mask, key_mask = _masks((3, 2), 6, 5)
+    got = vmap(lambda *a: apply(*a[:3], 4, 0.5, 2, 2, *a[3:]))(q, k, v, query_mask, key_mask)
+    for i in range(q.shape[0]):
+        want = apply(q[i], k[i], v[i], 4, 0.5, 2, 2, query_mask[i], key_mask[i])
+        for name, x, y in zip(("out", "us", "vs"), got, want, strict=True):
+            torch.testing.assert_close(x[i], y, atol=1e-12, rtol=0, msg=name)
+
+
 def test_chunked_float32_close_to_dense() -> None:
     q, k, v = _qkv((2, 2), 64, 48, d=16, e=8, dtype=torch.float32)
     _assert_matches_dense(q, k, v, 5, atol=2e-5, rtol=1e-4, backend="chunked")
