@@ -713,13 +713,66 @@ def _chunked_backward(
     return dq_unscaled, dk, dv
 
 
-class _ChunkedSinkhornAttention(torch.autograd.Function):
-    """Autograd function of the chunked backend on flattened ``(G, n, d)`` inputs.
+class SinkhornAttentionFunction(torch.autograd.Function):
+    """What the chunked and the Triton autograd Functions share: saving and ``vmap``.
 
-    In the ``setup_context`` style with a ``vmap`` rule, so that ``torch.func`` transforms
-    (``grad``, ``vmap``, ``jacrev``: per-sample gradients, Jacobians) work on the CPU's
-    default backend; forward-mode transforms (``jvp``, ``jacfwd``) are not supported.
+    Both take ``(q, k, v, n_iter, scale, tile_q, tile_k, query_mask, key_mask)`` on
+    flattened ``(G, n, d)`` inputs and return ``(out, us, vs)``: the output and the
+    potentials the tiled backward reads (outputs, marked non-differentiable, because
+    ``torch.func`` transforms only let ``setup_context`` save inputs and outputs). The
+    ``setup_context`` style and the ``vmap`` rule make ``torch.func`` transforms (``grad``,
+    ``vmap``, ``jacrev``: per-sample gradients, Jacobians) work; forward-mode ones (``jvp``,
+    ``jacfwd``) do not.
     """
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
+        q, k, v, n_iter, scale, tile_q, tile_k, query_mask, key_mask = inputs
+        out, us, vs = output
+        ctx.mark_non_differentiable(us, vs)
+        # The masks are prepare_masks's copies, so a caller changing its own in place before
+        # the backward changes nothing.
+        ctx.save_for_backward(q, k, v, out, us, vs, query_mask, key_mask)
+        ctx.n_iter = n_iter  # type: ignore[attr-defined]
+        ctx.scale = scale  # type: ignore[attr-defined]
+        ctx.tiles = (tile_q, tile_k)  # type: ignore[attr-defined]
+
+
+def vmap_by_folding(
+    function: type[torch.autograd.Function], info: Any, in_dims: tuple, inputs: tuple
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int, int]]:
+    """The ``vmap`` rule of a :class:`SinkhornAttentionFunction`: one call for all samples.
+
+    The vmapped dimension of each tensor input (``in_dims``, None where an input is shared
+    by every sample) is folded into the flattened batch ``G``, and the outputs unfolded:
+    the output ``(size * G, n, e)`` and the potentials ``(T', size * G, .)``.
+    """
+    size = info.batch_size
+
+    def fold(tensor: Tensor | None, dim: int | None) -> Tensor | None:
+        if tensor is None:
+            return None
+        if dim is None:
+            tensor = tensor.unsqueeze(0).expand(size, *tensor.shape)
+        else:
+            tensor = tensor.movedim(dim, 0)
+        return tensor.reshape(-1, *tensor.shape[2:])
+
+    q, k, v, *numbers, query_mask, key_mask = inputs
+    tensors = (q, k, v, query_mask, key_mask)
+    dims = (*in_dims[:3], *in_dims[-2:])
+    qf, kf, vf, query_folded, key_folded = (fold(t, d) for t, d in zip(tensors, dims, strict=True))
+    out, us, vs = function.apply(qf, kf, vf, *numbers, query_folded, key_folded)
+    unfolded = (
+        out.reshape(size, -1, *out.shape[1:]),
+        us.reshape(us.shape[0], size, -1, us.shape[-1]),
+        vs.reshape(vs.shape[0], size, -1, vs.shape[-1]),
+    )
+    return unfolded, (0, 1, 1)
+
+
+class _ChunkedSinkhornAttention(SinkhornAttentionFunction):
+    """Autograd function of the chunked backend on flattened ``(G, n, d)`` inputs."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -746,60 +799,17 @@ class _ChunkedSinkhornAttention(torch.autograd.Function):
                 query_mask,
                 key_mask,
             )
-        # The potentials are outputs (marked non-differentiable) because torch.func
-        # transforms only let setup_context save inputs and outputs.
         return out.to(q.dtype), us, vs
-
-    @staticmethod
-    def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
-        q, k, v, n_iter, scale, chunk_q, chunk_k, query_mask, key_mask = inputs
-        out, us, vs = output
-        ctx.mark_non_differentiable(us, vs)
-        # The masks are prepare_masks's copies, so a caller changing its own in place before
-        # the backward changes nothing.
-        ctx.save_for_backward(q, k, v, out, us, vs, query_mask, key_mask)
-        ctx.n_iter = n_iter  # type: ignore[attr-defined]
-        ctx.scale = scale  # type: ignore[attr-defined]
-        ctx.chunks = (chunk_q, chunk_k)  # type: ignore[attr-defined]
 
     @staticmethod
     def vmap(
         info: Any, in_dims: tuple, *inputs: Any
     ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int, int]]:
-        """Folds the vmapped dimension into the flattened batch ``G``: one call for all.
-
-        ``inputs`` are :meth:`forward`'s, ``in_dims`` their vmapped dimensions (None where
-        an input is shared by every sample).
-        """
         q, k, v, n_iter, scale, chunk_q, chunk_k, query_mask, key_mask = inputs
-        size = info.batch_size
-
-        def fold(tensor: Tensor | None, dim: int | None) -> Tensor | None:
-            if tensor is None:
-                return None
-            if dim is None:
-                tensor = tensor.unsqueeze(0).expand(size, *tensor.shape)
-            else:
-                tensor = tensor.movedim(dim, 0)
-            return tensor.reshape(-1, *tensor.shape[2:])
-
-        tensors = (q, k, v, query_mask, key_mask)
-        dims = (*in_dims[:3], *in_dims[7:])
-        qf, kf, vf, query_folded, key_folded = (
-            fold(t, d) for t, d in zip(tensors, dims, strict=True)
-        )
         # The folded batch is `size` times larger: fewer queries per tile keep its memory.
-        chunk_q = max(min(_MIN_QUERY_CHUNK, chunk_q), chunk_q // size)
-        outputs = _ChunkedSinkhornAttention.apply(
-            qf, kf, vf, n_iter, scale, chunk_q, chunk_k, query_folded, key_folded
-        )
-        out, us, vs = outputs  # out (size * G, n, e); potentials (T', size * G, .)
-        unfolded = (
-            out.reshape(size, -1, *out.shape[1:]),
-            us.reshape(us.shape[0], size, -1, us.shape[-1]),
-            vs.reshape(vs.shape[0], size, -1, vs.shape[-1]),
-        )
-        return unfolded, (0, 1, 1)
+        chunk_q = max(min(_MIN_QUERY_CHUNK, chunk_q), chunk_q // info.batch_size)
+        inputs = (q, k, v, n_iter, scale, chunk_q, chunk_k, query_mask, key_mask)
+        return vmap_by_folding(_ChunkedSinkhornAttention, info, in_dims, inputs)
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -828,7 +838,7 @@ class _ChunkedSinkhornAttention(torch.autograd.Function):
                 us,
                 vs,
                 n_iter,
-                *ctx.chunks,  # type: ignore[attr-defined]
+                *ctx.tiles,  # type: ignore[attr-defined]
                 col_factor,
             )
             dq = dq.mul_(scale).to(q.dtype)

@@ -61,6 +61,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import Any
 
 import torch
 import triton
@@ -72,12 +73,14 @@ from triton.runtime.errors import OutOfResources
 from pointsink.sinkhorn import log_marginals
 from pointsink.sinkhorn_attention import (
     MASKED_LOG_MASS,
+    SinkhornAttentionFunction,
     _check_inputs,
     differentiable_backward,
     on_launch_device,
     real_size_ratio,
     score_gradient_factors,
     use_factored_ds,
+    vmap_by_folding,
 )
 
 __all__ = ["triton_sinkhorn_attention"]
@@ -679,12 +682,11 @@ def _launch(cfg: dict, kernel: str, n: int, m: int) -> tuple[int, int, dict]:
     return triton.cdiv(n, block_m), triton.cdiv(m, block_n), common
 
 
-class _TritonSinkhornAttention(torch.autograd.Function):
+class _TritonSinkhornAttention(SinkhornAttentionFunction):
     """Autograd function of the Triton backend on contiguous ``(G, n, d)`` inputs."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: FunctionCtx,
         q: Tensor,
         k: Tensor,
         v: Tensor,
@@ -694,7 +696,7 @@ class _TritonSinkhornAttention(torch.autograd.Function):
         block_n: int | None,
         query_mask: Tensor | None = None,
         key_mask: Tensor | None = None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         g, n, d = q.shape
         m, e = v.shape[1], v.shape[2]
         cfg = _config(q, m, e, block_m, block_n)
@@ -737,14 +739,25 @@ class _TritonSinkhornAttention(torch.autograd.Function):
             )  # fmt: skip
         elif query_mask is not None:  # the row kernel normalized padded rows too
             out.masked_fill_(~query_mask.unsqueeze(-1), 0.0)
-        ctx.save_for_backward(q, k, v, out, us, vs, query_mask, key_mask)
-        ctx.n_iter = n_iter  # type: ignore[attr-defined]
-        ctx.scale = scale  # type: ignore[attr-defined]
-        ctx.cfg = cfg  # type: ignore[attr-defined]
-        return out
+        return out, us, vs
 
     @staticmethod
-    def backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
+        SinkhornAttentionFunction.setup_context(ctx, inputs, output)
+        q, v, block_m, block_n = inputs[0], inputs[2], inputs[5], inputs[6]
+        # The forward's settings, read now: the TF32 switch may change before the backward.
+        ctx.cfg = _config(q, v.shape[1], v.shape[2], block_m, block_n)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple, *inputs: Any
+    ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int, int]]:
+        return vmap_by_folding(_TritonSinkhornAttention, info, in_dims, inputs)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, dout: Tensor, _dus: Tensor | None, _dvs: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
         n_iter: int = ctx.n_iter  # type: ignore[attr-defined]
         scale: float = ctx.scale  # type: ignore[attr-defined]
         q, k, v, out, us, vs, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
@@ -754,10 +767,10 @@ class _TritonSinkhornAttention(torch.autograd.Function):
                 ctx, dout, n_iter, scale, query_mask=query_mask, key_mask=key_mask
             )
             return (*grads, *no_grads)
-        cfg = ctx.cfg  # type: ignore[attr-defined]
         dout = dout.contiguous()
         g, n, d = q.shape
         m, e = v.shape[1], v.shape[2]
+        cfg = ctx.cfg  # type: ignore[attr-defined]
         n_u, n_v = (n_iter + 1) // 2, n_iter // 2
         odd = n_iter % 2 == 1
         _, nbn_col, bwd_col = _launch(cfg, "bwd_col", n, m)
@@ -900,4 +913,4 @@ def triton_sinkhorn_attention(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _TritonSinkhornAttention.apply(
         q, k, v, n_iter, float(scale), block_m, block_n, query_mask, key_mask
-    )
+    )[0]

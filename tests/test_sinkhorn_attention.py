@@ -725,6 +725,29 @@ err = masked_errors(
                                        key_mask=key_mask),
     q, k, v, 5, query_mask, key_mask)
 results.append(["float32", 5, 20, 9, err])
+# torch.func: per-sample gradients (vmap of grad) with per-sample masks and a key shared by
+# all samples, through the Function's vmap rule, against one float64 dense pass per sample.
+from torch.func import grad, vmap
+q, k, v = (torch.randn(3, 2, s, 8, generator=gen).to(DEVICE) for s in (20, 9, 9))
+# (3, 1, n): one mask per sample for both heads.
+query_mask = (torch.arange(20)[None] < torch.tensor([20, 5, 11])[:, None])[:, None].to(DEVICE)
+key_mask = (torch.arange(9)[None] < torch.tensor([9, 3, 6])[:, None])[:, None].to(DEVICE)
+
+def per_sample_loss(q, k, query_mask, key_mask, backend="triton", v=v[0]):
+    return sinkhorn_attention(q, k, v, 4, backend=backend, query_mask=query_mask,
+                              key_mask=key_mask).square().sum()
+
+got = vmap(grad(per_sample_loss, argnums=(0, 1)), in_dims=(0, None, 0, 0))(
+    q, k[0], query_mask, key_mask)
+err = 0.0
+for i in range(3):
+    leaves = [q[i].cpu().double().requires_grad_(), k[0].cpu().double().requires_grad_()]
+    want = torch.autograd.grad(
+        per_sample_loss(*leaves, query_mask[i].cpu(), key_mask[i].cpu(), "dense",
+                        v[0].cpu().double()), leaves)
+    err = max(err, *((g[i].cpu().double() - w).abs().max().item() / (1 + w.abs().max().item())
+                     for g, w in zip(got, want)))
+results.append(["float32", 4, 20, 9, err])
 print(json.dumps(results))
 """
 
@@ -732,7 +755,7 @@ print(json.dumps(results))
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_under_interpreter(triton_interpreter: None) -> None:
     _check_triton_kernels(
-        "cpu", {"TRITON_INTERPRET": "1"}, expected_rows=12 + 2 + 2 + 6 + 1 + 10 + 1
+        "cpu", {"TRITON_INTERPRET": "1"}, expected_rows=12 + 2 + 2 + 6 + 1 + 10 + 1 + 1
     )
 
 
@@ -741,7 +764,7 @@ def test_triton_kernels_under_interpreter(triton_interpreter: None) -> None:
 )
 def test_triton_kernels_on_cuda() -> None:
     _check_triton_kernels(
-        "cuda", {"TRITON_INTERPRET": "0"}, expected_rows=12 + 2 + 2 + 6 + 1 + 10 + 1 + 8
+        "cuda", {"TRITON_INTERPRET": "0"}, expected_rows=12 + 2 + 2 + 6 + 1 + 10 + 1 + 1 + 8
     )
 
 
