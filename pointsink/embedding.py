@@ -9,12 +9,14 @@ embedding is permutation-equivariant.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 
+from pointsink.batching import fold_vmapped
 from pointsink.sinkhorn_attention import require_triton, triton_available
 from pointsink.validation import check_bool, check_int, check_set_mask
 
@@ -194,10 +196,49 @@ def farthest_point_sampling(
                 backend = "triton"
     if backend == "triton":
         require_triton(points, "loop")
-        from pointsink.triton_sampling import triton_farthest_point_sampling
+    return _FarthestPointSampling.apply(points, num_samples, backend, mask)
 
-        return triton_farthest_point_sampling(points, num_samples, mask)
-    return _farthest_point_sampling_loop(points, num_samples, mask)
+
+class _FarthestPointSampling(torch.autograd.Function):
+    """The backends of :func:`farthest_point_sampling` behind a ``vmap`` rule.
+
+    Indices have no gradient; this Function exists for ``torch.func.vmap`` (per-sample
+    gradients of a model with a set abstraction): the loop's preallocated buffers and the
+    Triton kernel cannot run on vmapped tensors, so the rule folds the vmapped dimension
+    into the batch of sets and samples them all in one call.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        points: Tensor, num_samples: int, backend: str, mask: Tensor | None
+    ) -> Tensor:
+        if backend == "triton":
+            from pointsink.triton_sampling import triton_farthest_point_sampling
+
+            return triton_farthest_point_sampling(points, num_samples, mask)
+        return _farthest_point_sampling_loop(points, num_samples, mask)
+
+    @staticmethod
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
+        pass  # integer indices: nothing for a backward pass
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple,
+        points: Tensor,
+        num_samples: int,
+        backend: str,
+        mask: Tensor | None,
+    ) -> tuple[Tensor, int]:
+        size = info.batch_size
+        indices = _FarthestPointSampling.apply(
+            fold_vmapped(points, in_dims[0], size),
+            num_samples,
+            backend,
+            fold_vmapped(mask, in_dims[3], size),
+        )
+        return indices.reshape(size, -1, indices.shape[-1]), 0
 
 
 @torch.no_grad()  # indices only; the out= buffers below refuse autograd

@@ -87,6 +87,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from pointsink.batching import fold_vmapped
 from pointsink.sinkhorn import (
     _no_autocast,
     check_masks,
@@ -748,20 +749,12 @@ def vmap_by_folding(
     the output ``(size * G, n, e)`` and the potentials ``(T', size * G, .)``.
     """
     size = info.batch_size
-
-    def fold(tensor: Tensor | None, dim: int | None) -> Tensor | None:
-        if tensor is None:
-            return None
-        if dim is None:
-            tensor = tensor.unsqueeze(0).expand(size, *tensor.shape)
-        else:
-            tensor = tensor.movedim(dim, 0)
-        return tensor.reshape(-1, *tensor.shape[2:])
-
     q, k, v, *numbers, query_mask, key_mask = inputs
     tensors = (q, k, v, query_mask, key_mask)
     dims = (*in_dims[:3], *in_dims[-2:])
-    qf, kf, vf, query_folded, key_folded = (fold(t, d) for t, d in zip(tensors, dims, strict=True))
+    qf, kf, vf, query_folded, key_folded = (
+        fold_vmapped(t, d, size) for t, d in zip(tensors, dims, strict=True)
+    )
     out, us, vs = function.apply(qf, kf, vf, *numbers, query_folded, key_folded)
     unfolded = (
         out.reshape(size, -1, *out.shape[1:]),

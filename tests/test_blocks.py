@@ -557,13 +557,18 @@ def test_blocks_default_to_the_models_sinkhorn_iterations(make, inputs) -> None:
 # PyTorch's own note that vmap runs its CPU SDPA (the softmax PMA) one sample at a time.
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 @pytest.mark.parametrize(
-    "options", [{}, {"local_neighbors": 4}, {"encoder": "sab", "pooling_attention": "softmax"}]
+    "options",
+    [
+        {},
+        {"local_neighbors": 4},
+        {"num_groups": 32, "group_size": 8, "normalize_offsets": True},
+        {"encoder": "sab", "pooling_attention": "softmax"},
+    ],
 )
 def test_per_sample_gradients_with_torch_func(options: dict) -> None:
     # Per-sample gradients (vmap of grad, as in differentially private training or influence
     # estimates) of padded sets equal one backward pass per set. 256 points: SAB's 256 x 256
-    # logits take the chunked backend, ISAB's 256 x 16 the dense one. The set abstraction's
-    # farthest-point loop does not run under vmap (out= buffers), so it is not in this list.
+    # logits take the chunked backend, ISAB's 256 x 16 the dense one.
     from torch.func import functional_call, grad, vmap
 
     model = SetSinkformer(3, channels=16, num_heads=2, **options).double().eval()

@@ -373,6 +373,24 @@ def test_farthest_point_sampling_takes_points_that_require_grad() -> None:
     assert torch.equal(farthest_point_sampling(points, 10, backend="loop"), expected)
 
 
+def test_farthest_point_sampling_under_vmap_is_one_call_per_sample() -> None:
+    # torch.func.vmap (per-sample gradients of a model with a set abstraction): points
+    # vmapped over their second dimension with per-sample masks, and points shared by all
+    # samples with per-sample masks.
+    from torch.func import vmap
+
+    points = torch.randn(3, 2, 40, 3)
+    mask = torch.rand(3, 2, 40) > 0.4
+    mask[..., 0] = True
+    got = vmap(lambda p, m: farthest_point_sampling(p, 12, mask=m), in_dims=(1, 0))(
+        points.transpose(0, 1), mask
+    )
+    shared = vmap(lambda m: farthest_point_sampling(points[0], 12, mask=m))(mask)
+    for s in range(3):
+        assert torch.equal(got[s], farthest_point_sampling(points[s], 12, mask=mask[s]))
+        assert torch.equal(shared[s], farthest_point_sampling(points[0], 12, mask=mask[s]))
+
+
 def test_normalized_offsets_of_coinciding_points_stay_finite_in_half_precision() -> None:
     layer = SetAbstraction(3, 8, num_groups=2, group_size=3, normalize_offsets=True).half()
     points = torch.stack([torch.zeros(4, 3), torch.randn(4, 3)]).half()

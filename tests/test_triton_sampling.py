@@ -62,6 +62,16 @@ for batch, n, m, counts in [(3, 40, 12, [40, 20, 5]), (2, 30, 50, [30, 0]), (1, 
     if DEVICE == "cuda":  # "auto" takes the kernel with a mask too
         got = embedding.farthest_point_sampling(points.to(DEVICE), m, mask=mask.to(DEVICE))
         rows.append([batch, n, 3, m, got.dtype == torch.long, torch.equal(got.cpu(), want)])
+# torch.func.vmap through the kernel (per-sample masks): the vmap rule makes one call.
+from torch.func import vmap
+points = torch.randn(3, 2, 30, 3, generator=gen)
+mask = torch.rand(3, 2, 30, generator=gen) > 0.4
+mask[..., 0] = True
+got = vmap(lambda p, k: embedding.farthest_point_sampling(p, 8, backend="triton", mask=k))(
+    points.to(DEVICE), mask.to(DEVICE)).cpu()
+want = torch.stack([embedding.farthest_point_sampling(points[s], 8, backend="loop", mask=mask[s])
+                    for s in range(3)])
+rows.append([6, 30, 3, 8, got.dtype == torch.long, torch.equal(got, want)])
 print(json.dumps(rows))
 """
 
@@ -79,12 +89,12 @@ def _compare(device: str, env: dict[str, str]) -> list[list]:
 def test_triton_farthest_point_sampling_matches_the_pytorch_loop_in_the_interpreter(
     triton_interpreter: None,
 ) -> None:
-    assert len(_compare("cpu", {"TRITON_INTERPRET": "1"})) == 11
+    assert len(_compare("cpu", {"TRITON_INTERPRET": "1"})) == 12
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_farthest_point_sampling_on_cuda() -> None:
-    assert len(_compare("cuda", {"TRITON_INTERPRET": "0"})) == 15
+    assert len(_compare("cuda", {"TRITON_INTERPRET": "0"})) == 16
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
