@@ -221,7 +221,8 @@ def differentiable_backward(
 
     The memory-efficient backends call this from their backward pass when autograd asks for
     a differentiable one (``create_graph=True``: gradient penalties, Hessian-vector
-    products, meta-learning). Their own tiled backward passes are not differentiable;
+    products, meta-learning; and under every ``torch.func`` transform, which runs backward
+    passes with gradients enabled). Their own tiled backward passes are not differentiable;
     returning them there would silently drop the attention's part of every higher-order
     gradient. The recomputation costs the dense reference's memory, ``O(n * m * n_iter)``.
 
