@@ -75,8 +75,11 @@ def knn_indices(
         points, queries = points.float(), queries.float()
     # Differences, not cdist's |x|^2 + |y|^2 - 2 x.y shortcut (taken above 25 points): that
     # cancels on clouds away from the origin, and would give a padded set (longer rows)
-    # other neighbours than the same set alone.
-    distances = torch.cdist(queries, points, compute_mode="donot_use_mm_for_euclid_dist")
+    # other neighbours than the same set alone. Detached: indices need no derivative, and
+    # cdist has none in forward mode (torch.func.jvp, jacfwd).
+    distances = torch.cdist(
+        queries.detach(), points.detach(), compute_mode="donot_use_mm_for_euclid_dist"
+    )
     if themselves:
         distances.diagonal(dim1=-2, dim2=-1).fill_(-1.0)
     if mask is not None:
@@ -221,6 +224,10 @@ class _FarthestPointSampling(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
         pass  # integer indices: nothing for a backward pass
+
+    @staticmethod
+    def jvp(ctx: FunctionCtx, *tangents: Tensor | None) -> None:
+        return None  # integer indices have no tangent
 
     @staticmethod
     def vmap(

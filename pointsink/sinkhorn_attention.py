@@ -267,6 +267,40 @@ def differentiable_backward(
     )
 
 
+def differentiable_tangent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tangents: tuple[Tensor | None, Tensor | None, Tensor | None],
+    n_iter: int,
+    scale: float,
+    *,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    """Forward-mode derivative of the attention output, through the dense reference.
+
+    The memory-efficient backends' ``jvp`` (``torch.func.jvp``, ``jacfwd``, ``hessian``):
+    the tangent of ``(G, n, e)`` for tangents of ``q, k, v`` (None: zero), at the dense
+    reference's memory, ``O(n * m * n_iter)``.
+    """
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    primals = tuple(x.to(compute_dtype) for x in (q, k, v))
+    tangents = tuple(  # type: ignore[assignment]
+        torch.zeros_like(x) if t is None else t.to(compute_dtype)
+        for x, t in zip(primals, tangents, strict=True)
+    )
+    with _no_autocast(q.device.type):
+        _, tangent = torch.func.jvp(
+            lambda *inputs: dense_sinkhorn_attention(
+                *inputs, n_iter, scale, query_mask=query_mask, key_mask=key_mask
+            ),
+            primals,
+            tangents,
+        )
+    return tangent.to(q.dtype)
+
+
 def real_size_ratio(
     query_mask: Tensor | None,
     key_mask: Tensor | None,
@@ -716,15 +750,15 @@ def _chunked_backward(
 
 
 class SinkhornAttentionFunction(torch.autograd.Function):
-    """What the chunked and the Triton autograd Functions share: saving and ``vmap``.
+    """What the chunked and the Triton autograd Functions share: saving, ``vmap``, ``jvp``.
 
     Both take ``(q, k, v, n_iter, scale, tile_q, tile_k, query_mask, key_mask)`` on
     flattened ``(G, n, d)`` inputs and return ``(out, us, vs)``: the output and the
     potentials the tiled backward reads (outputs, marked non-differentiable, because
     ``torch.func`` transforms only let ``setup_context`` save inputs and outputs). The
-    ``setup_context`` style and the ``vmap`` rule make ``torch.func`` transforms (``grad``,
-    ``vmap``, ``jacrev``: per-sample gradients, Jacobians) work; forward-mode ones (``jvp``,
-    ``jacfwd``) do not.
+    ``setup_context`` style, the ``vmap`` rule and ``jvp`` make ``torch.func`` transforms
+    (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``jacfwd``, ``hessian``: per-sample gradients,
+    Jacobians) work.
     """
 
     @staticmethod
@@ -735,9 +769,27 @@ class SinkhornAttentionFunction(torch.autograd.Function):
         # The masks are prepare_masks's copies, so a caller changing its own in place before
         # the backward changes nothing.
         ctx.save_for_backward(q, k, v, out, us, vs, query_mask, key_mask)
+        ctx.save_for_forward(q, k, v, query_mask, key_mask)
         ctx.n_iter = n_iter  # type: ignore[attr-defined]
         ctx.scale = scale  # type: ignore[attr-defined]
         ctx.tiles = (tile_q, tile_k)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def jvp(
+        ctx: FunctionCtx, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None, *_: Any
+    ) -> tuple[Tensor, None, None]:
+        q, k, v, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
+        tangent = differentiable_tangent(
+            q,
+            k,
+            v,
+            (dq, dk, dv),
+            ctx.n_iter,  # type: ignore[attr-defined]
+            ctx.scale,  # type: ignore[attr-defined]
+            query_mask=query_mask,
+            key_mask=key_mask,
+        )
+        return tangent, None, None  # the potentials are not differentiable
 
 
 def vmap_by_folding(

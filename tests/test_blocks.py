@@ -588,3 +588,16 @@ def test_per_sample_gradients_with_torch_func(options: dict) -> None:
         loss(dict(model.named_parameters()), points[i], mask[i], labels[i]).backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(per_sample[name][i], p.grad, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("options", [{"num_groups": 8, "group_size": 4}, {"local_neighbors": 4}])
+def test_forward_and_reverse_jacobians_agree_through_the_embeddings(options: dict) -> None:
+    # Forward mode (jacfwd) through farthest-point sampling, k-NN grouping or EdgeConv and
+    # Sinkhorn attention gives the reverse-mode Jacobian of the logits w.r.t. the points.
+    from torch.func import jacfwd, jacrev
+
+    model = SetSinkformer(3, channels=16, num_heads=2, **options).double().eval()
+    points = torch.randn(1, 24, 3, dtype=torch.float64)
+    forward = jacfwd(model)(points)
+    torch.testing.assert_close(forward, jacrev(model)(points), atol=1e-12, rtol=1e-9)
+    assert forward.abs().sum() > 0

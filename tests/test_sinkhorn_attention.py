@@ -207,6 +207,33 @@ def test_torch_func_transforms_match_a_loop_of_dense_attention(masked: bool) -> 
     torch.testing.assert_close(jacobian, want_jacobian, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_forward_mode_matches_dense_attention(masked: bool) -> None:
+    # jvp, jacfwd and hessian (forward over reverse) through the chunked backend, against
+    # the same transforms of dense attention and against reverse mode.
+    from torch.func import hessian, jacfwd, jacrev, jvp
+
+    q, k, v = (t.detach() for t in _qkv((2,), 7, 6))
+    query_mask, key_mask = _masks((2,), 7, 6) if masked else (None, None)
+    masks = {"query_mask": query_mask, "key_mask": key_mask}
+
+    def chunked(q, k, v):
+        return sinkhorn_attention(q, k, v, 4, chunk_size=(2, 2), **masks)
+
+    def dense(q, k, v):
+        return dense_sinkhorn_attention(q, k, v, 4, **masks)
+
+    def tangent_of(attention) -> torch.Tensor:  # v held constant
+        return jvp(lambda q, k: attention(q, k, v), (q, k), (torch.ones_like(q), k.sin()))[1]
+
+    torch.testing.assert_close(tangent_of(chunked), tangent_of(dense), atol=1e-12, rtol=0)
+    jacobian = jacfwd(lambda k: chunked(q, k, v))(k)
+    torch.testing.assert_close(jacobian, jacrev(lambda k: dense(q, k, v))(k), atol=1e-12, rtol=0)
+    got = hessian(lambda v: chunked(q, k, v).square().sum())(v)
+    want = hessian(lambda v: dense(q, k, v).square().sum())(v)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
 def test_vmap_rule_of_the_chunked_function_keeps_each_samples_potentials() -> None:
     # The tiled backward reads the saved potentials, so the vmap rule must return them with
     # their sample dimension in place (it is dimension 1 of (T', G, n)), as one call per
