@@ -63,7 +63,7 @@ from pointsink.transforms import (
     turn_about_vertical,
     up_axis_rotation,
 )
-from pointsink.validation import check_int
+from pointsink.validation import check_int, check_real
 
 __all__ = [
     "CACHE_VERSION",
@@ -597,8 +597,7 @@ def stratified_split(
     Returns:
         Sorted ``(train_indices, val_indices)``, disjoint, covering ``range(S)``.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}.")
+    check_real("val_fraction", val_fraction, 0.0, 1.0, high_open=True)
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     val_parts = []
@@ -912,12 +911,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         sample_seed = check_int("sample_seed", sample_seed, minimum=0)
         if preprocess_workers is not None:
             preprocess_workers = check_int("preprocess_workers", preprocess_workers, minimum=1)
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}.")
-        if not 0.0 <= eval_rotation_degrees <= 180.0:
-            raise ValueError(
-                f"eval_rotation_degrees must be in [0, 180]; got {eval_rotation_degrees}."
-            )
+        check_real("val_fraction", val_fraction, 0.0, 1.0, high_open=True)
+        check_real("eval_rotation_degrees", eval_rotation_degrees, 0.0, 180.0)
         self.eval_rotation_degrees = float(eval_rotation_degrees)
 
         # expanduser (here and for cache_dir): a YAML ``root: ~/data/...`` would otherwise

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping
-from numbers import Real
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -24,7 +23,13 @@ from pointsink.blocks import (
     SetAttentionBlock,
 )
 from pointsink.embedding import EdgeConvEmbedding, SetAbstraction
-from pointsink.validation import check_bool, check_int, check_set_batch, check_set_mask
+from pointsink.validation import (
+    check_bool,
+    check_int,
+    check_real,
+    check_set_batch,
+    check_set_mask,
+)
 
 __all__ = ["DEFAULT_N_ITER", "SetSinkformer", "unused_settings"]
 
@@ -128,9 +133,8 @@ class SetSinkformer(nn.Module):
         num_seeds = check_int("num_seeds", num_seeds)
         check_int("local_neighbors", local_neighbors, minimum=0)
         check_int("local_channels", local_channels)
-        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
-            # nn.Dropout takes True as p = 1 (every feature dropped) and NaN silently.
-            raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}.")
+        # nn.Dropout takes True as p = 1 (every feature dropped) and NaN silently.
+        check_real("dropout", dropout, 0.0, 1.0, high_open=True)
         check_int("num_groups", num_groups, minimum=0)
         check_int("group_hidden_layers", group_hidden_layers)
         if check_bool("normalize_offsets", normalize_offsets) and num_groups == 0:

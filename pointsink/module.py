@@ -25,7 +25,7 @@ from pointsink.inference import (
 )
 from pointsink.model import DEFAULT_N_ITER, SetSinkformer, unused_settings
 from pointsink.transforms import mix_point_regions
-from pointsink.validation import check_int, plain_value
+from pointsink.validation import check_int, check_real, plain_value
 
 __all__ = ["MeanClassAccuracy", "MeanLoss", "SinkformerClassifier"]
 
@@ -239,14 +239,15 @@ class SinkformerClassifier(pl.LightningModule):
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}; got {scheduler!r}.")
         check_int("warmup_epochs", warmup_epochs, minimum=0)
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}.")
-        if logit_adjustment < 0:
-            raise ValueError(f"logit_adjustment must be >= 0, got {logit_adjustment}.")
-        if not 0.0 <= mix_probability <= 1.0:
-            raise ValueError(f"mix_probability must be in [0, 1], got {mix_probability}.")
-        if not mix_alpha > 0.0:
-            raise ValueError(f"mix_alpha must be > 0, got {mix_alpha}.")
+        # Here rather than where they are used: a negative learning rate would fail only when
+        # the optimizer is built, a label smoothing above 1 only in the first training step.
+        check_real("lr", lr, 0.0)  # 0 freezes the weights (torch allows it; a test uses it)
+        check_real("weight_decay", weight_decay, 0.0)
+        check_real("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
+        check_real("label_smoothing", label_smoothing, 0.0, 1.0)
+        check_real("logit_adjustment", logit_adjustment, 0.0)
+        check_real("mix_probability", mix_probability, 0.0, 1.0)
+        check_real("mix_alpha", mix_alpha, 0.0, low_open=True)
         # Saved as plain Python values (no NumPy scalars or paths), so that every checkpoint
         # loads with torch.load(weights_only=True).
         arguments = locals()

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from pointsink.embedding import knn_indices
 from pointsink.io import ShapeLoadError, as_shape, load_shape
-from pointsink.validation import check_int
+from pointsink.validation import check_int, check_real
 
 __all__ = [
     "PointCloudAugmentation",
@@ -435,8 +435,7 @@ def turn_about_vertical(
     """
     if points.dim() != 3 or points.shape[-1] != 3:
         raise ValueError(f"points must have shape (S, N, 3); got {tuple(points.shape)}.")
-    if not 0.0 <= max_degrees <= 180.0:
-        raise ValueError(f"max_degrees must be in [0, 180]; got {max_degrees}.")
+    check_real("max_degrees", max_degrees, 0.0, 180.0)
     generator = torch.Generator().manual_seed(seed)
     uniform = torch.rand(len(points), generator=generator, dtype=torch.float64)
     angles = math.radians(max_degrees) * (2.0 * uniform - 1.0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,7 @@ __all__ = [
     "autocast_enabled",
     "check_bool_mask",
     "check_int",
+    "check_real",
     "check_set_batch",
     "check_set_mask",
     "plain_value",
@@ -40,6 +43,53 @@ def check_int(name: str, value: Any, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}; got {value}.")
     return int(value)
+
+
+def check_real(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Checks a real-valued argument against an interval and returns it as a ``float``.
+
+    Python and NumPy numbers pass; bools, strings and NaN do not, so that ``True`` in a
+    config or a NaN that every comparison lets through is reported rather than used.
+
+    Args:
+        name: The argument's name, as the user wrote it (used in the message).
+        value: The value to check.
+        low: The lower bound, or None for none.
+        high: The upper bound, or None for none.
+        low_open: Whether ``low`` itself is excluded.
+        high_open: Whether ``high`` itself is excluded.
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: ``value`` is not a real number or lies outside the interval; the
+            message names the interval, e.g. ``val_fraction must be a number in [0, 1)``.
+    """
+    fits = isinstance(value, Real) and not isinstance(value, bool) and not math.isnan(value)
+    if fits and low is not None:
+        fits = value > low if low_open else value >= low
+    if fits and high is not None:
+        fits = value < high if high_open else value <= high
+    if not fits:
+        if low is not None and high is not None:
+            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            interval = f"{'>' if low_open else '>='} {low:g}"
+        elif high is not None:
+            interval = f"{'<' if high_open else '<='} {high:g}"
+        else:
+            interval = "(not NaN)"
+        raise ValueError(f"{name} must be a number {interval}; got {value!r}.")
+    return float(value)
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -608,8 +608,8 @@ def test_augmentation_settings_reach_the_training_set(tmp_path, make_shape_folde
     ("kwargs", "message"),
     [
         ({"num_points": 1}, "num_points must be at least 2; got 1"),
-        ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
-        ({"val_fraction": -0.1}, r"val_fraction must be in \[0, 1\)"),
+        ({"val_fraction": 1.0}, r"val_fraction must be a number in \[0, 1\)"),
+        ({"val_fraction": -0.1}, r"val_fraction must be a number in \[0, 1\)"),
         ({"batch_size": 0}, "batch_size must be at least 1"),
         ({"class_names": []}, "non-empty"),
         ({"scale_low": 0.0}, "scale_low"),
@@ -1010,7 +1010,7 @@ def test_eval_rotation_turns_validation_and_test_shapes_once(tmp_path, make_shap
     again = _datamodule(root, tmp_path, val_fraction=0.2, up_axis=1, eval_rotation_degrees=180)
     again.setup("test")
     torch.testing.assert_close(again.test_dataset.points, turned.test_dataset.points)
-    with pytest.raises(ValueError, match=r"eval_rotation_degrees must be in \[0, 180\]"):
+    with pytest.raises(ValueError, match=r"eval_rotation_degrees must be a number in \[0, 180\]"):
         _datamodule(root, tmp_path, eval_rotation_degrees=-5)
 
 

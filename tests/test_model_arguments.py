@@ -85,7 +85,7 @@ def test_heads_must_divide_channels() -> None:
 @pytest.mark.parametrize("dropout", [True, float("nan"), 1.0, -0.1, "0.1"])
 def test_dropout_must_be_a_probability(dropout: object) -> None:
     # nn.Dropout took True as p = 1: every feature dropped, a model that cannot learn.
-    with pytest.raises(ValueError, match=r"^dropout must be a probability"):
+    with pytest.raises(ValueError, match=r"^dropout must be a number in \[0, 1\)"):
         SetSinkformer(3, dropout=dropout)
 
 

@@ -616,8 +616,13 @@ def test_optimizer_gets_its_class_lr_and_weight_decay(name: str, optimizer_class
         ({"optimizer": "sgd"}, "optimizer must be"),
         ({"scheduler": "linear"}, r"scheduler must be one of \('cosine', 'step', 'none'\)"),
         ({"warmup_epochs": -1}, "warmup_epochs must be at least 0"),
-        ({"min_lr_ratio": -0.1}, r"min_lr_ratio must be in \[0, 1\]"),
+        ({"min_lr_ratio": -0.1}, r"min_lr_ratio must be a number in \[0, 1\]"),
         ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
+        ({"lr": -1e-3}, r"lr must be a number >= 0; got -0\.001"),
+        ({"weight_decay": -0.05}, r"weight_decay must be a number >= 0"),
+        ({"label_smoothing": 1.5}, r"label_smoothing must be a number in \[0, 1\]"),
+        ({"label_smoothing": float("nan")}, "label_smoothing must be"),
+        ({"logit_adjustment": -1.0}, "logit_adjustment must be a number >= 0"),
     ],
 )
 def test_unknown_optimization_settings_are_refused(kwargs: dict, message: str) -> None:

@@ -519,7 +519,7 @@ def test_turn_about_vertical_draws_one_seeded_angle_per_set_within_the_range() -
     assert not torch.allclose(turn_about_vertical(points, 30.0, 2, seed=8), turned)
     assert torch.equal(turn_about_vertical(points, 0.0, 2, seed=7), points)
     for bad in (-1.0, 181.0):
-        with pytest.raises(ValueError, match=r"max_degrees must be in \[0, 180\]"):
+        with pytest.raises(ValueError, match=r"max_degrees must be a number in \[0, 180\]"):
             turn_about_vertical(points, bad)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from pointsink.model import SetSinkformer
 from pointsink.sinkhorn import sinkhorn
-from pointsink.validation import check_int, check_set_batch
+from pointsink.validation import check_int, check_real, check_set_batch
 
 
 @pytest.mark.parametrize("value", [3, np.int64(3), np.int32(3)])
@@ -26,6 +26,33 @@ def test_minimum_is_inclusive() -> None:
     assert check_int("seed", 0, minimum=0) == 0
     with pytest.raises(ValueError, match="seed must be at least 0; got -1"):
         check_int("seed", -1, minimum=0)
+
+
+@pytest.mark.parametrize("value", [0.25, 0, np.float32(0.25), np.int64(0)])
+def test_check_real_accepts_python_and_numpy_numbers_inside(value: object) -> None:
+    result = check_real("val_fraction", value, 0.0, 1.0, high_open=True)
+    assert result == float(value)
+    assert type(result) is float
+
+
+@pytest.mark.parametrize(
+    ("value", "bounds", "message"),
+    [
+        (1.0, {"low": 0.0, "high": 1.0, "high_open": True}, r"in \[0, 1\); got 1\.0"),
+        (0.0, {"low": 0.0, "high": 1.0, "low_open": True}, r"in \(0, 1\]; got 0\.0"),
+        (-0.5, {"low": 0.0}, r">= 0; got -0\.5"),
+        (0.0, {"low": 0.0, "low_open": True}, r"> 0; got 0\.0"),
+        (2.0, {"high": 1.0, "high_open": True}, r"< 1; got 2\.0"),
+        (True, {"low": 0.0, "high": 1.0}, r"in \[0, 1\]; got True"),
+        ("0.5", {"low": 0.0, "high": 1.0}, r"in \[0, 1\]; got '0\.5'"),
+        (float("nan"), {}, r"\(not NaN\); got nan"),
+        (float("nan"), {"low": 0.0}, r">= 0; got nan"),
+        (None, {"high": 180.0}, r"<= 180; got None"),
+    ],
+)
+def test_check_real_names_the_interval(value: object, bounds: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=r"^ratio must be a number " + message):
+        check_real("ratio", value, **bounds)
 
 
 def test_callers_report_the_argument_they_were_given() -> None:
