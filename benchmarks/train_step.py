@@ -10,7 +10,10 @@ default) and times, on random point sets of the config's batch size and point co
 * ``training step``: forward, cross-entropy, backward and an AdamW step (lr 1e-3) of the
   whole model: nearly what an epoch repeats (data loading and validation excluded), without
   the config's label smoothing, gradient clipping and optimizer settings (what they add is
-  not measured here).
+  not measured here);
+* with ``--per-sample-gradients``: the gradient of each sample's loss, by ``torch.func``
+  (``vmap`` of ``grad`` over ``functional_call``, dropout drawn per sample) and by one
+  backward pass per sample.
 
 Under the config's precision (``bf16-mixed`` runs the model under CPU/CUDA bf16 autocast).
 Each line reports the minimum and the median over ``--repeats`` runs after ``--warmup``; on
@@ -119,6 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
+        "--per-sample-gradients",
+        action="store_true",
+        help="also time per-sample gradients: torch.func against one backward per sample",
+    )
+    parser.add_argument(
         "--padded-fraction",
         type=float,
         default=None,
@@ -187,6 +195,33 @@ def main(argv: list[str] | None = None) -> None:
             ("set abstraction fwd+bwd", embedding_step),
         ]  # fmt: skip
     parts.append(("training step (fwd, loss, bwd, AdamW)", training_step))
+    if args.per_sample_gradients:
+        parameters = dict(module.named_parameters())
+
+        def sample_loss(params: dict, points: torch.Tensor, mask, label: torch.Tensor):
+            inputs = (points[None], None if mask is None else mask[None])
+            with precision():
+                logits = torch.func.functional_call(module, params, inputs)
+            return F.cross_entropy(logits.float(), label[None])
+
+        per_sample = torch.func.vmap(
+            torch.func.grad(sample_loss),
+            in_dims=(None, 0, None if mask is None else 0, 0),
+            randomness="different",
+        )
+
+        def one_backward_per_sample() -> None:
+            for i in range(batch_size):
+                sample_mask = None if mask is None else mask[i]
+                loss = sample_loss(parameters, points[i], sample_mask, labels[i])
+                torch.autograd.grad(loss, list(parameters.values()))
+
+        detached = {name: p.detach() for name, p in parameters.items()}
+        parts += [
+            ("per-sample gradients, torch.func vmap(grad)",
+             lambda: per_sample(detached, points, mask, labels)),
+            ("per-sample gradients, one backward per sample", one_backward_per_sample),
+        ]  # fmt: skip
     module.train()
     print(
         f"config {args.config}, batch {batch_size} x {num_points} points, "

@@ -45,6 +45,23 @@ def test_grouped_config_times_the_set_abstraction_parts(
     ]
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_per_sample_gradients_are_timed_both_ways(
+    train_step, tmp_path: Path, capsys: pytest.CaptureFixture[str], padded: bool
+) -> None:
+    config = yaml.safe_load(TINY.read_text())
+    config["model"].update(num_groups=8, group_size=4)
+    path = tmp_path / "grouped.yaml"
+    path.write_text(yaml.safe_dump(config))
+    padding = ["--padded-fraction", "0.25"] if padded else []
+    arguments = ["--config", str(path), "--warmup", "0", "--repeats", "1", *padding]
+    train_step.main([*arguments, "--per-sample-gradients"])
+    assert _rows(capsys.readouterr().out)[-2:] == [
+        "per-sample gradients, torch.func vmap(grad)",
+        "per-sample gradients, one backward per sample",
+    ]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")
 def test_cuda_without_a_gpu_is_a_clear_error(
     train_step, capsys: pytest.CaptureFixture[str]
