@@ -57,8 +57,8 @@ def test_per_sample_gradients_are_timed_both_ways(
     arguments = ["--config", str(path), "--warmup", "0", "--repeats", "1", *padding]
     train_step.main([*arguments, "--per-sample-gradients"])
     assert _rows(capsys.readouterr().out)[-2:] == [
-        "per-sample gradients, torch.func vmap(grad)",
-        "per-sample gradients, one backward per sample",
+        "per-sample gradients (fp32), torch.func vmap(grad)",
+        "per-sample gradients (fp32), one backward per sample",
     ]
 
 
