@@ -465,8 +465,9 @@ def _validate_points(array: np.ndarray, source: str) -> np.ndarray:
     points = points.astype(np.float64)  # always a copy, so callers may modify it freely
     if not np.isfinite(points).all():
         raise ShapeLoadError(f"{source}: the point cloud has NaN or infinite coordinates.")
-    if np.ptp(points, axis=0).max() == 0.0:
-        # Would make the unit-sphere normalization divide by zero.
+    if (points == points[:1]).all():
+        # Would make the unit-sphere normalization divide by zero. Compared, not np.ptp:
+        # max - min overflows (a RuntimeWarning) for coordinates near +-1.7e308.
         raise ShapeLoadError(f"{source}: the point cloud is degenerate (all points coincide).")
     return points
 

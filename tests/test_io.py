@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,16 @@ def test_flat_mesh_is_still_degenerate_at_extreme_scales():
         mesh = trimesh.Trimesh(flat * scale, [[0, 1, 2]], process=False)
         with np.errstate(all="ignore"), pytest.raises(ShapeLoadError, match="degenerate"):
             as_shape(mesh)
+
+
+def test_point_cloud_spanning_the_float64_range_loads_without_overflow_warnings():
+    # max - min of these coordinates overflows; the loader's coincidence check must not.
+    points = np.array([[-1.7e308, 0.0, 0.0], [1.7e308, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(as_shape(points), points)
+    with pytest.raises(ShapeLoadError, match="all points coincide"):
+        as_shape(np.full((3, 3), -1.7e308))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
