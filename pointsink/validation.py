@@ -1,4 +1,4 @@
-"""Argument checks shared across the package, so every integer argument fails the same way."""
+"""Argument checks shared across the package: every integer or real argument fails alike."""
 
 from __future__ import annotations
 
