@@ -386,9 +386,14 @@ def test_farthest_point_sampling_under_vmap_is_one_call_per_sample() -> None:
         points.transpose(0, 1), mask
     )
     shared = vmap(lambda m: farthest_point_sampling(points[0], 12, mask=m))(mask)
+    # And a mask shared by all samples, with the points vmapped over dimension 1.
+    shared_mask = vmap(lambda p: farthest_point_sampling(p, 12, mask=mask[0]), in_dims=1)(
+        points.transpose(0, 1)
+    )
     for s in range(3):
         assert torch.equal(got[s], farthest_point_sampling(points[s], 12, mask=mask[s]))
         assert torch.equal(shared[s], farthest_point_sampling(points[0], 12, mask=mask[s]))
+        assert torch.equal(shared_mask[s], farthest_point_sampling(points[s], 12, mask=mask[0]))
 
 
 def test_normalized_offsets_of_coinciding_points_stay_finite_in_half_precision() -> None:

@@ -348,6 +348,11 @@ def test_point_cloud_spanning_the_float64_range_loads_without_overflow_warnings(
         np.testing.assert_array_equal(as_shape(points), points)
     with pytest.raises(ShapeLoadError, match="all points coincide"):
         as_shape(np.full((3, 3), -1.7e308))
+    # Points that differ in one coordinate only do not coincide.
+    for axis in range(3):
+        line = np.zeros((3, 3))
+        line[:, axis] = [0.0, 1.0, 2.0]
+        np.testing.assert_array_equal(as_shape(line), line)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

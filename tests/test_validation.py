@@ -35,6 +35,12 @@ def test_check_real_accepts_python_and_numpy_numbers_inside(value: object) -> No
     assert type(result) is float
 
 
+def test_check_real_closed_bounds_include_their_ends() -> None:
+    assert check_real("p", 0.0, 0.0, 1.0) == 0.0
+    assert check_real("p", 1.0, 0.0, 1.0) == 1.0
+    assert check_real("degrees", 180, high=180.0) == 180.0
+
+
 @pytest.mark.parametrize(
     ("value", "bounds", "message"),
     [
