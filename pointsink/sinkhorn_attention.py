@@ -271,7 +271,7 @@ def differentiable_tangent(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    tangents: tuple[Tensor | None, Tensor | None, Tensor | None],
+    tangents: tuple[Tensor, Tensor, Tensor],
     n_iter: int,
     scale: float,
     *,
@@ -281,15 +281,13 @@ def differentiable_tangent(
     """Forward-mode derivative of the attention output, through the dense reference.
 
     The memory-efficient backends' ``jvp`` (``torch.func.jvp``, ``jacfwd``, ``hessian``):
-    the tangent of ``(G, n, e)`` for tangents of ``q, k, v`` (None: zero), at the dense
-    reference's memory, ``O(n * m * n_iter)``.
+    the tangent of ``(G, n, e)`` for tangents of ``q, k, v``, at the dense reference's
+    memory, ``O(n * m * n_iter)``. Autograd passes zeros for inputs without a tangent (it
+    materializes them, as it does gradients).
     """
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     primals = tuple(x.to(compute_dtype) for x in (q, k, v))
-    tangents = tuple(  # type: ignore[assignment]
-        torch.zeros_like(x) if t is None else t.to(compute_dtype)
-        for x, t in zip(primals, tangents, strict=True)
-    )
+    tangents = tuple(t.to(compute_dtype) for t in tangents)  # type: ignore[assignment]
     with _no_autocast(q.device.type):
         _, tangent = torch.func.jvp(
             lambda *inputs: dense_sinkhorn_attention(
@@ -776,7 +774,7 @@ class SinkhornAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(
-        ctx: FunctionCtx, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None, *_: Any
+        ctx: FunctionCtx, dq: Tensor, dk: Tensor, dv: Tensor, *_: Any
     ) -> tuple[Tensor, None, None]:
         q, k, v, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
         tangent = differentiable_tangent(
