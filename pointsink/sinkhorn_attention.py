@@ -241,18 +241,12 @@ def differentiable_backward(
     q, k, v = ctx.saved_tensors[:3]  # type: ignore[attr-defined]
     needed = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    reference = _dense_reference(n_iter, scale, query_mask, key_mask, compute_dtype)
 
     def attention(*wanted: Tensor) -> Tensor:
         given = iter(wanted)
-        q_, k_, v_ = (next(given) if need else x for x, need in zip((q, k, v), needed, strict=True))
-        return dense_sinkhorn_attention(
-            q_.to(compute_dtype),
-            k_.to(compute_dtype),
-            v_.to(compute_dtype),
-            n_iter,
-            scale,
-            query_mask=query_mask,
-            key_mask=key_mask,
+        return reference(
+            *(next(given) if need else x for x, need in zip((q, k, v), needed, strict=True))
         )
 
     with _no_autocast(q.device.type):
@@ -286,17 +280,36 @@ def differentiable_tangent(
     materializes them, as it does gradients).
     """
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    primals = tuple(x.to(compute_dtype) for x in (q, k, v))
-    tangents = tuple(t.to(compute_dtype) for t in tangents)  # type: ignore[assignment]
+    reference = _dense_reference(n_iter, scale, query_mask, key_mask, compute_dtype)
     with _no_autocast(q.device.type):
-        _, tangent = torch.func.jvp(
-            lambda *inputs: dense_sinkhorn_attention(
-                *inputs, n_iter, scale, query_mask=query_mask, key_mask=key_mask
-            ),
-            primals,
-            tangents,
-        )
+        _, tangent = torch.func.jvp(reference, (q, k, v), tangents)
     return tangent.to(q.dtype)
+
+
+def _dense_reference(
+    n_iter: int,
+    scale: float,
+    query_mask: Tensor | None,
+    key_mask: Tensor | None,
+    compute_dtype: torch.dtype,
+) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """Dense attention of ``(q, k, v)``, computed in ``compute_dtype``.
+
+    What :func:`differentiable_backward` and :func:`differentiable_tangent` differentiate.
+    """
+
+    def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return dense_sinkhorn_attention(
+            q.to(compute_dtype),
+            k.to(compute_dtype),
+            v.to(compute_dtype),
+            n_iter,
+            scale,
+            query_mask=query_mask,
+            key_mask=key_mask,
+        )
+
+    return attention
 
 
 def real_size_ratio(
