@@ -912,8 +912,9 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         if preprocess_workers is not None:
             preprocess_workers = check_int("preprocess_workers", preprocess_workers, minimum=1)
         check_real("val_fraction", val_fraction, 0.0, 1.0, high_open=True)
-        check_real("eval_rotation_degrees", eval_rotation_degrees, 0.0, 180.0)
-        self.eval_rotation_degrees = float(eval_rotation_degrees)
+        self.eval_rotation_degrees = check_real(
+            "eval_rotation_degrees", eval_rotation_degrees, 0.0, 180.0
+        )
 
         # expanduser (here and for cache_dir): a YAML ``root: ~/data/...`` would otherwise
         # name a folder "~" in the working directory.
