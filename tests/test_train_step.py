@@ -18,6 +18,15 @@ def train_step():
     return load_benchmark("train_step")
 
 
+def _grouped_config(tmp_path: Path) -> Path:
+    """The tiny config with a set abstraction (8 groups of 4 points), written to a file."""
+    config = yaml.safe_load(TINY.read_text())
+    config["model"].update(num_groups=8, group_size=4)
+    path = tmp_path / "grouped.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def _rows(output: str) -> list[str]:
     return [line.split("|")[1].strip() for line in output.splitlines() if line.startswith("| ")]
 
@@ -32,10 +41,7 @@ def test_config_without_grouping_times_the_step_only(
 def test_grouped_config_times_the_set_abstraction_parts(
     train_step, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = yaml.safe_load(TINY.read_text())
-    config["model"].update(num_groups=8, group_size=4)
-    path = tmp_path / "grouped.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _grouped_config(tmp_path)
     train_step.main(["--config", str(path), "--warmup", "0", "--repeats", "1"])
     assert _rows(capsys.readouterr().out)[1:] == [
         "farthest_point_sampling (8 of 32)",
@@ -49,10 +55,7 @@ def test_grouped_config_times_the_set_abstraction_parts(
 def test_per_sample_gradients_are_timed_both_ways(
     train_step, tmp_path: Path, capsys: pytest.CaptureFixture[str], padded: bool
 ) -> None:
-    config = yaml.safe_load(TINY.read_text())
-    config["model"].update(num_groups=8, group_size=4)
-    path = tmp_path / "grouped.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _grouped_config(tmp_path)
     padding = ["--padded-fraction", "0.25"] if padded else []
     arguments = ["--config", str(path), "--warmup", "0", "--repeats", "1", *padding]
     train_step.main([*arguments, "--per-sample-gradients"])
@@ -76,10 +79,7 @@ def test_padded_fraction_times_the_masked_path(
 ) -> None:
     from pointsink.embedding import SetAbstraction
 
-    config = yaml.safe_load(TINY.read_text())
-    config["model"].update(num_groups=8, group_size=4)
-    path = tmp_path / "grouped.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _grouped_config(tmp_path)
     masks = []
     forward = SetAbstraction.forward
 
