@@ -769,7 +769,7 @@ class SinkhornAttentionFunction(torch.autograd.Function):
     ``torch.func`` transforms only let ``setup_context`` save inputs and outputs). The
     ``setup_context`` style, the ``vmap`` rule and ``jvp`` make ``torch.func`` transforms
     (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``jacfwd``, ``hessian``: per-sample gradients,
-    Jacobians) work.
+    Jacobians) work. Each backend supplies its forward and :meth:`tiled_backward`.
     """
 
     @staticmethod
@@ -801,6 +801,29 @@ class SinkhornAttentionFunction(torch.autograd.Function):
             key_mask=key_mask,
         )
         return tangent, None, None  # the potentials are not differentiable
+
+    @classmethod
+    def backward(  # type: ignore[override]
+        cls, ctx: FunctionCtx, dout: Tensor, _dus: Tensor | None, _dvs: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: higher-order gradients follow
+            *_, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
+            grads = differentiable_backward(
+                ctx,
+                dout,
+                ctx.n_iter,  # type: ignore[attr-defined]
+                ctx.scale,  # type: ignore[attr-defined]
+                query_mask=query_mask,
+                key_mask=key_mask,
+            )
+        else:
+            grads = cls.tiled_backward(ctx, dout)
+        return (*grads, *(None,) * 6)  # n_iter, scale, the two tile sizes and the masks
+
+    @staticmethod
+    def tiled_backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The backend's own backward pass (not differentiable): gradients for q, k, v."""
+        raise NotImplementedError
 
 
 def vmap_by_folding(
@@ -869,18 +892,10 @@ class _ChunkedSinkhornAttention(SinkhornAttentionFunction):
         return vmap_by_folding(_ChunkedSinkhornAttention, info, in_dims, inputs)
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: FunctionCtx, dout: Tensor, _dus: Tensor | None, _dvs: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def tiled_backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         n_iter: int = ctx.n_iter  # type: ignore[attr-defined]
         scale: float = ctx.scale  # type: ignore[attr-defined]
         q, k, v, out, us, vs, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
-        no_grads = (None,) * 6  # n_iter, scale, chunk_q, chunk_k and the masks
-        if torch.is_grad_enabled():  # create_graph=True: higher-order gradients follow
-            grads = differentiable_backward(
-                ctx, dout, n_iter, scale, query_mask=query_mask, key_mask=key_mask
-            )
-            return (*grads, *no_grads)
         compute_dtype = us.dtype
         col_factor = real_size_ratio(
             query_mask, key_mask, q.shape[0], q.shape[1], k.shape[1], compute_dtype
@@ -899,7 +914,7 @@ class _ChunkedSinkhornAttention(SinkhornAttentionFunction):
                 col_factor,
             )
             dq = dq.mul_(scale).to(q.dtype)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), *no_grads
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _flatten(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, torch.Size]:

@@ -75,7 +75,6 @@ from pointsink.sinkhorn_attention import (
     MASKED_LOG_MASS,
     SinkhornAttentionFunction,
     _check_inputs,
-    differentiable_backward,
     on_launch_device,
     real_size_ratio,
     score_gradient_factors,
@@ -755,18 +754,10 @@ class _TritonSinkhornAttention(SinkhornAttentionFunction):
         return vmap_by_folding(_TritonSinkhornAttention, info, in_dims, inputs)
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: FunctionCtx, dout: Tensor, _dus: Tensor | None, _dvs: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def tiled_backward(ctx: FunctionCtx, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         n_iter: int = ctx.n_iter  # type: ignore[attr-defined]
         scale: float = ctx.scale  # type: ignore[attr-defined]
         q, k, v, out, us, vs, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
-        no_grads = (None,) * 6  # n_iter, scale, block_m, block_n and the masks
-        if torch.is_grad_enabled():  # create_graph=True: higher-order gradients follow
-            grads = differentiable_backward(
-                ctx, dout, n_iter, scale, query_mask=query_mask, key_mask=key_mask
-            )
-            return (*grads, *no_grads)
         dout = dout.contiguous()
         g, n, d = q.shape
         m, e = v.shape[1], v.shape[2]
@@ -834,7 +825,7 @@ class _TritonSinkhornAttention(SinkhornAttentionFunction):
             n, m, nbn_dkdv, n_u, n_v, g * n, g * m, scale,
             D=d, E=e, BLOCK_E=block_e, HAS_DV=n_iter == 1, **terms, **dkdv_args,
         )  # fmt: skip
-        return dq, dk, dv, *no_grads
+        return dq, dk, dv
 
 
 def _check_grouped_inputs(
