@@ -209,13 +209,7 @@ def dense_sinkhorn_attention(
 
 
 def differentiable_backward(
-    ctx: FunctionCtx,
-    dout: Tensor,
-    n_iter: int,
-    scale: float,
-    *,
-    query_mask: Tensor | None = None,
-    key_mask: Tensor | None = None,
+    ctx: FunctionCtx, dout: Tensor
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients for ``q, k, v`` with a graph, through the dense reference.
 
@@ -227,21 +221,25 @@ def differentiable_backward(
     gradient. The recomputation costs the dense reference's memory, ``O(n * m * n_iter)``.
 
     Args:
-        ctx: The autograd context, whose first three saved tensors are ``q, k, v``.
+        ctx: The context :meth:`SinkhornAttentionFunction.setup_context` filled: saved
+            ``q, k, v`` first and the ``(G, n)`` / ``(G, m)`` padding masks (or None) last,
+            ``n_iter`` and ``scale``.
         dout: Gradient of the output ``(G, n, e)``.
-        n_iter: Number of Sinkhorn normalizations.
-        scale: Logit scale.
-        query_mask: ``(G, n)`` bool padding mask of the queries, or None.
-        key_mask: ``(G, m)`` bool padding mask of the keys, or None.
 
     Returns:
         The gradients for ``q, k, v`` in their dtypes (None where no gradient is needed),
         differentiable with respect to the inputs and ``dout``.
     """
-    q, k, v = ctx.saved_tensors[:3]  # type: ignore[attr-defined]
+    q, k, v, *_, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
     needed = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    reference = _dense_reference(n_iter, scale, query_mask, key_mask, compute_dtype)
+    reference = _dense_reference(
+        ctx.n_iter,  # type: ignore[attr-defined]
+        ctx.scale,  # type: ignore[attr-defined]
+        query_mask,
+        key_mask,
+        compute_dtype,
+    )
 
     def attention(*wanted: Tensor) -> Tensor:
         given = iter(wanted)
@@ -807,15 +805,7 @@ class SinkhornAttentionFunction(torch.autograd.Function):
         cls, ctx: FunctionCtx, dout: Tensor, _dus: Tensor | None, _dvs: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():  # create_graph=True: higher-order gradients follow
-            *_, query_mask, key_mask = ctx.saved_tensors  # type: ignore[attr-defined]
-            grads = differentiable_backward(
-                ctx,
-                dout,
-                ctx.n_iter,  # type: ignore[attr-defined]
-                ctx.scale,  # type: ignore[attr-defined]
-                query_mask=query_mask,
-                key_mask=key_mask,
-            )
+            grads = differentiable_backward(ctx, dout)
         else:
             grads = cls.tiled_backward(ctx, dout)
         return (*grads, *(None,) * 6)  # n_iter, scale, the two tile sizes and the masks
