@@ -857,6 +857,8 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         jitter_clip: Augmentation: clipping of the point jitter.
         shuffle_points: Augmentation: whether to permute the points.
         max_translation: Augmentation: largest shift per axis (0: none).
+        max_point_dropout: Augmentation: largest fraction of points replaced by copies of
+            the first point (0: none; PointNet++ uses 0.875).
         eval_rotation_degrees: Turns every validation and test shape about ``up_axis`` by
             its own fixed random angle, uniform in ``[-d, d]`` (drawn once, in the split's
             order, seeded by ``sample_seed``; see
@@ -893,6 +895,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
         jitter_clip: float = 0.05,
         shuffle_points: bool = True,
         max_translation: float = 0.0,
+        max_point_dropout: float = 0.0,
         eval_rotation_degrees: float = 0.0,
         cache_dir: str | None = None,
         preprocess_workers: int | None = None,
@@ -955,6 +958,7 @@ class ShapeFolderDataModule(pl.LightningDataModule):
             jitter_clip=jitter_clip,
             shuffle=shuffle_points,
             max_translation=max_translation,
+            max_point_dropout=max_point_dropout,
         )
         self.augmentation: PointCloudAugmentation | None = augmentation if augment else None
         self.up_axis = augmentation.up_axis

@@ -1163,6 +1163,8 @@ def _augmentation_from_hparams(
             for key, argument in _AUGMENTATION_HPARAMS.items()
             if data_hparams.get(key) is not None
         }
+    # A view is there to show the shape in another pose; dropping points only hides it.
+    kwargs.pop("max_point_dropout", None)
     try:
         return PointCloudAugmentation(**kwargs)
     except (TypeError, ValueError) as error:

@@ -489,7 +489,8 @@ class PointCloudAugmentation(torch.nn.Module):
 
     In order: anisotropic scaling (one factor per axis), a small rotation about the up
     axis, an optional translation (one shift per axis, as in DGCNN's ModelNet training),
-    clipped Gaussian jitter and a random permutation of the points. Random numbers
+    clipped Gaussian jitter, an optional random point dropout (PointNet++'s ModelNet
+    training) and a random permutation of the points. Random numbers
     come from torch's global RNG unless a generator is passed. Lightning's seeding makes
     that RNG differ between dataloader workers only with ``seed_everything(workers=True)``,
     and never between DDP ranks without workers (every rank would draw the same
@@ -508,6 +509,11 @@ class PointCloudAugmentation(torch.nn.Module):
         max_translation: Each axis is shifted by a draw from
             ``[-max_translation, max_translation]`` (>= 0; 0 turns it off and draws
             nothing, so the other draws stay as without the option).
+        max_point_dropout: Each set drops a fraction of its points drawn from
+            ``[0, max_point_dropout]`` (each point independently with that probability)
+            and the dropped points become copies of the first point, so the set keeps its
+            size ``N`` while its density varies, as PointNet++'s ``random_point_dropout``
+            (Qi et al., 2017; 0.875 there). In ``[0, 1)``; 0 turns it off and draws nothing.
     """
 
     def __init__(
@@ -520,6 +526,7 @@ class PointCloudAugmentation(torch.nn.Module):
         jitter_clip: float = 0.05,
         shuffle: bool = True,
         max_translation: float = 0.0,
+        max_point_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         settings = {
@@ -529,6 +536,7 @@ class PointCloudAugmentation(torch.nn.Module):
             "jitter_sigma": jitter_sigma,
             "jitter_clip": jitter_clip,
             "max_translation": max_translation,
+            "max_point_dropout": max_point_dropout,
         }
         # NaN passes every comparison below (and would turn every point into NaN).
         not_finite = [
@@ -549,6 +557,8 @@ class PointCloudAugmentation(torch.nn.Module):
             )
         if max_translation < 0.0:
             raise ValueError(f"max_translation must be >= 0; got {max_translation}.")
+        if not 0.0 <= max_point_dropout < 1.0:
+            raise ValueError(f"max_point_dropout must be in [0, 1); got {max_point_dropout}.")
         self.scale_low = float(scale_low)
         self.scale_high = float(scale_high)
         self.max_rotation_degrees = float(max_rotation_degrees)
@@ -561,6 +571,7 @@ class PointCloudAugmentation(torch.nn.Module):
         self.jitter_clip = float(jitter_clip)
         self.shuffle = bool(shuffle)
         self.max_translation = float(max_translation)
+        self.max_point_dropout = float(max_point_dropout)
 
     def forward(self, points: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Returns an augmented copy of ``points``.
@@ -594,6 +605,10 @@ class PointCloudAugmentation(torch.nn.Module):
         if self.jitter_sigma > 0.0:
             noise = self.jitter_sigma * torch.randn(points.shape, generator=generator, **options)
             augmented = augmented + noise.clamp(-self.jitter_clip, self.jitter_clip)
+        if self.max_point_dropout > 0.0:
+            ratio = self.max_point_dropout * torch.rand((), generator=generator, **options)
+            dropped = torch.rand(len(points), generator=generator, **options) < ratio
+            augmented = torch.where(dropped.unsqueeze(-1), augmented[:1], augmented)
         if self.shuffle:
             order = torch.randperm(len(points), generator=generator, device=points.device)
             augmented = augmented[order]
@@ -614,6 +629,7 @@ class PointCloudAugmentation(torch.nn.Module):
             "jitter_clip": self.jitter_clip,
             "shuffle": self.shuffle,
             "max_translation": self.max_translation,
+            "max_point_dropout": self.max_point_dropout,
         }
 
     def extra_repr(self) -> str:
@@ -622,7 +638,8 @@ class PointCloudAugmentation(torch.nn.Module):
             f"scale=[{self.scale_low}, {self.scale_high}], "
             f"max_rotation_degrees={self.max_rotation_degrees}, up_axis={self.up_axis}, "
             f"jitter_sigma={self.jitter_sigma}, jitter_clip={self.jitter_clip}, "
-            f"shuffle={self.shuffle}, max_translation={self.max_translation}"
+            f"shuffle={self.shuffle}, max_translation={self.max_translation}, "
+            f"max_point_dropout={self.max_point_dropout}"
         )
 
 

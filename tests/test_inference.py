@@ -394,6 +394,20 @@ def test_unusable_recorded_augmentation_warns(checkpoint: Path, tmp_path: Path) 
     assert restored.up_axis == 1
 
 
+def test_voting_views_keep_every_point(checkpoint: Path, tmp_path: Path) -> None:
+    # A training that dropped points records it; voting's views only change the pose.
+    content = torch.load(checkpoint, weights_only=True)
+    recorded = PointCloudAugmentation(scale_low=0.9, max_point_dropout=0.875).settings()
+    content["hyper_parameters"]["augmentation"] = recorded
+    dropping = tmp_path / "point_dropout.ckpt"
+    torch.save(content, dropping)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored = ShapeClassifier.from_checkpoint(dropping)
+    expected = PointCloudAugmentation(scale_low=0.9).settings()
+    assert restored.augmentation.settings() == expected
+
+
 def test_too_few_points_for_the_model_are_refused() -> None:
     module = SinkformerClassifier(
         class_names=CLASSES, channels=8, num_heads=2, num_inducing_points=2, num_groups=8,

@@ -369,23 +369,50 @@ def test_jitter_is_clipped_and_shuffle_permutes():
     assert torch.equal(shuffled.sort(dim=0).values, points.sort(dim=0).values)
 
 
-def test_translation_shifts_each_axis_within_range():
+def _with_and_without(
+    option: str, value: float, seeds: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(plain, with option)`` augmentations of one cloud, same generator seed in each pair.
+
+    Scale and rotation draw first, so each pair shares its scaled and rotated points and
+    differs only by what ``option`` does on top (no jitter, no shuffling here).
+    """
     points = _cloud()
     settings = {"max_rotation_degrees": 15.0, "jitter_sigma": 0.0, "shuffle": False}
     plain = PointCloudAugmentation(**settings)
-    shifted = PointCloudAugmentation(**settings, max_translation=0.2)
+    varied = PointCloudAugmentation(**settings, **{option: value})
+    assert getattr(PointCloudAugmentation(**varied.settings()), option) == value
+    return [
+        (
+            plain(points, generator=torch.Generator().manual_seed(seed)),
+            varied(points, generator=torch.Generator().manual_seed(seed)),
+        )
+        for seed in range(seeds)
+    ]
+
+
+def test_translation_shifts_each_axis_within_range():
     shifts = []
-    for seed in range(20):
-        moved = shifted(points, generator=torch.Generator().manual_seed(seed))
-        # Scale and rotation draw first, so the same generator gives the same scaled and
-        # rotated points; the translation is one shift per axis on top.
-        offset = moved - plain(points, generator=torch.Generator().manual_seed(seed))
+    for plain, moved in _with_and_without("max_translation", 0.2, seeds=20):
+        # One shift per axis, the same for every point.
+        offset = moved - plain
         torch.testing.assert_close(offset, offset[:1].expand_as(offset))
         shifts.append(offset[0])
     shifts = torch.stack(shifts)
-    assert shifts.abs().max() <= 0.2 and shifts.abs().max() > 0.1
-    assert (shifts > 0).any() and (shifts < 0).any()
-    assert PointCloudAugmentation(**shifted.settings()).max_translation == 0.2
+    # Symmetric about 0 and reaching near both ends of [-0.2, 0.2].
+    assert shifts.abs().max() <= 0.2 and shifts.max() > 0.1 and shifts.min() < -0.1
+
+
+def test_point_dropout_copies_the_first_point_over_a_drawn_fraction():
+    fractions = []
+    for plain, thinned in _with_and_without("max_point_dropout", 0.5, seeds=40):
+        # Dropped points become copies of the first; the others stay where they were.
+        changed = (thinned != plain).any(dim=-1)
+        torch.testing.assert_close(thinned[changed], plain[:1].expand(int(changed.sum()), 3))
+        fractions.append(changed.float().mean())
+    fractions = torch.stack(fractions)
+    # Each set draws its own fraction from [0, 0.5].
+    assert fractions.max() <= 0.6 and fractions.max() > 0.3 and fractions.min() < 0.1
 
 
 def test_generators_and_global_rng_drive_the_randomness():
@@ -411,6 +438,8 @@ def test_generators_and_global_rng_drive_the_randomness():
         {"up_axis": 3},
         {"jitter_sigma": -0.1},
         {"max_translation": -0.1},
+        {"max_point_dropout": -0.1},
+        {"max_point_dropout": 1.0},
     ],
 )
 def test_augmentation_rejects_invalid_settings(kwargs):
@@ -428,6 +457,7 @@ def test_augmentation_rejects_invalid_settings(kwargs):
         "jitter_sigma",
         "jitter_clip",
         "max_translation",
+        "max_point_dropout",
     ],
 )
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
