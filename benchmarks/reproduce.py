@@ -311,11 +311,6 @@ def run_one(
         print(f"resuming {name} seed {seed} at epoch {first_epoch}: {resume_from}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "arguments.json").write_text(json.dumps(arguments, indent=2) + "\n")
-    # Recorded before the fit, so that a session that is killed still names its code.
-    session = {"first_epoch": first_epoch, "commit": _git_commit(),
-               "threads": torch.get_num_threads()}  # fmt: skip
-    sessions = [*_earlier_sessions(run_dir, first_epoch), session]
-    _write_sessions(run_dir, sessions)
     common = ["--config", config, "--seed_everything", str(seed),
               "--trainer.default_root_dir", str(run_dir),
               "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(run_dir),
@@ -323,13 +318,19 @@ def run_one(
     if data_root:
         common += ["--data.root", data_root]
     model = ["--model.attention", attention, "--model.n_iter", str(n_iter)]
+    # Recorded before the fit, so that a session that is killed still names its code and
+    # device (the trainer is built, not run, to learn the device it chose).
+    device = str(cli_main([*common, *model, *extra], run=False).trainer.strategy.root_device)
+    session = {"first_epoch": first_epoch, "commit": _git_commit(),
+               "threads": torch.get_num_threads(), "device": device}  # fmt: skip
+    sessions = [*_earlier_sessions(run_dir, first_epoch), session]
+    _write_sessions(run_dir, sessions)
     resume = ["--ckpt_path", str(resume_from)] if resume_from is not None else []
     start = time.perf_counter()
     fit = cli_main(["fit", *common, *model, *extra, *resume])
     seconds = time.perf_counter() - start
     epochs = max(1, fit.trainer.current_epoch)
-    device = str(fit.trainer.strategy.root_device)
-    session.update(epochs=epochs - first_epoch, seconds=seconds, device=device)
+    session.update(epochs=epochs - first_epoch, seconds=seconds)
     _write_sessions(run_dir, sessions)
     # Sessions killed before their fit ended have no time.
     timed = [entry for entry in sessions if entry.get("seconds") is not None]
@@ -376,8 +377,9 @@ def run_one(
 def _earlier_sessions(run_dir: Path, first_epoch: int) -> list[dict]:
     """The recorded training sessions of a run resumed at ``first_epoch`` (``[]`` if fresh).
 
-    Each is ``{"first_epoch", "commit", "threads"}``, plus ``"epochs"``, ``"seconds"`` and
-    ``"device"`` if its fit ended. Epochs trained before sessions were recorded count as one
+    Each is ``{"first_epoch", "commit", "threads", "device"}`` (sessions recorded before
+    2026-12-08 have a device only if their fit ended), plus ``"epochs"`` and ``"seconds"`` if
+    its fit ended. Epochs trained before sessions were recorded count as one
     session of unknown code.
     """
     if first_epoch == 0:

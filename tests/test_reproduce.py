@@ -221,11 +221,11 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(
     run_dir = out / "runs" / "sinkhorn-3-seed0"
     fit_and_test = reproduce.cli_main
 
-    def killed_after_one_epoch(args: list[str]):
+    def killed_after_one_epoch(args: list[str], run: bool = True):
         if args[0] == "fit":
             fit_and_test([*args, "--trainer.max_epochs", "1"])
             raise _KilledError
-        return fit_and_test(args)
+        return fit_and_test(args, run=run)
 
     monkeypatch.setattr(reproduce, "cli_main", killed_after_one_epoch)
     monkeypatch.setattr(reproduce, "_git_commit", lambda: "aaaaaaa")
@@ -244,7 +244,8 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(
     row = json.loads((run_dir / "result.json").read_text())["row"]
     assert row["epochs"] == 3
     assert (row["commit_started"], row["training_commits"]) == ("aaaaaaa", "aaaaaaa bbbbbbb")
-    assert row["device"] == "? cpu"  # the killed session's device was not recorded
+    # The killed session's device was recorded before its fit: one device, nothing mixed.
+    assert row["device"] == "cpu"
     # Its time covers the session whose fit ended: two epochs, not the killed one.
     assert row["timed_epochs"] == 2 and row["seconds_per_epoch"] > 0
     summary = (out / "summary.md").read_text()
@@ -252,6 +253,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(
         summary
     )
     assert "**Trained at another commit than this checkout's (bbbbbbb):** sinkhorn-3" in summary
+    assert "Mixed devices" not in summary
     assert [epoch for epoch, _ in reproduce._read_logged(run_dir)["val/oa"]] == [0, 1, 2]
     best = Path(row["best_checkpoint"])
     assert best.is_file() and best.name == "best.ckpt"
