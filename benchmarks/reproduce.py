@@ -17,9 +17,9 @@ Example (the paper's setup on real ModelNet10)::
 
 Extra arguments after ``--`` go to every ``train.py fit`` and ``test`` call (e.g.
 ``-- --trainer.max_epochs 10 --data.num_points 512``); the attention, ``n_iter``, seed, the
-whole model (``--model``, ``--model.init_args``, ``--model.class_path``) and a second
-``--config`` are the grid's own and are refused there. A repeated seed or variant
-runs once. A run folder that holds a run with other arguments (config path or values, data
+whole model (``--model``, ``--model.init_args``, ``--model.class_path``), a second
+``--config`` and ``--ckpt_path`` are the grid's own and are refused there. A repeated seed or
+variant runs once. A run folder that holds a run with other arguments (config path or values, data
 or extra flags; a config whose comments alone changed is the same run) is never overwritten
 without ``--rerun``: give such a command its own ``--out``.
 
@@ -77,6 +77,8 @@ GRID_FLAGS = (
 WHOLE_MODEL_FLAGS = ("--model", "--model.init_args", "--model.class_path")
 # A config after `--` would be read after the grid's flags and override them all.
 CONFIG_FLAGS = ("--config", "-c")
+# The grid picks each run's checkpoint: its last.ckpt to resume from, its best to test.
+CHECKPOINT_FLAGS = ("--ckpt_path",)
 
 
 def _variants(
@@ -778,6 +780,12 @@ def main(argv: list[str] | None = None) -> str:
             parser.error(
                 f"{name} after -- would be read after the grid's settings and could override "
                 "every run's attention, n_iter and seed; give it as reproduce.py's own --config"
+            )
+        if name in CHECKPOINT_FLAGS:
+            parser.error(
+                f"{name} after -- would give every run the same checkpoint; the grid resumes "
+                "each run from its own last.ckpt and tests its best (to start from trained "
+                "weights, use --model.weights)"
             )
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1; got {args.jobs}")

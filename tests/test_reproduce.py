@@ -354,6 +354,7 @@ def test_grid_settings_after_the_separator_are_refused(
         (["--model.class_path", "pointsink.module.SinkformerClassifier"], whole_model),
         (["--config", "other.yaml"], config),
         (["-c=other.yaml"], config),
+        (["--ckpt_path", "best.ckpt"], "the grid resumes each run from its own last.ckpt"),
     ):
         with pytest.raises(SystemExit) as raised:
             reproduce.main(["--out", str(out), "--", *flags])
