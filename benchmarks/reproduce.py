@@ -19,9 +19,9 @@ Extra arguments after ``--`` go to every ``train.py fit`` and ``test`` call (e.g
 ``-- --trainer.max_epochs 10 --data.num_points 512``); the attention, ``n_iter``, seed, the
 whole model (``--model``, ``--model.init_args``, ``--model.class_path``), a second
 ``--config`` and ``--ckpt_path`` are the grid's own and are refused there. A repeated seed or
-variant runs once. A run folder that holds a run with other arguments (config path or values, data
-or extra flags; a config whose comments alone changed is the same run) is never overwritten
-without ``--rerun``: give such a command its own ``--out``.
+variant runs once. A run folder that holds a run with other arguments (config path or values,
+data or extra flags; a config whose comments alone changed is the same run) is never
+overwritten without ``--rerun``: give such a command its own ``--out``.
 
 ``--jobs N`` trains up to N runs at once, each in its own process with its log in
 ``OUT/runs/<variant>-seed<k>/log.txt``; the CPU cores are split evenly between the runs
@@ -379,10 +379,9 @@ def run_one(
 def _earlier_sessions(run_dir: Path, first_epoch: int) -> list[dict]:
     """The recorded training sessions of a run resumed at ``first_epoch`` (``[]`` if fresh).
 
-    Each is ``{"first_epoch", "commit", "threads", "device"}`` (sessions recorded before
-    2026-12-08 have a device only if their fit ended), plus ``"epochs"`` and ``"seconds"`` if
-    its fit ended. Epochs trained before sessions were recorded count as one
-    session of unknown code.
+    Each is ``{"first_epoch", "commit", "threads", "device"}``, plus ``"epochs"`` and
+    ``"seconds"`` if its fit ended (earlier versions of this script recorded the device only
+    then). Epochs trained before sessions were recorded count as one session of unknown code.
     """
     if first_epoch == 0:
         return []
